@@ -1,0 +1,27 @@
+"""densenet_fast: a memory-efficient, drop-in DenseNet for PyTorch.
+
+Replace ``torchvision.models.densenet121(...)`` with ``densenet_fast.densenet121(...)`` (or an
+existing model with ``densenet_fast.convert(model)``): same state_dict, same outputs,
+gradients and BatchNorm statistics, with activation memory linear in depth.
+"""
+
+from . import ops  # noqa: F401  (registers the fused op and its reference kernels)
+from .backends import backend_info
+from .convert import convert, load_torchvision_state_dict, upgrade_legacy_state_dict
+from .model import DenseNet, densenet121, densenet161, densenet169, densenet201
+from .reference import NaiveDenseNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseNet",
+    "NaiveDenseNet",
+    "backend_info",
+    "convert",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "load_torchvision_state_dict",
+    "upgrade_legacy_state_dict",
+]

@@ -1,0 +1,147 @@
+"""The fused per-layer op, declared once with ``torch.library``.
+
+Every backend (pure PyTorch here, C++ for CPU and Triton for CUDA in their own modules)
+registers kernels against these two schemas; the dispatcher picks one by device, so model
+code never branches on the device.
+
+``bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) -> out``
+    Reads the channel prefix ``x = buffer[:, :C]`` with ``C = conv_weight.size(1)`` in place
+    and returns ``conv1x1(relu((x - mean) * invstd * bn_weight + bn_bias), conv_weight)``.
+
+``bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+batch_stats, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
+    Recomputes ``a = relu(bn(x))`` from the buffer, returns
+    ``grad_conv_weight = grad_out (x) a`` (summed over N, H, W),
+    ``grad_bn_bias = sum(g)`` and ``grad_bn_weight = sum(g * xhat)`` with
+    ``g = (conv_weight^T grad_out) * [a > 0]``, and *adds* the input gradient into
+    ``grad_buffer[:, :C]``. With ``batch_stats`` the statistics are the batch's own, so the
+    gradient flows through them: ``dx = bn_weight * invstd / n * (n g - sum(g) - xhat sum(g xhat))``;
+    otherwise they are constants and ``dx = bn_weight * invstd * g``.
+
+Statistics (``mean``, ``invstd``) are float32 (float64 for float64 data); the buffer and the
+conv weight share one dtype; BN parameters may be float32 while the data is lower precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "densenet_fast"
+FORWARD = f"{NAMESPACE}::bn_relu_conv1x1"
+BACKWARD = f"{NAMESPACE}::bn_relu_conv1x1_backward"
+
+torch.library.define(
+    FORWARD,
+    "(Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+    "Tensor conv_weight) -> Tensor",
+)
+torch.library.define(
+    BACKWARD,
+    "(Tensor grad_out, Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, "
+    "Tensor bn_bias, Tensor conv_weight, bool batch_stats, Tensor(a!) grad_buffer) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+
+
+def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of per-channel statistics for data of ``dtype``: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) -> int:
+    """Validate the op's arguments; return the prefix width ``C``. Raises before any compute."""
+    if buffer.dim() != 4:
+        raise ValueError(f"buffer must be 4-D [N, C, H, W], got shape {tuple(buffer.shape)}")
+    if not buffer.is_floating_point():
+        raise TypeError(f"buffer must be a floating-point tensor, got dtype {buffer.dtype}")
+    if conv_weight.dim() != 4 or conv_weight.shape[2:] != (1, 1):
+        raise ValueError(
+            f"conv_weight must have shape [C_out, C, 1, 1], got {tuple(conv_weight.shape)}"
+        )
+    channels = conv_weight.shape[1]
+    if channels > buffer.shape[1]:
+        raise ValueError(
+            f"conv_weight reads {channels} input channels but buffer has only {buffer.shape[1]}"
+        )
+    if conv_weight.dtype != buffer.dtype:
+        raise TypeError(
+            f"conv_weight dtype {conv_weight.dtype} differs from buffer dtype {buffer.dtype}"
+        )
+    expected_stats = stats_dtype_for(buffer.dtype)
+    for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias)):
+        if t.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
+        if name in ("mean", "invstd") and t.dtype != expected_stats:
+            raise TypeError(f"{name} must be {expected_stats} for {buffer.dtype} data, got {t.dtype}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias), ("conv_weight", conv_weight)):
+        if t.device != buffer.device:
+            raise RuntimeError(f"{name} is on {t.device} but buffer is on {buffer.device}")
+    return channels
+
+
+def check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+                        grad_buffer) -> int:
+    """Validate the backward op's arguments; return the prefix width ``C``."""
+    channels = check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
+    expected = (buffer.shape[0], conv_weight.shape[0], buffer.shape[2], buffer.shape[3])
+    if tuple(grad_out.shape) != expected:
+        raise ValueError(f"grad_out must have shape {expected}, got {tuple(grad_out.shape)}")
+    if grad_out.dtype != buffer.dtype:
+        raise TypeError(f"grad_out dtype {grad_out.dtype} differs from buffer dtype {buffer.dtype}")
+    if grad_buffer.dim() != 4 or grad_buffer.shape[0] != buffer.shape[0] \
+            or grad_buffer.shape[2:] != buffer.shape[2:] or grad_buffer.shape[1] < channels:
+        raise ValueError(
+            f"grad_buffer must have shape [N, >={channels}, H, W] matching buffer "
+            f"{tuple(buffer.shape)}, got {tuple(grad_buffer.shape)}"
+        )
+    if grad_buffer.dtype != buffer.dtype:
+        raise TypeError(
+            f"grad_buffer dtype {grad_buffer.dtype} differs from buffer dtype {buffer.dtype}"
+        )
+    for name, t in (("grad_out", grad_out), ("grad_buffer", grad_buffer)):
+        if t.device != buffer.device:
+            raise RuntimeError(f"{name} is on {t.device} but buffer is on {buffer.device}")
+    return channels
+
+
+def _suggested_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+            and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.register_fake(FORWARD)
+def _forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
+    check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
+    n, _, h, w = buffer.shape
+    return buffer.new_empty((n, conv_weight.shape[0], h, w)).contiguous(
+        memory_format=_suggested_format(buffer)
+    )
+
+
+@torch.library.register_fake(BACKWARD)
+def _backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+                   batch_stats, grad_buffer):
+    check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+                        grad_buffer)
+    return torch.empty_like(conv_weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+
+
+def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
+    """Dispatch the fused forward to the active backend's kernel (see module docstring)."""
+    return torch.ops.densenet_fast.bn_relu_conv1x1(
+        buffer, mean, invstd, bn_weight, bn_bias, conv_weight
+    )
+
+
+def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+                             batch_stats, grad_buffer):
+    """Dispatch the fused backward; adds into ``grad_buffer`` (see module docstring)."""
+    return torch.ops.densenet_fast.bn_relu_conv1x1_backward(
+        grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, batch_stats, grad_buffer
+    )

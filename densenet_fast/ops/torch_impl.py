@@ -1,0 +1,74 @@
+"""Pure-PyTorch kernels of the fused op: the oracle of every parity test and the fallback.
+
+They are registered under ``CompositeExplicitAutograd``, so they serve every device that
+has no kernel of its own (MPS, or CPU/CUDA when no compiled backend is active). Compiled
+backends register device-specific kernels that the dispatcher prefers.
+
+The backward walks the prefix in channel chunks: BN is per channel and the 1x1 conv's
+input gradient and weight gradient split along input channels, so each chunk is finished
+on its own, and the recomputed activation, its gradient and ``dx`` exist one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .batchnorm import bn_apply, bn_backward
+from .schema import BACKWARD, FORWARD, check_backward_args, check_forward_args
+
+# Elements per temporary in the backward (4M float32 = 16 MiB); at least one channel.
+BACKWARD_CHUNK_ELEMENTS = 1 << 22
+
+
+def channel_chunks(channels: int, plane: int, limit: int = BACKWARD_CHUNK_ELEMENTS):
+    """Split ``range(channels)`` into ``(start, stop)`` pieces of at most ``limit`` elements,
+    each channel holding ``plane = N*H*W`` of them, balanced so no piece is tiny."""
+    per_chunk = max(1, limit // max(plane, 1))
+    pieces = -(-channels // per_chunk)
+    size = -(-channels // pieces)
+    return [(start, min(start + size, channels)) for start in range(0, channels, size)]
+
+
+def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
+    """Reference forward: ``conv1x1(relu(bn(buffer[:, :C])), conv_weight)``."""
+    channels = check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
+    act = bn_apply(buffer[:, :channels], mean, invstd, bn_weight, bn_bias, relu=True)
+    return F.conv2d(act, conv_weight)
+
+
+def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+                             batch_stats, grad_buffer):
+    """Reference backward: returns ``(grad_conv_weight, grad_bn_weight, grad_bn_bias)`` and
+    adds the prefix's input gradient into ``grad_buffer[:, :C]``."""
+    channels = check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
+                                   conv_weight, grad_buffer)
+    n, _, h, w = buffer.shape
+    grad_conv_weight = torch.empty_like(conv_weight)
+    grad_bn_weight = torch.empty_like(bn_weight)
+    grad_bn_bias = torch.empty_like(bn_bias)
+    for start, stop in channel_chunks(channels, n * h * w):
+        x = buffer[:, start:stop]
+        act = bn_apply(x, mean[start:stop], invstd[start:stop], bn_weight[start:stop],
+                       bn_bias[start:stop], relu=True)
+        grad_act, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, act, conv_weight[:, start:stop], None, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], 1, [True, True, False],
+        )
+        grad_conv_weight[:, start:stop] = grad_w
+        # ReLU mask in place: the gradient is zero wherever the activation was clamped.
+        torch.ops.aten.threshold_backward.grad_input(grad_act, act, 0, grad_input=grad_act)
+        del act
+        dx, dweight, dbias = bn_backward(grad_act, x, mean[start:stop], invstd[start:stop],
+                                         bn_weight[start:stop], batch_stats=batch_stats)
+        del grad_act
+        grad_buffer[:, start:stop].add_(dx)
+        grad_bn_weight[start:stop] = dweight
+        grad_bn_bias[start:stop] = dbias
+    return grad_conv_weight, grad_bn_weight, grad_bn_bias
+
+
+def register() -> None:
+    """Make these kernels the default implementation of the op for every device."""
+    torch.library.impl(FORWARD, "CompositeExplicitAutograd")(bn_relu_conv1x1)
+    torch.library.impl(BACKWARD, "CompositeExplicitAutograd")(bn_relu_conv1x1_backward)

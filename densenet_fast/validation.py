@@ -1,0 +1,93 @@
+"""Input checks run before any computation, with messages that name what is wrong.
+
+A DenseNet forward that would fail halfway (too small an image, one value per channel in
+training) must fail before the first BatchNorm has touched its running statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
+                       where: str) -> None:
+    """Type, rank, dtype, channel count and device of ``x`` against a parameter of the model."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{where} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where} expects a floating-point input, got dtype {x.dtype}")
+    if x.shape[1] != expected_channels:
+        raise ValueError(
+            f"{where} expects {expected_channels} input channels, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)})")
+    if x.device != reference.device:
+        raise RuntimeError(
+            f"{where}: input is on {x.device} but the model's parameters are on "
+            f"{reference.device}; move one of them with .to()")
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != reference.dtype:
+        raise TypeError(
+            f"{where}: input dtype {x.dtype} differs from the parameters' dtype "
+            f"{reference.dtype}; convert one of them or run under torch.autocast")
+    if x.numel() == 0:
+        raise ValueError(f"{where} got an empty input of shape {tuple(x.shape)}")
+
+
+def _pooled(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _check_bn(bn: nn.BatchNorm2d, name: str, n: int, h: int, w: int, c: int) -> None:
+    uses_batch = bn.training or bn.running_mean is None
+    if uses_batch and n * h * w <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"[{n}, {c}, {h}, {w}] at {name}: use a larger batch or image, or call .eval()")
+
+
+def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls) -> None:
+    """Walk the feature modules with the input's size and refuse, before running anything,
+    a size that some stride/pool cannot reduce or that leaves a training BN one value per
+    channel. Stops checking at the first module of a kind it does not know."""
+    n, c, h, w = x.shape
+    for name, m in modules:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+            dilation = _pair(getattr(m, "dilation", 1))
+            new_h = _pooled(h, kernel[0], stride[0], padding[0], dilation[0])
+            new_w = _pooled(w, kernel[1], stride[1], padding[1], dilation[1])
+            if new_h < 1 or new_w < 1:
+                raise ValueError(
+                    f"input spatial size {tuple(x.shape[2:])} is too small for this DenseNet: "
+                    f"{name} receives {h}x{w}, which its kernel {kernel} cannot reduce")
+            h, w = new_h, new_w
+            if isinstance(m, nn.Conv2d):
+                c = m.out_channels
+        elif isinstance(m, nn.BatchNorm2d):
+            _check_bn(m, name, n, h, w, c)
+        elif isinstance(m, nn.ReLU | nn.Identity | nn.Dropout):
+            continue
+        elif isinstance(m, dense_block_cls):
+            layers = list(m.values())
+            for i, layer in enumerate(layers):
+                _check_bn(layer.norm1, f"{name}.denselayer{i + 1}.norm1", n, h, w,
+                          layer.norm1.num_features)
+                _check_bn(layer.norm2, f"{name}.denselayer{i + 1}.norm2", n, h, w,
+                          layer.norm2.num_features)
+            c = layers[-1].norm1.num_features + layers[-1].conv2.out_channels
+        elif isinstance(m, transition_cls):
+            _check_bn(m.norm, f"{name}.norm", n, h, w, c)
+            if h < 2 or w < 2:
+                raise ValueError(
+                    f"input spatial size {tuple(x.shape[2:])} is too small for this DenseNet: "
+                    f"{name} receives {h}x{w} but its 2x2 average pool needs at least 2x2")
+            h, w, c = h // 2, w // 2, m.conv.out_channels
+        else:
+            return
