@@ -31,8 +31,8 @@ TAIL_NONE = "none"
 TAIL_TRANSITION = "transition"
 TAIL_NORM = "norm"
 
-PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
-TAIL_PARAMS = {TAIL_NONE: 0, TAIL_TRANSITION: 3, TAIL_NORM: 2}
+# norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+PARAMS_PER_LAYER = 6
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ batch_stats, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
     ``grad_bn_bias = sum(g)`` and ``grad_bn_weight = sum(g * xhat)`` with
     ``g = (conv_weight^T grad_out) * [a > 0]``, and *adds* the input gradient into
     ``grad_buffer[:, :C]``. With ``batch_stats`` the statistics are the batch's own, so the
-    gradient flows through them: ``dx = bn_weight * invstd / n * (n g - sum(g) - xhat sum(g xhat))``;
+    gradient flows through them:
+    ``dx = bn_weight * invstd / n * (n g - sum(g) - xhat sum(g xhat))``;
     otherwise they are constants and ``dx = bn_weight * invstd * g``.
 
 Statistics (``mean``, ``invstd``) are float32 (float64 for float64 data); the buffer and the
@@ -73,7 +74,8 @@ def check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) ->
         if t.shape != (channels,):
             raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
         if name in ("mean", "invstd") and t.dtype != expected_stats:
-            raise TypeError(f"{name} must be {expected_stats} for {buffer.dtype} data, got {t.dtype}")
+            raise TypeError(
+                f"{name} must be {expected_stats} for {buffer.dtype} data, got {t.dtype}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
     for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
