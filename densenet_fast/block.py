@@ -283,7 +283,10 @@ class DenseBlockFunction(torch.autograd.Function):
             base = PARAMS_PER_LAYER * layer
             w1, b1, cw1, w2, b2, cw2 = params[base:base + PARAMS_PER_LAYER]
             norm1, norm2 = spec.layer_norms[layer]
-            grad_new = grad_buffer[:, channels:channels + k]
+            # A dense copy of the k-channel slice: convolution backward is markedly slower
+            # on a strided gradient.
+            grad_new = grad_buffer[:, channels:channels + k].contiguous(
+                memory_format=_memory_format(buffer))
             if masks[layer] is not None:
                 grad_new = grad_new * _dropout_scale(masks[layer], spec.drop_rates[layer],
                                                      grad_new.dtype)

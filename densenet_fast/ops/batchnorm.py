@@ -15,11 +15,20 @@ from .schema import stats_dtype_for
 _REDUCE_DIMS = (0, 2, 3)
 
 
+_NO_FUSED_STATS: set[str] = set()  # device types without aten::batch_norm_update_stats
+
+
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, biased variance)`` of ``x`` over N, H, W, in float32 (float64)."""
     stats_dtype = stats_dtype_for(x.dtype)
     if x.dtype != stats_dtype:
         x = x.to(stats_dtype)
+    if x.device.type not in _NO_FUSED_STATS:
+        # BatchNorm's own statistics kernel: several times faster than var_mean on CPU.
+        try:
+            return torch.batch_norm_update_stats(x, None, None, 0.0)
+        except NotImplementedError:
+            _NO_FUSED_STATS.add(x.device.type)
     var, mean = torch.var_mean(x, dim=_REDUCE_DIMS, correction=0)
     return mean, var
 
@@ -34,11 +43,18 @@ def scale_shift(mean, invstd, weight, bias) -> tuple[torch.Tensor, torch.Tensor]
 def bn_apply(x, mean, invstd, weight, bias, *, relu: bool) -> torch.Tensor:
     """``[relu](bn(x))`` with the given statistics, returned in ``x``'s dtype and layout."""
     scale, shift = scale_shift(mean, invstd, weight, bias)
-    shape = (1, -1, 1, 1)
-    out = torch.addcmul(shift.view(shape), x, scale.view(shape))
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        # The eval-mode BN kernel is the fastest affine map on dense data; with running
+        # statistics 0 and 1 and eps 0 it computes exactly x * scale + shift.
+        zeros = torch.zeros_like(scale)
+        out = torch.batch_norm(x, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0,
+                               False)
+    else:
+        shape = (1, -1, 1, 1)
+        out = torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
     if relu:
         out.clamp_min_(0)
-    return out.to(x.dtype)
+    return out
 
 
 def bn_backward(grad, x, mean, invstd, weight, *, batch_stats: bool):

@@ -1,0 +1,115 @@
+"""The implementations a benchmark compares, built from one configuration and one set of
+weights, so any difference in time or memory is the implementation's."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..architecture import CONFIGS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A DenseNet-BC configuration and the input it is measured on."""
+
+    growth_rate: int = 32
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    num_init_features: int = 64
+    bn_size: int = 4
+    num_classes: int = 1000
+    in_channels: int = 3
+    batch_size: int = 8
+    image_size: int = 224
+
+    @classmethod
+    def named(cls, arch: str, **overrides) -> ModelConfig:
+        if arch not in CONFIGS:
+            raise ValueError(f"unknown model {arch!r}; choose one of {sorted(CONFIGS)}")
+        growth_rate, block_config, num_init_features = CONFIGS[arch]
+        return cls(growth_rate=growth_rate, block_config=block_config,
+                   num_init_features=num_init_features, **overrides)
+
+    def model_kwargs(self) -> dict:
+        kwargs = asdict(self)
+        del kwargs["batch_size"], kwargs["image_size"]
+        return kwargs
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        data["block_config"] = tuple(data["block_config"])
+        return cls(**data)
+
+
+def _naive(config: ModelConfig) -> nn.Module:
+    from ..reference import NaiveDenseNet
+
+    return NaiveDenseNet(**config.model_kwargs())
+
+
+def _torchvision(memory_efficient: bool) -> Callable[[ModelConfig], nn.Module]:
+    def build(config: ModelConfig) -> nn.Module:
+        from torchvision.models import DenseNet as TorchvisionDenseNet
+
+        kwargs = config.model_kwargs()
+        in_channels = kwargs.pop("in_channels")
+        model = TorchvisionDenseNet(memory_efficient=memory_efficient, **kwargs)
+        if in_channels != 3:
+            old = model.features.conv0
+            model.features.conv0 = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
+        return model
+
+    return build
+
+
+def _fast(config: ModelConfig) -> nn.Module:
+    from ..model import DenseNet
+
+    return DenseNet(**config.model_kwargs())
+
+
+# name -> (builder, what it is)
+IMPLEMENTATIONS: dict[str, tuple[Callable[[ModelConfig], nn.Module], str]] = {
+    "naive": (_naive, "NaiveDenseNet: torch.cat per layer (the seed's algorithm)"),
+    "torchvision": (_torchvision(False), "torchvision DenseNet, memory_efficient=False"),
+    "torchvision-memeff": (_torchvision(True),
+                           "torchvision DenseNet, memory_efficient=True (checkpointing)"),
+    "densenet_fast": (_fast, "densenet_fast.DenseNet (active backend)"),
+}
+BASELINE = "torchvision"
+
+
+def available_implementations() -> list[str]:
+    """Implementations that can run here (torchvision's need torchvision installed)."""
+    have_torchvision = importlib.util.find_spec("torchvision") is not None
+    return [name for name in IMPLEMENTATIONS
+            if have_torchvision or not name.startswith("torchvision")]
+
+
+def build(name: str, config: ModelConfig, seed: int = 0) -> nn.Module:
+    """Build implementation ``name`` with weights drawn from ``seed`` (identical across
+    implementations: the naive model's initialisation is copied into the others)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {name!r}; choose from {list(IMPLEMENTATIONS)}")
+    torch.manual_seed(seed)
+    reference = _naive(config)
+    model = IMPLEMENTATIONS[name][0](config)
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+def make_batch(config: ModelConfig, device: torch.device | str = "cpu", seed: int = 0):
+    """A deterministic input batch and labels for ``config``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(config.batch_size, config.in_channels, config.image_size, config.image_size,
+                    generator=generator)
+    y = torch.randint(0, config.num_classes, (config.batch_size,), generator=generator)
+    return x.to(device), y.to(device)
