@@ -21,9 +21,11 @@ from .schema import BACKWARD, FORWARD, check_backward_args, check_forward_args
 BACKWARD_CHUNK_ELEMENTS = 1 << 22
 
 
-def channel_chunks(channels: int, plane: int, limit: int = BACKWARD_CHUNK_ELEMENTS):
-    """Split ``range(channels)`` into ``(start, stop)`` pieces of at most ``limit`` elements,
-    each channel holding ``plane = N*H*W`` of them, balanced so no piece is tiny."""
+def channel_chunks(channels: int, plane: int, limit: int | None = None):
+    """Split ``range(channels)`` into ``(start, stop)`` pieces of at most ``limit`` elements
+    (default ``BACKWARD_CHUNK_ELEMENTS``), each channel holding ``plane = N*H*W`` of them,
+    balanced so no piece is tiny."""
+    limit = BACKWARD_CHUNK_ELEMENTS if limit is None else limit
     per_chunk = max(1, limit // max(plane, 1))
     pieces = -(-channels // per_chunk)
     size = -(-channels // pieces)
