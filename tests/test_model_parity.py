@@ -1,0 +1,164 @@
+"""Whole-model parity: densenet_fast against NaiveDenseNet and torchvision's DenseNet."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_grads_match, assert_models_match, train_steps, twins
+from tolerances import assert_close
+from torchvision.models import DenseNet as TorchvisionDenseNet
+
+from densenet_fast import DenseNet, NaiveDenseNet
+
+CONFIGS = {
+    # name: (model kwargs, input shape, dtype)
+    "odd-small": (dict(growth_rate=5, block_config=(3, 2), num_init_features=7, bn_size=3,
+                       num_classes=4), (2, 3, 40, 40), torch.float64),
+    "three-blocks-1ch": (dict(growth_rate=3, block_config=(2, 3, 1), num_init_features=9,
+                              bn_size=2, num_classes=5, in_channels=1), (3, 1, 48, 36),
+                         torch.float64),
+    "densenet121": (dict(num_classes=10), (2, 3, 64, 64), torch.float32),
+}
+
+
+def _inputs(shape, dtype, num_classes):
+    return torch.randn(shape, dtype=dtype), torch.randint(0, num_classes, (shape[0],))
+
+
+@pytest.fixture(params=["naive", "torchvision"])
+def reference_cls(request):
+    return NaiveDenseNet if request.param == "naive" else TorchvisionDenseNet
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_training_steps_match(name, reference_cls):
+    config, shape, dtype = CONFIGS[name]
+    if reference_cls is TorchvisionDenseNet and config.get("in_channels", 3) != 3:
+        config = {k: v for k, v in config.items() if k != "in_channels"}
+        shape = (shape[0], 3, *shape[2:])
+    fast, ref = twins(DenseNet, reference_cls, dtype, **config)
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    fast_out, fast_dx, fast_grads = train_steps(fast, x, y)
+    ref_out, ref_dx, ref_grads = train_steps(ref, x, y)
+    # Gradients after a step are chaotic in float32 (a 1e-6 relative weight perturbation
+    # moves densenet121's input gradient by ~1%: ReLU masks and max-pool winners flip), so
+    # float32 compares the second step's forward and running statistics, float64 everything.
+    exact = dtype == torch.float64
+    grad_steps = 2 if exact else 1
+    for step in range(2):
+        assert_close(fast_out[step], ref_out[step], dtype, f"logits, step {step + 1}")
+    for step in range(grad_steps):
+        assert_close(fast_dx[step], ref_dx[step], dtype, f"input gradient, step {step + 1}")
+        assert_grads_match(fast_grads[step], ref_grads[step], dtype, f"step {step + 1}")
+    assert_models_match(fast, ref, dtype, "after two steps", params=exact)
+
+
+@pytest.mark.parametrize("name", ["odd-small", "densenet121"])
+def test_eval_outputs_and_gradients_match(name):
+    config, shape, dtype = CONFIGS[name]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    train_steps(ref, x, y, steps=1)  # non-trivial running statistics, identical in both
+    fast.load_state_dict(ref.state_dict())
+    fast.eval()
+    ref.eval()
+    results = []
+    for model in (fast, ref):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        F.cross_entropy(out, y).backward()
+        results.append((out, xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    assert_close(results[0][0], results[1][0], dtype, "eval logits")
+    assert_close(results[0][1], results[1][1], dtype, "eval input gradient")
+    assert_grads_match(results[0][2], results[1][2], dtype, "eval")
+    assert_models_match(fast, ref, dtype, "eval must not touch running statistics")
+
+
+def test_batch_of_one_in_eval_and_no_grad():
+    config, _, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    fast.eval()
+    ref.eval()
+    x = torch.randn(1, 3, 40, 40, dtype=dtype)
+    with torch.no_grad():
+        assert_close(fast(x), ref(x), dtype, "batch 1 eval")
+    with torch.inference_mode():
+        assert_close(fast(x), ref(x), dtype, "batch 1 inference mode")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided-view", "transposed-view"])
+def test_input_layouts(layout):
+    config, shape, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    if layout == "channels_last":
+        x_fast = x.to(memory_format=torch.channels_last)
+        fast = fast.to(memory_format=torch.channels_last)
+    elif layout == "strided-view":
+        big = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], dtype=dtype)
+        x_fast, x = big[:, :, ::2, ::2], big[:, :, ::2, ::2].contiguous()
+    else:
+        x_fast = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x_fast.is_contiguous()
+    fast_out, fast_dx, fast_grads = train_steps(fast, x_fast, y)
+    ref_out, ref_dx, ref_grads = train_steps(ref, x, y)
+    assert_close(fast_out[1], ref_out[1], dtype, f"{layout} logits")
+    assert_close(fast_dx[1], ref_dx[1], dtype, f"{layout} input gradient")
+    assert_grads_match(fast_grads[1], ref_grads[1], dtype, layout)
+    assert_models_match(fast, ref, dtype, layout)
+
+
+def test_dropout_matches_naive_under_the_same_seed():
+    config, shape, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, drop_rate=0.25, **config)
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    results = []
+    for model in (fast, ref):
+        torch.manual_seed(7)
+        results.append(train_steps(model, x, y))
+    (fast_out, fast_dx, fast_grads), (ref_out, ref_dx, ref_grads) = results
+    assert_close(fast_out[1], ref_out[1], dtype, "dropout logits")
+    assert_close(fast_dx[1], ref_dx[1], dtype, "dropout input gradient")
+    assert_grads_match(fast_grads[1], ref_grads[1], dtype, "dropout")
+    assert_models_match(fast, ref, dtype, "dropout")
+    fast.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert_close(fast(x), ref(x), dtype, "dropout is off in eval")
+
+
+def test_frozen_batchnorm_in_a_training_model():
+    """A common fine-tuning recipe: model.train() with every BatchNorm put back in eval."""
+    config, shape, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    for model in (fast, ref):
+        train_steps(model, x, y, steps=1)
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    fast.features.denseblock1.denselayer2.norm1.train()  # one BN of a block in training mode
+    ref.features.denseblock1.denselayer2.norm1.train()
+    fast_out, fast_dx, fast_grads = train_steps(fast, x, y)
+    ref_out, ref_dx, ref_grads = train_steps(ref, x, y)
+    assert_close(fast_out[1], ref_out[1], dtype, "frozen-BN logits")
+    assert_close(fast_dx[1], ref_dx[1], dtype, "frozen-BN input gradient")
+    assert_grads_match(fast_grads[1], ref_grads[1], dtype, "frozen BN")
+    assert_models_match(fast, ref, dtype, "frozen BN")
+
+
+def test_features_and_standalone_modules_keep_torchvision_semantics():
+    config, shape, dtype = CONFIGS["three-blocks-1ch"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    x = torch.randn(shape, dtype=dtype)
+    assert_close(fast.features(x), ref.features(x), dtype, "features(x): norm5 output")
+    stem = ref.features[:4](x)
+    fast_stem = fast.features[:4](x).requires_grad_()
+    block = fast.features.denseblock1(fast_stem)
+    assert block.shape[1] == 9 + 2 * 3
+    assert_close(block, ref.features.denseblock1(stem), dtype, "standalone block")
+    partial = torch.nn.Sequential(*list(fast.features)[:6])  # stem, block 1, transition 1
+    assert_close(partial(x), torch.nn.Sequential(*list(ref.features)[:6])(x), dtype,
+                 "sliced features")
+    assert_models_match(fast, ref, dtype, "both ran the same forwards")
