@@ -7,9 +7,10 @@ gradients and BatchNorm statistics, with activation memory linear in depth.
 
 from . import ops  # noqa: F401  (registers the fused op and its reference kernels)
 from .backends import backend_info
-from .convert import convert, load_torchvision_state_dict, upgrade_legacy_state_dict
+from .convert import convert
 from .model import DenseNet, densenet121, densenet161, densenet169, densenet201
 from .reference import NaiveDenseNet
+from .state_dict import load_torchvision_state_dict, upgrade_legacy_state_dict
 
 __version__ = "0.1.0"
 

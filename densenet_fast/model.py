@@ -19,6 +19,7 @@ import torch.nn as nn
 from . import backends
 from .architecture import CONFIGS, DenseBlock, DenseNetBase, Transition
 from .block import TAIL_NONE, TAIL_NORM, TAIL_TRANSITION, BlockSpec, NormState, dense_block
+from .state_dict import load_torchvision_state_dict
 from .validation import check_input_tensor, check_spatial_plan
 
 
@@ -112,7 +113,8 @@ class _Features(nn.Sequential):
             conv0 = named[0][1]
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")
-        check_spatial_plan(named, x, _DenseBlock, _Transition)
+        check_spatial_plan([(f"features.{name}", m) for name, m in named], x, _DenseBlock,
+                           _Transition)
         i = 0
         while i < len(named):
             module = named[i][1]
@@ -164,26 +166,51 @@ class DenseNet(DenseNetBase):
                          num_classes, memory_efficient, in_channels)
 
 
-def _densenet(arch: str, **kwargs: Any) -> DenseNet:
+def _resolve_weights(arch: str, weights):
+    if isinstance(weights, str):
+        from torchvision.models import get_weight  # only needed for names like "DEFAULT"
+
+        enum = {"densenet121": "DenseNet121_Weights", "densenet161": "DenseNet161_Weights",
+                "densenet169": "DenseNet169_Weights", "densenet201": "DenseNet201_Weights"}
+        return get_weight(f"{enum[arch]}.{weights}")
+    return weights
+
+
+def _densenet(arch: str, weights, progress: bool, **kwargs: Any) -> DenseNet:
     growth_rate, block_config, num_init_features = CONFIGS[arch]
-    return DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+    weights = _resolve_weights(arch, weights)
+    if weights is not None:
+        categories = len(weights.meta["categories"])
+        if kwargs.setdefault("num_classes", categories) != categories:
+            raise ValueError(f"num_classes={kwargs['num_classes']} does not match the "
+                             f"{categories} categories of {weights}")
+    model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+    if weights is not None:
+        load_torchvision_state_dict(
+            model, weights.get_state_dict(progress=progress, check_hash=True))
+    return model
 
 
-def densenet121(**kwargs: Any) -> DenseNet:
-    """DenseNet-121 (k=32, blocks 6-12-24-16); keyword arguments go to :class:`DenseNet`."""
-    return _densenet("densenet121", **kwargs)
+def densenet121(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-121 (k=32, blocks 6-12-24-16), as ``torchvision.models.densenet121``.
+
+    ``weights``: a torchvision ``DenseNet121_Weights`` value (or its name, e.g. ``"DEFAULT"``)
+    whose state_dict is loaded, legacy key names included; other keyword arguments go to
+    :class:`DenseNet`.
+    """
+    return _densenet("densenet121", weights, progress, **kwargs)
 
 
-def densenet161(**kwargs: Any) -> DenseNet:
-    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels)."""
-    return _densenet("densenet161", **kwargs)
+def densenet161(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels); see :func:`densenet121`."""
+    return _densenet("densenet161", weights, progress, **kwargs)
 
 
-def densenet169(**kwargs: Any) -> DenseNet:
-    """DenseNet-169 (k=32, blocks 6-12-32-32)."""
-    return _densenet("densenet169", **kwargs)
+def densenet169(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-169 (k=32, blocks 6-12-32-32); see :func:`densenet121`."""
+    return _densenet("densenet169", weights, progress, **kwargs)
 
 
-def densenet201(**kwargs: Any) -> DenseNet:
-    """DenseNet-201 (k=32, blocks 6-12-48-32)."""
-    return _densenet("densenet201", **kwargs)
+def densenet201(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-201 (k=32, blocks 6-12-48-32); see :func:`densenet121`."""
+    return _densenet("densenet201", weights, progress, **kwargs)

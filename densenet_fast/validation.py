@@ -65,7 +65,8 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             new_w = _pooled(w, kernel[1], stride[1], padding[1], dilation[1])
             if new_h < 1 or new_w < 1:
                 raise ValueError(
-                    f"input spatial size {tuple(x.shape[2:])} is too small for this DenseNet: "
+                    f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "
+                    f"DenseNet: "
                     f"{name} receives {h}x{w}, which its kernel {kernel} cannot reduce")
             h, w = new_h, new_w
             if isinstance(m, nn.Conv2d):
@@ -86,7 +87,8 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             _check_bn(m.norm, f"{name}.norm", n, h, w, c)
             if h < 2 or w < 2:
                 raise ValueError(
-                    f"input spatial size {tuple(x.shape[2:])} is too small for this DenseNet: "
+                    f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "
+                    f"DenseNet: "
                     f"{name} receives {h}x{w} but its 2x2 average pool needs at least 2x2")
             h, w, c = h // 2, w // 2, m.conv.out_channels
         else:

@@ -8,8 +8,14 @@ import platform
 import torch
 
 from ..backends import backend_info
-from .implementations import BASELINE, IMPLEMENTATIONS, ModelConfig, available_implementations
-from .implementations import build, make_batch
+from .implementations import (
+    BASELINE,
+    IMPLEMENTATIONS,
+    ModelConfig,
+    available_implementations,
+    build,
+    make_batch,
+)
 from .memory import measure_peak_memory
 from .steps import WORKLOADS, inference_step, make_optimizer, train_step
 from .timing import summarize, time_interleaved

@@ -1,0 +1,89 @@
+"""Bad input is refused with a message naming the problem, before anything is computed."""
+
+import pytest
+import torch
+
+from densenet_fast import DenseNet, densenet121
+
+
+def _small(**kwargs):
+    return DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3,
+                    **kwargs)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+CASES = [
+    ("not a tensor", lambda: _small(), lambda: [[1.0]], TypeError, "expects a torch.Tensor"),
+    ("3-D input", lambda: _small(), lambda: torch.randn(3, 32, 32), ValueError,
+     r"4-D input \[N, C, H, W\], got shape \(3, 32, 32\)"),
+    ("integer dtype", lambda: _small(), lambda: torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+     TypeError, "floating-point input, got dtype torch.uint8"),
+    ("wrong channels", lambda: _small(), lambda: torch.randn(2, 1, 32, 32), ValueError,
+     "expects 3 input channels, got 1"),
+    ("other device", lambda: _small(), lambda: torch.randn(2, 3, 32, 32, device="meta"),
+     RuntimeError, "input is on meta but the model's parameters are on cpu"),
+    ("dtype mismatch", lambda: _small(), lambda: torch.randn(2, 3, 32, 32, dtype=torch.float64),
+     TypeError, "input dtype torch.float64 differs from the parameters' dtype torch.float32"),
+    ("too small for transitions", lambda: densenet121(num_classes=2),
+     lambda: torch.randn(2, 3, 16, 16), ValueError,
+     r"input spatial size 16x16 is too small.*transition3 receives 1x1 but its 2x2 "
+     r"average pool needs at least 2x2"),
+    ("one value per channel", lambda: densenet121(num_classes=2),
+     lambda: torch.randn(1, 3, 32, 32), ValueError,
+     r"more than 1 value per channel when training, got input size \[1, 512, 1, 1\] at "
+     r"features.denseblock4.denselayer1.norm1"),
+    ("empty batch", lambda: _small(), lambda: torch.randn(0, 3, 32, 32), ValueError,
+     "empty input"),
+]
+
+
+@pytest.mark.parametrize("name, make_model, make_input, error, match", CASES,
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_before_any_state_changes(name, make_model, make_input, error,
+                                                        match):
+    model = make_model()
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        model(make_input())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "state changed on error"
+
+
+def test_one_value_per_channel_is_fine_in_eval():
+    model = densenet121(num_classes=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_standalone_block_checks_its_channels():
+    block = _small().features.denseblock1
+    with pytest.raises(ValueError, match="expects 8 input channels, got 5"):
+        block(torch.randn(2, 5, 8, 8))
+
+
+def test_non_affine_batchnorm_is_refused_clearly():
+    model = _small()
+    model.features.denseblock1.denselayer1.norm1 = torch.nn.BatchNorm2d(8, affine=False)
+    with pytest.raises(NotImplementedError, match="affine nn.BatchNorm2d.*denselayer1.norm1"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_running_stats_changed_between_eval_forward_and_backward():
+    model = _small().eval()
+    out = model(torch.randn(2, 3, 32, 32, requires_grad=True))
+    model.train()
+    model(torch.randn(2, 3, 32, 32))  # updates running statistics in place
+    with pytest.raises(RuntimeError, match="modified"):
+        out.sum().backward()
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="growth_rate must be a positive integer"):
+        DenseNet(growth_rate=0)
+    with pytest.raises(ValueError, match="block_config must be a non-empty sequence"):
+        DenseNet(block_config=())
+    with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\)"):
+        DenseNet(drop_rate=1.5)

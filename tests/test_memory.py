@@ -1,0 +1,64 @@
+"""The memory claim, on structure: bytes autograd keeps for backward, per block depth."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densenet_fast import DenseNet, NaiveDenseNet
+
+DEPTHS = (2, 4, 6, 8, 10)
+
+
+def saved_bytes(model_cls, layers: int) -> int:
+    """Bytes of the distinct storages autograd saves for one training step's backward,
+    parameters excluded (they exist anyway and grow with the weights, not the activations)."""
+    torch.manual_seed(0)
+    model = model_cls(growth_rate=4, block_config=(layers,), num_init_features=8, bn_size=2,
+                      num_classes=3)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
+    loss.backward()
+    return sum(seen.values())
+
+
+def _second_differences(values):
+    first = [b - a for a, b in zip(values, values[1:], strict=False)]
+    return [b - a for a, b in zip(first, first[1:], strict=False)]
+
+
+def test_fused_model_saves_memory_linear_in_depth():
+    sizes = [saved_bytes(DenseNet, n) for n in DEPTHS]
+    # Equal steps in depth add equal bytes: no term grows faster than the depth.
+    assert _second_differences(sizes) == [0] * (len(DEPTHS) - 2), sizes
+
+
+def test_naive_model_saves_memory_quadratic_in_depth():
+    sizes = [saved_bytes(NaiveDenseNet, n) for n in DEPTHS]
+    assert all(d > 0 for d in _second_differences(sizes)), sizes
+
+
+@pytest.mark.parametrize("layers", [4, 10])
+def test_fused_model_saves_less_than_naive(layers):
+    assert saved_bytes(DenseNet, layers) < saved_bytes(NaiveDenseNet, layers)
+
+
+def test_inference_keeps_no_graph():
+    model = DenseNet(growth_rate=4, block_config=(3, 2), num_init_features=8, num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out = model(x)
+        model.eval()
+        with torch.inference_mode():
+            out_inference = model(x)
+    assert not saved and out.grad_fn is None and out_inference.grad_fn is None
