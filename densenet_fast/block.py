@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from .ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
 from .ops.batchnorm import bn_apply, bn_backward, channel_stats, update_running_stats
-from .ops.schema import stats_dtype_for
+from .ops.schema import memory_format_of, stats_dtype_for
 
 TAIL_NONE = "none"
 TAIL_TRANSITION = "transition"
@@ -91,12 +91,6 @@ class BlockSpec:
         return self.prefix_norms() + [norm2 for _, norm2 in self.layer_norms]
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _norm_stats(state: NormState, mean, var, channels: int, stats_dtype: torch.dtype):
     """``(mean, invstd)`` a BN reading ``channels`` channels normalises with: the slice of the
     block's batch statistics ``mean``/``var``, or the BN's running statistics."""
@@ -134,7 +128,7 @@ class _Forward:
         self.stats_dtype = stats_dtype_for(x.dtype)
         total = c0 + spec.num_layers * spec.growth_rate
         self.buffer = torch.empty((n, total, h, w), dtype=x.dtype, device=x.device,
-                                  memory_format=_memory_format(x))
+                                  memory_format=memory_format_of(x))
         self.buffer[:, :c0].copy_(x)
         # Batch statistics of every buffer channel, filled as channels are written.
         self.mean = self.var = None
@@ -286,7 +280,7 @@ class DenseBlockFunction(torch.autograd.Function):
             # A dense copy of the k-channel slice: convolution backward is markedly slower
             # on a strided gradient.
             grad_new = grad_buffer[:, channels:channels + k].contiguous(
-                memory_format=_memory_format(buffer))
+                memory_format=memory_format_of(buffer))
             if masks[layer] is not None:
                 grad_new = grad_new * _dropout_scale(masks[layer], spec.drop_rates[layer],
                                                      grad_new.dtype)

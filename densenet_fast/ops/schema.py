@@ -110,7 +110,8 @@ def check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv
     return channels
 
 
-def _suggested_format(t: torch.Tensor) -> torch.memory_format:
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a dense NHWC tensor, else the default (contiguous) format."""
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
             and not t.is_contiguous():
         return torch.channels_last
@@ -122,7 +123,7 @@ def _forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
     n, _, h, w = buffer.shape
     return buffer.new_empty((n, conv_weight.shape[0], h, w)).contiguous(
-        memory_format=_suggested_format(buffer)
+        memory_format=memory_format_of(buffer)
     )
 
 
