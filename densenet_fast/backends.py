@@ -1,31 +1,35 @@
 """Which implementation of the fused op serves which device, and why.
 
 The pure-PyTorch kernels are always registered as the default for every device. Compiled
-backends add device-specific kernels to the same op schemas. ``DENSENET_FAST_BACKEND``
-chooses: ``auto`` (the best available per device) or a backend name, which must be
-available or the first use raises instead of silently falling back.
+backends add device-specific kernels to the same op schemas when they are loaded, and the
+dispatcher then prefers them. ``DENSENET_FAST_BACKEND`` chooses, when the package is
+imported: ``auto`` (the best available per device), or a backend name, which must be
+available or the first use raises instead of silently falling back. ``torch`` leaves the
+compiled kernels unloaded, so the pure-PyTorch kernels serve everywhere.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
 ENV_VAR = "DENSENET_FAST_BACKEND"
 AUTO = "auto"
 
-# name -> devices it serves; probed in order of preference for ``auto``.
+# name -> devices it serves, in order of preference for ``auto``.
 _BACKEND_DEVICES = {
+    "cpp": ("cpu",),
     "torch": ("cpu", "cuda", "mps"),
 }
+_CPP_MODULE = "densenet_fast._C"
+_BUILD_ERROR_FILE = Path(__file__).with_name("_C_build_error.txt")
 
-
-def _probe(name: str) -> tuple[bool, str]:
-    """Whether a backend can run here, and a one-line reason."""
-    if name == "torch":
-        return True, f"pure PyTorch {torch.__version__}, always available"
-    raise AssertionError(name)
+_loaded: set[str] = set()
+_load_errors: dict[str, str] = {}
 
 
 def requested_backend() -> str:
@@ -37,24 +41,57 @@ def requested_backend() -> str:
     return value
 
 
-def backend_info() -> dict:
-    """Report the available backends, the requested one, and the one serving each device.
+def _cpp_missing_reason() -> str | None:
+    """Why the compiled extension cannot be loaded, or None if it can be tried."""
+    if importlib.util.find_spec(_CPP_MODULE) is not None:
+        return None
+    if _BUILD_ERROR_FILE.exists():
+        return f"not built: {_BUILD_ERROR_FILE.read_text().strip()}"
+    return ("not built: densenet_fast was installed without compiling csrc/ "
+            "(reinstall with 'pip install --no-build-isolation .' where a C++ compiler exists)")
 
-    Never raises: a bad ``DENSENET_FAST_BACKEND`` or an unavailable forced backend is
-    reported under ``"error"``.
-    """
-    backends = {}
-    for name, devices in _BACKEND_DEVICES.items():
-        available, reason = _probe(name)
-        backends[name] = {"available": available, "devices": list(devices), "reason": reason}
-    info = {"backends": backends, "requested": None, "active": {}, "error": None}
+
+def _load(name: str) -> None:
+    """Register backend ``name``'s kernels with the dispatcher; remember why if it fails."""
+    if name != "cpp" or name in _loaded or name in _load_errors:
+        return
+    missing = _cpp_missing_reason()
+    if missing is not None:
+        _load_errors[name] = missing
+        return
     try:
-        info["requested"] = requested_backend()
-        info["active"] = {device: active_backend(device)
-                          for device in ("cpu", "cuda", "mps")}
-    except (ValueError, RuntimeError) as exc:
-        info["error"] = str(exc)
-    return info
+        importlib.import_module(_CPP_MODULE)
+    except (ImportError, OSError) as exc:
+        _load_errors[name] = f"densenet_fast._C failed to load: {exc}"
+    else:
+        _loaded.add(name)
+
+
+def _status(name: str) -> tuple[bool, str]:
+    """Whether a backend can run here, and a one-line reason."""
+    if name == "torch":
+        return True, f"pure PyTorch {torch.__version__}, always available"
+    if name in _loaded:
+        return True, f"compiled ATen kernels (csrc/), loaded for torch {torch.__version__}"
+    if name in _load_errors:
+        return False, _load_errors[name]
+    missing = _cpp_missing_reason()
+    if missing is not None:
+        return False, missing
+    return True, f"compiled, not loaded ({ENV_VAR}={os.environ.get(ENV_VAR, AUTO)!r})"
+
+
+def activate() -> None:
+    """Load the backends that ``DENSENET_FAST_BACKEND`` asks for (called on import).
+
+    An unknown name is not raised here but at first use, so ``backend_info()`` can report it.
+    """
+    try:
+        requested = requested_backend()
+    except ValueError:
+        return
+    for name in _BACKEND_DEVICES if requested == AUTO else (requested,):
+        _load(name)
 
 
 def active_backend(device_type: str) -> str:
@@ -66,10 +103,34 @@ def active_backend(device_type: str) -> str:
     candidates = list(_BACKEND_DEVICES) if requested == AUTO else [requested]
     reasons = []
     for name in candidates:
-        available, reason = _probe(name)
-        if available and device_type in _BACKEND_DEVICES[name]:
+        available, reason = _status(name)
+        serves = device_type in _BACKEND_DEVICES[name]
+        if available and serves and (name == "torch" or name in _loaded):
             return name
         reasons.append(f"{name}: {reason if not available else 'does not serve ' + device_type}")
     raise RuntimeError(
-        f"{ENV_VAR}={requested!r} cannot run on {device_type}: " + "; ".join(reasons)
-    )
+        f"{ENV_VAR}={requested!r} cannot run on {device_type}: " + "; ".join(reasons))
+
+
+def backend_info() -> dict:
+    """Report each backend (available or why not), the requested one, and which one serves
+    each device (``active``) or why none can (``unavailable``).
+
+    Never raises: an unknown ``DENSENET_FAST_BACKEND`` is reported under ``"error"``.
+    """
+    info = {"backends": {}, "requested": None, "active": {}, "unavailable": {}, "error": None}
+    for name, devices in _BACKEND_DEVICES.items():
+        available, reason = _status(name)
+        info["backends"][name] = {"available": available, "devices": list(devices),
+                                  "reason": reason}
+    try:
+        info["requested"] = requested_backend()
+    except ValueError as exc:
+        info["error"] = str(exc)
+        return info
+    for device in ("cpu", "cuda", "mps"):
+        try:
+            info["active"][device] = active_backend(device)
+        except RuntimeError as exc:
+            info["unavailable"][device] = str(exc)
+    return info

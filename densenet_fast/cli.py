@@ -22,6 +22,8 @@ def _info(_args) -> int:
         print(f"  {name:8s} {state:12s} devices={','.join(entry['devices'])}  {entry['reason']}")
     for device, name in info["active"].items():
         print(f"  active on {device}: {name}")
+    for device, reason in info["unavailable"].items():
+        print(f"  no backend on {device}: {reason}")
     if info["error"]:
         print(f"  error: {info['error']}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

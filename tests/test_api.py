@@ -1,8 +1,5 @@
 """The drop-in API: constructors, state_dict names, weights, convert(), backends."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torchvision.models as tvm
@@ -96,29 +93,3 @@ def test_convert_a_torchvision_model():
         assert_close(fast(x), source(x), torch.float64, "converted model output")
     with pytest.raises(TypeError, match="expects a torchvision DenseNet"):
         densenet_fast.convert(torch.nn.Linear(2, 2))
-
-
-def test_backend_info_reports_torch_backend():
-    info = densenet_fast.backend_info()
-    assert info["backends"]["torch"]["available"]
-    assert info["active"]["cpu"] == "torch"
-    assert info["error"] is None
-
-
-def _run_with_backend(value, code):
-    env = {"DENSENET_FAST_BACKEND": value, "PATH": ""}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, check=False)
-
-
-def test_forcing_an_unknown_backend_fails_loudly():
-    code = ("import torch, densenet_fast as d\n"
-            "print(d.backend_info()['error'])\n"
-            "d.DenseNet(growth_rate=4, block_config=(2,), num_classes=2)"
-            "(torch.randn(2, 3, 16, 16))\n")
-    proc = _run_with_backend("cuda-magic", code)
-    assert proc.returncode != 0
-    assert "not a known backend" in proc.stdout
-    assert "DENSENET_FAST_BACKEND='cuda-magic' is not a known backend" in proc.stderr
-    forced = _run_with_backend("torch", code)
-    assert forced.returncode == 0, forced.stderr

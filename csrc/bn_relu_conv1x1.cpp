@@ -1,0 +1,529 @@
+// CPU kernels of densenet_fast::bn_relu_conv1x1 and its backward (schemas: ops/schema.py).
+//
+// The prefix x = buffer[:, :C] is read in place, one pixel tile at a time: a tile of
+// a = relu(x * scale + shift) is built in per-thread scratch (float32, or float64 for
+// float64 data) and multiplied through ATen's BLAS, so the prefix is read once per pass and
+// no prefix-sized activation exists. Two buffer layouts are served:
+//   channel-major (NCHW):  per image, x is [C, HW] with row stride HW, out = W a
+//   pixel-major (NHWC):    x is [N*HW, C] with row stride C_total,   out = a W^T
+// Backward walks the prefix in channel chunks. Pass 1 recomputes a, accumulates
+// dW += g_out a^T per thread, computes g = (W^T g_out) * [a > 0] into a chunk-sized store
+// and reduces sum(g), sum(g (x - mean)) per channel; pass 2 adds
+// dx = gamma*invstd*(g - (sum g + xhat sum(g xhat)) / n) (training) or gamma*invstd*g (eval)
+// into the gradient buffer.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace densenet_fast {
+namespace {
+
+// Per-thread activation scratch targets this many elements (fits a core's L2 cache).
+constexpr int64_t kTileElements = 1 << 17;
+// The backward's chunk-sized store of g holds at most this many elements (16 MiB float32),
+// the same bound as the pure-PyTorch kernels' temporaries.
+constexpr int64_t kChunkElements = 1 << 22;
+// Independent partial sums per reduction, so the compiler can vectorise it.
+constexpr int kLanes = 16;
+
+// Messages and exception types match ops/schema.py's checks (ValueError for shapes,
+// TypeError for dtypes, RuntimeError for devices), whichever backend serves the call.
+void check_forward_args(const at::Tensor& buffer, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& bn_weight,
+                        const at::Tensor& bn_bias, const at::Tensor& conv_weight) {
+  TORCH_CHECK_VALUE(buffer.dim() == 4, "buffer must be 4-D [N, C, H, W], got shape ",
+                    buffer.sizes());
+  TORCH_CHECK_TYPE(buffer.scalar_type() == at::kFloat || buffer.scalar_type() == at::kDouble ||
+                       buffer.scalar_type() == at::kBFloat16,
+                   "buffer must be a floating-point tensor (float32, float64 or bfloat16), got ",
+                   buffer.scalar_type());
+  TORCH_CHECK_VALUE(
+      conv_weight.dim() == 4 && conv_weight.size(2) == 1 && conv_weight.size(3) == 1,
+      "conv_weight must have shape [C_out, C, 1, 1], got ", conv_weight.sizes());
+  const int64_t channels = conv_weight.size(1);
+  TORCH_CHECK_VALUE(channels <= buffer.size(1), "conv_weight reads ", channels,
+                    " input channels but buffer has only ", buffer.size(1));
+  TORCH_CHECK_TYPE(conv_weight.scalar_type() == buffer.scalar_type(), "conv_weight dtype ",
+                   conv_weight.scalar_type(), " differs from buffer dtype ",
+                   buffer.scalar_type());
+  const auto stats_type = buffer.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::pair<const char*, const at::Tensor*> vectors[] = {
+      {"mean", &mean}, {"invstd", &invstd}, {"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}};
+  for (const auto& [name, t] : vectors) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, name, " must have shape (",
+                      channels, ",), got ", t->sizes());
+    TORCH_CHECK_TYPE(t->is_floating_point(), name, " must be floating point, got ",
+                     t->scalar_type());
+    TORCH_CHECK_TYPE(t == &bn_weight || t == &bn_bias || t->scalar_type() == stats_type, name,
+                     " must be ", stats_type == at::kDouble ? "float64" : "float32", " for ",
+                     buffer.scalar_type(), " data, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == buffer.device(), name, " is on ", t->device(),
+                " but buffer is on ", buffer.device());
+  }
+  TORCH_CHECK(conv_weight.device() == buffer.device(), "conv_weight is on ",
+              conv_weight.device(), " but buffer is on ", buffer.device());
+}
+
+bool is_pixel_major(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// Where the prefix lives and how it is cut into pixel tiles (work items).
+struct Geometry {
+  bool pixel_major;
+  int64_t n, channels, total, hw, pixels, out_channels, tile, tiles_per_image, items;
+
+  Geometry(const at::Tensor& buffer, int64_t channels_, int64_t out_channels_, int64_t width)
+      : pixel_major(is_pixel_major(buffer)),
+        n(buffer.size(0)),
+        channels(channels_),
+        total(buffer.size(1)),
+        hw(buffer.size(2) * buffer.size(3)),
+        pixels(buffer.size(0) * buffer.size(2) * buffer.size(3)),
+        out_channels(out_channels_) {
+    tile = std::max<int64_t>(16, (kTileElements / std::max<int64_t>(width, 1)) / 16 * 16);
+    if (pixel_major) {
+      tile = std::min(tile, pixels);
+      tiles_per_image = 0;
+      items = (pixels + tile - 1) / tile;
+    } else {
+      tile = std::min(tile, hw);
+      tiles_per_image = (hw + tile - 1) / tile;
+      items = n * tiles_per_image;
+    }
+  }
+
+  // First pixel (global index n*HW + hw) and length of work item `item`.
+  std::pair<int64_t, int64_t> span(int64_t item) const {
+    if (pixel_major) {
+      const int64_t start = item * tile;
+      return {start, std::min(tile, pixels - start)};
+    }
+    const int64_t image = item / tiles_per_image, t0 = (item % tiles_per_image) * tile;
+    return {image * hw + t0, std::min(tile, hw - t0)};
+  }
+
+  // Offset of (pixel p, channel c) in a dense tensor with `width` channels of this layout.
+  int64_t offset(int64_t p, int64_t c, int64_t width) const {
+    if (pixel_major) return p * width + c;
+    return (p / hw) * width * hw + c * hw + p % hw;
+  }
+};
+
+// out = a @ b, written into `out` (a view of existing memory).
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+template <typename acc_t>
+at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t row_stride) {
+  return at::from_blob(data, {rows, cols}, {row_stride, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// The element loops live in functions of their own: GCC honours __restrict__ on parameters
+// (not on locals), which it needs to vectorise them.
+
+// a = relu(x * scale + shift) for n contiguous elements with per-element scale and shift.
+template <typename scalar_t, typename acc_t>
+void bn_relu_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
+                 const acc_t* __restrict__ shift, acc_t* __restrict__ act, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    act[i] = std::max(static_cast<acc_t>(x[i]) * scale[i] + shift[i], acc_t(0));
+  }
+}
+
+// a = relu(x * scale + shift) for n contiguous elements of one channel.
+template <typename scalar_t, typename acc_t>
+void bn_relu_channel(const scalar_t* __restrict__ x, acc_t scale, acc_t shift,
+                     acc_t* __restrict__ act, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    act[i] = std::max(static_cast<acc_t>(x[i]) * scale + shift, acc_t(0));
+  }
+}
+
+// Pixel-major row of n channels: g *= [a > 0]; sum_g += g; sum_gx += g * (x - mean).
+template <typename scalar_t, typename acc_t>
+void mask_reduce_row(const acc_t* __restrict__ act, acc_t* __restrict__ grad,
+                     const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                     acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = grad[i];
+    const acc_t v = act[i] > acc_t(0) ? gv : acc_t(0);
+    grad[i] = v;
+    sum_g[i] += v;
+    sum_gx[i] += v * (static_cast<acc_t>(x[i]) - mean[i]);
+  }
+}
+
+// Channel-major run of n pixels of one channel: as above, returning (sum g, sum g (x - m)).
+// kLanes independent partial sums let the reduction vectorise without reassociation.
+template <typename scalar_t, typename acc_t>
+std::pair<acc_t, acc_t> mask_reduce_channel(const acc_t* __restrict__ act,
+                                            acc_t* __restrict__ grad,
+                                            const scalar_t* __restrict__ x, acc_t mean,
+                                            int64_t n) {
+  acc_t s_l[kLanes] = {}, sx_l[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t gv = grad[i + l];
+      const acc_t v = act[i + l] > acc_t(0) ? gv : acc_t(0);
+      grad[i + l] = v;
+      s_l[l] += v;
+      sx_l[l] += v * (static_cast<acc_t>(x[i + l]) - mean);
+    }
+  }
+  for (; i < n; ++i) {
+    const acc_t gv = grad[i];
+    const acc_t v = act[i] > acc_t(0) ? gv : acc_t(0);
+    grad[i] = v;
+    s_l[0] += v;
+    sx_l[0] += v * (static_cast<acc_t>(x[i]) - mean);
+  }
+  acc_t s = 0, sx = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    s += s_l[l];
+    sx += sx_l[l];
+  }
+  return {s, sx};
+}
+
+// grad_x += k_g * g + k_x * x + k_0, per-element coefficients (pixel-major row).
+template <typename scalar_t, typename acc_t>
+void add_dx_row(const acc_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                const acc_t* __restrict__ k_g, const acc_t* __restrict__ k_x,
+                const acc_t* __restrict__ k_0, scalar_t* __restrict__ grad_x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t dx = k_g[i] * grad[i] + k_x[i] * static_cast<acc_t>(x[i]) + k_0[i];
+    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + dx);
+  }
+}
+
+// grad_x += k_g * g + k_x * x + k_0, one channel's coefficients (channel-major run).
+template <typename scalar_t, typename acc_t>
+void add_dx_channel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ x, acc_t k_g,
+                    acc_t k_x, acc_t k_0, scalar_t* __restrict__ grad_x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t dx = k_g * grad[i] + k_x * static_cast<acc_t>(x[i]) + k_0;
+    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + dx);
+  }
+}
+
+// a = relu(x * scale + shift) for channels [c0, c0 + cc) of the pixels [p0, p0 + len), into
+// `act`: [cc, len] (channel-major) or [len, cc] (pixel-major), both dense.
+template <typename scalar_t, typename acc_t>
+void bn_relu_tile(const Geometry& g, const scalar_t* x, const acc_t* scale, const acc_t* shift,
+                  int64_t p0, int64_t len, int64_t c0, int64_t cc, acc_t* act) {
+  if (g.pixel_major) {
+    for (int64_t r = 0; r < len; ++r) {
+      bn_relu_row(x + (p0 + r) * g.total + c0, scale + c0, shift + c0, act + r * cc, cc);
+    }
+  } else {
+    for (int64_t c = 0; c < cc; ++c) {
+      bn_relu_channel(x + g.offset(p0, c0 + c, g.total), scale[c0 + c], shift[c0 + c],
+                      act + c * len, len);
+    }
+  }
+}
+
+// grad_out for pixels [p0, p0 + len) as an acc_t matrix: [C_out, len] or [len, C_out]. A
+// view into grad_out when the types agree, else converted into `scratch`.
+template <typename scalar_t, typename acc_t>
+at::Tensor grad_out_tile(const Geometry& g, const scalar_t* grad_out, int64_t p0, int64_t len,
+                         acc_t* scratch) {
+  const int64_t co = g.out_channels;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    auto* base = const_cast<acc_t*>(grad_out) + g.offset(p0, 0, co);
+    return g.pixel_major ? matrix(base, len, co, co) : matrix(base, co, len, g.hw);
+  } else {
+    if (g.pixel_major) {
+      const scalar_t* src = grad_out + p0 * co;
+      for (int64_t i = 0; i < len * co; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+      return matrix(scratch, len, co, co);
+    }
+    for (int64_t c = 0; c < co; ++c) {
+      const scalar_t* src = grad_out + g.offset(p0, c, co);
+      for (int64_t t = 0; t < len; ++t) scratch[c * len + t] = static_cast<acc_t>(src[t]);
+    }
+    return matrix(scratch, co, len, len);
+  }
+}
+
+template <typename acc_t>
+std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& invstd,
+                                              const at::Tensor& weight, const at::Tensor& bias) {
+  const auto type = c10::CppTypeToScalarType<acc_t>::value;
+  at::NoGradGuard no_grad;
+  at::Tensor scale = invstd.detach().to(type) * weight.detach().to(type);
+  at::Tensor shift = bias.detach().to(type) - mean.detach().to(type) * scale;
+  return {scale.contiguous(), shift.contiguous()};
+}
+
+template <typename scalar_t>
+at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& bn_weight,
+                        const at::Tensor& bn_bias, const at::Tensor& conv_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = conv_weight.size(1), co = conv_weight.size(0);
+  const Geometry g(buffer, channels, co, std::max(channels, co));
+  auto [scale_t, shift_t] = scale_shift<acc_t>(mean, invstd, bn_weight, bn_bias);
+  const acc_t* scale = scale_t.template data_ptr<acc_t>();
+  const acc_t* shift = shift_t.template data_ptr<acc_t>();
+  at::Tensor weight =
+      conv_weight.detach().reshape({co, channels}).to(scale_t.scalar_type()).contiguous();
+  const auto format = g.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({g.n, co, buffer.size(2), buffer.size(3)},
+                             buffer.options().memory_format(format));
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = g.tile * (channels + co);
+  at::Tensor scratch = at::empty({threads, per_thread}, scale_t.options());
+  const scalar_t* x = buffer.template const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.template mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state; the GEMMs below are plain
+    // kernel calls on tensors of our own, never autograd operations.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    acc_t* act = scratch.template mutable_data_ptr<acc_t>() + at::get_thread_num() * per_thread;
+    acc_t* result = act + g.tile * channels;
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [p0, len] = g.span(item);
+      bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
+      at::Tensor a = g.pixel_major ? matrix(act, len, channels, channels)
+                                   : matrix(act, channels, len, len);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        scalar_t* dst = out_data + g.offset(p0, 0, co);
+        if (g.pixel_major) {
+          mm_into(matrix(dst, len, co, co), a, weight.t());
+        } else {
+          mm_into(matrix(dst, co, len, g.hw), weight, a);
+        }
+      } else {
+        if (g.pixel_major) {
+          mm_into(matrix(result, len, co, co), a, weight.t());
+          scalar_t* dst = out_data + p0 * co;
+          for (int64_t i = 0; i < len * co; ++i) dst[i] = static_cast<scalar_t>(result[i]);
+        } else {
+          mm_into(matrix(result, co, len, len), weight, a);
+          for (int64_t c = 0; c < co; ++c) {
+            scalar_t* dst = out_data + g.offset(p0, c, co);
+            for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<scalar_t>(result[c * len + t]);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& buffer, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& conv_weight, bool batch_stats, const at::Tensor& grad_buffer) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = conv_weight.size(1), co = conv_weight.size(0);
+  const Geometry g(buffer, channels, co, std::max(channels, co));
+  auto [scale_t, shift_t] = scale_shift<acc_t>(mean, invstd, bn_weight, bn_bias);
+  const auto acc_type = scale_t.scalar_type();
+  const acc_t* scale = scale_t.template data_ptr<acc_t>();
+  const acc_t* shift = shift_t.template data_ptr<acc_t>();
+  at::Tensor mean_acc = mean.detach().to(acc_type).contiguous();
+  at::Tensor invstd_acc = invstd.detach().to(acc_type).contiguous();
+  const acc_t* mean_p = mean_acc.template data_ptr<acc_t>();
+  at::Tensor gamma_acc = bn_weight.detach().to(acc_type).contiguous();
+  at::Tensor weight = conv_weight.detach().reshape({co, channels}).to(acc_type).contiguous();
+
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, std::min(channels, kChunkElements / g.pixels));
+  const int64_t per_thread = g.tile * (chunk + co) + 2 * chunk;
+  at::Tensor scratch = at::empty({threads, per_thread}, scale_t.options());
+  at::Tensor dweight_parts = at::zeros({threads, co, channels}, scale_t.options());
+  at::Tensor g_store = at::empty({chunk * g.pixels}, scale_t.options());
+  std::vector<double> sums(static_cast<size_t>(threads * 2 * chunk));
+  at::Tensor dgamma = at::empty({channels}, at::kDouble), dbeta = at::empty({channels}, at::kDouble);
+
+  const scalar_t* x = buffer.template const_data_ptr<scalar_t>();
+  const scalar_t* gout = grad_out.template const_data_ptr<scalar_t>();
+  scalar_t* gbuf = grad_buffer.template mutable_data_ptr<scalar_t>();
+  acc_t* store = g_store.template mutable_data_ptr<acc_t>();
+
+  for (int64_t c0 = 0; c0 < channels; c0 += chunk) {
+    const int64_t cc = std::min(chunk, channels - c0);
+    std::fill(sums.begin(), sums.end(), 0.0);
+    at::Tensor w_chunk = weight.narrow(1, c0, cc);
+    // Pass 1: recompute a, accumulate dW, g = (W^T grad_out) * [a > 0] into the store, and
+    // the per-channel sums of g and g * (x - mean).
+    at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
+      const int64_t tid = at::get_thread_num();
+      acc_t* act = scratch.template mutable_data_ptr<acc_t>() + tid * per_thread;
+      acc_t* gout_scratch = act + g.tile * cc;
+      at::Tensor dw = dweight_parts[tid].narrow(1, c0, cc);
+      double* sum_g = sums.data() + tid * 2 * chunk;
+      double* sum_gx = sum_g + chunk;
+      for (int64_t item = begin; item < end; ++item) {
+        const auto [p0, len] = g.span(item);
+        bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, c0, cc, act);
+        at::Tensor go = grad_out_tile<scalar_t, acc_t>(g, gout, p0, len, gout_scratch);
+        if (g.pixel_major) {
+          at::Tensor a = matrix(act, len, cc, cc);
+          dw.addmm_(go.t(), a);
+          acc_t* gs = store + p0 * cc;
+          mm_into(matrix(gs, len, cc, cc), go, w_chunk);
+          // Per-tile sums in acc_t, vectorised across channels, then folded into doubles.
+          acc_t* tile_g = act + g.tile * cc + g.tile * co;  // after the tile scratch
+          acc_t* tile_gx = tile_g + cc;
+          std::fill(tile_g, tile_g + 2 * cc, acc_t(0));
+          for (int64_t r = 0; r < len; ++r) {
+            mask_reduce_row(act + r * cc, gs + r * cc, x + (p0 + r) * g.total + c0,
+                            mean_p + c0, tile_g, tile_gx, cc);
+          }
+          for (int64_t c = 0; c < cc; ++c) {
+            sum_g[c] += tile_g[c];
+            sum_gx[c] += tile_gx[c];
+          }
+        } else {
+          at::Tensor a = matrix(act, cc, len, len);
+          dw.addmm_(go, a.t());
+          acc_t* gs = store + p0;  // [cc, pixels] store, row stride = pixels
+          mm_into(matrix(gs, cc, len, g.pixels), w_chunk.t(), go);
+          for (int64_t c = 0; c < cc; ++c) {
+            const auto [s, sx] = mask_reduce_channel(act + c * len, gs + c * g.pixels,
+                                                     x + g.offset(p0, c0 + c, g.total),
+                                                     mean_p[c0 + c], len);
+            sum_g[c] += s;
+            sum_gx[c] += sx;
+          }
+        }
+      }
+    });
+    // dx = k_g * g + k_x * x + k_0 per channel (see the file comment).
+    std::vector<acc_t> k_g(cc), k_x(cc), k_0(cc);
+    const acc_t* inv = invstd_acc.template data_ptr<acc_t>();
+    const acc_t* gamma = gamma_acc.template data_ptr<acc_t>();
+    const double count = static_cast<double>(g.pixels);
+    for (int64_t c = 0; c < cc; ++c) {
+      double sg = 0, sgx = 0;
+      for (int64_t t = 0; t < threads; ++t) {
+        sg += sums[t * 2 * chunk + c];
+        sgx += sums[t * 2 * chunk + chunk + c];
+      }
+      const double iv = inv[c0 + c], gm = gamma[c0 + c], dg = sgx * iv;
+      dbeta.data_ptr<double>()[c0 + c] = sg;
+      dgamma.data_ptr<double>()[c0 + c] = dg;
+      k_g[c] = static_cast<acc_t>(gm * iv);
+      if (batch_stats) {
+        k_x[c] = static_cast<acc_t>(-gm * iv * iv * dg / count);
+        k_0[c] = static_cast<acc_t>(gm * iv * (mean_p[c0 + c] * iv * dg - sg) / count);
+      } else {
+        k_x[c] = 0;
+        k_0[c] = 0;
+      }
+    }
+    // Pass 2: add dx into the gradient buffer.
+    at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const auto [p0, len] = g.span(item);
+        if (g.pixel_major) {
+          for (int64_t r = 0; r < len; ++r) {
+            const int64_t off = (p0 + r) * g.total + c0;
+            add_dx_row(store + (p0 + r) * cc, x + off, k_g.data(), k_x.data(), k_0.data(),
+                       gbuf + off, cc);
+          }
+        } else {
+          for (int64_t c = 0; c < cc; ++c) {
+            const int64_t off = g.offset(p0, c0 + c, g.total);
+            add_dx_channel(store + c * g.pixels + p0, x + off, k_g[c], k_x[c], k_0[c],
+                           gbuf + off, len);
+          }
+        }
+      }
+    });
+  }
+  at::Tensor grad_weight = dweight_parts.sum(0).reshape(conv_weight.sizes()).to(conv_weight.scalar_type());
+  return {grad_weight, dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
+}
+
+// The kernels need the buffer dense in one of the two layouts; anything else is made so.
+at::Tensor dense_buffer(const at::Tensor& buffer) {
+  if (buffer.is_contiguous() || is_pixel_major(buffer)) return buffer;
+  return buffer.contiguous();
+}
+
+at::Tensor like_buffer(const at::Tensor& t, const at::Tensor& buffer) {
+  return t.contiguous(is_pixel_major(buffer) ? at::MemoryFormat::ChannelsLast
+                                             : at::MemoryFormat::Contiguous);
+}
+
+at::Tensor forward_cpu(const at::Tensor& buffer_in, const at::Tensor& mean,
+                       const at::Tensor& invstd, const at::Tensor& bn_weight,
+                       const at::Tensor& bn_bias, const at::Tensor& conv_weight) {
+  check_forward_args(buffer_in, mean, invstd, bn_weight, bn_bias, conv_weight);
+  const at::Tensor buffer = dense_buffer(buffer_in);
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, buffer.scalar_type(), "bn_relu_conv1x1",
+                                        [&] {
+    return forward_impl<scalar_t>(buffer, mean, invstd, bn_weight, bn_bias, conv_weight);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& buffer_in, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& conv_weight, bool batch_stats, at::Tensor& grad_buffer) {
+  check_forward_args(buffer_in, mean, invstd, bn_weight, bn_bias, conv_weight);
+  const int64_t channels = conv_weight.size(1);
+  TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == buffer_in.size(0) &&
+                  grad_out_in.size(1) == conv_weight.size(0) &&
+                  grad_out_in.size(2) == buffer_in.size(2) &&
+                  grad_out_in.size(3) == buffer_in.size(3),
+              "grad_out must have shape [", buffer_in.size(0), ", ", conv_weight.size(0), ", ",
+              buffer_in.size(2), ", ", buffer_in.size(3), "], got ", grad_out_in.sizes());
+  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == buffer_in.scalar_type(), "grad_out dtype ",
+              grad_out_in.scalar_type(), " differs from buffer dtype ", buffer_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_buffer.dim() == 4 && grad_buffer.size(0) == buffer_in.size(0) &&
+                  grad_buffer.size(1) >= channels && grad_buffer.size(2) == buffer_in.size(2) &&
+                  grad_buffer.size(3) == buffer_in.size(3),
+              "grad_buffer must have shape [N, >=", channels, ", H, W] matching buffer ",
+              buffer_in.sizes(), ", got ", grad_buffer.sizes());
+  TORCH_CHECK_TYPE(grad_buffer.scalar_type() == buffer_in.scalar_type(), "grad_buffer dtype ",
+              grad_buffer.scalar_type(), " differs from buffer dtype ", buffer_in.scalar_type());
+  TORCH_CHECK(grad_out_in.device() == buffer_in.device() &&
+                  grad_buffer.device() == buffer_in.device(),
+              "grad_out and grad_buffer must be on the buffer's device ", buffer_in.device());
+  const at::Tensor buffer = dense_buffer(buffer_in);
+  const at::Tensor grad_out = like_buffer(grad_out_in, buffer);
+  // dx is added in the buffer's layout; a gradient buffer of another layout gets it through
+  // a temporary of the prefix's channels.
+  const bool same_layout = grad_buffer.strides() == buffer.strides() &&
+                           grad_buffer.sizes() == buffer.sizes();
+  at::Tensor target = same_layout ? grad_buffer : at::zeros_like(buffer);
+  auto result = AT_DISPATCH_FLOATING_TYPES_AND(
+      at::kBFloat16, buffer.scalar_type(), "bn_relu_conv1x1_backward", [&] {
+        return backward_impl<scalar_t>(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
+                                       conv_weight, batch_stats, target);
+      });
+  if (!same_layout) grad_buffer.narrow(1, 0, channels).add_(target.narrow(1, 0, channels));
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
+  m.impl("bn_relu_conv1x1", &forward_cpu);
+  m.impl("bn_relu_conv1x1_backward", &backward_cpu);
+}
+
+}  // namespace densenet_fast
+
+// Importing densenet_fast._C runs the registration above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
