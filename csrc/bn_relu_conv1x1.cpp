@@ -6,11 +6,11 @@
 // no prefix-sized activation exists. Two buffer layouts are served:
 //   channel-major (NCHW):  per image, x is [C, HW] with row stride HW, out = W a
 //   pixel-major (NHWC):    x is [N*HW, C] with row stride C_total,   out = a W^T
-// Backward walks the prefix in channel chunks. Pass 1 recomputes a, accumulates
-// dW += g_out a^T per thread, computes g = (W^T g_out) * [a > 0] into a chunk-sized store
-// and reduces sum(g), sum(g (x - mean)) per channel; pass 2 adds
-// dx = gamma*invstd*(g - (sum g + xhat sum(g xhat)) / n) (training) or gamma*invstd*g (eval)
-// into the gradient buffer.
+// Backward, pass 1, per tile: recompute a, accumulate dW += g_out a^T per thread, compute
+// g = (W^T g_out) * [a > 0] and reduce sum(g), sum(g (x - mean)) per channel. Without
+// stats_grad, dx = gamma*invstd*g is added to the gradient buffer right there, in one pass.
+// With it, dx = gamma*invstd*(g - (sum g + xhat sum(g xhat)) / n) needs the sums first: g
+// waits in a store of bounded size (the prefix is walked in channel chunks) for pass 2.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -215,6 +215,24 @@ void add_dx_channel(const acc_t* __restrict__ grad, const scalar_t* __restrict__
   }
 }
 
+// grad_x += k * g, per-element coefficients (pixel-major row).
+template <typename scalar_t, typename acc_t>
+void add_scaled_row(const acc_t* __restrict__ grad, const acc_t* __restrict__ k,
+                    scalar_t* __restrict__ grad_x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + k[i] * grad[i]);
+  }
+}
+
+// grad_x += k * g, one channel's coefficient (channel-major run).
+template <typename scalar_t, typename acc_t>
+void add_scaled_channel(const acc_t* __restrict__ grad, acc_t k, scalar_t* __restrict__ grad_x,
+                        int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + k * grad[i]);
+  }
+}
+
 // a = relu(x * scale + shift) for channels [c0, c0 + cc) of the pixels [p0, p0 + len), into
 // `act`: [cc, len] (channel-major) or [len, cc] (pixel-major), both dense.
 template <typename scalar_t, typename acc_t>
@@ -326,7 +344,7 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& buffer, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const at::Tensor& conv_weight, bool batch_stats, const at::Tensor& grad_buffer) {
+    const at::Tensor& conv_weight, bool stats_grad, const at::Tensor& grad_buffer) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = conv_weight.size(1), co = conv_weight.size(0);
   const Geometry g(buffer, channels, co, std::max(channels, co));
@@ -337,15 +355,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor mean_acc = mean.detach().to(acc_type).contiguous();
   at::Tensor invstd_acc = invstd.detach().to(acc_type).contiguous();
   const acc_t* mean_p = mean_acc.template data_ptr<acc_t>();
+  const acc_t* inv = invstd_acc.template data_ptr<acc_t>();
   at::Tensor gamma_acc = bn_weight.detach().to(acc_type).contiguous();
+  const acc_t* gamma = gamma_acc.template data_ptr<acc_t>();
   at::Tensor weight = conv_weight.detach().reshape({co, channels}).to(acc_type).contiguous();
+  // dx = k_g * g + k_x * x + k_0 per channel; k_g = gamma * invstd is known up front.
+  std::vector<acc_t> k_g(channels), k_x(channels, acc_t(0)), k_0(channels, acc_t(0));
+  for (int64_t c = 0; c < channels; ++c) k_g[c] = gamma[c] * inv[c];
 
+  // With stats_grad, dx needs sums over every pixel first: g is kept in a chunk-sized store
+  // between two passes. Without it, dx = k_g * g is added as soon as a tile's g is known.
+  const bool two_pass = stats_grad;
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max<int64_t>(1, std::min(channels, kChunkElements / g.pixels));
-  const int64_t per_thread = g.tile * (chunk + co) + 2 * chunk;
+  const int64_t chunk =
+      two_pass ? std::max<int64_t>(1, std::min(channels, kChunkElements / g.pixels)) : channels;
+  const int64_t tile_g_size = two_pass ? 0 : g.tile * chunk;
+  const int64_t per_thread = g.tile * (chunk + co) + 2 * chunk + tile_g_size;
   at::Tensor scratch = at::empty({threads, per_thread}, scale_t.options());
   at::Tensor dweight_parts = at::zeros({threads, co, channels}, scale_t.options());
-  at::Tensor g_store = at::empty({chunk * g.pixels}, scale_t.options());
+  at::Tensor g_store = at::empty({two_pass ? chunk * g.pixels : 0}, scale_t.options());
   std::vector<double> sums(static_cast<size_t>(threads * 2 * chunk));
   at::Tensor dgamma = at::empty({channels}, at::kDouble), dbeta = at::empty({channels}, at::kDouble);
 
@@ -358,13 +386,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const int64_t cc = std::min(chunk, channels - c0);
     std::fill(sums.begin(), sums.end(), 0.0);
     at::Tensor w_chunk = weight.narrow(1, c0, cc);
-    // Pass 1: recompute a, accumulate dW, g = (W^T grad_out) * [a > 0] into the store, and
-    // the per-channel sums of g and g * (x - mean).
+    // Pass 1: recompute a, accumulate dW, g = (W^T grad_out) * [a > 0] with the per-channel
+    // sums of g and g * (x - mean); g goes to the store, or straight into dx.
     at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
       const int64_t tid = at::get_thread_num();
       acc_t* act = scratch.template mutable_data_ptr<acc_t>() + tid * per_thread;
       acc_t* gout_scratch = act + g.tile * cc;
+      acc_t* tile_sums = gout_scratch + g.tile * co;
+      acc_t* tile_g = tile_sums + 2 * chunk;
       at::Tensor dw = dweight_parts[tid].narrow(1, c0, cc);
       double* sum_g = sums.data() + tid * 2 * chunk;
       double* sum_gx = sum_g + chunk;
@@ -373,41 +403,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, c0, cc, act);
         at::Tensor go = grad_out_tile<scalar_t, acc_t>(g, gout, p0, len, gout_scratch);
         if (g.pixel_major) {
-          at::Tensor a = matrix(act, len, cc, cc);
-          dw.addmm_(go.t(), a);
-          acc_t* gs = store + p0 * cc;
+          dw.addmm_(go.t(), matrix(act, len, cc, cc));
+          acc_t* gs = two_pass ? store + p0 * cc : tile_g;  // [len, cc]
           mm_into(matrix(gs, len, cc, cc), go, w_chunk);
           // Per-tile sums in acc_t, vectorised across channels, then folded into doubles.
-          acc_t* tile_g = act + g.tile * cc + g.tile * co;  // after the tile scratch
-          acc_t* tile_gx = tile_g + cc;
-          std::fill(tile_g, tile_g + 2 * cc, acc_t(0));
+          acc_t* row_g = tile_sums;
+          acc_t* row_gx = tile_sums + cc;
+          std::fill(row_g, row_g + 2 * cc, acc_t(0));
           for (int64_t r = 0; r < len; ++r) {
-            mask_reduce_row(act + r * cc, gs + r * cc, x + (p0 + r) * g.total + c0,
-                            mean_p + c0, tile_g, tile_gx, cc);
+            const int64_t off = (p0 + r) * g.total + c0;
+            mask_reduce_row(act + r * cc, gs + r * cc, x + off, mean_p + c0, row_g, row_gx, cc);
+            if (!two_pass) add_scaled_row(gs + r * cc, k_g.data() + c0, gbuf + off, cc);
           }
           for (int64_t c = 0; c < cc; ++c) {
-            sum_g[c] += tile_g[c];
-            sum_gx[c] += tile_gx[c];
+            sum_g[c] += row_g[c];
+            sum_gx[c] += row_gx[c];
           }
         } else {
-          at::Tensor a = matrix(act, cc, len, len);
-          dw.addmm_(go, a.t());
-          acc_t* gs = store + p0;  // [cc, pixels] store, row stride = pixels
-          mm_into(matrix(gs, cc, len, g.pixels), w_chunk.t(), go);
+          dw.addmm_(go, matrix(act, cc, len, len).t());
+          // [cc, len] rows of the store (row stride = pixels) or of the tile scratch.
+          acc_t* gs = two_pass ? store + p0 : tile_g;
+          const int64_t stride = two_pass ? g.pixels : len;
+          mm_into(matrix(gs, cc, len, stride), w_chunk.t(), go);
           for (int64_t c = 0; c < cc; ++c) {
-            const auto [s, sx] = mask_reduce_channel(act + c * len, gs + c * g.pixels,
-                                                     x + g.offset(p0, c0 + c, g.total),
-                                                     mean_p[c0 + c], len);
+            const int64_t off = g.offset(p0, c0 + c, g.total);
+            const auto [s, sx] =
+                mask_reduce_channel(act + c * len, gs + c * stride, x + off, mean_p[c0 + c], len);
             sum_g[c] += s;
             sum_gx[c] += sx;
+            if (!two_pass) add_scaled_channel(gs + c * stride, k_g[c0 + c], gbuf + off, len);
           }
         }
       }
     });
-    // dx = k_g * g + k_x * x + k_0 per channel (see the file comment).
-    std::vector<acc_t> k_g(cc), k_x(cc), k_0(cc);
-    const acc_t* inv = invstd_acc.template data_ptr<acc_t>();
-    const acc_t* gamma = gamma_acc.template data_ptr<acc_t>();
     const double count = static_cast<double>(g.pixels);
     for (int64_t c = 0; c < cc; ++c) {
       double sg = 0, sgx = 0;
@@ -418,36 +446,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       const double iv = inv[c0 + c], gm = gamma[c0 + c], dg = sgx * iv;
       dbeta.data_ptr<double>()[c0 + c] = sg;
       dgamma.data_ptr<double>()[c0 + c] = dg;
-      k_g[c] = static_cast<acc_t>(gm * iv);
-      if (batch_stats) {
-        k_x[c] = static_cast<acc_t>(-gm * iv * iv * dg / count);
-        k_0[c] = static_cast<acc_t>(gm * iv * (mean_p[c0 + c] * iv * dg - sg) / count);
-      } else {
-        k_x[c] = 0;
-        k_0[c] = 0;
-      }
+      k_x[c0 + c] = static_cast<acc_t>(-gm * iv * iv * dg / count);
+      k_0[c0 + c] = static_cast<acc_t>(gm * iv * (mean_p[c0 + c] * iv * dg - sg) / count);
     }
-    // Pass 2: add dx into the gradient buffer.
+    if (!two_pass) continue;
+    // Pass 2: add dx = k_g * g + k_x * x + k_0 into the gradient buffer.
     at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const auto [p0, len] = g.span(item);
         if (g.pixel_major) {
           for (int64_t r = 0; r < len; ++r) {
             const int64_t off = (p0 + r) * g.total + c0;
-            add_dx_row(store + (p0 + r) * cc, x + off, k_g.data(), k_x.data(), k_0.data(),
-                       gbuf + off, cc);
+            add_dx_row(store + (p0 + r) * cc, x + off, k_g.data() + c0, k_x.data() + c0,
+                       k_0.data() + c0, gbuf + off, cc);
           }
         } else {
           for (int64_t c = 0; c < cc; ++c) {
             const int64_t off = g.offset(p0, c0 + c, g.total);
-            add_dx_channel(store + c * g.pixels + p0, x + off, k_g[c], k_x[c], k_0[c],
-                           gbuf + off, len);
+            add_dx_channel(store + c * g.pixels + p0, x + off, k_g[c0 + c], k_x[c0 + c],
+                           k_0[c0 + c], gbuf + off, len);
           }
         }
       }
     });
   }
-  at::Tensor grad_weight = dweight_parts.sum(0).reshape(conv_weight.sizes()).to(conv_weight.scalar_type());
+  at::Tensor grad_weight =
+      dweight_parts.sum(0).reshape(conv_weight.sizes()).to(conv_weight.scalar_type());
   return {grad_weight, dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
 }
 
@@ -476,7 +500,7 @@ at::Tensor forward_cpu(const at::Tensor& buffer_in, const at::Tensor& mean,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& buffer_in, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const at::Tensor& conv_weight, bool batch_stats, at::Tensor& grad_buffer) {
+    const at::Tensor& conv_weight, bool stats_grad, at::Tensor& grad_buffer) {
   check_forward_args(buffer_in, mean, invstd, bn_weight, bn_bias, conv_weight);
   const int64_t channels = conv_weight.size(1);
   TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == buffer_in.size(0) &&
@@ -507,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto result = AT_DISPATCH_FLOATING_TYPES_AND(
       at::kBFloat16, buffer.scalar_type(), "bn_relu_conv1x1_backward", [&] {
         return backward_impl<scalar_t>(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
-                                       conv_weight, batch_stats, target);
+                                       conv_weight, stats_grad, target);
       });
   if (!same_layout) grad_buffer.narrow(1, 0, channels).add_(target.narrow(1, 0, channels));
   return result;

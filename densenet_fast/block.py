@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
-from .ops.batchnorm import bn_apply, bn_backward, channel_stats, update_running_stats
+from .ops.batchnorm import (
+    StatsGradient,
+    bn_apply,
+    bn_backward,
+    channel_stats,
+    update_running_stats,
+)
 from .ops.schema import memory_format_of, stats_dtype_for
 
 TAIL_NONE = "none"
@@ -249,34 +255,45 @@ class DenseBlockFunction(torch.autograd.Function):
         stats_dtype = stats_dtype_for(buffer.dtype)
         grads = [None] * len(params)
 
+        n, total, h, w = buffer.shape
+        count = n * h * w
+        # Prefix BNs add only their direct term to the gradient buffer; the term through the
+        # batch statistics is summed per channel and added once, just before the layer that
+        # wrote a channel reads its gradient (every reader of the channel is done by then).
+        stats_term = StatsGradient(total, stats_dtype, buffer.device) if ctx.has_stats else None
+
+        def add_stats_term(norm, mean, invstd, weight, dweight, dbias):
+            if norm.batch_stats:
+                stats_term.add(mean, invstd, weight, dweight, dbias, count)
+
         tail_at = PARAMS_PER_LAYER * layers
         if spec.tail == TAIL_NONE:
             grad_buffer = torch.empty_like(buffer).copy_(grad_out)
         else:
             tail_norm = spec.tail_norm
-            tail_mean, tail_invstd = _norm_stats(tail_norm, mean, var, buffer.shape[1],
-                                                 stats_dtype)
+            tail_mean, tail_invstd = _norm_stats(tail_norm, mean, var, total, stats_dtype)
             if spec.tail == TAIL_TRANSITION:
                 weight, bias, conv_weight = params[tail_at:]
-                n, _, h, w = buffer.shape
                 grad_reduced = _avg_pool2x2_backward(grad_out, (n, conv_weight.shape[0], h, w))
                 grad_buffer = torch.zeros_like(buffer)
                 grads[tail_at + 2], grads[tail_at], grads[tail_at + 1] = \
                     bn_relu_conv1x1_backward(grad_reduced, buffer, tail_mean, tail_invstd,
-                                             weight, bias, conv_weight, tail_norm.batch_stats,
-                                             grad_buffer)
+                                             weight, bias, conv_weight, False, grad_buffer)
                 del grad_reduced
             else:
                 weight, _ = params[tail_at:]
                 grad_buffer, grads[tail_at], grads[tail_at + 1] = bn_backward(
-                    grad_out, buffer, tail_mean, tail_invstd, weight,
-                    batch_stats=tail_norm.batch_stats)
+                    grad_out, buffer, tail_mean, tail_invstd, weight, stats_grad=False)
+            add_stats_term(tail_norm, tail_mean, tail_invstd, weight, grads[tail_at],
+                              grads[tail_at + 1])
 
         for layer in reversed(range(layers)):
             channels = ctx.c0 + layer * k
             base = PARAMS_PER_LAYER * layer
             w1, b1, cw1, w2, b2, cw2 = params[base:base + PARAMS_PER_LAYER]
             norm1, norm2 = spec.layer_norms[layer]
+            if stats_term is not None:
+                stats_term.apply(grad_buffer, buffer, channels, channels + k)
             # A dense copy of the k-channel slice: convolution backward is markedly slower
             # on a strided gradient.
             grad_new = grad_buffer[:, channels:channels + k].contiguous(
@@ -294,13 +311,15 @@ class DenseBlockFunction(torch.autograd.Function):
             torch.ops.aten.threshold_backward.grad_input(grad_act2, act2, 0, grad_input=grad_act2)
             del act2
             grad_bottleneck, grads[base + 3], grads[base + 4] = bn_backward(
-                grad_act2, bottleneck, mean2, invstd2, w2, batch_stats=norm2.batch_stats)
+                grad_act2, bottleneck, mean2, invstd2, w2, stats_grad=norm2.batch_stats)
             del grad_act2
             mean1, invstd1 = _norm_stats(norm1, mean, var, channels, stats_dtype)
             grads[base + 2], grads[base], grads[base + 1] = bn_relu_conv1x1_backward(
-                grad_bottleneck, buffer, mean1, invstd1, w1, b1, cw1, norm1.batch_stats,
-                grad_buffer)
+                grad_bottleneck, buffer, mean1, invstd1, w1, b1, cw1, False, grad_buffer)
             del grad_bottleneck
+            add_stats_term(norm1, mean1, invstd1, w1, grads[base], grads[base + 1])
+        if stats_term is not None:
+            stats_term.apply(grad_buffer, buffer, 0, ctx.c0)
         return (grad_buffer[:, :ctx.c0], None, *grads)
 
 

@@ -57,27 +57,52 @@ def bn_apply(x, mean, invstd, weight, bias, *, relu: bool) -> torch.Tensor:
     return out
 
 
-def bn_backward(grad, x, mean, invstd, weight, *, batch_stats: bool):
-    """Gradient of ``bn(x)`` for ``grad`` at its output: ``(dx, dweight, dbias)``.
+def bn_backward(grad, x, mean, invstd, weight, *, stats_grad: bool):
+    """Gradient of ``bn(x)`` for ``grad`` at its output: ``(dx, dweight, dbias)``, with
+    ``dweight = sum(g xhat)`` and ``dbias = sum(g)``.
 
-    With ``batch_stats`` the statistics are ``x``'s own and the gradient flows through them:
-    ``dx = weight * invstd / n * (n g - sum(g) - xhat * sum(g xhat))``; otherwise
-    ``dx = weight * invstd * g``. ``dweight = sum(g xhat)``, ``dbias = sum(g)``.
+    With ``stats_grad`` the statistics are ``x``'s own batch statistics and the gradient flows
+    through them: ``dx = weight * invstd / n * (n g - sum(g) - xhat * sum(g xhat))``;
+    otherwise ``dx = weight * invstd * g`` (constant statistics, or a caller that adds the
+    statistics' term itself, see :class:`StatsGradient`).
     """
-    if batch_stats:
-        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
-        )
-        return dx, dweight, dbias
-    stats_dtype = invstd.dtype
-    shape = (1, -1, 1, 1)
-    grad_s = grad.to(stats_dtype)
-    dbias = grad_s.sum(_REDUCE_DIMS)
-    xhat = (x.to(stats_dtype) - mean.view(shape)) * invstd.view(shape)
-    dweight = (grad_s * xhat).sum(_REDUCE_DIMS)
-    del xhat
-    dx = grad_s * (weight.to(stats_dtype) * invstd).view(shape)
-    return dx.to(x.dtype), dweight.to(weight.dtype), dbias.to(weight.dtype)
+    if stats_grad:
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, 0.0, [True, True, True])
+    # Eval-mode BN backward with running_var = invstd^-2 and eps = 0 is exactly this map
+    # (up to the rounding of 1 / sqrt(invstd^-2)), in one fused kernel.
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True])
+
+
+class StatsGradient:
+    """The gradient through batch statistics, summed per channel over every BN that read it.
+
+    For a training-mode BN with statistics computed from ``x``, the part of ``dx`` that flows
+    through the mean and variance is ``-weight * invstd / n * (dbias + xhat * dweight)``:
+    per channel an affine map ``kx * x + k0`` of the data. Every BN that reads a channel of
+    the block buffer adds its coefficients here; :meth:`apply` adds the summed map once per
+    channel, instead of one full pass over the prefix per reading layer.
+    """
+
+    def __init__(self, channels: int, dtype: torch.dtype, device: torch.device):
+        self.kx = torch.zeros(channels, dtype=dtype, device=device)
+        self.k0 = torch.zeros(channels, dtype=dtype, device=device)
+
+    def add(self, mean, invstd, weight, dweight, dbias, count: int) -> None:
+        """Add one BN's term; it read the first ``len(mean)`` channels."""
+        channels = mean.shape[0]
+        scale = weight.to(invstd.dtype) * invstd / count
+        dweight, dbias = dweight.to(invstd.dtype), dbias.to(invstd.dtype)
+        self.kx[:channels].sub_(scale * invstd * dweight)
+        self.k0[:channels].add_(scale * (mean * invstd * dweight - dbias))
+
+    def apply(self, grad: torch.Tensor, x: torch.Tensor, start: int, stop: int) -> None:
+        """``grad[:, start:stop] += kx * x + k0`` for those channels of ``x``."""
+        shape = (1, -1, 1, 1)
+        term = torch.addcmul(self.k0[start:stop].view(shape), x[:, start:stop],
+                             self.kx[start:stop].view(shape))
+        grad[:, start:stop].add_(term)
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, momentum,

@@ -9,15 +9,17 @@ code never branches on the device.
     and returns ``conv1x1(relu((x - mean) * invstd * bn_weight + bn_bias), conv_weight)``.
 
 ``bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
-batch_stats, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
+stats_grad, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
     Recomputes ``a = relu(bn(x))`` from the buffer, returns
     ``grad_conv_weight = grad_out (x) a`` (summed over N, H, W),
     ``grad_bn_bias = sum(g)`` and ``grad_bn_weight = sum(g * xhat)`` with
     ``g = (conv_weight^T grad_out) * [a > 0]``, and *adds* the input gradient into
-    ``grad_buffer[:, :C]``. With ``batch_stats`` the statistics are the batch's own, so the
-    gradient flows through them:
-    ``dx = bn_weight * invstd / n * (n g - sum(g) - xhat sum(g xhat))``;
-    otherwise they are constants and ``dx = bn_weight * invstd * g``.
+    ``grad_buffer[:, :C]``: the direct term ``bn_weight * invstd * g``, plus, with
+    ``stats_grad``, the gradient through batch statistics computed from ``x``:
+    ``dx = bn_weight * invstd / n * (n g - sum(g) - xhat sum(g xhat))``. Without
+    ``stats_grad`` the statistics are constants (eval mode), or the caller adds their term
+    itself: it is affine in ``x`` per channel, so the dense block sums it over every reader
+    of a channel and applies it once (see ``block.py``).
 
 Statistics (``mean``, ``invstd``) are float32 (float64 for float64 data); the buffer and the
 conv weight share one dtype; BN parameters may be float32 while the data is lower precision.
@@ -39,7 +41,7 @@ torch.library.define(
 torch.library.define(
     BACKWARD,
     "(Tensor grad_out, Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, "
-    "Tensor bn_bias, Tensor conv_weight, bool batch_stats, Tensor(a!) grad_buffer) "
+    "Tensor bn_bias, Tensor conv_weight, bool stats_grad, Tensor(a!) grad_buffer) "
     "-> (Tensor, Tensor, Tensor)",
 )
 
@@ -129,7 +131,7 @@ def _forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
 
 @torch.library.register_fake(BACKWARD)
 def _backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
-                   batch_stats, grad_buffer):
+                   stats_grad, grad_buffer):
     check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
                         grad_buffer)
     return torch.empty_like(conv_weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
@@ -143,8 +145,8 @@ def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
 
 
 def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
-                             batch_stats, grad_buffer):
+                             stats_grad, grad_buffer):
     """Dispatch the fused backward; adds into ``grad_buffer`` (see module docstring)."""
     return torch.ops.densenet_fast.bn_relu_conv1x1_backward(
-        grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, batch_stats, grad_buffer
+        grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, stats_grad, grad_buffer
     )

@@ -40,7 +40,7 @@ def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
 
 
 def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
-                             batch_stats, grad_buffer):
+                             stats_grad, grad_buffer):
     """Reference backward: returns ``(grad_conv_weight, grad_bn_weight, grad_bn_bias)`` and
     adds the prefix's input gradient into ``grad_buffer[:, :C]``."""
     channels = check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
@@ -62,7 +62,7 @@ def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
         torch.ops.aten.threshold_backward.grad_input(grad_act, act, 0, grad_input=grad_act)
         del act
         dx, dweight, dbias = bn_backward(grad_act, x, mean[start:stop], invstd[start:stop],
-                                         bn_weight[start:stop], batch_stats=batch_stats)
+                                         bn_weight[start:stop], stats_grad=stats_grad)
         del grad_act
         grad_buffer[:, start:stop].add_(dx)
         grad_bn_weight[start:stop] = dweight
