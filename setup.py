@@ -14,7 +14,6 @@ import sys
 import traceback
 
 from setuptools import setup
-from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_ERROR_FILE = os.path.join(HERE, "densenet_fast", "_C_build_error.txt")

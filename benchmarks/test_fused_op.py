@@ -1,5 +1,12 @@
 """The fused op alone against eager ``BatchNorm2d -> ReLU -> Conv2d(1x1)`` on the prefix
-shapes of a DenseNet's layers, forward + backward."""
+shapes of a DenseNet's layers, forward + backward.
+
+``fused-standalone`` replaces the eager sequence one for one: it computes the batch
+statistics of the prefix and runs the full training-mode BN backward (``stats_grad``).
+``fused-in-block`` is the op as the dense block calls it: statistics were computed once when
+the channels were written, and the gradient through them is added once per channel by the
+block, not by each layer.
+"""
 
 import pytest
 import torch
@@ -31,7 +38,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("layer_shape", shapes, ids=[s[0] for s in shapes])
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("impl", ["fused-standalone", "fused-in-block", "eager"])
 def test_bn_relu_conv1x1_fwd_bwd(benchmark, impl, layer_shape, model_config, rounds):
     name, total, prefix, size = layer_shape
     n, out_channels = model_config.batch_size, model_config.bn_size * model_config.growth_rate
@@ -49,12 +56,14 @@ def test_bn_relu_conv1x1_fwd_bwd(benchmark, impl, layer_shape, model_config, rou
         gamma, beta = torch.ones(prefix), torch.zeros(prefix)
         weight = torch.randn(out_channels, prefix, 1, 1) / prefix
         grad_buffer = torch.zeros_like(buffer)
+        standalone = impl == "fused-standalone"
+        stats = channel_stats(buffer[:, :prefix])
 
         def step():
-            mean, var = channel_stats(buffer[:, :prefix])
+            mean, var = channel_stats(buffer[:, :prefix]) if standalone else stats
             invstd = torch.rsqrt(var + 1e-5)
             bn_relu_conv1x1(buffer, mean, invstd, gamma, beta, weight)
-            bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, gamma, beta, weight, True,
-                                     grad_buffer)
+            bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, gamma, beta, weight,
+                                     standalone, grad_buffer)
 
     benchmark.pedantic(step, rounds=rounds * 3, warmup_rounds=1)

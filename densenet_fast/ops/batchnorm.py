@@ -66,13 +66,18 @@ def bn_backward(grad, x, mean, invstd, weight, *, stats_grad: bool):
     otherwise ``dx = weight * invstd * g`` (constant statistics, or a caller that adds the
     statistics' term itself, see :class:`StatsGradient`).
     """
+    # ATen's BN mixes dtypes only as (reduced-precision data, float32 parameters): give the
+    # parameters the statistics' dtype, and the gradients back in the parameters' own.
+    param_dtype, weight = weight.dtype, weight.to(invstd.dtype)
     if stats_grad:
-        return torch.ops.aten.native_batch_norm_backward(
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             grad, x, weight, None, None, mean, invstd, True, 0.0, [True, True, True])
-    # Eval-mode BN backward with running_var = invstd^-2 and eps = 0 is exactly this map
-    # (up to the rounding of 1 / sqrt(invstd^-2)), in one fused kernel.
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, x, weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True])
+    else:
+        # Eval-mode BN backward with running_var = invstd^-2 and eps = 0 is exactly this map
+        # (up to the rounding of 1 / sqrt(invstd^-2)), in one fused kernel.
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True])
+    return dx, dweight.to(param_dtype), dbias.to(param_dtype)
 
 
 class StatsGradient:

@@ -1,0 +1,138 @@
+"""The compiled CPU kernels against the pure-PyTorch kernels, entry point by entry point."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import assert_close
+
+import densenet_fast
+from densenet_fast.ops import torch_impl
+
+ROOT = Path(__file__).resolve().parent.parent
+cpp_active = densenet_fast.backend_info()["active"].get("cpu") == "cpp"
+needs_cpp = pytest.mark.skipif(
+    not cpp_active,
+    reason="C++ backend not active here (test_backends.py fails where it should be)")
+
+# (N, C_total, C, C_out, H, W): odd widths; 1x1 and odd planes; several pixel tiles per
+# image (64x64 with 40 channels).
+SHAPES = [(3, 13, 11, 8, 5, 4), (2, 37, 37, 20, 1, 1), (2, 40, 33, 12, 7, 9),
+          (2, 48, 40, 16, 64, 64)]
+# Several channel chunks in the two-pass backward: 4 x 64 x 64 pixels x 300 channels exceeds
+# the 4M-element store. float32 only, to keep the suite short.
+CHUNKED = (4, 320, 300, 8, 64, 64)
+FORMATS = [torch.contiguous_format, torch.channels_last]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _case(shape, dtype, memory_format):
+    n, total, c, c_out, h, w = shape
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    buffer = torch.randn(n, total, h, w).to(dtype).contiguous(memory_format=memory_format)
+    mean = torch.randn(c, dtype=stats_dtype) * 0.1
+    invstd = torch.rand(c, dtype=stats_dtype) + 0.5
+    gamma, beta = torch.rand(c) + 0.5, torch.randn(c)
+    weight = (torch.randn(c_out, c, 1, 1) / c ** 0.5).to(dtype)
+    grad_out = torch.randn(n, c_out, h, w).to(dtype).contiguous(memory_format=memory_format)
+    return buffer, mean, invstd, gamma, beta, weight, grad_out
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stats_grad", [True, False], ids=["stats-grad", "direct"])
+def test_cpp_matches_reference(shape, memory_format, dtype, stats_grad):
+    _compare(shape, memory_format, dtype, stats_grad)
+
+
+@needs_cpp
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
+def test_cpp_matches_reference_across_channel_chunks(memory_format):
+    _compare(CHUNKED, memory_format, torch.float32, True)
+
+
+def _compare(shape, memory_format, dtype, stats_grad):
+    buffer, mean, invstd, gamma, beta, weight, grad_out = _case(shape, dtype, memory_format)
+    args = (buffer, mean, invstd, gamma, beta, weight)
+    out = torch.ops.densenet_fast.bn_relu_conv1x1(*args)
+    expected = torch_impl.bn_relu_conv1x1(*args)
+    assert out.is_contiguous(memory_format=memory_format)
+    assert_close(out, expected, dtype, "output")
+
+    start = torch.randn_like(buffer)  # a non-zero gradient buffer receives the sum
+    got_buffer, want_buffer = start.clone(), start.clone()
+    got = torch.ops.densenet_fast.bn_relu_conv1x1_backward(grad_out, *args, stats_grad,
+                                                           got_buffer)
+    want = torch_impl.bn_relu_conv1x1_backward(grad_out, *args, stats_grad, want_buffer)
+    c = shape[2]
+    assert_close(got_buffer[:, :c] - start[:, :c], want_buffer[:, :c] - start[:, :c], dtype,
+                 "input gradient")
+    assert torch.equal(got_buffer[:, c:], start[:, c:]), "channels past the prefix changed"
+    for g, w, what in zip(got, want, ("conv weight", "bn weight", "bn bias"), strict=True):
+        assert g.dtype == w.dtype, what
+        assert_close(g, w, dtype, f"{what} gradient")
+
+
+@needs_cpp
+def test_cpp_accepts_other_layouts_of_its_arguments():
+    buffer, mean, invstd, gamma, beta, weight, grad_out = _case((2, 9, 7, 5, 6, 5),
+                                                                torch.float32,
+                                                                torch.contiguous_format)
+    strided = torch.randn(2, 9, 12, 5)[:, :, ::2]  # neither layout: copied by the kernel
+    strided.copy_(buffer)
+    args = (mean, invstd, gamma, beta, weight)
+    assert_close(torch.ops.densenet_fast.bn_relu_conv1x1(strided, *args),
+                 torch_impl.bn_relu_conv1x1(buffer, *args), torch.float32, "strided buffer")
+    grad_last = torch.zeros_like(buffer).to(memory_format=torch.channels_last)
+    grad_dense = torch.zeros_like(buffer)
+    torch.ops.densenet_fast.bn_relu_conv1x1_backward(
+        grad_out.to(memory_format=torch.channels_last), buffer, *args, True, grad_last)
+    torch_impl.bn_relu_conv1x1_backward(grad_out, buffer, *args, True, grad_dense)
+    assert_close(grad_last, grad_dense, torch.float32, "gradient buffer of another layout")
+
+
+@needs_cpp
+def test_batch_of_one_in_eval_through_the_cpp_kernels():
+    model = densenet_fast.DenseNet(growth_rate=6, block_config=(3, 2), num_init_features=10,
+                                   num_classes=4).eval()
+    reference = densenet_fast.NaiveDenseNet(growth_rate=6, block_config=(3, 2),
+                                            num_init_features=10, num_classes=4).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 33, 35)
+    with torch.no_grad():
+        assert_close(model(x), reference(x), torch.float32, "batch 1 eval")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="needs a compiler driver to replace with a failing one")
+def test_install_without_a_working_compiler_still_installs(tmp_path):
+    """A failed build leaves a package that imports and says why it has no C++ kernels."""
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    shutil.copytree(ROOT / "densenet_fast", tmp_path / "densenet_fast",
+                    ignore=shutil.ignore_patterns("_C*.so", "_C_build_error.txt", "__pycache__"))
+    env = dict(os.environ, CXX="/nonexistent/c++", CC="/nonexistent/cc")
+    env.pop("DENSENET_FAST_BACKEND", None)
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr[-2000:]
+    error_file = tmp_path / "densenet_fast" / "_C_build_error.txt"
+    assert error_file.exists() and "the build failed" in error_file.read_text()
+    # An editable install of the repository maps densenet_fast.* to the checkout through a
+    # meta-path finder; drop it so the copy in tmp_path is what imports.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.meta_path[:] = [f for f in sys.meta_path if "
+         "'__editable__' not in getattr(f, '__module__', '')]\n"
+         "import densenet_fast as d; i = d.backend_info(); "
+         "print(i['active']['cpu']); print(i['backends']['cpp']['reason'])"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert probe.returncode == 0, probe.stderr
+    active, reason = probe.stdout.splitlines()
+    assert active == "torch" and reason.startswith("not built: the build failed")
