@@ -2,10 +2,11 @@
 
 The pure-PyTorch kernels are always registered as the default for every device. Compiled
 backends add device-specific kernels to the same op schemas when they are loaded, and the
-dispatcher then prefers them. ``DENSENET_FAST_BACKEND`` chooses, when the package is
-imported: ``auto`` (the best available per device), or a backend name, which must be
-available or the first use raises instead of silently falling back. ``torch`` leaves the
-compiled kernels unloaded, so the pure-PyTorch kernels serve everywhere.
+dispatcher then prefers them: ``cpp`` (the C++/ATen extension) for CPU tensors, ``triton``
+for CUDA tensors. ``DENSENET_FAST_BACKEND`` chooses, when the package is imported: ``auto``
+(the best available per device), or a backend name, which must be available or the first
+use raises instead of silently falling back. ``torch`` leaves the compiled kernels unloaded.
+``triton`` with ``TRITON_INTERPRET=1`` also serves CPU tensors, through Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ AUTO = "auto"
 # name -> devices it serves, in order of preference for ``auto``.
 _BACKEND_DEVICES = {
     "cpp": ("cpu",),
+    "triton": ("cuda",),
     "torch": ("cpu", "cuda", "mps"),
 }
 _CPP_MODULE = "densenet_fast._C"
@@ -51,18 +53,51 @@ def _cpp_missing_reason() -> str | None:
             "(reinstall with 'pip install --no-build-isolation .' where a C++ compiler exists)")
 
 
-def _load(name: str) -> None:
-    """Register backend ``name``'s kernels with the dispatcher; remember why if it fails."""
-    if name != "cpp" or name in _loaded or name in _load_errors:
-        return
+def _interpreted_triton() -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors; only when asked for by name."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and \
+        os.environ.get(ENV_VAR, "").strip().lower() == "triton"
+
+
+def devices_of(name: str) -> tuple[str, ...]:
+    """The device types backend ``name`` serves in this process."""
+    if name == "triton" and _interpreted_triton():
+        return ("cuda", "cpu")
+    return _BACKEND_DEVICES[name]
+
+
+def _load_cpp() -> None:
     missing = _cpp_missing_reason()
     if missing is not None:
-        _load_errors[name] = missing
-        return
+        raise ImportError(missing)
     try:
         importlib.import_module(_CPP_MODULE)
     except (ImportError, OSError) as exc:
-        _load_errors[name] = f"densenet_fast._C failed to load: {exc}"
+        raise ImportError(f"densenet_fast._C failed to load: {exc}") from exc
+
+
+def _load_triton() -> None:
+    if not torch.cuda.is_available() and not _interpreted_triton():
+        raise ImportError("no CUDA device (TRITON_INTERPRET=1 with DENSENET_FAST_BACKEND=triton "
+                          "runs the kernels on CPU tensors)")
+    try:
+        from .ops import triton_impl
+    except ImportError as exc:
+        raise ImportError(f"Triton is not usable: {exc}") from exc
+    triton_impl.register(["CUDA", "CPU"] if _interpreted_triton() else ["CUDA"])
+
+
+_LOADERS = {"cpp": _load_cpp, "triton": _load_triton}
+
+
+def _load(name: str) -> None:
+    """Register backend ``name``'s kernels with the dispatcher; remember why if it fails."""
+    if name not in _LOADERS or name in _loaded or name in _load_errors:
+        return
+    try:
+        _LOADERS[name]()
+    except ImportError as exc:
+        _load_errors[name] = str(exc)
     else:
         _loaded.add(name)
 
@@ -72,9 +107,16 @@ def _status(name: str) -> tuple[bool, str]:
     if name == "torch":
         return True, f"pure PyTorch {torch.__version__}, always available"
     if name in _loaded:
+        if name == "triton":
+            import triton
+
+            mode = "interpreter" if _interpreted_triton() else "GPU"
+            return True, f"Triton {triton.__version__} kernels ({mode}), loaded"
         return True, f"compiled ATen kernels (csrc/), loaded for torch {torch.__version__}"
     if name in _load_errors:
         return False, _load_errors[name]
+    if name == "triton":
+        return True, f"not loaded ({ENV_VAR}={os.environ.get(ENV_VAR, AUTO)!r})"
     missing = _cpp_missing_reason()
     if missing is not None:
         return False, missing
@@ -104,7 +146,7 @@ def active_backend(device_type: str) -> str:
     reasons = []
     for name in candidates:
         available, reason = _status(name)
-        serves = device_type in _BACKEND_DEVICES[name]
+        serves = device_type in devices_of(name)
         if available and serves and (name == "torch" or name in _loaded):
             return name
         reasons.append(f"{name}: {reason if not available else 'does not serve ' + device_type}")
@@ -119,9 +161,9 @@ def backend_info() -> dict:
     Never raises: an unknown ``DENSENET_FAST_BACKEND`` is reported under ``"error"``.
     """
     info = {"backends": {}, "requested": None, "active": {}, "unavailable": {}, "error": None}
-    for name, devices in _BACKEND_DEVICES.items():
+    for name in _BACKEND_DEVICES:
         available, reason = _status(name)
-        info["backends"][name] = {"available": available, "devices": list(devices),
+        info["backends"][name] = {"available": available, "devices": list(devices_of(name)),
                                   "reason": reason}
     try:
         info["requested"] = requested_backend()

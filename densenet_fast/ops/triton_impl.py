@@ -1,0 +1,162 @@
+"""Launchers of the Triton kernels and their registration against the op schemas.
+
+Registered for CUDA tensors; with ``TRITON_INTERPRET=1`` (and ``DENSENET_FAST_BACKEND=triton``)
+for CPU tensors too, which is how the kernels are tested on machines without a GPU.
+Triton's ``tl.dot`` has no float64: float64 calls (gradcheck) go to the reference kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import torch_impl
+from .batchnorm import scale_shift
+from .schema import (
+    BACKWARD,
+    FORWARD,
+    check_backward_args,
+    check_forward_args,
+    memory_format_of,
+)
+from .triton_kernels import add_dx_kernel, forward_kernel, input_grad_kernel, weight_grad_kernel
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(shapes):
+    """Autotuning candidates: a few tile shapes on a GPU, one under the (slow) interpreter."""
+    if INTERPRETED:
+        shapes = shapes[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+_GEMM_SHAPES = [(32, 32, 32, 4, 2), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3),
+                (128, 128, 32, 8, 3), (64, 128, 64, 4, 3)]
+_forward = triton.autotune(_configs(_GEMM_SHAPES), key=["P", "C", "CO"])(forward_kernel)
+_input_grad = triton.autotune(_configs(_GEMM_SHAPES), key=["P", "C", "CO", "STORE_G"])(
+    input_grad_kernel)
+_weight_grad = triton.autotune(_configs([(32, 32, 32, 4, 2), (64, 64, 64, 4, 3),
+                                         (128, 64, 64, 8, 3), (64, 128, 64, 8, 3)]),
+                               key=["P", "C", "CO"])(weight_grad_kernel)
+_ELEMENTWISE_BLOCK = (32, 32)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 GEMMs follow torch's setting for convolutions (TF32 by default on Ampere+);
+    # the setting only matters for float32 operands.
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED:
+        return "tf32"
+    return "ieee"
+
+
+def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(image, channel, pixel-in-image) strides of a tensor dense in NCHW or NHWC."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whose pixels can be addressed as ``n * s_n + hw * s_hw`` (NCHW or NHWC)."""
+    if t.stride(2) == t.shape[3] * t.stride(3):
+        return t
+    return t.contiguous()
+
+
+def _num_splits(tiles: int, pixels: int) -> int:
+    """Pixel splits of the weight-gradient reduction: enough programs to fill the device."""
+    if INTERPRETED or not torch.cuda.is_available():
+        return 1
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(-(-2 * sms // max(tiles, 1)), pixels // 256 or 1))
+
+
+def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
+    """Triton forward; see ``schema.py`` for the contract."""
+    channels = check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
+    if buffer.dtype == torch.float64:
+        return torch_impl.bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
+    buffer = _dense(buffer)
+    n, _, h, w = buffer.shape
+    co = conv_weight.shape[0]
+    scale, shift = scale_shift(mean, invstd, bn_weight, bn_bias)
+    weight = conv_weight.view(co, channels)
+    out = torch.empty((n, co, h, w), dtype=buffer.dtype, device=buffer.device,
+                      memory_format=memory_format_of(buffer))
+    pixels = n * h * w
+
+    def grid(meta):
+        return triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"])
+
+    _forward[grid](buffer, weight, scale.contiguous(), shift.contiguous(), out,
+                   pixels, channels, co, h * w, *_pixel_strides(buffer), *weight.stride(),
+                   *_pixel_strides(out), PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED)
+    return out
+
+
+def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+                             stats_grad, grad_buffer):
+    """Triton backward; see ``schema.py`` for the contract."""
+    channels = check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
+                                   conv_weight, grad_buffer)
+    if buffer.dtype == torch.float64:
+        return torch_impl.bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight,
+                                                   bn_bias, conv_weight, stats_grad, grad_buffer)
+    buffer, grad_out = _dense(buffer), _dense(grad_out)
+    target = grad_buffer if grad_buffer.stride(2) == grad_buffer.shape[3] * grad_buffer.stride(3) \
+        else torch.zeros_like(buffer)
+    n, _, h, w = buffer.shape
+    co, pixels, device = conv_weight.shape[0], n * h * w, buffer.device
+    precision = _precision(buffer.dtype)
+    scale, shift = (t.contiguous() for t in scale_shift(mean, invstd, bn_weight, bn_bias))
+    mean32 = mean.float().contiguous()
+    weight = conv_weight.view(co, channels)
+    k_g = (bn_weight.float() * invstd.float()).contiguous()
+
+    # dW: split-K over pixels, partial sums reduced in a fixed order (deterministic).
+    tiles_mn = triton.cdiv(co, 64) * triton.cdiv(channels, 64)
+    splits = _num_splits(tiles_mn, pixels)
+    per_split = -(-pixels // splits)
+    partial_w = torch.empty((splits, co, channels), dtype=torch.float32, device=device)
+    _weight_grad[lambda meta: (triton.cdiv(co, meta["BLOCK_M"]),
+                               triton.cdiv(channels, meta["BLOCK_N"]), splits)](
+        grad_out, buffer, scale, shift, partial_w, pixels, channels, co, h * w, per_split,
+        *_pixel_strides(grad_out), *_pixel_strides(buffer), PRECISION=precision,
+        UPCAST=INTERPRETED)
+    grad_weight = partial_w.sum(0).view_as(conv_weight).to(conv_weight.dtype)
+
+    # Input gradient, ReLU mask, per-channel partial sums; dx directly or via a store of g.
+    max_rows = triton.cdiv(pixels, 32)  # room for the smallest BLOCK_M
+    partial_sums = torch.zeros((max_rows, 2, channels), dtype=torch.float32, device=device)
+    store = torch.empty((pixels, channels) if stats_grad else (0,), dtype=torch.float32,
+                        device=device)
+    _input_grad[lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]),
+                              triton.cdiv(channels, meta["BLOCK_N"]))](
+        grad_out, weight, buffer, scale, shift, mean32, k_g, target, store, partial_sums,
+        pixels, channels, co, h * w, *_pixel_strides(grad_out), *weight.stride(),
+        *_pixel_strides(buffer), *_pixel_strides(target), STORE_G=stats_grad,
+        PRECISION=precision, UPCAST=INTERPRETED)
+    sums = partial_sums.double().sum(0)
+    grad_bias = sums[0]
+    grad_scale = sums[1] * invstd.double()
+    if stats_grad:
+        inv, gamma = invstd.double(), bn_weight.double()
+        k_x = (-gamma * inv * inv * grad_scale / pixels).float().contiguous()
+        k_0 = (gamma * inv * (mean.double() * inv * grad_scale - grad_bias) / pixels).float()
+        add_dx_kernel[(triton.cdiv(pixels, _ELEMENTWISE_BLOCK[0]),
+                       triton.cdiv(channels, _ELEMENTWISE_BLOCK[1]))](
+            store, buffer, k_g, k_x, k_0.contiguous(), target, pixels, channels, h * w,
+            *_pixel_strides(buffer), *_pixel_strides(target),
+            BLOCK_M=_ELEMENTWISE_BLOCK[0], BLOCK_N=_ELEMENTWISE_BLOCK[1])
+    if target is not grad_buffer:
+        grad_buffer[:, :channels].add_(target[:, :channels])
+    return grad_weight, grad_scale.to(bn_weight.dtype), grad_bias.to(bn_bias.dtype)
+
+
+def register(dispatch_keys) -> None:
+    """Register the Triton launchers as the op's kernels for ``dispatch_keys`` ("CUDA", "CPU")."""
+    for key in dispatch_keys:
+        torch.library.impl(FORWARD, key)(bn_relu_conv1x1)
+        torch.library.impl(BACKWARD, key)(bn_relu_conv1x1_backward)

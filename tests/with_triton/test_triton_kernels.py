@@ -1,0 +1,129 @@
+"""Triton kernels against the pure-PyTorch kernels.
+
+Runs in its own process with ``DENSENET_FAST_BACKEND=triton`` (launched by
+``tests/test_triton_interpreter.py``): on CPU tensors through ``TRITON_INTERPRET=1`` here, and
+on a GPU with the same tests plus the GPU-only ones (``benchmarks/gpu_check.py``).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_grads_match, assert_models_match, train_steps, twins
+from tolerances import assert_close
+
+import densenet_fast
+from densenet_fast.ops import torch_impl
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+
+# Small shapes (the interpreter is slow): widths off the 32-wide tiles, 1x1 and odd planes.
+SHAPES = [(2, 13, 11, 8, 5, 4), (2, 37, 33, 20, 1, 1), (3, 40, 35, 16, 7, 9)]
+# densenet121's layer shapes at batch 8, 56x56 / 28x28 / 14x14 / 7x7 (GPU only).
+GPU_SHAPES = [(8, 256, 224, 128, 56, 56), (8, 512, 320, 128, 28, 28),
+              (8, 1024, 992, 128, 14, 14), (8, 1024, 512, 128, 7, 7)]
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def test_triton_is_the_active_backend():
+    info = densenet_fast.backend_info()
+    assert info["active"][DEVICE] == "triton", info
+
+
+def _case(shape, dtype, memory_format):
+    n, total, c, c_out, h, w = shape
+    make = dict(device=DEVICE)
+    buffer = torch.randn(n, total, h, w, **make).to(dtype).contiguous(memory_format=memory_format)
+    mean = torch.randn(c, **make) * 0.1
+    invstd = torch.rand(c, **make) + 0.5
+    gamma, beta = torch.rand(c, **make) + 0.5, torch.randn(c, **make)
+    weight = (torch.randn(c_out, c, 1, 1, **make) / c ** 0.5).to(dtype)
+    grad_out = torch.randn(n, c_out, h, w, **make).to(dtype).contiguous(
+        memory_format=memory_format)
+    return buffer, mean, invstd, gamma, beta, weight, grad_out
+
+
+def _compare(shape, memory_format, dtype, stats_grad):
+    buffer, mean, invstd, gamma, beta, weight, grad_out = _case(shape, dtype, memory_format)
+    args = (buffer, mean, invstd, gamma, beta, weight)
+    # The reference computes in float32 from the same (rounded) inputs.
+    ref_args = (buffer.float(), mean, invstd, gamma, beta, weight.float())
+    assert_close(torch.ops.densenet_fast.bn_relu_conv1x1(*args),
+                 torch_impl.bn_relu_conv1x1(*ref_args), dtype, "output")
+    start = torch.randn_like(buffer)
+    got_buffer, want_buffer = start.clone(), start.float()
+    got = torch.ops.densenet_fast.bn_relu_conv1x1_backward(grad_out, *args, stats_grad,
+                                                           got_buffer)
+    want = torch_impl.bn_relu_conv1x1_backward(grad_out.float(), *ref_args, stats_grad,
+                                               want_buffer)
+    c = shape[2]
+    assert_close(got_buffer[:, :c].float() - start[:, :c].float(),
+                 want_buffer[:, :c] - start[:, :c].float(), dtype, "input gradient")
+    assert torch.equal(got_buffer[:, c:], start[:, c:])
+    for g, w, what in zip(got, want, ("conv weight", "bn weight", "bn bias"), strict=True):
+        assert_close(g, w, dtype, f"{what} gradient")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stats_grad", [True, False], ids=["stats-grad", "direct"])
+def test_triton_matches_reference(shape, memory_format, dtype, stats_grad):
+    _compare(shape, memory_format, dtype, stats_grad)
+
+
+def test_float64_is_served_by_the_reference_kernels():
+    buffer, mean, invstd, gamma, beta, weight, _ = _case(SHAPES[0], torch.float64,
+                                                         torch.contiguous_format)
+    args = (buffer, mean.double(), invstd.double(), gamma, beta, weight)
+    assert torch.equal(torch.ops.densenet_fast.bn_relu_conv1x1(*args),
+                       torch_impl.bn_relu_conv1x1(*args))
+
+
+def test_tiny_model_matches_naive_through_triton():
+    config = dict(growth_rate=5, block_config=(2, 2), num_init_features=7, bn_size=2,
+                  num_classes=3)
+    fast, ref = twins(densenet_fast.DenseNet, densenet_fast.NaiveDenseNet, torch.float32,
+                      **config)
+    fast, ref = fast.to(DEVICE), ref.to(DEVICE)
+    x = torch.randn(2, 3, 24, 24, device=DEVICE)
+    y = torch.tensor([0, 2], device=DEVICE)
+    fast_out, fast_dx, fast_grads = train_steps(fast, x, y)
+    ref_out, ref_dx, ref_grads = train_steps(ref, x, y)
+    for step in range(2):
+        assert_close(fast_out[step], ref_out[step], torch.float32, f"logits {step + 1}")
+    assert_close(fast_dx[0], ref_dx[0], torch.float32, "input gradient")
+    assert_grads_match(fast_grads[0], ref_grads[0], torch.float32)
+    assert_models_match(fast, ref, torch.float32, params=False)
+
+
+@on_gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_layer_shapes(shape, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 without TF32
+    _compare(shape, torch.channels_last, dtype, stats_grad=False)
+    _compare(shape, torch.contiguous_format, dtype, stats_grad=True)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_densenet121_matches_torchvision(dtype, monkeypatch):
+    from torchvision.models import densenet121
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ref = densenet121(num_classes=10).to(DEVICE)
+    fast = densenet_fast.convert(ref)
+    x = torch.randn(8, 3, 128, 128, device=DEVICE).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), device=DEVICE)
+    results = []
+    for model in (fast, ref):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        results.append((out.float(), {n: p.grad for n, p in model.named_parameters()}))
+    assert_close(results[0][0], results[1][0], dtype, "logits")
+    assert_grads_match(results[0][1], results[1][1], dtype)
+    assert_models_match(fast, ref, dtype, params=False)
