@@ -115,41 +115,34 @@ def bench_model(batch: int, image: int, repeats: int, compile_baseline: bool) ->
     """One densenet121 training step, bf16 autocast, channels_last, per implementation."""
     import torch
 
-    from densenet_fast.benchmark.implementations import ModelConfig, build, make_batch
-    from densenet_fast.benchmark.steps import make_optimizer, train_step
+    from densenet_fast.benchmark.implementations import ModelConfig
+    from densenet_fast.benchmark.runner import Runner, RunSettings
     from densenet_fast.benchmark.timing import summarize
 
     config = ModelConfig.named("densenet121", batch_size=batch, image_size=image)
-    x, y = make_batch(config, "cuda")
-    x = x.contiguous(memory_format=torch.channels_last)
-    names = ["torchvision", "torchvision-memeff", "densenet_fast", "naive"]
+    settings = RunSettings(device="cuda", autocast="bfloat16", channels_last=True)
+    names = ["torchvision", "torchvision-memeff", "densenet_fast", "densenet_fast-torch",
+             "naive"]
     if compile_baseline:
         names.append("torchvision-compiled")
     results = {}
     for name in names:
-        model = build(name.replace("-compiled", ""), config).cuda()
-        model = model.to(memory_format=torch.channels_last)
-        if name.endswith("-compiled"):
-            model = torch.compile(model)
-        optimizer = make_optimizer(model)
-
-        def step(model=model, optimizer=optimizer):
-            train_step(model, optimizer, x, y, autocast=torch.bfloat16)
-
         try:
-            step()
+            runner = Runner(name, config, settings)
+            runner.step("train")
+            runner.release_gradients()
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            step()
+            runner.step("train")
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
-            timing = summarize(_cuda_time(step, repeats, warmup=1))
+            timing = summarize(_cuda_time(lambda r=runner: r.step("train"), repeats, warmup=1))
             results[name] = {"peak_bytes": peak, **timing,
                              "images_per_s": batch / timing["median_s"]}
         except torch.cuda.OutOfMemoryError as exc:
             results[name] = {"error": f"out of memory: {exc}"[:300]}
-        del model, optimizer
+        runner = None
         torch.cuda.empty_cache()
     base, memeff = results.get("torchvision", {}), results.get("torchvision-memeff", {})
     for row in results.values():

@@ -2,25 +2,15 @@
 
 import pytest
 
-from densenet_fast.benchmark.implementations import available_implementations, build, make_batch
-from densenet_fast.benchmark.steps import inference_step, make_optimizer, train_step
+from densenet_fast.benchmark.implementations import available_implementations
+from densenet_fast.benchmark.runner import Runner, RunSettings
 
 IMPLEMENTATIONS = available_implementations()
 
 
+@pytest.mark.parametrize("workload", ["train", "inference"])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_train_step(benchmark, impl, model_config, rounds):
-    benchmark.group = f"train step {model_config.batch_size}x{model_config.image_size}"
-    model = build(impl, model_config)
-    optimizer = make_optimizer(model)
-    x, y = make_batch(model_config)
-    benchmark.pedantic(train_step, args=(model, optimizer, x, y), rounds=rounds,
-                       warmup_rounds=1)
-
-
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_inference(benchmark, impl, model_config, rounds):
-    benchmark.group = f"inference {model_config.batch_size}x{model_config.image_size}"
-    model = build(impl, model_config)
-    x, _ = make_batch(model_config)
-    benchmark.pedantic(inference_step, args=(model, x), rounds=rounds, warmup_rounds=1)
+def test_model_step(benchmark, impl, workload, model_config, rounds):
+    benchmark.group = f"{workload} {model_config.batch_size}x{model_config.image_size}"
+    runner = Runner(impl, model_config, RunSettings())
+    benchmark.pedantic(runner.step, args=(workload,), rounds=rounds, warmup_rounds=1)

@@ -47,28 +47,129 @@ def _config_from_args(args):
               "in_channels": args.in_channels, "num_classes": args.num_classes}
     if args.block_config or args.growth_rate:
         if not (args.block_config and args.growth_rate):
-            raise SystemExit("--growth-rate and --block-config go together")
-        return ModelConfig(growth_rate=args.growth_rate,
-                           block_config=tuple(int(n) for n in args.block_config.split(",")),
+            raise ValueError("--growth-rate and --block-config go together")
+        try:
+            blocks = tuple(int(n) for n in args.block_config.split(","))
+        except ValueError:
+            raise ValueError(f"--block-config must be comma-separated integers, got "
+                             f"{args.block_config!r}") from None
+        return ModelConfig(growth_rate=args.growth_rate, block_config=blocks,
                            num_init_features=2 * args.growth_rate, **common)
     return ModelConfig.named(args.model, **common)
 
 
-def _bench(args) -> int:
-    from .benchmark.report import format_table, run_comparison
+def _check_runnable(config, settings) -> None:
+    """Refuse, before measuring anything, a configuration that cannot run."""
+    from .backends import active_backend
+    from .model import DenseNet, _DenseBlock, _Transition
+    from .validation import check_spatial_plan
 
-    config = _config_from_args(args)
+    device_type = settings.device.split(":")[0]
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {settings.device}: no CUDA device is available")
+    active_backend(device_type)  # a forced, unavailable backend raises here
+    model = DenseNet(**config.model_kwargs())  # validates the architecture's arguments
+    shape = (config.batch_size, config.in_channels, config.image_size, config.image_size)
+    check_spatial_plan([(f"features.{n}", m) for n, m in model.features.named_children()],
+                       torch.empty(shape, device="meta"), _DenseBlock, _Transition)
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(text[-1:])
+    number = float(text[:-1] if scale else text)
+    return int(number * (scale or 2**20))  # a bare number is MiB
+
+
+def _write_json(path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"results written to {path}")
+
+
+def _bench(args) -> int:
+    from .benchmark.runner import RunSettings
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_comparison(config, device=args.device, repeats=args.repeats,
+    settings = RunSettings(device=args.device, autocast=args.autocast,
+                           channels_last=args.channels_last)
+    if args.sweep == "depth":
+        return _sweep_depth(args, settings)
+    config = _config_from_args(args)
+    _check_runnable(config, settings)
+    if args.sweep == "batch":
+        return _sweep_batch(args, config, settings)
+    from .benchmark.implementations import available_implementations
+    from .benchmark.report import format_table, run_comparison
+
+    known = available_implementations(settings.device)
+    for name in args.impl or ():
+        if name not in known:
+            raise ValueError(f"--impl {name!r} is not available here; choose from {known}")
+    results = run_comparison(config, settings, repeats=args.repeats,
                              implementations=args.impl, workloads=args.workload,
                              show_progress=not args.quiet)
     print(format_table(results))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {path}")
+        _write_json(args.json, results)
+    return 0
+
+
+def _sweep_depth(args, settings) -> int:
+    from .benchmark.sweeps import (
+        DEFAULT_DEPTHS,
+        DEPTH_IMPLEMENTATIONS,
+        depth_config,
+        depth_ratios,
+        plot_depth,
+        sweep_depth,
+    )
+
+    depths = tuple(int(d) for d in args.depths.split(",")) if args.depths else DEFAULT_DEPTHS
+    for depth in depths:
+        _check_runnable(depth_config(depth, batch_size=args.batch_size), settings)
+    result = sweep_depth(depths, args.impl or DEPTH_IMPLEMENTATIONS, settings,
+                         batch_size=args.batch_size, show_progress=not args.quiet)
+    print(f"peak memory of one training step (MiB), DenseNet-BC k=12, batch "
+          f"{args.batch_size}, 32x32, {result['device']}")
+    names = list(result["points"])
+    print(f"{'depth':>6s} " + " ".join(f"{n:>20s}" for n in names))
+    for i, depth in enumerate(depths):
+        cells = []
+        for name in names:
+            peak = result["points"][name][i]["peak_bytes"]
+            cells.append(f"{peak / 2**20:20.1f}" if peak is not None else f"{'failed':>20s}")
+        print(f"{depth:6d} " + " ".join(cells))
+    ratios = depth_ratios(result)
+    result["ratios_at_deepest"] = ratios
+    print(f"at depth {depths[-1]}, relative to densenet_fast: " + ", ".join(
+        f"{n} {r:.2f}x" for n, r in ratios.items() if r is not None))
+    print(f"plot written to {plot_depth(result, args.plot)}")
+    _write_json(args.json or Path(args.plot).with_suffix(".json"), result)
+    return 0
+
+
+def _sweep_batch(args, config, settings) -> int:
+    from .benchmark.implementations import available_implementations
+    from .benchmark.sweeps import device_memory, sweep_batch
+
+    budget = _parse_bytes(args.memory_budget) if args.memory_budget else \
+        device_memory(settings.device)
+    names = args.impl or [n for n in available_implementations(settings.device)
+                          if n != "torchvision-compiled"]
+    result = sweep_batch(config, names, budget, settings, max_batch=args.max_batch,
+                         show_progress=not args.quiet)
+    print(f"largest training batch within {budget / 2**20:.0f} MiB (model, optimizer and "
+          f"activations), "
+          f"{config.image_size}x{config.image_size}, {result['device']}")
+    for name, row in result["rows"].items():
+        capped = " (the --max-batch cap)" if row["max_batch"] == args.max_batch else ""
+        print(f"  {name:20s} {row['max_batch']:6d}{capped}")
+    if args.json:
+        _write_json(args.json, result)
     return 0
 
 
@@ -87,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--in-channels", type=int, default=3)
     bench.add_argument("--num-classes", type=int, default=1000)
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--autocast", choices=("bfloat16", "float16"),
+                       help="run the forward under torch.autocast to this dtype")
+    bench.add_argument("--channels-last", action="store_true",
+                       help="channels_last model and input")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     bench.add_argument("--impl", action="append",
@@ -94,14 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workload", action="append", choices=("train", "inference"),
                        help="workload to measure (repeatable; default: both)")
     bench.add_argument("--json", help="write the results as JSON to this path")
+    bench.add_argument("--sweep", choices=("depth", "batch"),
+                       help="depth: peak memory against DenseNet-BC depth, with a plot; "
+                            "batch: the largest batch within --memory-budget")
+    bench.add_argument("--depths", help="depth sweep: comma-separated depths (6n+4)")
+    bench.add_argument("--plot", default="bench-out/depth-sweep.png",
+                       help="depth sweep: where to write the PNG")
+    bench.add_argument("--memory-budget",
+                       help="batch sweep: e.g. 2GiB, 500MiB (default: what the device has)")
+    bench.add_argument("--max-batch", type=int, default=1024, help="batch sweep: upper bound")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"densenet-fast {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

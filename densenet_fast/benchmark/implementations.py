@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -76,22 +77,65 @@ def _fast(config: ModelConfig) -> nn.Module:
     return DenseNet(**config.model_kwargs())
 
 
-# name -> (builder, what it is)
-IMPLEMENTATIONS: dict[str, tuple[Callable[[ModelConfig], nn.Module], str]] = {
-    "naive": (_naive, "NaiveDenseNet: torch.cat per layer (the seed's algorithm)"),
-    "torchvision": (_torchvision(False), "torchvision DenseNet, memory_efficient=False"),
-    "torchvision-memeff": (_torchvision(True),
-                           "torchvision DenseNet, memory_efficient=True (checkpointing)"),
-    "densenet_fast": (_fast, "densenet_fast.DenseNet (active backend)"),
+@dataclass(frozen=True)
+class Implementation:
+    """One row of a comparison: how to build the model, and a context its steps run in."""
+
+    description: str
+    build: Callable[[ModelConfig], nn.Module]
+    context: Callable[[], AbstractContextManager] = nullcontext
+    compiled: bool = False
+
+
+def _reference_kernels() -> AbstractContextManager:
+    from ..ops import reference_kernels
+
+    return reference_kernels()
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "naive": Implementation("NaiveDenseNet: torch.cat per layer (the seed's algorithm)", _naive),
+    "torchvision": Implementation("torchvision DenseNet, memory_efficient=False",
+                                  _torchvision(False)),
+    "torchvision-memeff": Implementation(
+        "torchvision DenseNet, memory_efficient=True (checkpointing)", _torchvision(True)),
+    "torchvision-compiled": Implementation(
+        "torch.compile of torchvision DenseNet, memory_efficient=False", _torchvision(False),
+        compiled=True),
+    "densenet_fast": Implementation("densenet_fast.DenseNet, active backend", _fast),
+    "densenet_fast-torch": Implementation("densenet_fast.DenseNet, pure-PyTorch kernels", _fast,
+                                          context=_reference_kernels),
 }
 BASELINE = "torchvision"
 
 
-def available_implementations() -> list[str]:
-    """Implementations that can run here (torchvision's need torchvision installed)."""
+def describe(name: str, device: str) -> str:
+    """The row's description, naming the backend that serves densenet_fast on ``device``."""
+    description = IMPLEMENTATIONS[name].description
+    if name == "densenet_fast":
+        from ..backends import active_backend
+
+        description = f"densenet_fast.DenseNet, {active_backend(device.split(':')[0])} backend"
+    return description
+
+
+def available_implementations(device: str = "cpu") -> list[str]:
+    """The rows that can run here: torchvision's need torchvision, its compiled model a GPU
+    (compiling for CPU takes minutes), and the pure-PyTorch row appears when another backend
+    serves the device."""
+    from ..backends import active_backend
+
     have_torchvision = importlib.util.find_spec("torchvision") is not None
-    return [name for name in IMPLEMENTATIONS
-            if have_torchvision or not name.startswith("torchvision")]
+    names = []
+    for name in IMPLEMENTATIONS:
+        if name.startswith("torchvision") and not have_torchvision:
+            continue
+        if name == "torchvision-compiled" and not device.startswith("cuda"):
+            continue
+        if name == "densenet_fast-torch" and active_backend(device.split(":")[0]) == "torch":
+            continue
+        names.append(name)
+    return names
 
 
 def build(name: str, config: ModelConfig, seed: int = 0) -> nn.Module:
@@ -101,9 +145,10 @@ def build(name: str, config: ModelConfig, seed: int = 0) -> nn.Module:
         raise ValueError(f"unknown implementation {name!r}; choose from {list(IMPLEMENTATIONS)}")
     torch.manual_seed(seed)
     reference = _naive(config)
-    model = IMPLEMENTATIONS[name][0](config)
+    impl = IMPLEMENTATIONS[name]
+    model = impl.build(config)
     model.load_state_dict(reference.state_dict())
-    return model
+    return torch.compile(model) if impl.compiled else model
 
 
 def make_batch(config: ModelConfig, device: torch.device | str = "cpu", seed: int = 0):

@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from .implementations import ModelConfig, build, make_batch
-from .steps import inference_step, make_optimizer, train_step
+from .implementations import ModelConfig
+from .runner import WORKLOADS, Runner, RunSettings
 
 MMAP_THRESHOLD_BYTES = 64 * 1024
 METHOD_CPU = ("peak RSS of one step above RSS before it, fresh subprocess per implementation, "
@@ -41,62 +41,84 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def measure_in_process(name: str, config: ModelConfig, workload: str, device: str) -> dict:
-    """Run one warm-up and one measured step of ``workload``; return peak bytes above start."""
-    model = build(name, config).to(device)
-    x, y = make_batch(config, device)
-    optimizer = make_optimizer(model)
-
-    def step():
-        if workload == "train":
-            train_step(model, optimizer, x, y)
-        else:
-            inference_step(model, x)
-
-    step()
-    optimizer.zero_grad(set_to_none=True)
+def measure_in_process(name: str, config: ModelConfig, workload: str,
+                       settings: RunSettings) -> dict:
+    """One warm-up and one measured step of ``workload``: the peak bytes of the step above
+    the bytes in use before it (``peak_bytes``), and the job's peak (``total_peak_bytes``).
+    On CUDA that is all that was allocated; on CPU, where resident memory also holds the
+    interpreter and library code paged in on first use, it is the step's peak plus the
+    bytes of the parameters, buffers and optimizer state, counted tensor by tensor."""
+    runner = Runner(name, config, settings)
+    runner.step(workload)
+    runner.release_gradients()
     gc.collect()
-    if device.startswith("cuda"):
+    if settings.device.startswith("cuda"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step()
+        runner.step(workload)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        return {"peak_bytes": peak - before, "method": METHOD_CUDA}
+        return {"peak_bytes": peak - before, "total_peak_bytes": peak, "method": METHOD_CUDA}
     before = _status_kib("VmRSS")
     _reset_peak_rss()
-    step()
+    runner.step(workload)
     peak = _status_kib("VmHWM")
-    return {"peak_bytes": (peak - before) * 1024, "method": METHOD_CPU}
+    step_bytes = (peak - before) * 1024
+    return {"peak_bytes": step_bytes, "total_peak_bytes": step_bytes + _state_bytes(runner),
+            "method": METHOD_CPU}
+
+
+def _state_bytes(runner: Runner) -> int:
+    """Bytes of the model's parameters and buffers and of the optimizer's state."""
+    tensors = list(runner.model.parameters()) + list(runner.model.buffers())
+    for state in runner.optimizer.state.values():
+        tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def measure_peak_memory(name: str, config: ModelConfig, workload: str = "train",
-                        device: str = "cpu", threads: int | None = None) -> dict:
-    """Measure in a fresh subprocess (see module docstring); returns ``peak_bytes``."""
+                        settings: RunSettings | None = None, threads: int | None = None,
+                        timeout: float | None = None) -> dict:
+    """Measure in a fresh subprocess (see module docstring). Returns ``peak_bytes`` and
+    ``total_peak_bytes``; raises ``MeasurementError`` if the step fails there (for example
+    out of memory), with the subprocess's last words."""
+    settings = settings or RunSettings()
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
     cmd = [sys.executable, "-m", "densenet_fast.benchmark.memory", "--impl", name,
-           "--workload", workload, "--device", device, "--config", json.dumps(config.to_json())]
+           "--workload", workload, "--config", json.dumps(config.to_json()),
+           "--settings", json.dumps(settings.to_json())]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise MeasurementError(f"{name} ({workload}) took longer than {timeout} s") from exc
     if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement of {name} ({workload}) failed:\n{proc.stderr}")
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise MeasurementError(f"{name} ({workload}) failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class MeasurementError(RuntimeError):
+    """A measurement subprocess did not finish its step."""
 
 
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--impl", required=True)
-    parser.add_argument("--workload", choices=("train", "inference"), default="train")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workload", choices=WORKLOADS, default="train")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--settings", default="{}")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ModelConfig.from_json(json.loads(args.config))
-    print(json.dumps(measure_in_process(args.impl, config, args.workload, args.device)))
+    settings = RunSettings(**json.loads(args.settings))
+    print(json.dumps(measure_in_process(args.impl, config, args.workload, settings)))
 
 
 if __name__ == "__main__":

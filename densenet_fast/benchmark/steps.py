@@ -35,5 +35,3 @@ def inference_step(model: nn.Module, x: torch.Tensor,
     with torch.inference_mode(), _autocast(x, autocast):
         model(x)
 
-
-WORKLOADS = ("train", "inference")

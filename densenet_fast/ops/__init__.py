@@ -1,10 +1,50 @@
 """The fused BN-ReLU-Conv1x1 op: schema, reference kernels and BatchNorm helpers."""
 
+from contextlib import contextmanager
+
+import torch
+
 from .. import backends
 from . import torch_impl
-from .schema import bn_relu_conv1x1, bn_relu_conv1x1_backward
 
 torch_impl.register()
 backends.activate()  # compiled kernels register against the schemas defined above
 
-__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_backward"]
+# Set by reference_kernels(): bypass the dispatcher and run the pure-PyTorch kernels.
+_use_reference = False
+
+
+@contextmanager
+def reference_kernels():
+    """Run the op's pure-PyTorch kernels inside this context, whatever backend is loaded.
+
+    For side-by-side comparisons in one process (benchmarks, tests); wrap the backward too.
+    """
+    global _use_reference
+    previous, _use_reference = _use_reference, True
+    try:
+        yield
+    finally:
+        _use_reference = previous
+
+
+def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
+    """The fused forward (contract in ``schema.py``), on the active backend's kernel."""
+    if _use_reference:
+        return torch_impl.bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias,
+                                          conv_weight)
+    return torch.ops.densenet_fast.bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias,
+                                                   conv_weight)
+
+
+def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+                             stats_grad, grad_buffer):
+    """The fused backward (contract in ``schema.py``); adds into ``grad_buffer``."""
+    args = (grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, stats_grad,
+            grad_buffer)
+    if _use_reference:
+        return torch_impl.bn_relu_conv1x1_backward(*args)
+    return torch.ops.densenet_fast.bn_relu_conv1x1_backward(*args)
+
+
+__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_backward", "reference_kernels"]

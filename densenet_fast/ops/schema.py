@@ -135,18 +135,3 @@ def _backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weig
     check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
                         grad_buffer)
     return torch.empty_like(conv_weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
-
-
-def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
-    """Dispatch the fused forward to the active backend's kernel (see module docstring)."""
-    return torch.ops.densenet_fast.bn_relu_conv1x1(
-        buffer, mean, invstd, bn_weight, bn_bias, conv_weight
-    )
-
-
-def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
-                             stats_grad, grad_buffer):
-    """Dispatch the fused backward; adds into ``grad_buffer`` (see module docstring)."""
-    return torch.ops.densenet_fast.bn_relu_conv1x1_backward(
-        grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, stats_grad, grad_buffer
-    )

@@ -1,0 +1,154 @@
+"""Sweeps: peak memory against depth (with a plot), and the largest batch within a budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from .implementations import ModelConfig, describe
+from .memory import MeasurementError, measure_peak_memory
+from .report import device_name, progress_bar
+from .runner import RunSettings
+
+DEPTH_IMPLEMENTATIONS = ("naive", "torchvision-memeff", "densenet_fast")
+DEFAULT_DEPTHS = (40, 100, 160, 250)
+
+
+def depth_config(depth: int, growth_rate: int = 12, batch_size: int = 32,
+                 image_size: int = 32) -> ModelConfig:
+    """DenseNet-BC with three blocks of ``(depth - 4) / 6`` layers (each layer is two
+    convolutions), CIFAR-sized input and 10 classes."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (40, 100, 160, 250, "
+                         f"...), got {depth}")
+    layers = (depth - 4) // 6
+    return ModelConfig(growth_rate=growth_rate, block_config=(layers,) * 3,
+                       num_init_features=2 * growth_rate, num_classes=10,
+                       batch_size=batch_size, image_size=image_size)
+
+
+def sweep_depth(depths=DEFAULT_DEPTHS, implementations=DEPTH_IMPLEMENTATIONS,
+                settings: RunSettings | None = None, batch_size: int = 32,
+                show_progress: bool = True) -> dict:
+    """Peak memory of one training step per implementation and depth."""
+    settings = settings or RunSettings()
+    bar = progress_bar(len(depths) * len(implementations), show_progress, "depth sweep")
+    points = {name: [] for name in implementations}
+    for depth in depths:
+        config = depth_config(depth, batch_size=batch_size)
+        for name in implementations:
+            try:
+                peak = measure_peak_memory(name, config, "train", settings)["peak_bytes"]
+            except MeasurementError as exc:
+                peak = None
+                print(f"depth {depth}, {name}: {exc}")
+            points[name].append({"depth": depth, "peak_bytes": peak})
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {"sweep": "depth", "device": device_name(settings.device),
+            "settings": settings.to_json(), "batch_size": batch_size, "growth_rate": 12,
+            "image_size": 32, "descriptions": {n: describe(n, settings.device)
+                                               for n in implementations},
+            "points": points}
+
+
+def depth_ratios(result: dict) -> dict:
+    """Peak memory at the deepest point, per implementation, over densenet_fast's."""
+    deepest = {name: pts[-1]["peak_bytes"] for name, pts in result["points"].items()}
+    fast = deepest.get("densenet_fast")
+    return {name: (peak / fast if peak and fast else None) for name, peak in deepest.items()}
+
+
+def plot_depth(result: dict, path: str | Path) -> Path:
+    """Write a PNG of peak memory against depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in result["points"].items():
+        shown = [p for p in pts if p["peak_bytes"] is not None]
+        ax.plot([p["depth"] for p in shown], [p["peak_bytes"] / 2**20 for p in shown],
+                marker="o", label=result["descriptions"][name])
+    ax.set_xlabel("depth (DenseNet-BC, growth rate 12, 3 blocks)")
+    ax.set_ylabel("peak memory of one training step (MiB)")
+    ax.set_title(f"batch {result['batch_size']}, 32x32 input, {result['device']}",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def device_memory(device: str) -> int:
+    """What the device has: total GPU memory, or the memory available to new processes."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def largest_batch(name: str, config: ModelConfig, budget_bytes: int, settings: RunSettings,
+                  max_batch: int = 1024, on_try=None) -> dict:
+    """The largest batch whose training job (weights, optimizer state, activations; not the
+    interpreter and libraries) peaks within ``budget_bytes``, by doubling then bisection;
+    every try runs in a subprocess, so running out of memory ends only that try."""
+    tries = []
+
+    def fits(batch: int) -> bool:
+        try:
+            peak = measure_peak_memory(name, dataclasses.replace(config, batch_size=batch),
+                                       "train", settings)["total_peak_bytes"]
+        except MeasurementError as exc:
+            tries.append({"batch": batch, "error": str(exc)})
+            peak = None
+        else:
+            tries.append({"batch": batch, "total_peak_bytes": peak})
+        if on_try is not None:
+            on_try()
+        return peak is not None and peak <= budget_bytes
+
+    if not fits(1):
+        return {"max_batch": 0, "tries": tries}
+    low = 1
+    while low < max_batch and fits(min(2 * low, max_batch)):
+        low = min(2 * low, max_batch)
+    high = min(2 * low, max_batch + 1)  # smallest size known (or assumed) not to fit
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return {"max_batch": low, "tries": tries}
+
+
+def sweep_batch(config: ModelConfig, implementations, budget_bytes: int,
+                settings: RunSettings | None = None, max_batch: int = 1024,
+                show_progress: bool = True) -> dict:
+    """:func:`largest_batch` for each implementation."""
+    settings = settings or RunSettings()
+    bar = progress_bar(None, show_progress, "batch sweep")
+    on_try = bar.update if bar is not None else None
+    rows = {name: largest_batch(name, config, budget_bytes, settings, max_batch, on_try)
+            for name in implementations}
+    if bar is not None:
+        bar.close()
+    return {"sweep": "batch", "device": device_name(settings.device),
+            "settings": settings.to_json(), "config": config.to_json(),
+            "budget_bytes": budget_bytes, "max_batch": max_batch,
+            "descriptions": {n: describe(n, settings.device) for n in implementations},
+            "rows": rows}
