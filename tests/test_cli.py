@@ -1,8 +1,19 @@
-"""The ``densenet-fast`` command: info and a tiny side-by-side bench."""
+"""The ``densenet-fast`` command end to end, and the memory measurement on a known answer."""
 
 import json
 import subprocess
 import sys
+
+import pytest
+import torch
+
+from densenet_fast.benchmark import implementations
+from densenet_fast.benchmark.implementations import Implementation, ModelConfig
+from densenet_fast.benchmark.memory import measure_in_process
+from densenet_fast.benchmark.runner import RunSettings
+
+TINY = ["--growth-rate", "8", "--block-config", "3,3", "--batch-size", "8", "--image-size",
+        "64", "--num-classes", "3", "--quiet"]
 
 
 def _cli(*args):
@@ -18,9 +29,8 @@ def test_info_lists_backends_and_versions():
 
 def test_bench_compares_implementations_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _cli("bench", "--growth-rate", "4", "--block-config", "2,2", "--batch-size", "4",
-                "--image-size", "32", "--num-classes", "3", "--repeats", "2", "--quiet",
-                "--impl", "naive", "--impl", "densenet_fast", "--json", str(out))
+    proc = _cli("bench", *TINY, "--repeats", "2", "--impl", "naive", "--impl", "densenet_fast",
+                "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "densenet_fast" in proc.stdout and "ratios are to naive" in proc.stdout
     results = json.loads(out.read_text())
@@ -28,13 +38,67 @@ def test_bench_compares_implementations_side_by_side(tmp_path):
     for workload in ("train", "inference"):
         rows = results["workloads"][workload]["rows"]
         assert set(rows) == {"naive", "densenet_fast"}
-        assert rows["naive"]["memory_ratio"] == 1.0 and rows["naive"]["time_ratio"] == 1.0
+        assert rows["naive"]["time_ratio"] == 1.0
         for row in rows.values():
             assert row["repeats"] == 2 and row["median_s"] > 0 and row["images_per_s"] > 0
-            assert row["peak_bytes"] >= 0
-        assert rows["densenet_fast"]["peak_bytes"] > 0 or workload == "inference"
+    for row in results["workloads"]["train"]["rows"].values():
+        assert row["peak_bytes"] > 0
 
 
-def test_bench_rejects_half_a_custom_model():
-    proc = _cli("bench", "--growth-rate", "4")
-    assert proc.returncode != 0 and "--growth-rate and --block-config go together" in proc.stderr
+def test_depth_sweep_writes_plot_and_points(tmp_path):
+    plot = tmp_path / "depth.png"
+    proc = _cli("bench", "--sweep", "depth", "--depths", "10,16", "--batch-size", "4",
+                "--quiet", "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(plot.with_suffix(".json").read_text())
+    assert set(result["points"]) == {"naive", "torchvision-memeff", "densenet_fast"}
+    for points in result["points"].values():
+        assert [p["depth"] for p in points] == [10, 16]
+        assert all(p["peak_bytes"] > 0 for p in points)
+    assert "relative to densenet_fast" in proc.stdout
+
+
+def test_batch_sweep_bisects_to_the_budget(tmp_path):
+    out = tmp_path / "batch.json"
+    proc = _cli("bench", "--sweep", "batch", "--growth-rate", "4", "--block-config", "2",
+                "--image-size", "32", "--num-classes", "3", "--memory-budget", "1GiB",
+                "--max-batch", "4", "--impl", "densenet_fast", "--quiet", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())["rows"]["densenet_fast"]
+    assert row["max_batch"] == 4  # a tiny model fits the cap within 1 GiB
+    assert [t["batch"] for t in row["tries"]] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--growth-rate", "4"], "--growth-rate and --block-config go together"),
+    (["--image-size", "16"], "input spatial size 16x16 is too small"),
+    (["--impl", "nope"], "--impl 'nope' is not available here"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--impl", "x"],
+     "no CUDA device" if not torch.cuda.is_available() else "not available"),
+    (["--sweep", "depth", "--depths", "41"], "depth must be 6n + 4"),
+])
+def test_bad_options_fail_clearly(args, message):
+    proc = _cli("bench", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_memory_measurement_sees_a_known_allocation(monkeypatch):
+    """A step that holds 64 MiB shows at least that much peak memory."""
+    size = 64 * 2**20
+
+    class Holds64MiB:
+        def __enter__(self):
+            self.block = torch.ones(size // 4)  # touched, so resident
+        def __exit__(self, *exc):
+            del self.block
+
+    monkeypatch.setitem(implementations.IMPLEMENTATIONS, "holds-64mib", Implementation(
+        "naive model plus a 64 MiB tensor inside each step", implementations._naive,
+        context=Holds64MiB))
+    config = ModelConfig(growth_rate=4, block_config=(2,), num_init_features=8, num_classes=3,
+                         batch_size=2, image_size=32)
+    result = measure_in_process("holds-64mib", config, "train", RunSettings())
+    assert size <= result["peak_bytes"] < size + 32 * 2**20
+    assert result["total_peak_bytes"] >= result["peak_bytes"]

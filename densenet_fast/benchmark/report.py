@@ -68,7 +68,8 @@ def run_comparison(config: ModelConfig, settings: RunSettings | None = None, rep
             rows[name] = row
         base = rows[baseline]
         for row in rows.values():
-            if "peak_bytes" in row and "peak_bytes" in base:
+            # A step whose peak stays below the measurement's resolution (a page) has no ratio.
+            if "peak_bytes" in row and base.get("peak_bytes"):
                 row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"]
             if "median_s" in row and "median_s" in base:
                 row["time_ratio"] = row["median_s"] / base["median_s"]
@@ -100,7 +101,8 @@ def format_table(results: dict) -> str:
                 continue
             spread = f"{row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f}"
             lines.append(
-                f"{name:20s} {row['peak_bytes'] / 2**20:9.1f} {row.get('memory_ratio', 0):6.2f} "
+                f"{name:20s} {row['peak_bytes'] / 2**20:9.1f} "
+                f"{row.get('memory_ratio', float('nan')):6.2f} "
                 f"{row['median_s'] * 1e3:10.1f} {spread:>15s} {row.get('time_ratio', 0):7.2f} "
                 f"{row['images_per_s']:8.1f}  {row['description']}")
     return "\n".join(lines)
