@@ -117,6 +117,18 @@ struct Geometry {
   }
 };
 
+// Runs fn over the work items: across threads when there are enough items to share, else
+// on the calling thread, where ATen's BLAS calls can use every thread themselves (small
+// planes: one large GEMM beats one thread per tile).
+template <typename F>
+void for_each_item(int64_t items, const F& fn) {
+  if (items >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, items, 1, fn);
+  } else {
+    fn(0, items);
+  }
+}
+
 // out = a @ b, written into `out` (a view of existing memory).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
@@ -304,7 +316,7 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   const scalar_t* x = buffer.template const_data_ptr<scalar_t>();
   scalar_t* out_data = out.template mutable_data_ptr<scalar_t>();
 
-  at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
+  for_each_item(g.items, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state; the GEMMs below are plain
     // kernel calls on tensors of our own, never autograd operations.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -388,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     at::Tensor w_chunk = weight.narrow(1, c0, cc);
     // Pass 1: recompute a, accumulate dW, g = (W^T grad_out) * [a > 0] with the per-channel
     // sums of g and g * (x - mean); g goes to the store, or straight into dx.
-    at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
+    for_each_item(g.items, [&](int64_t begin, int64_t end) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
       const int64_t tid = at::get_thread_num();
       acc_t* act = scratch.template mutable_data_ptr<acc_t>() + tid * per_thread;
@@ -451,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     }
     if (!two_pass) continue;
     // Pass 2: add dx = k_g * g + k_x * x + k_0 into the gradient buffer.
-    at::parallel_for(0, g.items, 1, [&](int64_t begin, int64_t end) {
+    for_each_item(g.items, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const auto [p0, len] = g.span(item);
         if (g.pixel_major) {
