@@ -26,6 +26,12 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _pixel_offsets(pixels, HW, s_n, s_hw):
+    # Pixel p = n * HW + hw sits at n * s_n + hw * s_hw (64-bit: buffers exceed 2^31 elements).
+    return (pixels // HW).to(tl.int64) * s_n + (pixels % HW).to(tl.int64) * s_hw
+
+
+@triton.jit
 def _bn_relu(x, scale, shift):
     return tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
 
@@ -45,9 +51,7 @@ def forward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < P
     mask_n = offs_n < CO
-    image = offs_m // HW
-    pixel = offs_m % HW
-    x_rows = image.to(tl.int64) * sx_n + pixel.to(tl.int64) * sx_hw
+    x_rows = _pixel_offsets(offs_m, HW, sx_n, sx_hw)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -60,7 +64,7 @@ def forward_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         a = _bn_relu(x, scale, shift).to(w.dtype)
         acc += _dot(a, w, PRECISION, UPCAST)
-    out_rows = image.to(tl.int64) * so_n + pixel.to(tl.int64) * so_hw
+    out_rows = _pixel_offsets(offs_m, HW, so_n, so_hw)
     tl.store(out_ptr + out_rows[:, None] + offs_n[None, :] * so_c,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -83,9 +87,7 @@ def input_grad_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < P
     mask_n = offs_n < C
-    image = (offs_m // HW).to(tl.int64)
-    pixel = (offs_m % HW).to(tl.int64)
-    g_rows = image * sg_n + pixel * sg_hw
+    g_rows = _pixel_offsets(offs_m, HW, sg_n, sg_hw)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CO, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -96,8 +98,9 @@ def input_grad_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc += _dot(go, w, PRECISION, UPCAST)
     mask = mask_m[:, None] & mask_n[None, :]
-    x = tl.load(x_ptr + (image * sx_n + pixel * sx_hw)[:, None] + offs_n[None, :] * sx_c,
-                mask=mask, other=0.0).to(tl.float32)
+    x_rows = _pixel_offsets(offs_m, HW, sx_n, sx_hw)
+    x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * sx_c, mask=mask,
+                other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
     mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
@@ -110,7 +113,8 @@ def input_grad_kernel(
         tl.store(gstore_ptr + offs_m.to(tl.int64)[:, None] * C + offs_n[None, :], g, mask=mask)
     else:
         kg = tl.load(kg_ptr + offs_n, mask=mask_n, other=0.0)
-        b_ptrs = gbuf_ptr + (image * sb_n + pixel * sb_hw)[:, None] + offs_n[None, :] * sb_c
+        b_rows = _pixel_offsets(offs_m, HW, sb_n, sb_hw)
+        b_ptrs = gbuf_ptr + b_rows[:, None] + offs_n[None, :] * sb_c
         old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(b_ptrs, (old + kg[None, :] * g).to(gbuf_ptr.dtype.element_ty), mask=mask)
 
@@ -139,11 +143,11 @@ def weight_grad_kernel(
     for p0 in range(start, stop, BLOCK_K):
         offs_k = p0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < stop
-        image = (offs_k // HW).to(tl.int64)
-        pixel = (offs_k % HW).to(tl.int64)
-        go_t = tl.load(go_ptr + (image * sg_n + pixel * sg_hw)[None, :] + offs_m[:, None] * sg_c,
+        go_t = tl.load(go_ptr + _pixel_offsets(offs_k, HW, sg_n, sg_hw)[None, :]
+                       + offs_m[:, None] * sg_c,
                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(x_ptr + (image * sx_n + pixel * sx_hw)[:, None] + offs_n[None, :] * sx_c,
+        x_rows = _pixel_offsets(offs_k, HW, sx_n, sx_hw)
+        x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * sx_c,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         a = tl.where(mask_k[:, None], _bn_relu(x, scale, shift), 0.0).to(go_t.dtype)
         acc += _dot(go_t, a, PRECISION, UPCAST)
@@ -163,16 +167,16 @@ def add_dx_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C
     mask = (offs_m < P)[:, None] & mask_n[None, :]
-    image = (offs_m // HW).to(tl.int64)
-    pixel = (offs_m % HW).to(tl.int64)
     g = tl.load(gstore_ptr + offs_m.to(tl.int64)[:, None] * C + offs_n[None, :], mask=mask,
                 other=0.0)
-    x = tl.load(x_ptr + (image * sx_n + pixel * sx_hw)[:, None] + offs_n[None, :] * sx_c,
-                mask=mask, other=0.0).to(tl.float32)
+    x_rows = _pixel_offsets(offs_m, HW, sx_n, sx_hw)
+    x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * sx_c, mask=mask,
+                other=0.0).to(tl.float32)
     kg = tl.load(kg_ptr + offs_n, mask=mask_n, other=0.0)
     kx = tl.load(kx_ptr + offs_n, mask=mask_n, other=0.0)
     k0 = tl.load(k0_ptr + offs_n, mask=mask_n, other=0.0)
-    b_ptrs = gbuf_ptr + (image * sb_n + pixel * sb_hw)[:, None] + offs_n[None, :] * sb_c
+    b_rows = _pixel_offsets(offs_m, HW, sb_n, sb_hw)
+    b_ptrs = gbuf_ptr + b_rows[:, None] + offs_n[None, :] * sb_c
     old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
     dx = kg[None, :] * g + kx[None, :] * x + k0[None, :]
     tl.store(b_ptrs, (old + dx).to(gbuf_ptr.dtype.element_ty), mask=mask)
