@@ -32,11 +32,17 @@ _BUILD_ERROR_FILE = Path(__file__).with_name("_C_build_error.txt")
 
 _loaded: set[str] = set()
 _load_errors: dict[str, str] = {}
+# DENSENET_FAST_BACKEND as read by activate(): kernels are registered once, at import, so a
+# later change of the variable must not change what is reported.
+_requested_at_import: str | None = None
 
 
 def requested_backend() -> str:
-    """The backend named by ``DENSENET_FAST_BACKEND`` (``auto`` when unset)."""
-    value = os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO
+    """The backend named by ``DENSENET_FAST_BACKEND`` when the package was imported
+    (``auto`` when unset)."""
+    raw = _requested_at_import if _requested_at_import is not None else \
+        os.environ.get(ENV_VAR, AUTO)
+    value = raw.strip().lower() or AUTO
     known = (AUTO, *_BACKEND_DEVICES)
     if value not in known:
         raise ValueError(f"{ENV_VAR}={value!r} is not a known backend; choose one of {known}")
@@ -55,8 +61,10 @@ def _cpp_missing_reason() -> str | None:
 
 def _interpreted_triton() -> bool:
     """Triton's interpreter runs the kernels on CPU tensors; only when asked for by name."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and \
-        os.environ.get(ENV_VAR, "").strip().lower() == "triton"
+    try:
+        return os.environ.get("TRITON_INTERPRET") == "1" and requested_backend() == "triton"
+    except ValueError:
+        return False
 
 
 def devices_of(name: str) -> tuple[str, ...]:
@@ -116,11 +124,11 @@ def _status(name: str) -> tuple[bool, str]:
     if name in _load_errors:
         return False, _load_errors[name]
     if name == "triton":
-        return True, f"not loaded ({ENV_VAR}={os.environ.get(ENV_VAR, AUTO)!r})"
+        return True, f"not loaded ({ENV_VAR}={_requested_at_import!r})"
     missing = _cpp_missing_reason()
     if missing is not None:
         return False, missing
-    return True, f"compiled, not loaded ({ENV_VAR}={os.environ.get(ENV_VAR, AUTO)!r})"
+    return True, f"compiled, not loaded ({ENV_VAR}={_requested_at_import!r})"
 
 
 def activate() -> None:
@@ -128,6 +136,8 @@ def activate() -> None:
 
     An unknown name is not raised here but at first use, so ``backend_info()`` can report it.
     """
+    global _requested_at_import
+    _requested_at_import = os.environ.get(ENV_VAR, AUTO)
     try:
         requested = requested_backend()
     except ValueError:
