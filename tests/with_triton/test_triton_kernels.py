@@ -68,7 +68,8 @@ def _compare(shape, memory_format, dtype, stats_grad):
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("stats_grad", [True, False], ids=["stats-grad", "direct"])
-def test_triton_matches_reference(shape, memory_format, dtype, stats_grad):
+def test_triton_matches_reference(shape, memory_format, dtype, stats_grad, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     _compare(shape, memory_format, dtype, stats_grad)
 
 
@@ -80,7 +81,8 @@ def test_float64_is_served_by_the_reference_kernels():
                        torch_impl.bn_relu_conv1x1(*args))
 
 
-def test_tiny_model_matches_naive_through_triton():
+def test_tiny_model_matches_naive_through_triton(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 parity on a GPU
     config = dict(growth_rate=5, block_config=(2, 2), num_init_features=7, bn_size=2,
                   num_classes=3)
     fast, ref = twins(densenet_fast.DenseNet, densenet_fast.NaiveDenseNet, torch.float32,
