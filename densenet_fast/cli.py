@@ -173,6 +173,25 @@ def _sweep_batch(args, config, settings) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .training.loop import TrainConfig, run_training
+
+    blocks = tuple(int(n) for n in args.block_config.split(",")) if args.block_config else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(model=args.model, growth_rate=args.growth_rate, block_config=blocks,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      image_size=args.image_size, device=args.device, autocast=args.autocast,
+                      channels_last=args.channels_last, compile=args.compile, seed=args.seed,
+                      data_dir=args.data_dir, train_limit=args.train_limit,
+                      test_limit=args.test_limit, out_dir=args.out_dir, save=args.save,
+                      resume=args.resume, progress=not args.quiet)
+    metrics = run_training(cfg)
+    print(f"test accuracy {100 * metrics['test_accuracy']:.2f}% on {metrics['test_images']} "
+          f"images ({metrics['data']}); figures and metrics.json in {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-batch", type=int, default=1024, help="batch sweep: upper bound")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
+
+    train = sub.add_parser("train", help="the seed's MNIST experiment with densenet_fast")
+    train.add_argument("--model", default="densenet121", choices=sorted(CONFIGS))
+    train.add_argument("--growth-rate", type=int, help="custom model: growth rate k")
+    train.add_argument("--block-config", help="custom model: layers per block, e.g. 6,12,24")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--image-size", type=int, default=32,
+                       help="digits are resized to this (the seed uses 64)")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--autocast", choices=("bfloat16", "float16"))
+    train.add_argument("--channels-last", action="store_true")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", help="MNIST IDX files (default: the embedded 5k digits)")
+    train.add_argument("--train-limit", type=int, help="use the first N training images")
+    train.add_argument("--test-limit", type=int, help="use the first N test images")
+    train.add_argument("--out-dir", default="train-out",
+                       help="figures and metrics.json go here")
+    train.add_argument("--save", help="checkpoint path, written after every epoch")
+    train.add_argument("--resume", help="checkpoint to continue from")
+    train.add_argument("--threads", type=int, help="torch intra-op threads")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
     return parser
 
 

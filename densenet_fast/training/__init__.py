@@ -1,0 +1,1 @@
+"""Training: the seed article's MNIST experiment, on embedded or user-provided digits."""
