@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -187,6 +188,8 @@ def _train(args) -> int:
                       test_limit=args.test_limit, out_dir=args.out_dir, save=args.save,
                       resume=args.resume, progress=not args.quiet)
     metrics = run_training(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return 0
     print(f"test accuracy {100 * metrics['test_accuracy']:.2f}% on {metrics['test_images']} "
           f"images ({metrics['data']}); figures and metrics.json in {args.out_dir}")
     return 0

@@ -111,3 +111,24 @@ def test_train_command_end_to_end(tmp_path):
                           str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_two_process_ddp_ends_with_identical_weights(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")  # loopback only
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "densenet_fast.cli", "train", "--growth-rate", "8", "--block-config", "2,2",
+         "--epochs", "1", "--image-size", "16", "--batch-size", "16", "--train-limit", "256",
+         "--test-limit", "50", "--threads", "1", "--quiet", "--out-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    first, second = metrics["parameter_checksums"]
+    assert first == second, "the two processes' weights diverged"
+    assert proc.stdout.count("test accuracy ") == 2  # one epoch line and one summary, rank 0
+

