@@ -145,7 +145,7 @@ def _write_figures(out_dir: Path, test_images, test_labels, predicted, history) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(10, 2.4))
+    fig = plt.figure(figsize=(10, 2.9))
     for i in range(5):  # the seed's figure: five test digits, predicted and true labels
         ax = fig.add_subplot(1, 5, i + 1)
         ax.imshow(test_images[i].numpy(), cmap="gray")
