@@ -49,12 +49,7 @@ def _config_from_args(args):
     if args.block_config or args.growth_rate:
         if not (args.block_config and args.growth_rate):
             raise ValueError("--growth-rate and --block-config go together")
-        try:
-            blocks = tuple(int(n) for n in args.block_config.split(","))
-        except ValueError:
-            raise ValueError(f"--block-config must be comma-separated integers, got "
-                             f"{args.block_config!r}") from None
-        return ModelConfig(growth_rate=args.growth_rate, block_config=blocks,
+        return ModelConfig(growth_rate=args.growth_rate, block_config=args.block_config,
                            num_init_features=2 * args.growth_rate, **common)
     return ModelConfig.named(args.model, **common)
 
@@ -177,10 +172,10 @@ def _sweep_batch(args, config, settings) -> int:
 def _train(args) -> int:
     from .training.loop import TrainConfig, run_training
 
-    blocks = tuple(int(n) for n in args.block_config.split(",")) if args.block_config else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(model=args.model, growth_rate=args.growth_rate, block_config=blocks,
+    cfg = TrainConfig(model=args.model, growth_rate=args.growth_rate,
+                      block_config=args.block_config,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       image_size=args.image_size, device=args.device, autocast=args.autocast,
                       channels_last=args.channels_last, compile=args.compile, seed=args.seed,
@@ -195,6 +190,31 @@ def _train(args) -> int:
     return 0
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="densenet121", choices=sorted(CONFIGS))
+    parser.add_argument("--growth-rate", type=int, help="custom model: growth rate k")
+    parser.add_argument("--block-config", type=_block_config,
+                        help="custom model: layers per block, e.g. 6,12,24")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autocast", choices=("bfloat16", "float16"),
+                        help="run the forward under torch.autocast to this dtype")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last model and input")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _block_config(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,20 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     bench = sub.add_parser("bench", help="memory and time of one training step, side by side")
-    bench.add_argument("--model", default="densenet121", choices=sorted(CONFIGS))
-    bench.add_argument("--growth-rate", type=int, help="custom model: growth rate k")
-    bench.add_argument("--block-config", help="custom model: layers per block, e.g. 6,12,24")
+    _add_model_options(bench)
+    _add_run_options(bench)
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--image-size", type=int, default=64)
     bench.add_argument("--in-channels", type=int, default=3)
     bench.add_argument("--num-classes", type=int, default=1000)
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--autocast", choices=("bfloat16", "float16"),
-                       help="run the forward under torch.autocast to this dtype")
-    bench.add_argument("--channels-last", action="store_true",
-                       help="channels_last model and input")
     bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     bench.add_argument("--impl", action="append",
                        help="implementation to include (repeatable; default: all available)")
     bench.add_argument("--workload", action="append", choices=("train", "inference"),
@@ -230,21 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory-budget",
                        help="batch sweep: e.g. 2GiB, 500MiB (default: what the device has)")
     bench.add_argument("--max-batch", type=int, default=1024, help="batch sweep: upper bound")
-    bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 
     train = sub.add_parser("train", help="the seed's MNIST experiment with densenet_fast")
-    train.add_argument("--model", default="densenet121", choices=sorted(CONFIGS))
-    train.add_argument("--growth-rate", type=int, help="custom model: growth rate k")
-    train.add_argument("--block-config", help="custom model: layers per block, e.g. 6,12,24")
+    _add_model_options(train)
+    _add_run_options(train)
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument("--image-size", type=int, default=32,
                        help="digits are resized to this (the seed uses 64)")
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--autocast", choices=("bfloat16", "float16"))
-    train.add_argument("--channels-last", action="store_true")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data-dir", help="MNIST IDX files (default: the embedded 5k digits)")
@@ -254,8 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="figures and metrics.json go here")
     train.add_argument("--save", help="checkpoint path, written after every epoch")
     train.add_argument("--resume", help="checkpoint to continue from")
-    train.add_argument("--threads", type=int, help="torch intra-op threads")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
     return parser
 
