@@ -116,6 +116,7 @@ def bench_model(batch: int, image: int, repeats: int, compile_baseline: bool) ->
     import torch
 
     from densenet_fast.benchmark.implementations import ModelConfig
+    from densenet_fast.benchmark.memory import measure_in_process
     from densenet_fast.benchmark.runner import Runner, RunSettings
     from densenet_fast.benchmark.timing import summarize
 
@@ -128,17 +129,10 @@ def bench_model(batch: int, image: int, repeats: int, compile_baseline: bool) ->
     results = {}
     for name in names:
         try:
+            memory = measure_in_process(name, config, "train", settings)  # the CLI's method
             runner = Runner(name, config, settings)
-            runner.step("train")
-            runner.release_gradients()
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            runner.step("train")
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
             timing = summarize(_cuda_time(lambda r=runner: r.step("train"), repeats, warmup=1))
-            results[name] = {"peak_bytes": peak, **timing,
+            results[name] = {"peak_bytes": memory["peak_bytes"], **timing,
                              "images_per_s": batch / timing["median_s"]}
         except torch.cuda.OutOfMemoryError as exc:
             results[name] = {"error": f"out of memory: {exc}"[:300]}

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from . import torch_impl
-from .batchnorm import scale_shift
+from .batchnorm import StatsGradient, scale_shift
 from .schema import (
     BACKWARD,
     FORWARD,
@@ -145,12 +145,13 @@ def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
     grad_bias = sums[0]
     grad_scale = sums[1] * invstd.double()
     if stats_grad:
-        inv, gamma = invstd.double(), bn_weight.double()
-        k_x = (-gamma * inv * inv * grad_scale / pixels).float().contiguous()
-        k_0 = (gamma * inv * (mean.double() * inv * grad_scale - grad_bias) / pixels).float()
+        # The statistics' term kx * x + k0, with the block's own coefficient formula.
+        term = StatsGradient(channels, torch.float64, device)
+        term.add(mean.double(), invstd.double(), bn_weight, grad_scale, grad_bias, pixels)
         add_dx_kernel[(triton.cdiv(pixels, _ELEMENTWISE_BLOCK[0]),
                        triton.cdiv(channels, _ELEMENTWISE_BLOCK[1]))](
-            store, buffer, k_g, k_x, k_0.contiguous(), target, pixels, channels, h * w,
+            store, buffer, k_g, term.kx.float(), term.k0.float(), target, pixels, channels,
+            h * w,
             *_pixel_strides(buffer), *_pixel_strides(target),
             BLOCK_M=_ELEMENTWISE_BLOCK[0], BLOCK_N=_ELEMENTWISE_BLOCK[1])
     if target is not grad_buffer:

@@ -229,7 +229,7 @@ def run_training(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if bar is not None:
             bar.close()
-        accuracy, _ = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
+        accuracy, predicted = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
         history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                         "test_accuracy": accuracy,
                         "seconds": round(time.perf_counter() - start, 2)})
@@ -240,7 +240,8 @@ def run_training(cfg: TrainConfig) -> dict:
             if cfg.save:
                 save_checkpoint(cfg.save, model, optimizer, epoch + 1, model_config, history)
 
-    accuracy, predicted = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
+    if first_epoch >= cfg.epochs:  # resumed with nothing left to train: evaluate once
+        accuracy, predicted = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
     metrics = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
                "model_config": model_config, "train_images": len(train),
                "test_images": len(test), "history": history, "step_losses": step_losses,
