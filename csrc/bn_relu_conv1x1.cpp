@@ -78,7 +78,8 @@ bool is_pixel_major(const at::Tensor& t) {
 // Where the prefix lives and how it is cut into pixel tiles (work items).
 struct Geometry {
   bool pixel_major;
-  int64_t n, channels, total, hw, pixels, out_channels, tile, tiles_per_image, items;
+  // capacity: pixels a tile may hold for this width; tile: the pixels one tile does hold.
+  int64_t n, channels, total, hw, pixels, out_channels, capacity, tile, tiles_per_image, items;
 
   Geometry(const at::Tensor& buffer, int64_t channels_, int64_t out_channels_, int64_t width)
       : pixel_major(is_pixel_major(buffer)),
@@ -88,7 +89,8 @@ struct Geometry {
         hw(buffer.size(2) * buffer.size(3)),
         pixels(buffer.size(0) * buffer.size(2) * buffer.size(3)),
         out_channels(out_channels_) {
-    tile = std::max<int64_t>(16, (kTileElements / std::max<int64_t>(width, 1)) / 16 * 16);
+    capacity = std::max<int64_t>(16, (kTileElements / std::max<int64_t>(width, 1)) / 16 * 16);
+    tile = capacity;
     if (pixel_major) {
       tile = std::min(tile, pixels);
       tiles_per_image = 0;
@@ -295,6 +297,42 @@ std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::
   return {scale.contiguous(), shift.contiguous()};
 }
 
+// Forward for channel-major buffers with small planes (2 * H*W <= tile capacity): a tile
+// per image would make each GEMM a few pixels wide, so a work item packs several whole
+// images side by side into the scratch, [C, images * HW], and scatters the
+// [C_out, images * HW] result. There are few such items, so they run one after another:
+// the GEMM uses every BLAS thread and the element loops split by channel.
+template <typename scalar_t, typename acc_t>
+void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* scale,
+                           const acc_t* shift, const at::Tensor& weight, int64_t images_per_item,
+                           acc_t* act, scalar_t* out_data) {
+  const int64_t channels = g.channels, co = g.out_channels, hw = g.hw;
+  acc_t* result = act + images_per_item * hw * channels;
+  for (int64_t first = 0; first < g.n; first += images_per_item) {
+    const int64_t images = std::min(images_per_item, g.n - first);
+    const int64_t len = images * hw;
+    const int64_t grain = std::max<int64_t>(1, (1 << 15) / len);
+    at::parallel_for(0, channels, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t j = 0; j < images; ++j) {
+          bn_relu_channel(x + g.offset((first + j) * hw, c, g.total), scale[c], shift[c],
+                          act + c * len + j * hw, hw);
+        }
+      }
+    });
+    mm_into(matrix(result, co, len, len), weight, matrix(act, channels, len, len));
+    at::parallel_for(0, co, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t j = 0; j < images; ++j) {
+          scalar_t* dst = out_data + g.offset((first + j) * hw, c, co);
+          const acc_t* src = result + c * len + j * hw;
+          for (int64_t t = 0; t < hw; ++t) dst[t] = static_cast<scalar_t>(src[t]);
+        }
+      }
+    });
+  }
+}
+
 template <typename scalar_t>
 at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& bn_weight,
@@ -310,12 +348,21 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   const auto format = g.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.n, co, buffer.size(2), buffer.size(3)},
                              buffer.options().memory_format(format));
-  const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = g.tile * (channels + co);
+  const bool packed = !g.pixel_major && g.n > 1 && 2 * g.hw <= g.capacity;
+  const int64_t images_per_item = packed ? std::min(g.n, g.capacity / g.hw) : 1;
+  const int64_t tile_pixels = packed ? images_per_item * g.hw : g.tile;
+  const int64_t threads = packed ? 1 : at::get_num_threads();  // packed: one shared scratch
+  const int64_t per_thread = tile_pixels * (channels + co);
   at::Tensor scratch = at::empty({threads, per_thread}, scale_t.options());
   const scalar_t* x = buffer.template const_data_ptr<scalar_t>();
   scalar_t* out_data = out.template mutable_data_ptr<scalar_t>();
 
+  if (packed) {
+    forward_packed_images<scalar_t, acc_t>(g, x, scale, shift, weight, images_per_item,
+                                           scratch.template mutable_data_ptr<acc_t>(),
+                                           out_data);
+    return out;
+  }
   for_each_item(g.items, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state; the GEMMs below are plain
     // kernel calls on tensors of our own, never autograd operations.

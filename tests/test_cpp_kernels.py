@@ -26,6 +26,9 @@ SHAPES = [(3, 13, 11, 8, 5, 4), (2, 37, 37, 20, 1, 1), (2, 40, 33, 12, 7, 9),
 # Several channel chunks in the two-pass backward: 4 x 64 x 64 pixels x 300 channels exceeds
 # the 4M-element store. float32 only, to keep the suite short.
 CHUNKED = (4, 320, 300, 8, 64, 64)
+# Small channel-major planes pack several whole images into one forward tile: 5x5 planes
+# with 1030 channels fit 4 images in a tile, so 10 images make tiles of 4, 4 and 2.
+PACKED = (10, 1040, 1030, 20, 5, 5)
 FORMATS = [torch.contiguous_format, torch.channels_last]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
@@ -55,6 +58,12 @@ def test_cpp_matches_reference(shape, memory_format, dtype, stats_grad):
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
 def test_cpp_matches_reference_across_channel_chunks(memory_format):
     _compare(CHUNKED, memory_format, torch.float32, True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_matches_reference_with_images_packed_per_tile(dtype):
+    _compare(PACKED, torch.contiguous_format, dtype, False)
 
 
 def _compare(shape, memory_format, dtype, stats_grad):
