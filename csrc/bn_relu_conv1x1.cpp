@@ -41,8 +41,9 @@ void check_forward_args(const at::Tensor& buffer, const at::Tensor& mean,
   TORCH_CHECK_VALUE(buffer.dim() == 4, "buffer must be 4-D [N, C, H, W], got shape ",
                     buffer.sizes());
   TORCH_CHECK_TYPE(buffer.scalar_type() == at::kFloat || buffer.scalar_type() == at::kDouble ||
-                       buffer.scalar_type() == at::kBFloat16,
-                   "buffer must be a floating-point tensor (float32, float64 or bfloat16), got ",
+                       buffer.scalar_type() == at::kBFloat16 ||
+                       buffer.scalar_type() == at::kHalf,
+                   "buffer must be a floating-point tensor (float32, float64, bfloat16 or float16), got ",
                    buffer.scalar_type());
   TORCH_CHECK_VALUE(
       conv_weight.dim() == 4 && conv_weight.size(2) == 1 && conv_weight.size(3) == 1,
@@ -550,7 +551,7 @@ at::Tensor forward_cpu(const at::Tensor& buffer_in, const at::Tensor& mean,
                        const at::Tensor& bn_bias, const at::Tensor& conv_weight) {
   check_forward_args(buffer_in, mean, invstd, bn_weight, bn_bias, conv_weight);
   const at::Tensor buffer = dense_buffer(buffer_in);
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, buffer.scalar_type(), "bn_relu_conv1x1",
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer.scalar_type(), "bn_relu_conv1x1",
                                         [&] {
     return forward_impl<scalar_t>(buffer, mean, invstd, bn_weight, bn_bias, conv_weight);
   });
@@ -587,8 +588,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool same_layout = grad_buffer.strides() == buffer.strides() &&
                            grad_buffer.sizes() == buffer.sizes();
   at::Tensor target = same_layout ? grad_buffer : at::zeros_like(buffer);
-  auto result = AT_DISPATCH_FLOATING_TYPES_AND(
-      at::kBFloat16, buffer.scalar_type(), "bn_relu_conv1x1_backward", [&] {
+  auto result = AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, buffer.scalar_type(), "bn_relu_conv1x1_backward", [&] {
         return backward_impl<scalar_t>(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
                                        conv_weight, stats_grad, target);
       });

@@ -8,6 +8,7 @@ gradients and BatchNorm statistics, with activation memory linear in depth.
 from . import ops  # noqa: F401  (registers the fused op and its reference kernels)
 from .backends import backend_info
 from .convert import convert
+from .fusion import unfused
 from .model import DenseNet, densenet121, densenet161, densenet169, densenet201
 from .reference import NaiveDenseNet
 from .state_dict import load_torchvision_state_dict, upgrade_legacy_state_dict
@@ -24,5 +25,6 @@ __all__ = [
     "densenet169",
     "densenet201",
     "load_torchvision_state_dict",
+    "unfused",
     "upgrade_legacy_state_dict",
 ]

@@ -44,9 +44,12 @@ class DenseLayer(nn.Module):
         self.memory_efficient = memory_efficient
 
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(inputs, 1) if isinstance(inputs, (list, tuple)) else inputs
-        bottleneck = self.conv1(self.relu1(self.norm1(x)))
-        new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        # torchvision's sequence of calls, op for op: hooks, tracers and FLOP counters see
+        # the same tensors and node names (the cat copies even a lone tensor, as there).
+        prev_features = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+        concated_features = torch.cat(prev_features, 1)
+        bottleneck_output = self.conv1(self.relu1(self.norm1(concated_features)))
+        new_features = self.conv2(self.relu2(self.norm2(bottleneck_output)))
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
@@ -55,7 +58,8 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers named ``denselayer1``...; returns all channels concatenated.
 
-    This base forward is the seed's algorithm: one ``torch.cat`` per layer.
+    This base forward is torchvision's (the seed's algorithm): every layer concatenates all
+    earlier features, so memory grows quadratically with depth.
     """
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int,
@@ -66,10 +70,11 @@ class DenseBlock(nn.ModuleDict):
                 num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate,
                 memory_efficient))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        features = [init_features]
         for layer in self.values():
-            x = torch.cat([x, layer(x)], 1)
-        return x
+            features.append(layer(features))
+        return torch.cat(features, 1)
 
 
 class Transition(nn.Sequential):

@@ -226,6 +226,10 @@ class DenseBlockFunction(torch.autograd.Function):
     def forward(ctx, x, spec: BlockSpec, *params):
         fwd = _Forward(x, spec, params, keep=True)
         out = fwd.run()
+        if out is fwd.buffer:
+            # The buffer is saved for backward; the caller gets its own copy, which it may
+            # modify in place (an in-place ReLU after a block, as after torchvision's cat).
+            out = out.clone()
         masks = [m for m in fwd.masks if m is not None]
         flat_norm2 = [t for pair in fwd.norm2_stats for t in pair]
         stats = [fwd.mean, fwd.var] if fwd.mean is not None else []

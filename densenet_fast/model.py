@@ -18,7 +18,18 @@ import torch.nn as nn
 
 from . import backends
 from .architecture import CONFIGS, DenseBlock, DenseNetBase, Transition
-from .block import TAIL_NONE, TAIL_NORM, TAIL_TRANSITION, BlockSpec, NormState, dense_block
+from .block import TAIL_NONE, TAIL_NORM, TAIL_TRANSITION, BlockSpec, dense_block
+from .fusion import (
+    Blocker,
+    block_blocker,
+    block_channels,
+    has_hooks,
+    norm_blocker,
+    norm_state,
+    runtime_blocker,
+    transition_blocker,
+    warn_fallback,
+)
 from .state_dict import load_torchvision_state_dict
 from .validation import check_input_tensor, check_spatial_plan
 
@@ -32,47 +43,27 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _is_standard_transition(t: nn.Module) -> bool:
-    pool = getattr(t, "pool", None)
-    conv = getattr(t, "conv", None)
-    return (isinstance(t, Transition) and isinstance(getattr(t, "norm", None), nn.BatchNorm2d)
-            and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
-            and conv.stride == (1, 1) and conv.bias is None and conv.groups == 1
-            and isinstance(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2))
-            and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
-            and not pool.ceil_mode)
-
-
-def _check_norm(bn: nn.Module, name: str) -> None:
-    if not isinstance(bn, nn.BatchNorm2d) or not bn.affine:
-        raise NotImplementedError(
-            f"densenet_fast fuses affine nn.BatchNorm2d layers only; {name} is {bn!r}")
-
-
 def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
-    """Run ``block`` and, fused with it, ``tail`` (a transition, a final BatchNorm2d or None)."""
+    """Run a standard ``block`` and, fused with it, ``tail`` (a transition, a final norm or
+    None) from their parameters: the caller has checked them (:mod:`densenet_fast.fusion`)."""
     backends.active_backend(x.device.type)  # a forced, unavailable backend fails here
-    layers = list(block.values())
+    layers = list(block._modules.values())
     norms, params = [], []
-    for i, layer in enumerate(layers):
-        _check_norm(layer.norm1, f"denselayer{i + 1}.norm1")
-        _check_norm(layer.norm2, f"denselayer{i + 1}.norm2")
-        norms.append((NormState.of(layer.norm1), NormState.of(layer.norm2)))
+    for layer in layers:
+        norms.append((norm_state(layer.norm1), norm_state(layer.norm2)))
         params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
                    layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
     conv_params = {id(layer.conv1.weight) for layer in layers} | {
         id(layer.conv2.weight) for layer in layers}
     if tail is None:
         kind, tail_norm = TAIL_NONE, None
-    elif isinstance(tail, nn.BatchNorm2d):
-        _check_norm(tail, "the final norm")
-        kind, tail_norm = TAIL_NORM, NormState.of(tail)
-        params += [tail.weight, tail.bias]
-    else:
-        _check_norm(tail.norm, "transition.norm")
-        kind, tail_norm = TAIL_TRANSITION, NormState.of(tail.norm)
+    elif isinstance(tail, Transition):
+        kind, tail_norm = TAIL_TRANSITION, norm_state(tail.norm)
         params += [tail.norm.weight, tail.norm.bias, tail.conv.weight]
         conv_params.add(id(tail.conv.weight))
+    else:
+        kind, tail_norm = TAIL_NORM, norm_state(tail)
+        params += [tail.weight, tail.bias]
     spec = BlockSpec(
         growth_rate=layers[0].conv2.out_channels,
         layer_norms=tuple(norms),
@@ -89,15 +80,42 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
         return dense_block(x.to(dtype), spec, params)
 
 
-class _DenseBlock(DenseBlock):
-    """A dense block computed over one shared buffer; returns all its channels."""
+def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
+    """Why ``tail``, the module after a standard ``block``, cannot be fused into it."""
+    if tail is None:
+        return Blocker("the block is last")
+    if has_hooks(tail):
+        return Blocker("it has hooks")
+    if tail.training != block.training:
+        return Blocker("it is not in the block's train/eval mode")
+    channels = block_channels(block)
+    if type(tail) is _Transition:
+        return transition_blocker(tail, channels)
+    problem = norm_blocker(tail, channels)
+    if problem is not None:
+        return Blocker(f"it {problem}, and is not a transition either", nonstandard=True)
+    if "forward" in tail.__dict__:
+        return Blocker("it has its forward replaced on the instance", nonstandard=True)
+    return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+
+class _DenseBlock(DenseBlock):
+    """A dense block computed over one shared buffer; returns all its channels.
+
+    A block whose module tree is not the standard one, or that is hooked inside, traced or
+    transformed (:mod:`densenet_fast.fusion`), runs its modules as torchvision's does.
+    """
+
+    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        blocker = runtime_blocker(init_features) or block_blocker(self)
+        if blocker is not None:
+            warn_fallback("a dense block", blocker)
+            return super().forward(init_features)
         first = self.denselayer1
-        check_input_tensor(x, expected_channels=first.norm1.num_features,
+        check_input_tensor(init_features, expected_channels=first.conv1.in_channels,
                            reference=first.conv1.weight, where=type(self).__name__)
-        check_spatial_plan([("block", self)], x, _DenseBlock, _Transition)
-        return run_block(self, x, None)
+        check_spatial_plan([("block", self)], init_features, _DenseBlock, _Transition)
+        return run_block(self, init_features, None)
 
 
 class _Transition(Transition):
@@ -105,32 +123,68 @@ class _Transition(Transition):
 
 
 class _Features(nn.Sequential):
-    """``model.features``: stem, then each block fused with the transition or norm after it."""
+    """``model.features``: the stem, then each standard block fused with the transition or
+    norm after it; everything else is called as a module, as ``nn.Sequential`` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        named = list(self.named_children())
-        if named and isinstance(named[0][1], nn.Conv2d):
-            conv0 = named[0][1]
+        modules = list(self._modules.values())
+        if runtime_blocker(x) is not None:
+            for module in modules:
+                x = module(x)
+            return x
+        if modules and isinstance(modules[0], nn.Conv2d):
+            conv0 = modules[0]
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")
-        check_spatial_plan([(f"features.{name}", m) for name, m in named], x, _DenseBlock,
-                           _Transition)
+        check_spatial_plan([(f"features.{name}", m) for name, m in self.named_children()], x,
+                           _DenseBlock, _Transition)
         i = 0
-        while i < len(named):
-            module = named[i][1]
-            follower = named[i + 1][1] if i + 1 < len(named) else None
-            if isinstance(module, _DenseBlock):
-                fusable = type(follower) is nn.BatchNorm2d or (
-                    isinstance(follower, _Transition) and _is_standard_transition(follower))
-                if fusable and follower.training == module.training:
-                    x = run_block(module, x, follower)
-                    i += 2
-                    continue
-                x = run_block(module, x, None)
+        while i < len(modules):
+            module = modules[i]
+            if _fusable_block(module):
+                tail = modules[i + 1] if i + 1 < len(modules) else None
+                fuse_tail = _tail_blocker(module, tail) is None
+                x = run_block(module, x, tail if fuse_tail else None)
+                i += 2 if fuse_tail else 1
             else:
-                x = module(x)
-            i += 1
+                x = module(x)  # a hooked block is fused inside its own forward
+                i += 1
         return x
+
+    def fusion_report(self) -> dict[str, str]:
+        """How each dense block runs in the next forward, and why; see
+        :meth:`DenseNet.fusion_report`."""
+        runtime = runtime_blocker(None)
+        named = list(self._modules.items())
+        report = {}
+        for i, (name, module) in enumerate(named):
+            if not isinstance(module, DenseBlock):
+                continue
+            where = f"features.{name}"
+            if type(module) is not _DenseBlock or "forward" in module.__dict__:
+                report[where] = (f"modules: it is {type(module).__name__} with a forward of its "
+                                 f"own, not densenet_fast's block")
+                continue
+            blocker = runtime or block_blocker(module)
+            if blocker is not None:
+                report[where] = f"modules: {blocker.reason}"
+                continue
+            tail_name, tail = named[i + 1] if i + 1 < len(named) else (None, None)
+            tail_blocker = Blocker("the block has hooks, so it is called as a module") \
+                if has_hooks(module) else _tail_blocker(module, tail)
+            if tail_blocker is None:
+                report[where] = f"fused with features.{tail_name}"
+            elif tail is None:
+                report[where] = "fused"
+            else:
+                report[where] = (f"fused; features.{tail_name} runs as a module: "
+                                 f"{tail_blocker.reason}")
+        return report
+
+
+def _fusable_block(module: nn.Module) -> bool:
+    return type(module) is _DenseBlock and "forward" not in module.__dict__ \
+        and not has_hooks(module) and block_blocker(module) is None
 
 
 class DenseNet(DenseNetBase):
@@ -164,6 +218,17 @@ class DenseNet(DenseNetBase):
                  in_channels: int = 3) -> None:
         super().__init__(growth_rate, block_config, num_init_features, bn_size, drop_rate,
                          num_classes, memory_efficient, in_channels)
+
+    def fusion_report(self) -> dict[str, str]:
+        """How each dense block runs in the next forward, and why, keyed by its name.
+
+        ``"fused with features.transition1"``: the block and the module after it run as one
+        fused step. ``"fused; features.norm5 runs as a module: it has hooks"``: the block is
+        fused and the module after it is called on its own. ``"modules: ..."``: the block
+        runs its modules as torchvision's does, with the reason (a non-standard module,
+        hooks inside the block, tracing, a ``torch.func`` transform, global module hooks).
+        """
+        return self.features.fusion_report()
 
 
 def _resolve_weights(arch: str, weights):

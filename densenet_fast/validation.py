@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
@@ -44,7 +45,9 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _check_bn(bn: nn.BatchNorm2d, name: str, n: int, h: int, w: int, c: int) -> None:
+def _check_bn(bn: nn.Module, name: str, n: int, h: int, w: int, c: int) -> None:
+    if not isinstance(bn, _BatchNorm):
+        return  # FrozenBatchNorm2d and the like never use batch statistics
     uses_batch = bn.training or bn.running_mean is None
     if uses_batch and n * h * w <= 1:
         raise ValueError(
@@ -52,14 +55,23 @@ def _check_bn(bn: nn.BatchNorm2d, name: str, n: int, h: int, w: int, c: int) -> 
             f"[{n}, {c}, {h}, {w}] at {name}: use a larger batch or image, or call .eval()")
 
 
+def _is_halving_pool(pool) -> bool:
+    return (isinstance(pool, nn.AvgPool2d) and _pair(pool.kernel_size) == (2, 2)
+            and _pair(pool.stride) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and not pool.ceil_mode)
+
+
 def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls) -> None:
     """Walk the feature modules with the input's size and refuse, before running anything,
     a size that some stride/pool cannot reduce or that leaves a training BN one value per
-    channel. Stops checking at the first module of a kind it does not know."""
+    channel. Stops checking at the first module whose shape it does not know (a swapped or
+    custom module: that module's own error, if any, is then raised when it runs)."""
     n, c, h, w = x.shape
     for name, m in modules:
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+            if isinstance(m.padding, str):
+                return
             dilation = _pair(getattr(m, "dilation", 1))
             new_h = _pooled(h, kernel[0], stride[0], padding[0], dilation[0])
             new_w = _pooled(w, kernel[1], stride[1], padding[1], dilation[1])
@@ -71,20 +83,25 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             h, w = new_h, new_w
             if isinstance(m, nn.Conv2d):
                 c = m.out_channels
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, _BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d":
             _check_bn(m, name, n, h, w, c)
         elif isinstance(m, nn.ReLU | nn.Identity | nn.Dropout):
             continue
-        elif isinstance(m, dense_block_cls):
-            layers = list(m.values())
-            for i, layer in enumerate(layers):
-                _check_bn(layer.norm1, f"{name}.denselayer{i + 1}.norm1", n, h, w,
-                          layer.norm1.num_features)
-                _check_bn(layer.norm2, f"{name}.denselayer{i + 1}.norm2", n, h, w,
-                          layer.norm2.num_features)
-            c = layers[-1].norm1.num_features + layers[-1].conv2.out_channels
-        elif isinstance(m, transition_cls):
-            _check_bn(m.norm, f"{name}.norm", n, h, w, c)
+        elif type(m) is dense_block_cls:
+            for layer_name, layer in m.named_children():
+                for bn_name in ("norm1", "norm2"):
+                    bn = getattr(layer, bn_name, None)
+                    if not isinstance(bn, nn.Module):
+                        return
+                    _check_bn(bn, f"{name}.{layer_name}.{bn_name}", n, h, w,
+                              getattr(bn, "num_features", c))
+            last = list(m.children())[-1]
+            c = getattr(getattr(last, "norm1", None), "num_features", 0) + getattr(
+                getattr(last, "conv2", None), "out_channels", 0)
+        elif type(m) is transition_cls and _is_halving_pool(getattr(m, "pool", None)) \
+                and isinstance(getattr(m, "conv", None), nn.Conv2d) \
+                and getattr(m.conv, "stride", None) == (1, 1):
+            _check_bn(getattr(m, "norm", None), f"{name}.norm", n, h, w, c)
             if h < 2 or w < 2:
                 raise ValueError(
                     f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "

@@ -28,6 +28,7 @@ conv weight share one dtype; BN parameters may be float32 while the data is lowe
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 NAMESPACE = "densenet_fast"
 FORWARD = f"{NAMESPACE}::bn_relu_conv1x1"
@@ -135,3 +136,25 @@ def _backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weig
     check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
                         grad_buffer)
     return torch.empty_like(conv_weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+
+
+def _conv1x1_flops(out_shape, conv_weight_shape) -> int:
+    """Multiply-adds of the 1x1 convolution, counted as FlopCounterMode counts
+    ``aten.convolution``: ``2 * N*H*W * C_out * C``. BN and ReLU are not counted, as they are
+    not for ``nn.BatchNorm2d`` and ``nn.ReLU``."""
+    n, c_out, h, w = out_shape
+    return 2 * n * h * w * c_out * conv_weight_shape[1]
+
+
+@register_flop_formula(torch.ops.densenet_fast.bn_relu_conv1x1)
+def _forward_flops(buffer, mean, invstd, bn_weight, bn_bias, conv_weight, *args, out_shape=None,
+                   **kwargs) -> int:
+    return _conv1x1_flops(out_shape, conv_weight)
+
+
+@register_flop_formula(torch.ops.densenet_fast.bn_relu_conv1x1_backward)
+def _backward_flops(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, *args,
+                    **kwargs) -> int:
+    # The input gradient and the weight gradient, each as costly as the forward: what
+    # FlopCounterMode counts for aten.convolution_backward with both outputs.
+    return 2 * _conv1x1_flops(grad_out, conv_weight)

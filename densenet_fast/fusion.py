@@ -1,0 +1,250 @@
+"""When a dense block may run fused: the standard module tree, with nothing watching it.
+
+The fused block computes, from the modules' parameters and buffers, what torchvision's
+modules would compute, without calling them. That is exact only for the standard tree, so
+before every forward each block is checked with plain attribute reads (no allocation):
+
+- every module has its standard type and settings (``nn.BatchNorm2d`` with ``affine=True``,
+  or an equivalent the fused path computes exactly: ``nn.SyncBatchNorm`` where it does not
+  synchronise, torchvision's ``FrozenBatchNorm2d``; ``nn.ReLU``; bias-free ``nn.Conv2d`` 1x1
+  and 3x3 with torchvision's stride, padding, dilation and groups; the 2x2 ``nn.AvgPool2d``),
+  with channel counts that chain as in a DenseNet, and no ``forward`` replaced on an instance;
+- no module has forward, pre-forward or backward hooks (old-style ``prune``, ``weight_norm``
+  and ``spectral_norm`` are pre-forward hooks), and no global module hook is registered;
+- nothing is parametrized (``torch.nn.utils.parametrize`` changes a module's type);
+- nothing traces the model (``torch.jit.trace``, the legacy ONNX exporter, ``torch.fx``) and
+  no ``torch.func`` transform is active; :func:`unfused` is not in force.
+
+A block that fails the check runs its modules, exactly as torchvision's block does; the
+other blocks stay fused.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module_globals
+
+from .architecture import DenseLayer
+from .block import NormState
+
+_LAYER_CHILDREN = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
+_TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
+
+# Depth of nested unfused() contexts.
+_unfused_depth = 0
+_warned: set[str] = set()
+
+
+class Blocker(NamedTuple):
+    """Why a block (or its fused tail) runs through its modules.
+
+    ``nonstandard``: the module tree itself differs from the standard one (a swapped type or
+    setting, a parametrization); such a fallback is warned about once. Hooks, tracing and
+    transforms are the user's own doing and are only reported.
+    """
+
+    reason: str
+    nonstandard: bool = False
+
+
+@contextmanager
+def unfused():
+    """Run every dense block through its modules inside this context (torchvision's
+    computation and memory), for example to take a double backward (``create_graph=True``),
+    which the fused block does not support."""
+    global _unfused_depth
+    _unfused_depth += 1
+    try:
+        yield
+    finally:
+        _unfused_depth -= 1
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, pre-forward or backward hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    g = _module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
+# torch.fx.symbolic_trace only; the older name also answers for torch.export on newer torch.
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                               torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _under_func_transform() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def runtime_blocker(x) -> Blocker | None:
+    """What, in the current call, keeps every block on its modules (None: nothing)."""
+    if _unfused_depth:
+        return Blocker("densenet_fast.unfused() is in force")
+    if _global_hooks():
+        return Blocker("global module hooks are registered "
+                       "(torch.nn.modules.module.register_module_forward_hook and the like)")
+    if torch.compiler.is_compiling():
+        return None  # dynamo traces the fused block itself (see ops/__init__.py)
+    if torch.jit.is_tracing():
+        return Blocker("traced by torch.jit.trace (or the TorchScript-based ONNX exporter)")
+    if isinstance(x, torch.fx.Proxy) or _fx_symbolic_tracing():
+        return Blocker("traced by torch.fx")
+    if _under_func_transform():
+        return Blocker("under a torch.func transform")
+    return None
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """torchvision's ``FrozenBatchNorm2d``, looked up only if torchvision is loaded."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return misc is not None and type(module) is getattr(misc, "FrozenBatchNorm2d", None)
+
+
+def _describe(module: nn.Module | None) -> str:
+    if module is None:
+        return "missing"
+    name = type(module).__name__
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return f"parametrized ({name}, torch.nn.utils.parametrize)"
+    return f"{name} ({module!r})" if isinstance(module, (nn.Conv2d, nn.AvgPool2d)) else name
+
+
+def norm_blocker(bn: nn.Module | None, channels: int) -> str | None:
+    """Why ``bn`` is not a BatchNorm the fused path computes exactly over ``channels``."""
+    kind = type(bn)
+    if kind is nn.BatchNorm2d or kind is nn.SyncBatchNorm:
+        if not bn.affine:
+            return "has affine=False"
+        if kind is nn.SyncBatchNorm and bn.training and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            return "is a SyncBatchNorm in training under a process group (not fused yet)"
+    elif not is_frozen_batchnorm(bn):
+        return f"is {_describe(bn)}, not nn.BatchNorm2d"
+    if bn.weight.shape[0] != channels:
+        return f"normalises {bn.weight.shape[0]} channels where {channels} arrive"
+    return None
+
+
+def norm_state(bn: nn.Module) -> NormState:
+    """The fused block's view of a BatchNorm that :func:`norm_blocker` accepted."""
+    if is_frozen_batchnorm(bn):
+        return NormState(bn.running_mean, bn.running_var, None, None, bn.eps,
+                         batch_stats=False, update_running=False)
+    return NormState.of(bn)
+
+
+def _conv_blocker(conv: nn.Module | None, kernel: int, in_channels: int) -> str | None:
+    padding = (kernel // 2, kernel // 2)
+    if not (type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel)
+            and conv.stride == (1, 1) and conv.padding == padding and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.bias is None and conv.padding_mode == "zeros"):
+        return (f"is {_describe(conv)}, not a bias-free {kernel}x{kernel} nn.Conv2d with "
+                f"stride 1, padding {padding[0]}, dilation 1 and groups 1")
+    if conv.in_channels != in_channels:
+        return f"reads {conv.in_channels} channels where {in_channels} arrive"
+    return None
+
+
+def _child_blocker(name: str, module: nn.Module | None, problem: str | None) -> Blocker | None:
+    if problem is not None:
+        return Blocker(f"{name} {problem}", nonstandard=True)
+    if "forward" in module.__dict__:
+        return Blocker(f"{name} has its forward replaced on the instance", nonstandard=True)
+    if has_hooks(module):
+        return Blocker(f"{name} has hooks")
+    return None
+
+
+def _layer_problems(layer: DenseLayer, channels: int) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(child name, child, problem or None)`` for each of a standard layer's children."""
+    children = layer._modules
+    norm1, conv1, norm2, conv2 = (children.get(n) for n in ("norm1", "conv1", "norm2", "conv2"))
+    bottleneck = conv1.out_channels if type(conv1) is nn.Conv2d else None
+    yield "norm1", norm1, norm_blocker(norm1, channels)
+    yield "conv1", conv1, _conv_blocker(conv1, 1, channels)
+    yield "norm2", norm2, norm_blocker(norm2, bottleneck)
+    yield "conv2", conv2, _conv_blocker(conv2, 3, bottleneck)
+    for name in ("relu1", "relu2"):
+        relu = children.get(name)
+        yield name, relu, None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"
+
+
+def block_blocker(block: nn.Module) -> Blocker | None:
+    """Why the layers of ``block`` cannot run fused (None: they can). ``block`` itself is
+    assumed to be densenet_fast's block; its own hooks are the caller's concern."""
+    layers = block._modules
+    if not layers:
+        return Blocker("has no layers", nonstandard=True)
+    first = next(iter(layers.values()))
+    channels = getattr(getattr(first, "conv1", None), "in_channels", None)
+    growth = getattr(getattr(first, "conv2", None), "out_channels", None)
+    for name, layer in layers.items():
+        if type(layer) is not DenseLayer or "forward" in layer.__dict__:
+            return Blocker(f"{name} is {type(layer).__name__} with a forward of its own, "
+                           f"not densenet_fast's dense layer", nonstandard=True)
+        if has_hooks(layer):
+            return Blocker(f"{name} has hooks")
+        for child_name, child, problem in _layer_problems(layer, channels):
+            blocker = _child_blocker(f"{name}.{child_name}", child, problem)
+            if blocker is not None:
+                return blocker
+        if layer.conv2.out_channels != growth:
+            return Blocker(f"{name} adds {layer.conv2.out_channels} channels where the block's "
+                           f"first layer adds {growth}", nonstandard=True)
+        channels += growth
+    return None
+
+
+def block_channels(block: nn.Module) -> int:
+    """Channels a standard block returns."""
+    last = next(reversed(block._modules.values()))
+    return last.conv1.in_channels + last.conv2.out_channels
+
+
+def transition_blocker(transition: nn.Module, channels: int) -> Blocker | None:
+    """Why a standard transition type cannot be fused after a block of ``channels``."""
+    children = transition._modules
+    if "forward" in transition.__dict__ or tuple(children) != _TRANSITION_CHILDREN:
+        return Blocker(f"has children {tuple(children)} or a forward of its own, not "
+                       f"torchvision's {_TRANSITION_CHILDREN}", nonstandard=True)
+    pool = children["pool"]
+    pool_problem = None
+    if not (type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2))
+            and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
+            and not pool.ceil_mode and pool.divisor_override is None):
+        pool_problem = f"is {_describe(pool)}, not nn.AvgPool2d(kernel_size=2, stride=2)"
+    relu = children["relu"]
+    problems = (
+        ("norm", children["norm"], norm_blocker(children["norm"], channels)),
+        ("relu", relu, None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"),
+        ("conv", children["conv"], _conv_blocker(children["conv"], 1, channels)),
+        ("pool", pool, pool_problem),
+    )
+    for name, child, problem in problems:
+        blocker = _child_blocker(name, child, problem)
+        if blocker is not None:
+            return blocker
+    return None
+
+
+def warn_fallback(where: str, blocker: Blocker) -> None:
+    """Warn, once per reason, that a block runs through its modules because the module tree
+    is not the standard one."""
+    message = (f"densenet_fast: {where} runs through its modules (torchvision's computation "
+               f"and memory), because {blocker.reason}; model.fusion_report() lists how every "
+               f"block runs")
+    if blocker.nonstandard and message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)

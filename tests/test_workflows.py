@@ -1,0 +1,610 @@
+"""What users do to a torchvision DenseNet, done side by side to densenet_fast's.
+
+Hooks, Grad-CAM, module swaps, parametrizations, frozen and synchronised BatchNorm, tracing
+and export, parameter and FLOP counters, torch.func. Each gives torchvision's results (a
+block that is not the standard tree runs its modules), and a dispatch-mode count of the
+fused op shows that the other blocks stay fused. Everything runs in float64, where a ReLU
+mask flip cannot hide a real difference.
+"""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.prune
+from helpers import twins
+from tolerances import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models import DenseNet as TorchvisionDenseNet
+
+import densenet_fast
+from densenet_fast import DenseNet
+
+CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
+              num_classes=5)
+DTYPE = torch.float64
+FUSED_OPS = {"block1": 3, "block2": 3}  # two layers + transition, three layers (+ norm5)
+
+
+class FusedOpCounter(TorchDispatchMode):
+    """Counts calls of the fused BN-ReLU-Conv1x1 forward op."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.densenet_fast.bn_relu_conv1x1.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def models():
+    """(densenet_fast, torchvision) with identical weights and non-trivial statistics."""
+    fast, ref = twins(DenseNet, TorchvisionDenseNet, DTYPE, **CONFIG)
+    with torch.no_grad():
+        ref(torch.randn(4, 3, 32, 32, dtype=DTYPE))
+    fast.load_state_dict(ref.state_dict())
+    return fast, ref
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 3, 32, 32, dtype=DTYPE, generator=generator),
+            torch.tensor([1, 3]))
+
+
+def _step(model, train=True):
+    """A forward and backward: logits, input gradient, every parameter's gradient (None
+    kept), and the buffers after the step."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    x, y = _batch()
+    x.requires_grad_()
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    return out.detach(), x.grad, grads, buffers
+
+
+def _counted_step(model, train=True):
+    with FusedOpCounter() as counter:
+        result = _step(model, train)
+    return result, counter.calls
+
+
+def assert_same_step(fast_result, ref_result, what=""):
+    (out, dx, grads, buffers), (ref_out, ref_dx, ref_grads, ref_buffers) = \
+        fast_result, ref_result
+    assert_close(out, ref_out, DTYPE, f"{what} logits")
+    assert_close(dx, ref_dx, DTYPE, f"{what} input gradient")
+    assert grads.keys() == ref_grads.keys(), f"{what}: parameter names differ"
+    for name, grad in grads.items():
+        if ref_grads[name] is None:
+            assert grad is None, f"{what}: {name}.grad is set where torchvision's is None"
+        else:
+            assert grad is not None, f"{what}: {name}.grad is None where torchvision's is not"
+            assert_close(grad, ref_grads[name], DTYPE, f"{what} grad {name}")
+    assert buffers.keys() == ref_buffers.keys(), f"{what}: buffer names differ"
+    for name, buffer in buffers.items():
+        assert_close(buffer, ref_buffers[name], DTYPE, f"{what} buffer {name}")
+
+
+def test_standard_model_runs_the_fused_op_in_every_block(models):
+    fast, ref = models
+    result, calls = _counted_step(fast)
+    assert calls == sum(FUSED_OPS.values())
+    assert_same_step(result, _step(ref), "standard model")
+    assert fast.fusion_report() == {
+        "features.denseblock1": "fused with features.transition1",
+        "features.denseblock2": "fused with features.norm5",
+    }
+
+
+# --- hooks -----------------------------------------------------------------------------
+
+HOOK_TARGETS = {
+    # module hooked: fused op calls per forward that remain
+    "features.denseblock1": sum(FUSED_OPS.values()) - 1,  # fused alone; the transition
+    "features.denseblock2": sum(FUSED_OPS.values()),  # runs as a module of its own
+    "features.denseblock2.denselayer1": FUSED_OPS["block1"],
+    "features.denseblock1.denselayer2.conv1": FUSED_OPS["block2"],
+    "features.denseblock2.denselayer3.norm2": FUSED_OPS["block1"],
+    "features.transition1": sum(FUSED_OPS.values()) - 1,  # now a module of its own
+    "features.norm5": sum(FUSED_OPS.values()),
+}
+
+
+def _flatten(value):
+    if isinstance(value, torch.Tensor):
+        return [value.detach().clone()]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _flatten(item)]
+    return []
+
+
+def _record_hooks(model, target):
+    """Every kind of hook on ``target``; returns the record they fill."""
+    module = model.get_submodule(target)
+    record = {"pre": [], "forward": [], "tensor": [], "backward": []}
+
+    def forward_hook(mod, inputs, output):
+        record["forward"].append(_flatten(output))
+        output.register_hook(lambda grad: record["tensor"].append(_flatten(grad)))
+
+    module.register_forward_pre_hook(lambda mod, inputs: record["pre"].append(_flatten(inputs)))
+    module.register_forward_hook(forward_hook)
+    module.register_full_backward_hook(
+        lambda mod, grad_in, grad_out: record["backward"].append(_flatten(grad_in + grad_out)))
+    return record
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("target", list(HOOK_TARGETS))
+def test_hooks_fire_once_with_torchvisions_tensors(models, target, train):
+    fast, ref = models
+    fast_record, ref_record = _record_hooks(fast, target), _record_hooks(ref, target)
+    try:
+        ref_result = _step(ref, train)
+    except RuntimeError as exc:
+        # A full backward hook's output view fed to an in-place ReLU: torchvision refuses
+        # it, and so must we, with the same error.
+        with pytest.raises(RuntimeError, match="BackwardHookFunction is a view"):
+            _step(fast, train)
+        assert "BackwardHookFunction is a view" in str(exc)
+        return
+    result, calls = _counted_step(fast, train)
+    assert_same_step(result, ref_result, f"hooked {target}")
+    assert calls == HOOK_TARGETS[target]
+    for kind, ref_fired in ref_record.items():
+        fired = fast_record[kind]
+        assert len(fired) == len(ref_fired) == 1, f"{kind} hook on {target}: {len(fired)} calls"
+        assert len(fired[0]) == len(ref_fired[0]), f"{kind} hook on {target}: tensor count"
+        for i, (tensor, ref_tensor) in enumerate(zip(fired[0], ref_fired[0], strict=True)):
+            assert_close(tensor, ref_tensor, DTYPE, f"{kind} hook on {target}, tensor {i}")
+
+
+def test_full_backward_hooks_where_torchvision_allows_them(models):
+    """A module whose output feeds an in-place ReLU refuses full backward hooks in both
+    models (above); with the ReLU modules made out-of-place they fire with equal tensors."""
+    fast, ref = models
+    targets = ["features.denseblock2.denselayer3.norm2", "features.transition1.norm"]
+    records = []
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+        records.append([_record_hooks(model, target) for target in targets])
+    fast_result = _step(fast)
+    ref_result = _step(ref)
+    assert_same_step(fast_result, ref_result, "full backward hooks, out-of-place ReLU")
+    for target, ours, theirs in zip(targets, *records, strict=True):
+        assert len(ours["backward"]) == len(theirs["backward"]) == 1, target
+        for tensor, ref_tensor in zip(ours["backward"][0], theirs["backward"][0], strict=True):
+            assert_close(tensor, ref_tensor, DTYPE, f"backward hook on {target}")
+
+
+def test_global_module_hooks_run_every_block_through_its_modules(models):
+    fast, ref = models
+    seen = {id(m): 0 for m in fast.modules()}
+
+    def count(module, inputs, output):
+        seen[id(module)] = seen.get(id(module), 0) + 1
+
+    handle = nn.modules.module.register_module_forward_hook(count)
+    try:
+        result, calls = _counted_step(fast)
+        assert "global module hooks" in fast.fusion_report()["features.denseblock1"]
+    finally:
+        handle.remove()
+    assert calls == 0
+    assert all(seen[id(m)] == 1 for m in fast.modules()), "every module is called once"
+    assert_same_step(result, _step(ref), "global hook")
+
+
+def _gradcam(model, target, x, class_index):
+    """Grad-CAM by hand: weights are the spatially averaged gradients of the class score."""
+    captured = {}
+
+    def keep(module, inputs, output):
+        captured["activation"] = output
+        output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+
+    handle = model.get_submodule(target).register_forward_hook(keep)
+    try:
+        model.zero_grad()
+        model(x)[:, class_index].sum().backward()
+    finally:
+        handle.remove()
+    weights = captured["gradient"].mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * captured["activation"]).sum(1)).detach()
+
+
+@pytest.mark.parametrize("target", ["features.denseblock2", "features.norm5"])
+def test_gradcam_by_hand(models, target):
+    fast, ref = models
+    x, _ = _batch()
+    for model in models:
+        model.eval()
+    heatmap = _gradcam(fast, target, x, 2)
+    assert heatmap.abs().max() > 0
+    assert_close(heatmap, _gradcam(ref, target, x, 2), DTYPE, f"Grad-CAM on {target}")
+
+
+def test_gradcam_package_on_the_last_feature_layer(models):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x, _ = _batch()
+    heatmaps = []
+    for model in models:
+        model.eval()
+        with GradCAM(model=model, target_layers=[model.features[-1]]) as cam:
+            heatmaps.append(torch.from_numpy(
+                cam(input_tensor=x, targets=[ClassifierOutputTarget(2)] * 2)))
+    assert heatmaps[0].abs().max() > 0
+    assert_close(heatmaps[0], heatmaps[1], torch.float32, "grad-cam heatmaps")
+
+
+# --- module swaps and parametrizations -------------------------------------------------
+
+class _ScaledLayer(nn.Module):
+    """A user's own dense layer: the standard computation, scaled by two."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.inner = layer
+
+    def forward(self, inputs):
+        return 2 * self.inner(inputs)
+
+
+def _conv_like(conv, **changes):
+    settings = dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                    kernel_size=conv.kernel_size, padding=conv.padding, bias=False)
+    settings.update(changes)
+    return nn.Conv2d(**settings)
+
+
+def _frozen(bn):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.weight.dtype)
+    frozen.load_state_dict(bn.state_dict(), strict=False)
+    return frozen
+
+
+def _replace_batchnorms(module, make):
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, make(child))
+        else:
+            _replace_batchnorms(child, make)
+
+
+def _set(path):
+    """A modification that replaces the module at ``path`` with ``make(old module)``."""
+    parent_path, _, name = path.rpartition(".")
+
+    def modify(make):
+        def apply(model):
+            parent = model.get_submodule(parent_path)
+            setattr(parent, name, make(getattr(parent, name)))
+        return apply
+    return modify
+
+
+LAYER = "features.denseblock2.denselayer2"
+SWAPS = {
+    # name: (modification applied identically to both models, non-standard block or None)
+    "relu2-leaky": (_set(f"{LAYER}.relu2")(lambda m: nn.LeakyReLU(0.2)), "denseblock2"),
+    "relu1-gelu": (_set(f"{LAYER}.relu1")(lambda m: nn.GELU()), "denseblock2"),
+    "conv1-bias": (_set(f"{LAYER}.conv1")(lambda m: _conv_like(m, bias=True)), "denseblock2"),
+    "conv2-dilated": (_set(f"{LAYER}.conv2")(lambda m: _conv_like(m, dilation=2, padding=2)),
+                      "denseblock2"),
+    "conv2-grouped": (_set(f"{LAYER}.conv2")(lambda m: _conv_like(m, groups=2)), "denseblock2"),
+    "norm1-not-affine": (_set(f"{LAYER}.norm1")(
+        lambda m: nn.BatchNorm2d(m.num_features, affine=False)), "denseblock2"),
+    "norm2-groupnorm": (_set(f"{LAYER}.norm2")(lambda m: nn.GroupNorm(2, m.num_features)),
+                        "denseblock2"),
+    "layer-own-class": (_set(LAYER)(_ScaledLayer), "denseblock2"),
+    "transition-maxpool": (_set("features.transition1.pool")(lambda m: nn.MaxPool2d(2)), None),
+    "transition-extra-module": (
+        lambda model: model.features.transition1.add_module("drop", nn.Dropout(0.0)), None),
+    "norm5-identity": (_set("features.norm5")(lambda m: nn.Identity()), None),
+}
+
+
+def _replace_forward(model):
+    layer = model.get_submodule(LAYER)
+    original = layer.forward
+    layer.forward = lambda inputs: original(inputs) * 0.5
+
+
+SWAPS["layer-forward-replaced"] = (_replace_forward, "denseblock2")
+
+
+@pytest.mark.parametrize("name", list(SWAPS))
+def test_module_swaps_apply(models, name):
+    modify, fallback_block = SWAPS[name]
+    fast, ref = models
+    for model in (fast, ref):
+        torch.manual_seed(7)
+        modify(model)
+        model.to(DTYPE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result, calls = _counted_step(fast)
+    assert_same_step(result, _step(ref), f"swap {name}")
+    report = fast.fusion_report()
+    if fallback_block is None:  # the blocks stay fused; the changed tail runs on its own
+        assert calls == sum(FUSED_OPS.values()) - (name.startswith("transition"))
+        assert all(status.startswith("fused") for status in report.values()), report
+    else:
+        assert calls == FUSED_OPS["block1"]
+        assert report[f"features.{fallback_block}"].startswith("modules: ")
+        assert report["features.denseblock1"] == "fused with features.transition1"
+        assert any("runs through its modules" in str(w.message) for w in caught)
+
+
+def test_fallback_warns_once_per_reason(models):
+    fast, _ = models
+    SWAPS["relu1-gelu"][0](fast)
+    x, _ = _batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast(x)
+        fast(x)
+    assert sum("runs through its modules" in str(w.message) for w in caught) <= 1
+
+
+def _new_style(apply):
+    def modify(model):
+        apply(model.get_submodule(f"{LAYER}.conv1"))
+    return modify
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": _new_style(lambda m: nn.utils.parametrizations.weight_norm(m)),
+    "spectral_norm": _new_style(lambda m: nn.utils.parametrizations.spectral_norm(m)),
+    "orthogonal": _new_style(lambda m: nn.utils.parametrizations.orthogonal(m)),
+    "old-weight_norm": _new_style(lambda m: nn.utils.weight_norm(m)),
+    "old-spectral_norm": _new_style(lambda m: nn.utils.spectral_norm(m)),
+    "old-prune": _new_style(lambda m: nn.utils.prune.l1_unstructured(m, "weight", 0.3)),
+}
+
+
+@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
+def test_parametrizations_old_and_new_style_train(models, name):
+    fast, ref = models
+    for model in (fast, ref):
+        torch.manual_seed(3)
+        PARAMETRIZATIONS[name](model)
+        model.to(DTYPE)
+    for step in range(2):  # old-style hooks used to break on the second step
+        result, calls = _counted_step(fast)
+        assert_same_step(result, _step(ref), f"{name}, step {step + 1}")
+        assert calls == FUSED_OPS["block1"]
+        for model in (fast, ref):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(0.01 * p.grad)
+
+
+def test_frozen_batchnorm_runs_fused(models):
+    fast, ref = models
+    for model in models:
+        _replace_batchnorms(model.features, _frozen)
+    result, calls = _counted_step(fast)
+    assert calls == sum(FUSED_OPS.values())
+    assert_same_step(result, _step(ref), "FrozenBatchNorm2d")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_sync_batchnorm_in_one_process_runs_fused(models, train):
+    fast, ref = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in models)
+    assert isinstance(fast.features.denseblock1.denselayer1.norm1, nn.SyncBatchNorm)
+    result, calls = _counted_step(fast, train)
+    assert calls == sum(FUSED_OPS.values())
+    assert_same_step(result, _step(ref, train), "SyncBatchNorm")
+
+
+# --- tracing, export, counters ---------------------------------------------------------
+
+def test_fx_feature_extraction_has_torchvisions_nodes(models):
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
+
+    fast, ref = models
+    for model in models:
+        model.eval()
+    assert get_graph_node_names(fast) == get_graph_node_names(ref)
+    nodes = ["features.denseblock1", "features.transition1.conv", "features.norm5", "flatten"]
+    x, _ = _batch()
+    ours = create_feature_extractor(fast, nodes)(x)
+    theirs = create_feature_extractor(ref, nodes)(x)
+    for node in nodes:
+        assert_close(ours[node], theirs[node], DTYPE, f"feature {node}")
+    traced = torch.fx.symbolic_trace(fast)
+    assert_close(traced(x), ref(x), DTYPE, "symbolic_trace output")
+
+
+def test_jit_trace(models):
+    fast, ref = models
+    x, _ = _batch()
+    for model in models:
+        model.eval()
+    traced = torch.jit.trace(fast, x)
+    assert_close(traced(x), ref(x), DTYPE, "traced output")
+    assert_close(traced(2 * x), ref(2 * x), DTYPE, "traced output, new input")
+
+
+def test_legacy_onnx_export_runs_in_onnxruntime(models):
+    import onnxruntime
+
+    fast, ref = (m.float().eval() for m in models)
+    x = _batch()[0].float()
+    exported = io.BytesIO()
+    torch.onnx.export(fast, (x,), exported, dynamo=False, input_names=["x"])
+    session = onnxruntime.InferenceSession(exported.getvalue(),
+                                           providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    assert_close(out, ref(x), torch.float32, "onnxruntime output")
+
+
+def test_torch_export_matches(models):
+    fast, ref = models
+    x, _ = _batch()
+    for model in models:
+        model.eval()
+    program = torch.export.export(fast, (x,))
+    assert_close(program.module()(x), ref(x), DTYPE, "exported program output")
+
+
+def test_parameter_and_mult_add_counts(models):
+    import thop
+    import torchinfo
+    from fvcore.nn import FlopCountAnalysis
+
+    x, _ = _batch()
+    fast, ref = models
+    ours = torchinfo.summary(fast, input_data=x, verbose=0)
+    theirs = torchinfo.summary(ref, input_data=x, verbose=0)
+    assert (ours.total_params, ours.total_mult_adds) == (theirs.total_params,
+                                                         theirs.total_mult_adds)
+    assert sum(p.numel() for p in fast.parameters()) == ours.total_params
+    fast, ref = (copy.deepcopy(m).eval() for m in models)  # thop leaves counters behind
+    assert thop.profile(fast, inputs=(x,), verbose=False) == \
+        thop.profile(ref, inputs=(x,), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert FlopCountAnalysis(fast, x).unsupported_ops_warnings(False).total() == \
+            FlopCountAnalysis(ref, x).unsupported_ops_warnings(False).total()
+
+
+def test_flop_counter_mode_totals(models):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals = []
+    for model in models:
+        with FlopCounterMode(display=False) as counter:
+            _step(model)
+        totals.append(counter.get_total_flops())
+    assert totals[0] == totals[1] > 0
+
+
+def test_flop_formula_of_the_fused_block(models):
+    """The fused path, run directly (FlopCounterMode's module tracker registers global hooks,
+    which send the model through its modules), counts torchvision's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from densenet_fast.model import run_block
+
+    fast, ref = models
+    x = torch.randn(2, 8, 8, 8, dtype=DTYPE, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        run_block(fast.features.denseblock1, x, fast.features.transition1).sum().backward()
+    fused = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        ref.features.transition1(ref.features.denseblock1(x)).sum().backward()
+    assert fused == counter.get_total_flops() > 0
+
+
+# --- torch.func, double backward, half precision ----------------------------------------
+
+def _per_sample_gradients(model):
+    from torch.func import functional_call, grad, vmap
+
+    model.eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x, y = _batch()
+
+    def loss(p, xi, yi):
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def test_torch_func_per_sample_gradients(models):
+    fast, ref = models
+    ours, theirs = _per_sample_gradients(fast), _per_sample_gradients(ref)
+    for name, grad in theirs.items():
+        assert_close(ours[name], grad, DTYPE, f"per-sample grad {name}")
+
+
+def test_double_backward_is_refused_clearly_and_works_unfused(models):
+    fast, ref = models
+    x, y = _batch()
+
+    def gradient_penalty(model):
+        xi = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(F.cross_entropy(model(xi), y), xi, create_graph=True)
+        dx.pow(2).sum().backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gradient_penalty(fast)
+    fast.zero_grad(set_to_none=True)
+    with densenet_fast.unfused():
+        ours = gradient_penalty(fast)
+    for name, grad in gradient_penalty(ref).items():
+        assert_close(ours[name], grad, DTYPE, f"double-backward grad {name}")
+
+
+def test_half_precision_on_cpu(models):
+    fast, ref = (m.half() for m in models)
+    x = _batch()[0].half()
+    for train in (False, True):
+        for model in (fast, ref):
+            model.train(train)
+        assert_close(fast(x), ref(x), torch.float16, f"float16 logits, train={train}")
+    assert fast.features.norm5.running_mean.dtype == torch.float16
+
+
+# --- convert() -------------------------------------------------------------------------
+
+def test_convert_shares_parameters_buffers_and_hooks():
+    source = TorchvisionDenseNet(**CONFIG).to(DTYPE)
+    optimizer = torch.optim.SGD(source.parameters(), lr=0.1)
+    fired = []
+    source.features.denseblock2.denselayer1.conv2.register_forward_hook(
+        lambda *args: fired.append("leaf"))
+    source.features.denseblock1.register_forward_hook(lambda *args: fired.append("block"))
+    fast = densenet_fast.convert(source)
+    assert all(a is b for a, b in zip(fast.parameters(), source.parameters(), strict=True))
+    assert all(a is b for a, b in zip(fast.buffers(), source.buffers(), strict=True))
+    before = source.features.conv0.weight.detach().clone()
+    x, y = _batch()
+    F.cross_entropy(fast(x), y).backward()
+    optimizer.step()
+    assert not torch.equal(fast.features.conv0.weight, before)
+    assert fired == ["block", "leaf"]
+    assert fast.fusion_report()["features.denseblock1"].startswith("fused; ")
+    assert fast.fusion_report()["features.denseblock2"].startswith("modules: ")
+
+
+def test_convert_keeps_custom_containers_and_refuses_a_custom_forward():
+    source = TorchvisionDenseNet(**CONFIG).to(DTYPE)
+    source.features.denseblock2.denselayer2 = _ScaledLayer(source.features.denseblock2.denselayer2)
+    fast = densenet_fast.convert(copy.deepcopy(source))
+    x, _ = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(fast(x), source(x), DTYPE, "converted model with a custom layer")
+
+    class Wrapped(TorchvisionDenseNet):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(TypeError, match="cannot keep the forward of Wrapped"):
+        densenet_fast.convert(Wrapped(**CONFIG))
