@@ -101,7 +101,7 @@ def _bench(args) -> int:
     from .benchmark.implementations import available_implementations
     from .benchmark.report import format_table, run_comparison
 
-    known = available_implementations(settings.device)
+    known = available_implementations(settings.device, optional=True)
     for name in args.impl or ():
         if name not in known:
             raise ValueError(f"--impl {name!r} is not available here; choose from {known}")

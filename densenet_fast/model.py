@@ -99,12 +99,21 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     return None
 
 
+def _refuse_scripting(module: nn.Module):
+    raise RuntimeError(
+        f"torch.jit.script cannot compile densenet_fast's {type(module).__name__}: its forward "
+        f"chooses between the fused block and the modules in Python. Use torch.jit.trace, "
+        f"torch.export or torch.compile, which densenet_fast supports")
+
+
 class _DenseBlock(DenseBlock):
     """A dense block computed over one shared buffer; returns all its channels.
 
     A block whose module tree is not the standard one, or that is hooked inside, traced or
     transformed (:mod:`densenet_fast.fusion`), runs its modules as torchvision's does.
     """
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
         blocker = runtime_blocker(init_features) or block_blocker(self)
@@ -125,6 +134,8 @@ class _Transition(Transition):
 class _Features(nn.Sequential):
     """``model.features``: the stem, then each standard block fused with the transition or
     norm after it; everything else is called as a module, as ``nn.Sequential`` does."""
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self._modules.values())

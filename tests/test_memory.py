@@ -62,3 +62,17 @@ def test_inference_keeps_no_graph():
         with torch.inference_mode():
             out_inference = model(x)
     assert not saved and out.grad_fn is None and out_inference.grad_fn is None
+
+
+def test_gradcam_hooks_keep_a_training_step_below_torchvision_checkpointing():
+    """Grad-CAM's hooks on the last block or on norm5 keep the blocks fused (only the module
+    after the hooked block runs on its own): one densenet121 training step still needs less
+    than torchvision's ``memory_efficient=True`` model."""
+    from densenet_fast.benchmark.implementations import ModelConfig
+    from densenet_fast.benchmark.memory import measure_peak_memory
+
+    config = ModelConfig.named("densenet121", num_classes=10, batch_size=4, image_size=96)
+    checkpointed = measure_peak_memory("torchvision-memeff", config, threads=1)["peak_bytes"]
+    for impl in ("densenet_fast-gradcam-block", "densenet_fast-gradcam-norm5"):
+        hooked = measure_peak_memory(impl, config, threads=1)["peak_bytes"]
+        assert hooked <= checkpointed, (impl, hooked / 2**20, checkpointed / 2**20)

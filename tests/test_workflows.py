@@ -447,6 +447,11 @@ def test_jit_trace(models):
     assert_close(traced(2 * x), ref(2 * x), DTYPE, "traced output, new input")
 
 
+def test_jit_script_is_refused_clearly(models):
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile.*torch.jit.trace"):
+        torch.jit.script(models[0])
+
+
 def test_legacy_onnx_export_runs_in_onnxruntime(models):
     import onnxruntime
 
@@ -458,6 +463,21 @@ def test_legacy_onnx_export_runs_in_onnxruntime(models):
                                            providers=["CPUExecutionProvider"])
     out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
     assert_close(out, ref(x), torch.float32, "onnxruntime output")
+
+
+def test_dynamo_onnx_export_runs_in_onnxruntime(models, tmp_path):
+    import onnxruntime
+
+    fast, ref = (m.float().eval() for m in models)
+    x = _batch()[0].float()
+    path = tmp_path / "densenet.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fast, (x,), dynamo=True, verbose=False).save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    assert_close(out, ref(x), torch.float32, "onnxruntime output (dynamo exporter)")
 
 
 def test_torch_export_matches(models):

@@ -77,14 +77,42 @@ def _fast(config: ModelConfig) -> nn.Module:
     return DenseNet(**config.model_kwargs())
 
 
+LAST_BLOCK = "last dense block"
+
+
+def _fast_with_gradcam_hook(target: str) -> Callable[[ModelConfig], nn.Module]:
+    """densenet_fast with what Grad-CAM attaches to ``target`` (a module name, or
+    ``LAST_BLOCK``): a forward hook that keeps the output, and a tensor hook on it that keeps
+    its gradient."""
+    def build(config: ModelConfig) -> nn.Module:
+        model = _fast(config)
+        name = target
+        if target == LAST_BLOCK:
+            blocks = [n for n, _ in model.features.named_children() if n.startswith("denseblock")]
+            name = f"features.{blocks[-1]}"
+        captured = {}
+
+        def keep(module, inputs, output):
+            captured["activation"] = output
+            if output.requires_grad:
+                output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+
+        model.get_submodule(name).register_forward_hook(keep)
+        return model
+
+    return build
+
+
 @dataclass(frozen=True)
 class Implementation:
-    """One row of a comparison: how to build the model, and a context its steps run in."""
+    """One row of a comparison: how to build the model, and a context its steps run in.
+    ``optional`` rows run only when named (``--impl``)."""
 
     description: str
     build: Callable[[ModelConfig], nn.Module]
     context: Callable[[], AbstractContextManager] = nullcontext
     compiled: bool = False
+    optional: bool = False
 
 
 def _reference_kernels() -> AbstractContextManager:
@@ -105,6 +133,12 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "densenet_fast": Implementation("densenet_fast.DenseNet, active backend", _fast),
     "densenet_fast-torch": Implementation("densenet_fast.DenseNet, pure-PyTorch kernels", _fast,
                                           context=_reference_kernels),
+    "densenet_fast-gradcam-block": Implementation(
+        "densenet_fast.DenseNet, Grad-CAM hooks on the last dense block",
+        _fast_with_gradcam_hook(LAST_BLOCK), optional=True),
+    "densenet_fast-gradcam-norm5": Implementation(
+        "densenet_fast.DenseNet, Grad-CAM hooks on features.norm5",
+        _fast_with_gradcam_hook("features.norm5"), optional=True),
 }
 BASELINE = "torchvision"
 
@@ -119,15 +153,17 @@ def describe(name: str, device: str) -> str:
     return description
 
 
-def available_implementations(device: str = "cpu") -> list[str]:
+def available_implementations(device: str = "cpu", optional: bool = False) -> list[str]:
     """The rows that can run here: torchvision's need torchvision, its compiled model a GPU
     (compiling for CPU takes minutes), and the pure-PyTorch row appears when another backend
-    serves the device."""
+    serves the device. ``optional`` adds the rows that run only when named."""
     from ..backends import active_backend
 
     have_torchvision = importlib.util.find_spec("torchvision") is not None
     names = []
-    for name in IMPLEMENTATIONS:
+    for name, impl in IMPLEMENTATIONS.items():
+        if impl.optional and not optional:
+            continue
         if name.startswith("torchvision") and not have_torchvision:
             continue
         if name == "torchvision-compiled" and not device.startswith("cuda"):

@@ -90,18 +90,20 @@ def format_table(results: dict) -> str:
         + "".join(", " + e for e in extras),
         f"ratios are to {results['baseline']} measured in the same run",
     ]
+    width = max([20, *(len(name) for data in results["workloads"].values()
+                        for name in data["rows"])])
     for workload, data in results["workloads"].items():
         lines += ["", f"[{workload}] memory: {data['memory_method']}",
-                  f"{'implementation':20s} {'peak MiB':>9s} {'x mem':>6s} {'median ms':>10s} "
+                  f"{'implementation':{width}s} {'peak MiB':>9s} {'x mem':>6s} {'median ms':>10s} "
                   f"{'min-max ms':>15s} {'x time':>7s} {'img/s':>8s}  backend/notes"]
         for name, row in data["rows"].items():
             if "error" in row:
-                lines.append(f"{name:20s} {'-':>9s} {'-':>6s} {'-':>10s} {'-':>15s} {'-':>7s} "
+                lines.append(f"{name:{width}s} {'-':>9s} {'-':>6s} {'-':>10s} {'-':>15s} {'-':>7s} "
                              f"{'-':>8s}  {row['error']}")
                 continue
             spread = f"{row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f}"
             lines.append(
-                f"{name:20s} {row['peak_bytes'] / 2**20:9.1f} "
+                f"{name:{width}s} {row['peak_bytes'] / 2**20:9.1f} "
                 f"{row.get('memory_ratio', float('nan')):6.2f} "
                 f"{row['median_s'] * 1e3:10.1f} {spread:>15s} {row.get('time_ratio', 0):7.2f} "
                 f"{row['images_per_s']:8.1f}  {row['description']}")
