@@ -73,6 +73,7 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_hooks or module._backward_pre_hooks)
 
 
+
 def _global_hooks() -> bool:
     g = _module_globals
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks
@@ -130,10 +131,13 @@ def norm_blocker(bn: nn.Module | None, channels: int) -> str | None:
         if kind is nn.SyncBatchNorm and bn.training and torch.distributed.is_available() \
                 and torch.distributed.is_initialized():
             return "is a SyncBatchNorm in training under a process group (not fused yet)"
-    elif not is_frozen_batchnorm(bn):
+        width = bn.num_features
+    elif is_frozen_batchnorm(bn):
+        width = bn.weight.shape[0]
+    else:
         return f"is {_describe(bn)}, not nn.BatchNorm2d"
-    if bn.weight.shape[0] != channels:
-        return f"normalises {bn.weight.shape[0]} channels where {channels} arrive"
+    if width != channels:
+        return f"normalises {width} channels where {channels} arrive"
     return None
 
 
@@ -145,16 +149,44 @@ def norm_state(bn: nn.Module) -> NormState:
     return NormState.of(bn)
 
 
+def _standard_conv(conv: nn.Module | None, kernel: int, in_channels: int) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel)
+            and conv.stride == (1, 1) and conv.padding == (kernel // 2, kernel // 2)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.padding_mode == "zeros" and conv.in_channels == in_channels)
+
+
 def _conv_blocker(conv: nn.Module | None, kernel: int, in_channels: int) -> str | None:
-    padding = (kernel // 2, kernel // 2)
-    if not (type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel)
-            and conv.stride == (1, 1) and conv.padding == padding and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.bias is None and conv.padding_mode == "zeros"):
-        return (f"is {_describe(conv)}, not a bias-free {kernel}x{kernel} nn.Conv2d with "
-                f"stride 1, padding {padding[0]}, dilation 1 and groups 1")
-    if conv.in_channels != in_channels:
+    if _standard_conv(conv, kernel, in_channels):
+        return None
+    if type(conv) is nn.Conv2d and _standard_conv(conv, kernel, conv.in_channels):
         return f"reads {conv.in_channels} channels where {in_channels} arrive"
-    return None
+    return (f"is {_describe(conv)}, not a bias-free {kernel}x{kernel} nn.Conv2d with "
+            f"stride 1, padding {kernel // 2}, dilation 1 and groups 1")
+
+
+def _untouched(module: nn.Module) -> bool:
+    """No hooks, and no forward replaced on the instance."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _standard_layer(layer: nn.Module, channels: int, growth: int) -> bool:
+    """The check of one layer, without building a reason: every forward runs it, and
+    :func:`_layer_blocker` says what failed."""
+    if type(layer) is not DenseLayer or not _untouched(layer):
+        return False
+    children = layer._modules
+    norm1, relu1, conv1 = children.get("norm1"), children.get("relu1"), children.get("conv1")
+    norm2, relu2, conv2 = children.get("norm2"), children.get("relu2"), children.get("conv2")
+    if not (type(relu1) is nn.ReLU and type(relu2) is nn.ReLU
+            and _standard_conv(conv1, 1, channels)):
+        return False
+    bottleneck = conv1.out_channels
+    return (_standard_conv(conv2, 3, bottleneck) and conv2.out_channels == growth
+            and norm_blocker(norm1, channels) is None and norm_blocker(norm2, bottleneck) is None
+            and _untouched(norm1) and _untouched(relu1) and _untouched(conv1)
+            and _untouched(norm2) and _untouched(relu2) and _untouched(conv2))
 
 
 def _child_blocker(name: str, module: nn.Module | None, problem: str | None) -> Blocker | None:
@@ -181,6 +213,21 @@ def _layer_problems(layer: DenseLayer, channels: int) -> Iterator[tuple[str, nn.
         yield name, relu, None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"
 
 
+def _layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Blocker:
+    """Why ``layer`` failed :func:`_standard_layer`."""
+    if type(layer) is not DenseLayer or "forward" in layer.__dict__:
+        return Blocker(f"{name} is {type(layer).__name__} with a forward of its own, "
+                       f"not densenet_fast's dense layer", nonstandard=True)
+    if has_hooks(layer):
+        return Blocker(f"{name} has hooks")
+    for child_name, child, problem in _layer_problems(layer, channels):
+        blocker = _child_blocker(f"{name}.{child_name}", child, problem)
+        if blocker is not None:
+            return blocker
+    return Blocker(f"{name} adds {layer.conv2.out_channels} channels where the block's first "
+                   f"layer adds {growth}", nonstandard=True)
+
+
 def block_blocker(block: nn.Module) -> Blocker | None:
     """Why the layers of ``block`` cannot run fused (None: they can). ``block`` itself is
     assumed to be densenet_fast's block; its own hooks are the caller's concern."""
@@ -191,18 +238,8 @@ def block_blocker(block: nn.Module) -> Blocker | None:
     channels = getattr(getattr(first, "conv1", None), "in_channels", None)
     growth = getattr(getattr(first, "conv2", None), "out_channels", None)
     for name, layer in layers.items():
-        if type(layer) is not DenseLayer or "forward" in layer.__dict__:
-            return Blocker(f"{name} is {type(layer).__name__} with a forward of its own, "
-                           f"not densenet_fast's dense layer", nonstandard=True)
-        if has_hooks(layer):
-            return Blocker(f"{name} has hooks")
-        for child_name, child, problem in _layer_problems(layer, channels):
-            blocker = _child_blocker(f"{name}.{child_name}", child, problem)
-            if blocker is not None:
-                return blocker
-        if layer.conv2.out_channels != growth:
-            return Blocker(f"{name} adds {layer.conv2.out_channels} channels where the block's "
-                           f"first layer adds {growth}", nonstandard=True)
+        if not _standard_layer(layer, channels, growth):
+            return _layer_blocker(name, layer, channels, growth)
         channels += growth
     return None
 

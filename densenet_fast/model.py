@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -80,6 +80,15 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
         return dense_block(x.to(dtype), spec, params)
 
 
+class FusionStep(NamedTuple):
+    """One step of ``features``' forward: ``module`` called as a module, or (``fused``) a
+    standard block run fused, with ``tail`` (the module after it) fused into it."""
+
+    module: nn.Module
+    fused: bool
+    tail: nn.Module | None = None
+
+
 def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     """Why ``tail``, the module after a standard ``block``, cannot be fused into it."""
     if tail is None:
@@ -138,29 +147,41 @@ class _Features(nn.Sequential):
     __prepare_scriptable__ = _refuse_scripting
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = list(self._modules.values())
         if runtime_blocker(x) is not None:
-            for module in modules:
+            for module in self._modules.values():
                 x = module(x)
             return x
-        if modules and isinstance(modules[0], nn.Conv2d):
-            conv0 = modules[0]
+        conv0 = next(iter(self._modules.values()), None)
+        if isinstance(conv0, nn.Conv2d):
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")
         check_spatial_plan([(f"features.{name}", m) for name, m in self.named_children()], x,
                            _DenseBlock, _Transition)
-        i = 0
+        for step in self.fusion_plan():
+            # A hooked block is called as a module, and is fused inside its own forward.
+            x = run_block(step.module, x, step.tail) if step.fused else step.module(x)
+        return x
+
+    def fusion_plan(self) -> list[FusionStep]:
+        """The forward's steps, decided afresh on every call (the standard-tree check):
+        each standard, unhooked block fused with the module after it where that one is a
+        standard, unhooked transition or norm; every other module called as a module."""
+        modules = list(self._modules.values())
+        steps, i = [], 0
         while i < len(modules):
             module = modules[i]
-            if _fusable_block(module):
-                tail = modules[i + 1] if i + 1 < len(modules) else None
-                fuse_tail = _tail_blocker(module, tail) is None
-                x = run_block(module, x, tail if fuse_tail else None)
-                i += 2 if fuse_tail else 1
-            else:
-                x = module(x)  # a hooked block is fused inside its own forward
+            if not _fusable_block(module):
+                steps.append(FusionStep(module, fused=False))
                 i += 1
-        return x
+                continue
+            tail = modules[i + 1] if i + 1 < len(modules) else None
+            if _tail_blocker(module, tail) is None:
+                steps.append(FusionStep(module, fused=True, tail=tail))
+                i += 2
+            else:
+                steps.append(FusionStep(module, fused=True))
+                i += 1
+        return steps
 
     def fusion_report(self) -> dict[str, str]:
         """How each dense block runs in the next forward, and why; see
