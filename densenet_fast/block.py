@@ -235,7 +235,7 @@ class DenseBlockFunction(torch.autograd.Function):
         stats = [fwd.mean, fwd.var] if fwd.mean is not None else []
         ctx.save_for_backward(fwd.buffer, *fwd.bottlenecks, *flat_norm2, *params, *masks, *stats)
         ctx.spec, ctx.c0, ctx.num_params = spec, x.shape[1], len(params)
-        ctx.has_stats = bool(stats)
+        ctx.has_stats = fwd.mean is not None  # dynamo (torch 2.11) cannot trace bool(list)
         # Eval-mode BNs re-read running statistics in backward: refuse if they changed.
         ctx.running_versions = [t._version for t in _running_tensors_read(spec)]
         return out

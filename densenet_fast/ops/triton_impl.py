@@ -26,6 +26,32 @@ from .triton_kernels import add_dx_kernel, forward_kernel, input_grad_kernel, we
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Let Triton's interpreter index with scalar kernel arguments under NumPy >= 2.4.
+
+    The interpreter holds a scalar argument as a one-element array and, before Triton 3.7,
+    turns it into a Python int with ``int(array)``, which NumPy 2.4 no longer allows for
+    arrays of one dimension (``range(0, C, BLOCK_K)`` then fails with "only 0-dimensional
+    arrays can be converted to Python scalars"). Later Triton squeezes first; so do we.
+    """
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_densenet_fast_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._densenet_fast_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _fix_interpreter_scalar_index()
+
+
 def _configs(shapes):
     """Autotuning candidates: a few tile shapes on a GPU, one under the (slow) interpreter."""
     if INTERPRETED:
