@@ -5,6 +5,8 @@ Runs in its own process with ``DENSENET_FAST_BACKEND=triton`` (launched by
 on a GPU with the same tests plus the GPU-only ones (``benchmarks/gpu_check.py``).
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from helpers import assert_grads_match, assert_models_match, train_steps, twins
 from tolerances import assert_close
 
 import densenet_fast
-from densenet_fast.ops import torch_impl
+from densenet_fast.ops import torch_impl, triton_impl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
@@ -73,6 +75,89 @@ def test_triton_matches_reference(shape, memory_format, dtype, stats_grad, monke
     _compare(shape, memory_format, dtype, stats_grad)
 
 
+ALL_CONFIGS = {f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}": c
+               for c in triton_impl.GEMM_CONFIGS + triton_impl.WEIGHT_GRAD_CONFIGS}
+
+
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
+def test_every_autotune_config_matches_reference(name, monkeypatch):
+    """The interpreter autotunes over one config only: run each of them explicitly."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with triton_impl.forced_config(ALL_CONFIGS[name]):
+        _compare(SHAPES[2], torch.channels_last, torch.float32, stats_grad=True)
+        _compare(SHAPES[0], torch.contiguous_format, torch.float32, stats_grad=False)
+
+
+def test_autotune_trials_on_shared_buffers_leave_the_sums_exact():
+    """What autotuning does on a first call: one config, then another, on the same
+    buffers. A 128-row config fills a quarter of the partial-sum rows a 32-row trial left
+    behind; only its own rows may be summed."""
+    buffer, mean, invstd, gamma, beta, weight, grad_out = _case(SHAPES[2], torch.float32,
+                                                                torch.contiguous_format)
+    channels, pixels = weight.shape[1], buffer.shape[0] * buffer.shape[2] * buffer.shape[3]
+    _, want_weight, want_bias = torch_impl.bn_relu_conv1x1_backward(
+        grad_out, buffer, mean, invstd, gamma, beta, weight, True, torch.zeros_like(buffer))
+    scale, shift = (t.contiguous() for t in densenet_fast.ops.batchnorm.scale_shift(
+        mean, invstd, gamma, beta))
+    partial = torch.full((-(-pixels // 32), 2, channels), float("nan"), device=DEVICE)
+    store = torch.empty(pixels, channels, device=DEVICE)
+    target = torch.zeros_like(buffer)
+    for config in (triton_impl.GEMM_CONFIGS[0], triton_impl.GEMM_CONFIGS[-1]):
+        with triton_impl.forced_config(config):
+            sums = triton_impl.input_grad_pass(
+                grad_out, weight.view(weight.shape[0], channels), buffer, scale, shift, mean,
+                gamma * invstd, target, store, partial, True)
+        assert_close(sums[0].float(), want_bias, torch.float32, f"sum(g), {config}")
+        assert_close((sums[1] * invstd.double()).float(), want_weight, torch.float32,
+                     f"sum(g xhat), {config}")
+
+
+def test_kernels_launch_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the launchers make the tensors' device
+    current, and size the weight-gradient split for that device."""
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class Properties:
+        def __init__(self, sms):
+            self.multi_processor_count = sms
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: Properties(100 if torch.device(device).index == 1 else 1))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(triton_impl, "INTERPRETED", False)
+    second = torch.device("cuda", 1)
+    with triton_impl._device_guard(second):
+        pass
+    assert entered == [second]
+    assert triton_impl._num_splits(1, 10**6, second) == 200  # 2 * cuda:1's 100 SMs
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_while_the_first_is_current(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.cuda.set_device(0)
+    buffer, mean, invstd, gamma, beta, weight, grad_out = (
+        t.to("cuda:1") for t in _case(SHAPES[2], torch.float32, torch.channels_last))
+    args = (buffer, mean, invstd, gamma, beta, weight)
+    assert_close(torch.ops.densenet_fast.bn_relu_conv1x1(*args),
+                 torch_impl.bn_relu_conv1x1(*args), torch.float32, "output on cuda:1")
+    got, want = torch.zeros_like(buffer), torch.zeros_like(buffer)
+    torch.ops.densenet_fast.bn_relu_conv1x1_backward(grad_out, *args, True, got)
+    torch_impl.bn_relu_conv1x1_backward(grad_out, *args, True, want)
+    assert_close(got, want, torch.float32, "input gradient on cuda:1")
+
+
 def test_float64_is_served_by_the_reference_kernels():
     buffer, mean, invstd, gamma, beta, weight, _ = _case(SHAPES[0], torch.float64,
                                                          torch.contiguous_format)
@@ -116,7 +201,7 @@ def test_gpu_densenet121_matches_torchvision(dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ref = densenet121(num_classes=10).to(DEVICE)
-    fast = densenet_fast.convert(ref)
+    fast = densenet_fast.convert(copy.deepcopy(ref))  # convert shares; compare two models
     x = torch.randn(8, 3, 128, 128, device=DEVICE).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device=DEVICE)
     results = []
