@@ -1,7 +1,8 @@
 """Build script: the compiled CPU kernels of densenet_fast.
 
-Package metadata lives in pyproject.toml. ``csrc/*.cpp`` is compiled into ``densenet_fast._C``
-with ``torch.utils.cpp_extension`` (ninja when available), which needs torch at build time:
+Package metadata lives in pyproject.toml. ``csrc/bn_relu_conv1x1.cpp`` is compiled once per
+instruction set (``csrc/builds/``) into ``densenet_fast._C_<build>`` with
+``torch.utils.cpp_extension`` (ninja when available), which needs torch at build time:
 install with ``pip install --no-build-isolation``. Without torch, without a compiler, or if
 the build fails, the package still installs; the reason is written to
 ``densenet_fast/_C_build_error.txt`` and ``densenet_fast.backend_info()`` reports it, while
@@ -10,6 +11,7 @@ the pure-PyTorch kernels serve.
 
 import glob
 import os
+import platform
 import sys
 import traceback
 
@@ -52,17 +54,28 @@ def _extension_setup() -> dict:
             else:
                 _clear_build_error()
 
-    # The kernels are built on the machine that runs them, so they may use all of its vector
-    # instructions; DENSENET_FAST_PORTABLE=1 builds for the baseline instruction set instead.
-    native = [] if os.environ.get("DENSENET_FAST_PORTABLE") == "1" else ["-march=native"]
-    ext = CppExtension(
-        "densenet_fast._C",
-        sources,
-        extra_compile_args=["-O3", "-fopenmp", *native],  # torch picks the C++ standard
-        extra_link_args=["-fopenmp"],
-    )
-    return {"ext_modules": [ext],
+    return {"ext_modules": [
+                CppExtension(f"densenet_fast._C_{build}", [os.path.join("csrc", "builds",
+                                                                        f"{build}.cpp")],
+                             extra_compile_args=["-O3", "-fopenmp", *flags],
+                             extra_link_args=["-fopenmp"],
+                             depends=sources)  # torch picks the C++ standard
+                for build, flags in cpu_builds().items()],
             "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
+
+
+def cpu_builds() -> dict[str, list[str]]:
+    """The instruction sets the kernels are compiled for, with their flags. The package picks
+    one at import from the running CPU (densenet_fast/backends.py), as ATen does for its own
+    kernels, so an install built on one machine runs on another. DENSENET_FAST_NATIVE=1
+    builds one variant for this machine's CPU only (-march=native)."""
+    if os.environ.get("DENSENET_FAST_NATIVE") == "1":
+        return {"native": ["-march=native"]}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {"default": []}
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    return {"default": [], "avx2": avx2,
+            "avx512": [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]}
 
 
 setup(**_extension_setup())

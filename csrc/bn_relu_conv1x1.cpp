@@ -606,8 +606,16 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
 
 }  // namespace densenet_fast
 
-// Importing densenet_fast._C runs the registration above; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// Importing the extension (densenet_fast._C_<build>, one per instruction set, see setup.py)
+// runs the registration above; the module itself is empty.
+#define DENSENET_FAST_CONCAT_(a, b) a##b
+#define DENSENET_FAST_CONCAT(a, b) DENSENET_FAST_CONCAT_(a, b)
+#define DENSENET_FAST_STRING_(a) #a
+#define DENSENET_FAST_STRING(a) DENSENET_FAST_STRING_(a)
+
+extern "C" PyObject* DENSENET_FAST_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                                      DENSENET_FAST_STRING(TORCH_EXTENSION_NAME), nullptr, -1,
+                                      nullptr};
   return PyModule_Create(&module);
 }

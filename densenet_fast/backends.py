@@ -27,7 +27,12 @@ _BACKEND_DEVICES = {
     "triton": ("cuda",),
     "torch": ("cpu", "cuda", "mps"),
 }
-_CPP_MODULE = "densenet_fast._C"
+# Builds of the C++ kernels (setup.py), best first; each serves CPUs with these ATen
+# capabilities (torch.backends.cpu.get_cpu_capability, which honours ATEN_CPU_CAPABILITY).
+# "native" (DENSENET_FAST_NATIVE=1 at build time) is this machine's own build.
+_CPP_BUILDS = {"native": None, "avx512": ("avx512",), "avx2": ("avx512", "avx2"),
+               "default": None}
+CPU_BUILD_VAR = "DENSENET_FAST_CPU_BUILD"
 _BUILD_ERROR_FILE = Path(__file__).with_name("_C_build_error.txt")
 
 _loaded: set[str] = set()
@@ -49,13 +54,43 @@ def requested_backend() -> str:
     return value
 
 
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability().lower()
+    except (AttributeError, RuntimeError):
+        return "default"
+
+
+def cpp_build() -> tuple[str | None, str]:
+    """The build of the C++ kernels this process loads, and why: the one named by
+    ``DENSENET_FAST_CPU_BUILD``, else ``native`` where it was built, else the best build
+    that the running CPU's capability allows. ``(None, reason)`` when none is installed."""
+    forced = os.environ.get(CPU_BUILD_VAR, "").strip().lower()
+    if forced and forced not in _CPP_BUILDS:
+        return None, f"{CPU_BUILD_VAR}={forced!r} is not one of {tuple(_CPP_BUILDS)}"
+    capability = _cpu_capability()
+    for build, capabilities in _CPP_BUILDS.items():
+        if forced and build != forced:
+            continue
+        if not forced and capabilities is not None and capability not in capabilities:
+            continue
+        if importlib.util.find_spec(f"densenet_fast._C_{build}") is not None:
+            how = f"forced by {CPU_BUILD_VAR}" if forced else f"CPU capability {capability}"
+            return build, f"{build} build ({how})"
+    return None, (f"no {forced} build installed" if forced else
+                  f"no build installed for CPU capability {capability}")
+
+
 def _cpp_missing_reason() -> str | None:
     """Why the compiled extension cannot be loaded, or None if it can be tried."""
-    if importlib.util.find_spec(_CPP_MODULE) is not None:
+    build, reason = cpp_build()
+    if build is not None:
         return None
+    if reason.startswith(CPU_BUILD_VAR):
+        return reason
     if _BUILD_ERROR_FILE.exists():
         return f"not built: {_BUILD_ERROR_FILE.read_text().strip()}"
-    return ("not built: densenet_fast was installed without compiling csrc/ "
+    return (f"not built ({reason}): densenet_fast was installed without compiling csrc/ "
             "(reinstall with 'pip install --no-build-isolation .' where a C++ compiler exists)")
 
 
@@ -78,10 +113,11 @@ def _load_cpp() -> None:
     missing = _cpp_missing_reason()
     if missing is not None:
         raise ImportError(missing)
+    module = f"densenet_fast._C_{cpp_build()[0]}"
     try:
-        importlib.import_module(_CPP_MODULE)
+        importlib.import_module(module)
     except (ImportError, OSError) as exc:
-        raise ImportError(f"densenet_fast._C failed to load: {exc}") from exc
+        raise ImportError(f"{module} failed to load: {exc}") from exc
 
 
 def _load_triton() -> None:
@@ -120,7 +156,8 @@ def _status(name: str) -> tuple[bool, str]:
 
             mode = "interpreter" if _interpreted_triton() else "GPU"
             return True, f"Triton {triton.__version__} kernels ({mode}), loaded"
-        return True, f"compiled ATen kernels (csrc/), loaded for torch {torch.__version__}"
+        return True, (f"compiled ATen kernels (csrc/), {cpp_build()[1]}, loaded for torch "
+                      f"{torch.__version__}")
     if name in _load_errors:
         return False, _load_errors[name]
     if name == "triton":

@@ -1,6 +1,7 @@
 """Backend selection: which kernels serve, forcing, and failing loudly."""
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -36,13 +37,15 @@ def test_compiled_backend_serves_cpu_wherever_it_can_be_built():
     assert info["active"]["cuda"] == "torch" and info["error"] is None
 
 
-def _run(code: str, backend: str | None, block_extension: bool = False):
+def _run(code: str, backend: str | None, block_extension: bool = False, **extra_env):
     env = {k: v for k, v in os.environ.items() if k != "DENSENET_FAST_BACKEND"}
+    env.update(extra_env)
     if backend is not None:
         env["DENSENET_FAST_BACKEND"] = backend
     prelude = "import sys\n"
     if block_extension:  # as if the extension could not be loaded
-        prelude += "sys.modules['densenet_fast._C'] = None\n"
+        prelude += ("for build in ('native', 'avx512', 'avx2', 'default'):\n"
+                    "    sys.modules[f'densenet_fast._C_{build}'] = None\n")
     return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True,
                           text=True, check=False)
 
@@ -83,3 +86,33 @@ def test_forcing_an_unknown_backend_fails_loudly():
     assert proc.returncode != 0
     assert "not a known backend" in proc.stdout
     assert "DENSENET_FAST_BACKEND='cuda-magic' is not a known backend" in proc.stderr
+
+
+BUILD_REPORT = ("import torch, densenet_fast as d\n"
+                "from densenet_fast.ops import reference_kernels\n"
+                "print(d.backend_info()['backends']['cpp']['reason'])\n"
+                "x, w = torch.randn(2, 9, 5, 5), torch.randn(6, 7, 1, 1)\n"
+                "args = (x, torch.randn(7) * 0.1, torch.rand(7) + 0.5, torch.rand(7), "
+                "torch.randn(7), w)\n"
+                "out = torch.ops.densenet_fast.bn_relu_conv1x1(*args)\n"
+                "from densenet_fast.ops import torch_impl\n"
+                "print((out - torch_impl.bn_relu_conv1x1(*args)).abs().max().item())\n")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="one build per x86 instruction set")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_without_avx512_loads_a_build_it_can_run(capability):
+    """ATEN_CPU_CAPABILITY lowers what torch reports of the CPU, as on an older CPU: the
+    kernels built for that instruction set serve, and compute the reference's result."""
+    proc = _run(BUILD_REPORT, None, ATEN_CPU_CAPABILITY=capability)
+    assert proc.returncode == 0, proc.stderr
+    reason, error = proc.stdout.splitlines()
+    assert f"{capability} build (CPU capability {capability})" in reason, reason
+    assert float(error) < 1e-5
+
+
+def test_forcing_a_missing_cpu_build_says_so():
+    proc = _run(REPORT, "cpp", DENSENET_FAST_CPU_BUILD="sse9")
+    assert proc.returncode != 0
+    assert "DENSENET_FAST_CPU_BUILD='sse9' is not one of" in proc.stderr
