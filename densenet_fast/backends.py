@@ -55,10 +55,12 @@ def requested_backend() -> str:
 
 
 def _cpu_capability() -> str:
+    """``avx512``, ``avx2`` or ``default`` (torch before 2.6 calls the last "NO AVX")."""
     try:
-        return torch.backends.cpu.get_cpu_capability().lower()
+        capability = torch.backends.cpu.get_cpu_capability().lower()
     except (AttributeError, RuntimeError):
         return "default"
+    return capability if capability in ("avx512", "avx2") else "default"
 
 
 def cpp_build() -> tuple[str | None, str]:
