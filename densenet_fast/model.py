@@ -151,7 +151,7 @@ class _Features(nn.Sequential):
             for module in self._modules.values():
                 x = module(x)
             return x
-        conv0 = next(iter(self._modules.values()), None)
+        conv0 = next(iter(self._modules.values())) if self._modules else None
         if isinstance(conv0, nn.Conv2d):
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")

@@ -41,9 +41,13 @@ def _fix_interpreter_scalar_index() -> None:
     if patch_tensor is None or getattr(patch_tensor, "_densenet_fast_fixed", False):
         return
 
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def patched(tensor, *scope):  # Triton before 3.5 patches without a scope object
+        patch_tensor(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patched._densenet_fast_fixed = True
     interpreter._patch_lang_tensor = patched
