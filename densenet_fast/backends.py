@@ -33,6 +33,9 @@ _BACKEND_DEVICES = {
 _CPP_BUILDS = {"native": None, "avx512": ("avx512",), "avx2": ("avx512", "avx2"),
                "default": None}
 CPU_BUILD_VAR = "DENSENET_FAST_CPU_BUILD"
+# Which build was loaded, and why; read at import (torch.compile traces backend checks, and
+# dynamo cannot call get_cpu_capability on torch 2.11).
+_loaded_cpp_build: str | None = None
 _BUILD_ERROR_FILE = Path(__file__).with_name("_C_build_error.txt")
 
 _loaded: set[str] = set()
@@ -115,11 +118,14 @@ def _load_cpp() -> None:
     missing = _cpp_missing_reason()
     if missing is not None:
         raise ImportError(missing)
-    module = f"densenet_fast._C_{cpp_build()[0]}"
+    global _loaded_cpp_build
+    build, reason = cpp_build()
+    module = f"densenet_fast._C_{build}"
     try:
         importlib.import_module(module)
     except (ImportError, OSError) as exc:
         raise ImportError(f"{module} failed to load: {exc}") from exc
+    _loaded_cpp_build = reason
 
 
 def _load_triton() -> None:
@@ -158,7 +164,7 @@ def _status(name: str) -> tuple[bool, str]:
 
             mode = "interpreter" if _interpreted_triton() else "GPU"
             return True, f"Triton {triton.__version__} kernels ({mode}), loaded"
-        return True, (f"compiled ATen kernels (csrc/), {cpp_build()[1]}, loaded for torch "
+        return True, (f"compiled ATen kernels (csrc/), {_loaded_cpp_build}, loaded for torch "
                       f"{torch.__version__}")
     if name in _load_errors:
         return False, _load_errors[name]
