@@ -1,88 +1,163 @@
-"""GPU check: Triton parity tests, then the op and densenet121 benchmarks, in one call.
+"""GPU check: everything the first GPU run must prove, in one call.
 
-Run on a machine with an NVIDIA GPU (about 3 minutes on an H100):
+    python benchmarks/gpu_check.py            # about 5 minutes on an H100, at most 8
+    python benchmarks/gpu_check.py --quick    # at most 3 minutes
+    python benchmarks/gpu_check.py --dry-run  # on the CPU, tiny shapes, Triton's interpreter
 
-    python benchmarks/gpu_check.py [--out benchmarks/results] [--batch-size 64]
+Stages, each in a subprocess of its own with its own timeout (and all within the mode's
+total), so a crash, a hang or an out-of-memory in one still leaves the others' results:
 
-It writes ``gpu-<device>.json`` with the device name, torch and Triton versions, the parity
-test summary and every measurement, each ratio taken against a baseline measured in the same
-run. Goals it reports against (the Triton issue): the fused op at least 1.3x faster
-than eager BatchNorm2d -> ReLU -> Conv2d(1x1) under bf16 autocast; one densenet121 training
-step at least as fast as torchvision's memory_efficient=False with at most 0.5x the peak
-memory of torchvision's memory_efficient=True.
+- ``parity``: the Triton tests (``tests/with_triton``), GPU-only ones included: densenet121's
+  layer shapes in float32, float16 and bfloat16, and ``cuda:1`` where there is one.
+- ``op``: the fused op against eager BatchNorm2d -> ReLU -> Conv2d(1x1), bf16 autocast,
+  channels-last, forward + backward, on densenet121's layer shapes.
+- ``model``: one densenet121 training step (bf16 autocast, channels-last) per implementation:
+  peak memory (``max_memory_allocated``) and time, against torchvision eager,
+  ``memory_efficient=True`` and ``torch.compile`` of torchvision, measured in the same run.
+- ``max_batch``: the largest training batch within a fixed memory budget, per implementation.
+- ``compile_time``: the first training step's time (Triton compilation and autotuning) in a
+  fresh process with an empty Triton cache, then in a second process with that cache warm.
+
+It prints a table of the goals (the GPU readiness issue) and writes
+``benchmarks/results/gpu-<device>.json`` (``cpu-dry-run.json`` for a dry run) after every
+stage. ``--dry-run`` runs every stage on the CPU, with the Triton kernels in the interpreter
+and a tiny DenseNet, to prove the script end to end without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (name, C_total, C_prefix, H) of densenet121's layers, at 224x224.
+OP_SHAPES = [("block1-last", 256, 224, 56), ("block2-last", 512, 480, 28),
+             ("block3-mid", 1024, 640, 14), ("block3-last", 1024, 992, 14),
+             ("block4-last", 1024, 992, 7), ("transition1", 256, 256, 56)]
+GOALS = {"op_speedup": 1.3, "time_vs_torchvision": 0.9, "time_vs_compiled": 1.0,
+         "memory_vs_memeff": 0.4}
 
 
-def run_parity_tests(timeout: int) -> dict:
-    env = dict(os.environ, DENSENET_FAST_BACKEND="triton")
-    env.pop("TRITON_INTERPRET", None)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/with_triton"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    failures = re.findall(r"^FAILED .*$", proc.stdout, flags=re.M)
-    return {"returncode": proc.returncode, "summary": summary, "failures": failures[:20],
-            "seconds": round(time.perf_counter() - start, 1),
-            "tail": proc.stdout[-3000:] if proc.returncode else ""}
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What one mode measures, and how long each stage may take (seconds)."""
+
+    device: str = "cuda"
+    model: str = "densenet121"
+    batch: int = 64
+    image: int = 224
+    repeats: int = 10
+    op_shapes: tuple = tuple(OP_SHAPES)
+    op_batch: int = 64
+    compiled_baseline: bool = True
+    max_batch_budget_gib: float = 16.0
+    max_batch_cap: int = 1024
+    stages: tuple = ("parity", "op", "model", "max_batch", "compile_time")
+    timeouts: tuple = (("parity", 150), ("op", 60), ("model", 200), ("max_batch", 120),
+                       ("compile_time", 90))
+    total: int = 470
+
+    def config(self, batch: int | None = None):
+        from densenet_fast.benchmark.implementations import ModelConfig
+
+        if self.model == "tiny":
+            return ModelConfig(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
+                               num_classes=10, batch_size=batch or self.batch,
+                               image_size=self.image)
+        return ModelConfig.named(self.model, num_classes=1000, batch_size=batch or self.batch,
+                                 image_size=self.image)
 
 
-def _cuda_time(fn, repeats: int, warmup: int = 3) -> list[float]:
+MODES = {
+    "full": Mode(),
+    "quick": Mode(batch=32, repeats=5, compiled_baseline=False,
+                  stages=("parity", "op", "model", "compile_time"),
+                  timeouts=(("parity", 80), ("op", 30), ("model", 60), ("compile_time", 60)),
+                  total=175),
+    "dry-run": Mode(device="cpu", model="tiny", batch=4, image=64, repeats=2,
+                    op_shapes=(("tiny-nchw", 24, 19, 6), ("tiny-odd", 40, 35, 5)), op_batch=2,
+                    compiled_baseline=True, max_batch_budget_gib=0.25, max_batch_cap=2,
+                    timeouts=(("parity", 150), ("op", 60), ("model", 240), ("max_batch", 240),
+                              ("compile_time", 120)),
+                    total=900),
+}
+
+
+def _env(mode: Mode, **extra) -> dict:
+    env = dict(os.environ, DENSENET_FAST_BACKEND="triton", **extra)
+    if mode.device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _seconds(fn, repeats: int, device: str, warmup: int = 2) -> list[float]:
+    """Seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
     import torch
 
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return times
 
 
-OP_SHAPES = [("block1-last", 256, 224, 56), ("block2-last", 512, 480, 28),
-             ("block3-mid", 1024, 640, 14), ("block3-last", 1024, 992, 14),
-             ("block4-last", 1024, 992, 7), ("transition1", 256, 256, 56)]
+# --- stages (each runs in its own process) ---------------------------------------------
+
+def stage_parity(mode: Mode, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/with_triton"], cwd=ROOT, env=_env(mode), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    lines = proc.stdout.strip().splitlines()
+    return {"returncode": proc.returncode, "summary": lines[-1] if lines else "",
+            "failures": re.findall(r"^FAILED .*$", proc.stdout, flags=re.M)[:20],
+            "passed": proc.returncode == 0, "tail": proc.stdout[-3000:] if proc.returncode else ""}
 
 
-def bench_op_shape(name: str, total: int, prefix: int, size: int, batch: int,
-                   repeats: int) -> dict:
-    """The fused op against eager BN-ReLU-Conv1x1 (bf16 autocast, channels_last) on one
-    layer shape, forward + backward. ``in_block``: statistics given and their gradient left
-    to the block, as the dense block calls it; ``standalone``: statistics computed and the
-    full BN backward, a one-for-one replacement of the eager sequence."""
+def _op_row(mode: Mode, name: str, total: int, prefix: int, size: int) -> dict:
+    """The fused op against eager BN-ReLU-Conv1x1 on one layer shape, forward + backward.
+    ``in_block``: statistics given, their gradient left to the block (as the dense block
+    calls it); ``standalone``: statistics computed and the full BN backward."""
     import torch
     import torch.nn as nn
 
     from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
     from densenet_fast.ops.batchnorm import channel_stats
 
-    co, fmt = 128, torch.channels_last
-    buffer = torch.randn(batch, total, size, size, device="cuda").to(torch.bfloat16)
+    device, co, fmt = mode.device, 128, torch.channels_last
+    dtype = torch.bfloat16
+    make = dict(device=device)
+    buffer = torch.randn(mode.op_batch, total, size, size, **make).to(dtype)
     buffer = buffer.contiguous(memory_format=fmt)
-    grad_out = torch.randn(batch, co, size, size, device="cuda").to(torch.bfloat16)
-    grad_out = grad_out.contiguous(memory_format=fmt)
-    gamma = torch.ones(prefix, device="cuda")
-    beta = torch.zeros(prefix, device="cuda")
-    weight = (torch.randn(co, prefix, 1, 1, device="cuda") / prefix ** 0.5).bfloat16()
+    grad_out = torch.randn(mode.op_batch, co, size, size, **make).to(dtype).contiguous(
+        memory_format=fmt)
+    gamma, beta = torch.ones(prefix, **make), torch.zeros(prefix, **make)
+    weight = (torch.randn(co, prefix, 1, 1, **make) / prefix ** 0.5).to(dtype)
     stats = channel_stats(buffer[:, :prefix])
     grad_buffer = torch.zeros_like(buffer)
 
@@ -94,106 +169,241 @@ def bench_op_shape(name: str, total: int, prefix: int, size: int, batch: int,
                                  standalone, grad_buffer)
 
     layer = nn.Sequential(nn.BatchNorm2d(prefix), nn.ReLU(inplace=True),
-                          nn.Conv2d(prefix, co, 1, bias=False)).cuda().to(memory_format=fmt)
+                          nn.Conv2d(prefix, co, 1, bias=False)).to(device).to(
+        memory_format=fmt)
     x = buffer[:, :prefix].contiguous(memory_format=fmt).requires_grad_()
 
     def eager():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out = layer(x)
         out.backward(grad_out)
 
-    t_eager = statistics.median(_cuda_time(eager, repeats))
-    t_block = statistics.median(_cuda_time(lambda: fused(False), repeats))
-    t_alone = statistics.median(_cuda_time(lambda: fused(True), repeats))
-    return {"shape": name, "batch": batch, "prefix": prefix, "size": size,
-            "eager_ms": t_eager * 1e3, "fused_in_block_ms": t_block * 1e3,
-            "fused_standalone_ms": t_alone * 1e3, "speedup_in_block": t_eager / t_block,
-            "speedup_standalone": t_eager / t_alone}
+    median = {key: statistics.median(_seconds(fn, mode.repeats, device)) for key, fn in
+              (("eager", eager), ("in_block", lambda: fused(False)),
+               ("standalone", lambda: fused(True)))}
+    return {"shape": name, "batch": mode.op_batch, "prefix": prefix, "size": size,
+            **{f"{k}_ms": v * 1e3 for k, v in median.items()},
+            "speedup_in_block": median["eager"] / median["in_block"],
+            "speedup_standalone": median["eager"] / median["standalone"]}
 
 
-def bench_model(batch: int, image: int, repeats: int, compile_baseline: bool) -> dict:
-    """One densenet121 training step, bf16 autocast, channels_last, per implementation."""
+def stage_op(mode: Mode, timeout: float) -> dict:
+    rows = [_op_row(mode, *shape) for shape in mode.op_shapes]
+    total = {k: sum(r[f"{k}_ms"] for r in rows) for k in ("eager", "in_block", "standalone")}
+    return {"rows": rows, "speedup_in_block": total["eager"] / total["in_block"],
+            "speedup_standalone": total["eager"] / total["standalone"]}
+
+
+def stage_model(mode: Mode, timeout: float) -> dict:
     import torch
 
-    from densenet_fast.benchmark.implementations import ModelConfig
     from densenet_fast.benchmark.memory import measure_in_process
     from densenet_fast.benchmark.runner import Runner, RunSettings
     from densenet_fast.benchmark.timing import summarize
 
-    config = ModelConfig.named("densenet121", batch_size=batch, image_size=image)
-    settings = RunSettings(device="cuda", autocast="bfloat16", channels_last=True)
-    names = ["torchvision", "torchvision-memeff", "densenet_fast", "densenet_fast-torch",
-             "naive"]
-    if compile_baseline:
+    config = mode.config()
+    settings = RunSettings(device=mode.device, autocast="bfloat16", channels_last=True)
+    names = ["torchvision", "torchvision-memeff", "densenet_fast", "densenet_fast-torch"]
+    if mode.compiled_baseline:
         names.append("torchvision-compiled")
-    results = {}
+    rows = {}
     for name in names:
-        try:
-            memory = measure_in_process(name, config, "train", settings)  # the CLI's method
-            runner = Runner(name, config, settings)
-            timing = summarize(_cuda_time(lambda r=runner: r.step("train"), repeats, warmup=1))
-            results[name] = {"peak_bytes": memory["peak_bytes"], **timing,
-                             "images_per_s": batch / timing["median_s"]}
-        except torch.cuda.OutOfMemoryError as exc:
-            results[name] = {"error": f"out of memory: {exc}"[:300]}
         runner = None
-        torch.cuda.empty_cache()
-    base, memeff = results.get("torchvision", {}), results.get("torchvision-memeff", {})
-    for row in results.values():
+        try:
+            memory = measure_in_process(name, config, "train", settings)
+            runner = Runner(name, config, settings)
+            timing = summarize(_seconds(lambda r=runner: r.step("train"), mode.repeats,
+                                        mode.device, warmup=1))
+            rows[name] = {"peak_bytes": memory["peak_bytes"], **timing,
+                          "images_per_s": config.batch_size / timing["median_s"]}
+        except Exception as exc:  # one implementation's failure (OOM) is its row's result
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        del runner
+        if mode.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    base, memeff = rows.get("torchvision", {}), rows.get("torchvision-memeff", {})
+    for row in rows.values():
         if "median_s" in row and "median_s" in base:
-            row["time_ratio_vs_torchvision"] = row["median_s"] / base["median_s"]
-        if "peak_bytes" in row and "peak_bytes" in memeff:
-            row["memory_ratio_vs_memeff"] = row["peak_bytes"] / memeff["peak_bytes"]
-    return {"batch": batch, "image": image, "autocast": "bfloat16",
-            "memory_format": "channels_last", "rows": results}
+            row["time_vs_torchvision"] = row["median_s"] / base["median_s"]
+        if "peak_bytes" in row and memeff.get("peak_bytes"):
+            row["memory_vs_memeff"] = row["peak_bytes"] / memeff["peak_bytes"]
+    compiled = rows.get("torchvision-compiled", {})
+    fast = rows.get("densenet_fast", {})
+    if "median_s" in fast and "median_s" in compiled:
+        fast["time_vs_compiled"] = fast["median_s"] / compiled["median_s"]
+    return {"config": config.to_json(), "autocast": "bfloat16",
+            "memory_format": "channels_last", "rows": rows}
+
+
+def stage_max_batch(mode: Mode, timeout: float) -> dict:
+    from densenet_fast.benchmark.runner import RunSettings
+    from densenet_fast.benchmark.sweeps import sweep_batch
+
+    settings = RunSettings(device=mode.device, autocast="bfloat16", channels_last=True)
+    budget = int(mode.max_batch_budget_gib * 2**30)
+    result = sweep_batch(mode.config(), ["torchvision", "torchvision-memeff", "densenet_fast"],
+                         budget, settings, max_batch=mode.max_batch_cap, show_progress=False)
+    return {"budget_bytes": budget, "cap": mode.max_batch_cap,
+            "max_batch": {name: row["max_batch"] for name, row in result["rows"].items()}}
+
+
+_FIRST_STEP = """
+import json, sys, time, torch
+sys.path.insert(0, {root!r})
+from densenet_fast.benchmark.runner import Runner, RunSettings
+from densenet_fast.benchmark.implementations import ModelConfig
+config = ModelConfig.from_json(json.loads({config!r}))
+settings = RunSettings(device={device!r}, autocast="bfloat16", channels_last=True)
+runner = Runner("densenet_fast", config, settings)
+start = time.perf_counter()
+runner.step("train")
+if {device!r}.startswith("cuda"):
+    torch.cuda.synchronize()
+first = time.perf_counter() - start
+start = time.perf_counter()
+runner.step("train")
+if {device!r}.startswith("cuda"):
+    torch.cuda.synchronize()
+print(json.dumps({{"first_step_s": first, "second_step_s": time.perf_counter() - start}}))
+"""
+
+
+def stage_compile_time(mode: Mode, timeout: float) -> dict:
+    config = mode.config(batch=min(mode.batch, 16))
+    code = _FIRST_STEP.format(root=str(ROOT), config=json.dumps(config.to_json()),
+                              device=mode.device)
+    result = {"batch": config.batch_size}
+    with tempfile.TemporaryDirectory() as cache:
+        for run in ("cold_cache", "warm_cache"):
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                                  env=_env(mode, TRITON_CACHE_DIR=cache), capture_output=True,
+                                  text=True, timeout=timeout / 2, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["process_s"] = time.perf_counter() - start
+            result[run] = row
+    return result
+
+
+STAGES = {"parity": stage_parity, "op": stage_op, "model": stage_model,
+          "max_batch": stage_max_batch, "compile_time": stage_compile_time}
+
+
+# --- the parent: stages in subprocesses, the report ------------------------------------
+
+def _run_stage(name: str, mode_name: str, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--mode", mode_name,
+           "--timeout", str(timeout)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(MODES[mode_name]), capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s",
+                "seconds": round(time.perf_counter() - start, 1)}
+    seconds = round(time.perf_counter() - start, 1)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit code {proc.returncode}", "seconds": seconds,
+                "stderr_tail": proc.stderr[-2000:]}
+    return {**json.loads(lines[-1]), "seconds": seconds}
+
+
+def goals(report: dict) -> list[tuple[str, str, bool | None]]:
+    """(goal, measured, met) rows; ``met`` is None where the stage has no figure."""
+    stages = report["stages"]
+    rows = []
+    parity = stages.get("parity", {})
+    rows.append(("parity tests pass", parity.get("summary", parity.get("error", "-")),
+                 parity.get("passed") if "passed" in parity else None))
+    op = stages.get("op", {})
+    speed = op.get("speedup_in_block")
+    rows.append((f"fused op >= {GOALS['op_speedup']}x eager (in block, summed)",
+                 f"{speed:.2f}x" if speed else op.get("error", "-"),
+                 None if speed is None else speed >= GOALS["op_speedup"]))
+    fast = stages.get("model", {}).get("rows", {}).get("densenet_fast", {})
+    for key, text in (("time_vs_torchvision", "step time vs torchvision eager"),
+                      ("time_vs_compiled", "step time vs compiled torchvision"),
+                      ("memory_vs_memeff", "peak memory vs torchvision memory_efficient")):
+        value = fast.get(key)
+        rows.append((f"{text} <= {GOALS[key]}", f"{value:.2f}x" if value else "-",
+                     None if value is None else value <= GOALS[key]))
+    return rows
+
+
+def format_report(report: dict) -> str:
+    lines = [f"gpu_check {report['mode']}: {report['device']}, torch {report['torch']}, "
+             f"Triton {report['triton']}"]
+    for name, stage in report["stages"].items():
+        status = stage.get("error", "ok")
+        lines.append(f"  stage {name:12s} {stage.get('seconds', 0):7.1f} s  {status}")
+    model = report["stages"].get("model", {}).get("rows", {})
+    if model:
+        lines.append(f"  {'implementation':22s} {'peak MiB':>9s} {'median ms':>10s} "
+                     f"{'x tv time':>9s} {'x memeff mem':>12s}")
+        for name, row in model.items():
+            if "error" in row:
+                lines.append(f"  {name:22s} {row['error']}")
+                continue
+            lines.append(f"  {name:22s} {row['peak_bytes'] / 2**20:9.1f} "
+                         f"{row['median_s'] * 1e3:10.1f} {row.get('time_vs_torchvision', 0):9.2f}"
+                         f" {row.get('memory_vs_memeff', 0):12.2f}")
+    for goal, measured, met in goals(report):
+        mark = {True: "met", False: "NOT MET", None: "no figure"}[met]
+        lines.append(f"  goal: {goal:55s} {measured:>14s}  {mark}")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="at most 3 minutes")
+    group.add_argument("--dry-run", action="store_true",
+                       help="every stage on the CPU: tiny model, Triton's interpreter")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--compile-baseline", action="store_true",
-                        help="also time torch.compile of torchvision's model (slow to compile)")
+    parser.add_argument("--only", nargs="+", choices=list(STAGES), help="run these stages")
+    parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    import torch
+    if args.stage:  # inside a stage's own process
+        print(json.dumps(STAGES[args.stage](MODES[args.mode], args.timeout)))
+        return 0
 
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; nothing measured", file=sys.stderr)
-        return 2
-    os.environ["DENSENET_FAST_BACKEND"] = "triton"
-    os.environ.pop("TRITON_INTERPRET", None)
+    mode_name = "dry-run" if args.dry_run else "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    import torch
     import triton
 
-    import densenet_fast
-
-    device = torch.cuda.get_device_name()
-    report = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-              "backend": densenet_fast.backend_info()["active"],
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if not args.skip_tests:
-        report["parity_tests"] = run_parity_tests(timeout=240)
-        print("parity:", report["parity_tests"]["summary"], flush=True)
-    report["op"] = [bench_op_shape(*shape, args.batch_size, args.repeats)
-                    for shape in OP_SHAPES]
-    for row in report["op"]:
-        print(f"op {row['shape']:12s} eager {row['eager_ms']:7.3f} ms  in-block "
-              f"{row['speedup_in_block']:.2f}x  standalone {row['speedup_standalone']:.2f}x",
-              flush=True)
-    report["model"] = bench_model(args.batch_size, args.image_size, args.repeats,
-                                  args.compile_baseline)
-    for name, row in report["model"]["rows"].items():
-        print(f"densenet121 {name:22s} {json.dumps(row)}", flush=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    out = Path(args.out) / f"gpu-{slug}.json"
+    if mode.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --dry-run to exercise the script on the CPU)",
+              file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name() if mode.device == "cuda" else "cpu (dry run)"
+    slug = "cpu-dry-run" if mode.device == "cpu" else \
+        "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    out = Path(args.out) / f"{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    report = {"mode": mode_name, "device": device, "torch": torch.__version__,
+              "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "goals": GOALS, "stages": {}}
+    deadline = time.monotonic() + mode.total
+    for name, limit in mode.timeouts:
+        if name not in mode.stages or (args.only and name not in args.only):
+            continue
+        left = deadline - time.monotonic()
+        if left < 10:
+            report["stages"][name] = {"error": "skipped: the mode's total time is spent"}
+        else:
+            report["stages"][name] = _run_stage(name, mode_name, min(limit, left))
+        print(f"stage {name}: {report['stages'][name].get('error', 'ok')} "
+              f"({report['stages'][name].get('seconds', 0)} s)", flush=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")  # after every stage
+    print(format_report(report))
     print(f"results written to {out}")
-    return 0 if args.skip_tests or report["parity_tests"]["returncode"] == 0 else 1
+    return 0 if all("error" not in s for s in report["stages"].values()) else 1
 
 
 if __name__ == "__main__":
