@@ -73,7 +73,6 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_hooks or module._backward_pre_hooks)
 
 
-
 def _global_hooks() -> bool:
     g = _module_globals
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks
@@ -167,8 +166,7 @@ def _conv_blocker(conv: nn.Module | None, kernel: int, in_channels: int) -> str 
 
 def _untouched(module: nn.Module) -> bool:
     """No hooks, and no forward replaced on the instance."""
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__)
+    return not has_hooks(module) and "forward" not in module.__dict__
 
 
 def _standard_layer(layer: nn.Module, channels: int, growth: int) -> bool:
