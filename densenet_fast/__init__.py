@@ -5,13 +5,15 @@ existing model with ``densenet_fast.convert(model)``): same state_dict, same out
 gradients and BatchNorm statistics, with activation memory linear in depth.
 """
 
-from . import ops  # noqa: F401  (registers the fused op and its reference kernels)
+from . import backends, ops  # noqa: F401  (ops: the fused op and its reference kernels)
 from .backends import backend_info
 from .convert import convert
 from .fusion import unfused
 from .model import DenseNet, densenet121, densenet161, densenet169, densenet201
 from .reference import NaiveDenseNet
 from .state_dict import load_torchvision_state_dict, upgrade_legacy_state_dict
+
+backends.activate()  # the compiled kernels register against the op's schemas
 
 __version__ = "0.1.0"
 

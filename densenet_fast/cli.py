@@ -57,8 +57,7 @@ def _config_from_args(args):
 def _check_runnable(config, settings) -> None:
     """Refuse, before measuring anything, a configuration that cannot run."""
     from .backends import active_backend
-    from .model import DenseNet, _DenseBlock, _Transition
-    from .validation import check_spatial_plan
+    from .model import DenseNet
 
     device_type = settings.device.split(":")[0]
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -66,8 +65,7 @@ def _check_runnable(config, settings) -> None:
     active_backend(device_type)  # a forced, unavailable backend raises here
     model = DenseNet(**config.model_kwargs())  # validates the architecture's arguments
     shape = (config.batch_size, config.in_channels, config.image_size, config.image_size)
-    check_spatial_plan([(f"features.{n}", m) for n, m in model.features.named_children()],
-                       torch.empty(shape, device="meta"), _DenseBlock, _Transition)
+    model.features.check_spatial_size(torch.empty(shape, device="meta"))
 
 
 def _parse_bytes(text: str) -> int:

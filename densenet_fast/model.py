@@ -155,12 +155,18 @@ class _Features(nn.Sequential):
         if isinstance(conv0, nn.Conv2d):
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")
-        check_spatial_plan([(f"features.{name}", m) for name, m in self.named_children()], x,
-                           _DenseBlock, _Transition)
+        self.check_spatial_size(x)
         for step in self.fusion_plan():
             # A hooked block is called as a module, and is fused inside its own forward.
             x = run_block(step.module, x, step.tail) if step.fused else step.module(x)
         return x
+
+    def check_spatial_size(self, x: torch.Tensor) -> None:
+        """Refuse, before anything runs, an input whose size some stride or pool cannot
+        reduce, or that leaves a training BatchNorm one value per channel (``x`` may be on
+        the meta device: only its shape is read)."""
+        check_spatial_plan([(f"features.{name}", m) for name, m in self.named_children()], x,
+                           _DenseBlock, _Transition)
 
     def fusion_plan(self) -> list[FusionStep]:
         """The forward's steps, decided afresh on every call (the standard-tree check):

@@ -4,11 +4,11 @@ from contextlib import contextmanager
 
 import torch
 
-from .. import backends
 from . import torch_impl
 
+# The reference kernels serve every device; compiled backends register over them when the
+# package activates them (densenet_fast/__init__.py).
 torch_impl.register()
-backends.activate()  # compiled kernels register against the schemas defined above
 
 # Set by reference_kernels(): bypass the dispatcher and run the pure-PyTorch kernels.
 _use_reference = False
