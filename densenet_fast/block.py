@@ -18,6 +18,8 @@ the final norm, so both reuse the block's statistics and nothing buffer-sized is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +35,50 @@ from .ops.batchnorm import (
 )
 from .ops.schema import memory_format_of, stats_dtype_for
 
-TAIL_NONE = "none"
-TAIL_TRANSITION = "transition"
-TAIL_NORM = "norm"
 
-# norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
-PARAMS_PER_LAYER = 6
+class Tail(Enum):
+    """What the block computes after its layers, from the whole buffer."""
+
+    NONE = "none"  # the buffer itself: all channels concatenated
+    TRANSITION = "transition"  # BN-ReLU-Conv1x1-AvgPool2x2
+    NORM = "norm"  # the final BN (norm5)
+
+
+class LayerParams(NamedTuple):
+    """One dense layer's parameters, in the order ``DenseBlockFunction.apply`` takes them."""
+
+    norm1_weight: torch.Tensor
+    norm1_bias: torch.Tensor
+    conv1_weight: torch.Tensor
+    norm2_weight: torch.Tensor
+    norm2_bias: torch.Tensor
+    conv2_weight: torch.Tensor
+
+
+class TailParams(NamedTuple):
+    """The tail's parameters: its BN's, then the transition's 1x1 conv (absent for a norm)."""
+
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    conv_weight: torch.Tensor | None = None
+
+
+def split_params(spec: BlockSpec, params) -> tuple[list[LayerParams], TailParams | None]:
+    """The flat parameter list of ``DenseBlockFunction.apply`` as named groups."""
+    size = len(LayerParams._fields)
+    layers = [LayerParams(*params[size * i:size * (i + 1)]) for i in range(spec.num_layers)]
+    rest = params[size * spec.num_layers:]
+    return layers, (TailParams(*rest) if spec.tail is not Tail.NONE else None)
+
+
+def join_grads(layers: list[LayerParams], tail: TailParams | None) -> list:
+    """Named gradient groups back in the flat order of the parameters."""
+    flat = [g for layer in layers for g in layer]
+    if tail is not None:
+        flat += [tail.norm_weight, tail.norm_bias]
+        if tail.conv_weight is not None:
+            flat.append(tail.conv_weight)
+    return flat
 
 
 @dataclass(frozen=True)
@@ -70,16 +110,15 @@ class NormState:
 class BlockSpec:
     """Static description of one block call: shapes, modes and the BN states it updates.
 
-    ``params`` passed beside it are, per layer, ``norm1.weight, norm1.bias, conv1.weight,
-    norm2.weight, norm2.bias, conv2.weight``, then the tail's: ``norm.weight, norm.bias,
-    conv.weight`` for a transition, ``weight, bias`` for a final norm.
+    ``params`` passed beside it are each layer's :class:`LayerParams`, then the tail's
+    :class:`TailParams` (flat: ``autograd.Function.apply`` takes tensors one by one).
     ``drop_rates`` holds each layer's dropout probability, 0 where the layer is in eval mode.
     """
 
     growth_rate: int
     layer_norms: tuple[tuple[NormState, NormState], ...]
     drop_rates: tuple[float, ...]
-    tail: str = TAIL_NONE
+    tail: Tail = Tail.NONE
     tail_norm: NormState | None = None
 
     @property
@@ -97,13 +136,18 @@ class BlockSpec:
         return self.prefix_norms() + [norm2 for _, norm2 in self.layer_norms]
 
 
-def _norm_stats(state: NormState, mean, var, channels: int, stats_dtype: torch.dtype):
-    """``(mean, invstd)`` a BN reading ``channels`` channels normalises with: the slice of the
-    block's batch statistics ``mean``/``var``, or the BN's running statistics."""
-    if state.batch_stats:
-        return mean[:channels], torch.rsqrt(var[:channels] + state.eps)
+def _running_stats(state: NormState, stats_dtype: torch.dtype):
+    """``(mean, invstd)`` of a BN's running statistics."""
     return (state.running_mean.to(stats_dtype),
             torch.rsqrt(state.running_var.to(stats_dtype) + state.eps))
+
+
+def _prefix_stats(state: NormState, mean, var, channels: int, stats_dtype: torch.dtype):
+    """``(mean, invstd)`` a BN reading the first ``channels`` buffer channels normalises
+    with: the block's batch statistics of those channels, or its running statistics."""
+    if state.batch_stats:
+        return mean[:channels], torch.rsqrt(var[:channels] + state.eps)
+    return _running_stats(state, stats_dtype)
 
 
 def _running_tensors_read(spec: BlockSpec):
@@ -129,7 +173,8 @@ class _Forward:
 
     def __init__(self, x: torch.Tensor, spec: BlockSpec, params, keep: bool):
         n, c0, h, w = x.shape
-        self.spec, self.params, self.keep = spec, params, keep
+        self.spec, self.keep = spec, keep
+        self.layer_params, self.tail_params = split_params(spec, params)
         self.c0, self.count = c0, n * h * w
         self.stats_dtype = stats_dtype_for(x.dtype)
         total = c0 + spec.num_layers * spec.growth_rate
@@ -155,20 +200,20 @@ class _Forward:
     def _layer(self, layer: int) -> None:
         spec, k = self.spec, self.spec.growth_rate
         channels = self.c0 + layer * k
-        w1, b1, cw1, w2, b2, cw2 = self.params[PARAMS_PER_LAYER * layer:
-                                               PARAMS_PER_LAYER * (layer + 1)]
+        p = self.layer_params[layer]
         norm1, norm2 = spec.layer_norms[layer]
-        mean1, invstd1 = _norm_stats(norm1, self.mean, self.var, channels, self.stats_dtype)
-        bottleneck = bn_relu_conv1x1(self.buffer, mean1, invstd1, w1, b1, cw1)
+        mean1, invstd1 = _prefix_stats(norm1, self.mean, self.var, channels, self.stats_dtype)
+        bottleneck = bn_relu_conv1x1(self.buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
+                                     p.conv1_weight)
         if norm2.batch_stats:
             mean2, var2 = channel_stats(bottleneck)
             invstd2 = torch.rsqrt(var2 + norm2.eps)
             if norm2.update_running:
                 self._norm2_batch.append((norm2, mean2, var2))
         else:
-            mean2, invstd2 = _norm_stats(norm2, None, None, 0, self.stats_dtype)
-        act2 = bn_apply(bottleneck, mean2, invstd2, w2, b2, relu=True)
-        new = F.conv2d(act2, cw2, padding=1)
+            mean2, invstd2 = _running_stats(norm2, self.stats_dtype)
+        act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
+        new = F.conv2d(act2, p.conv2_weight, padding=1)
         del act2
         mask = None
         rate = spec.drop_rates[layer]
@@ -189,18 +234,17 @@ class _Forward:
             self.masks.append(mask)
 
     def _tail(self) -> torch.Tensor:
-        spec = self.spec
-        if spec.tail == TAIL_NONE:
+        spec, p = self.spec, self.tail_params
+        if spec.tail is Tail.NONE:
             return self.buffer
         total = self.buffer.shape[1]
-        mean, invstd = _norm_stats(spec.tail_norm, self.mean, self.var, total, self.stats_dtype)
-        tail_params = self.params[PARAMS_PER_LAYER * spec.num_layers:]
-        if spec.tail == TAIL_TRANSITION:
-            weight, bias, conv_weight = tail_params
-            reduced = bn_relu_conv1x1(self.buffer, mean, invstd, weight, bias, conv_weight)
+        mean, invstd = _prefix_stats(spec.tail_norm, self.mean, self.var, total,
+                                     self.stats_dtype)
+        if spec.tail is Tail.TRANSITION:
+            reduced = bn_relu_conv1x1(self.buffer, mean, invstd, p.norm_weight, p.norm_bias,
+                                      p.conv_weight)
             return F.avg_pool2d(reduced, kernel_size=2, stride=2)
-        weight, bias = tail_params
-        return bn_apply(self.buffer, mean, invstd, weight, bias, relu=False)
+        return bn_apply(self.buffer, mean, invstd, p.norm_weight, p.norm_bias, relu=False)
 
     def _update_running_stats(self) -> None:
         # Done once, after every layer succeeded: a failure midway leaves them untouched.
@@ -219,6 +263,128 @@ class _Forward:
                                  self.count)
 
 
+@dataclass
+class _Saved:
+    """What forward saves for backward, described once: ``tensors()`` is the order of
+    ``save_for_backward`` and ``load`` reads it back."""
+
+    buffer: torch.Tensor
+    bottlenecks: list  # per layer, the 1x1 conv's output (norm2's input)
+    norm2_stats: list  # per layer, norm2's (mean, invstd)
+    params: tuple
+    masks: list  # per layer, the dropout mask, or None where the layer has no dropout
+    mean: torch.Tensor | None  # the buffer's batch statistics, when a prefix BN uses them
+    var: torch.Tensor | None
+
+    def tensors(self) -> list:
+        stats = [self.mean, self.var] if self.mean is not None else []
+        return [self.buffer, *self.bottlenecks, *(t for pair in self.norm2_stats for t in pair),
+                *self.params, *(m for m in self.masks if m is not None), *stats]
+
+    @classmethod
+    def load(cls, tensors, spec: BlockSpec, num_params: int, has_stats: bool) -> _Saved:
+        saved = iter(tensors)
+        layers = range(spec.num_layers)
+        buffer = next(saved)
+        bottlenecks = [next(saved) for _ in layers]
+        norm2_stats = [(next(saved), next(saved)) for _ in layers]
+        params = tuple(next(saved) for _ in range(num_params))
+        masks = [next(saved) if rate > 0 else None for rate in spec.drop_rates]
+        mean, var = (next(saved), next(saved)) if has_stats else (None, None)
+        return cls(buffer, bottlenecks, norm2_stats, params, masks, mean, var)
+
+
+class _Backward:
+    """Runs the block backward from what forward saved: the tail, then the layers in
+    reverse, adding each input gradient into one gradient buffer."""
+
+    def __init__(self, saved: _Saved, spec: BlockSpec, c0: int):
+        self.saved, self.spec, self.c0 = saved, spec, c0
+        self.layer_params, self.tail_params = split_params(spec, saved.params)
+        buffer = saved.buffer
+        self.stats_dtype = stats_dtype_for(buffer.dtype)
+        n, total, h, w = buffer.shape
+        self.count = n * h * w
+        # Prefix BNs add only their direct term to the gradient buffer; the term through the
+        # batch statistics is summed per channel and added once, just before the layer that
+        # wrote a channel reads its gradient (every reader of the channel is done by then).
+        self.stats_term = StatsGradient(total, self.stats_dtype, buffer.device) \
+            if saved.mean is not None else None
+        self.grad_buffer = None
+
+    def run(self, grad_out: torch.Tensor):
+        """``(grad_x, flat parameter gradients)``."""
+        tail_grads = self._tail(grad_out)
+        layer_grads = [None] * self.spec.num_layers
+        for layer in reversed(range(self.spec.num_layers)):
+            layer_grads[layer] = self._layer(layer)
+        if self.stats_term is not None:
+            self.stats_term.apply(self.grad_buffer, self.saved.buffer, 0, self.c0)
+        return self.grad_buffer[:, :self.c0], join_grads(layer_grads, tail_grads)
+
+    def _add_stats_term(self, norm: NormState, mean, invstd, weight, dweight, dbias) -> None:
+        if norm.batch_stats:
+            self.stats_term.add(mean, invstd, weight, dweight, dbias, self.count)
+
+    def _tail(self, grad_out: torch.Tensor) -> TailParams | None:
+        spec, buffer, p = self.spec, self.saved.buffer, self.tail_params
+        if spec.tail is Tail.NONE:
+            self.grad_buffer = torch.empty_like(buffer).copy_(grad_out)
+            return None
+        n, total, h, w = buffer.shape
+        mean, invstd = _prefix_stats(spec.tail_norm, self.saved.mean, self.saved.var, total,
+                                     self.stats_dtype)
+        if spec.tail is Tail.TRANSITION:
+            grad_reduced = _avg_pool2x2_backward(grad_out, (n, p.conv_weight.shape[0], h, w))
+            self.grad_buffer = torch.zeros_like(buffer)
+            dconv, dweight, dbias = bn_relu_conv1x1_backward(
+                grad_reduced, buffer, mean, invstd, p.norm_weight, p.norm_bias, p.conv_weight,
+                False, self.grad_buffer)
+            grads = TailParams(dweight, dbias, dconv)
+        else:
+            self.grad_buffer, dweight, dbias = bn_backward(
+                grad_out, buffer, mean, invstd, p.norm_weight, stats_grad=False)
+            grads = TailParams(dweight, dbias)
+        self._add_stats_term(spec.tail_norm, mean, invstd, p.norm_weight, dweight, dbias)
+        return grads
+
+    def _layer(self, layer: int) -> LayerParams:
+        spec, saved, k = self.spec, self.saved, self.spec.growth_rate
+        buffer, grad_buffer = saved.buffer, self.grad_buffer
+        channels = self.c0 + layer * k
+        p = self.layer_params[layer]
+        norm1, norm2 = spec.layer_norms[layer]
+        if self.stats_term is not None:
+            self.stats_term.apply(grad_buffer, buffer, channels, channels + k)
+        # A dense copy of the k-channel slice: convolution backward is markedly slower on a
+        # strided gradient.
+        grad_new = grad_buffer[:, channels:channels + k].contiguous(
+            memory_format=memory_format_of(buffer))
+        if saved.masks[layer] is not None:
+            grad_new = grad_new * _dropout_scale(saved.masks[layer], spec.drop_rates[layer],
+                                                 grad_new.dtype)
+        bottleneck = saved.bottlenecks[layer]
+        mean2, invstd2 = saved.norm2_stats[layer]
+        act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
+        grad_act2, dconv2, _ = torch.ops.aten.convolution_backward(
+            grad_new, act2, p.conv2_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        del grad_new
+        torch.ops.aten.threshold_backward.grad_input(grad_act2, act2, 0, grad_input=grad_act2)
+        del act2
+        grad_bottleneck, dnorm2_weight, dnorm2_bias = bn_backward(
+            grad_act2, bottleneck, mean2, invstd2, p.norm2_weight, stats_grad=norm2.batch_stats)
+        del grad_act2
+        mean1, invstd1 = _prefix_stats(norm1, saved.mean, saved.var, channels, self.stats_dtype)
+        dconv1, dnorm1_weight, dnorm1_bias = bn_relu_conv1x1_backward(
+            grad_bottleneck, buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
+            p.conv1_weight, False, grad_buffer)
+        del grad_bottleneck
+        self._add_stats_term(norm1, mean1, invstd1, p.norm1_weight, dnorm1_weight, dnorm1_bias)
+        return LayerParams(dnorm1_weight, dnorm1_bias, dconv1, dnorm2_weight, dnorm2_bias,
+                           dconv2)
+
+
 class DenseBlockFunction(torch.autograd.Function):
     """``apply(x, spec, *params)``: one dense block (plus its tail) as a single graph node."""
 
@@ -230,12 +396,11 @@ class DenseBlockFunction(torch.autograd.Function):
             # The buffer is saved for backward; the caller gets its own copy, which it may
             # modify in place (an in-place ReLU after a block, as after torchvision's cat).
             out = out.clone()
-        masks = [m for m in fwd.masks if m is not None]
-        flat_norm2 = [t for pair in fwd.norm2_stats for t in pair]
-        stats = [fwd.mean, fwd.var] if fwd.mean is not None else []
-        ctx.save_for_backward(fwd.buffer, *fwd.bottlenecks, *flat_norm2, *params, *masks, *stats)
+        saved = _Saved(fwd.buffer, fwd.bottlenecks, fwd.norm2_stats, params, fwd.masks,
+                       fwd.mean, fwd.var)
+        ctx.save_for_backward(*saved.tensors())
         ctx.spec, ctx.c0, ctx.num_params = spec, x.shape[1], len(params)
-        ctx.has_stats = fwd.mean is not None  # dynamo (torch 2.11) cannot trace bool(list)
+        ctx.has_stats = fwd.mean is not None
         # Eval-mode BNs re-read running statistics in backward: refuse if they changed.
         ctx.running_versions = [t._version for t in _running_tensors_read(spec)]
         return out
@@ -243,88 +408,13 @@ class DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        spec, k = ctx.spec, ctx.spec.growth_rate
-        layers = spec.num_layers
-        if ctx.running_versions != [t._version for t in _running_tensors_read(spec)]:
+        if ctx.running_versions != [t._version for t in _running_tensors_read(ctx.spec)]:
             raise RuntimeError(
                 "densenet_fast: BatchNorm running statistics read by an eval-mode forward were "
                 "modified in place before its backward")
-        saved = iter(ctx.saved_tensors)
-        buffer = next(saved)
-        bottlenecks = [next(saved) for _ in range(layers)]
-        norm2_stats = [(next(saved), next(saved)) for _ in range(layers)]
-        params = [next(saved) for _ in range(ctx.num_params)]
-        masks = [next(saved) if rate > 0 else None for rate in spec.drop_rates]
-        mean, var = (next(saved), next(saved)) if ctx.has_stats else (None, None)
-        stats_dtype = stats_dtype_for(buffer.dtype)
-        grads = [None] * len(params)
-
-        n, total, h, w = buffer.shape
-        count = n * h * w
-        # Prefix BNs add only their direct term to the gradient buffer; the term through the
-        # batch statistics is summed per channel and added once, just before the layer that
-        # wrote a channel reads its gradient (every reader of the channel is done by then).
-        stats_term = StatsGradient(total, stats_dtype, buffer.device) if ctx.has_stats else None
-
-        def add_stats_term(norm, mean, invstd, weight, dweight, dbias):
-            if norm.batch_stats:
-                stats_term.add(mean, invstd, weight, dweight, dbias, count)
-
-        tail_at = PARAMS_PER_LAYER * layers
-        if spec.tail == TAIL_NONE:
-            grad_buffer = torch.empty_like(buffer).copy_(grad_out)
-        else:
-            tail_norm = spec.tail_norm
-            tail_mean, tail_invstd = _norm_stats(tail_norm, mean, var, total, stats_dtype)
-            if spec.tail == TAIL_TRANSITION:
-                weight, bias, conv_weight = params[tail_at:]
-                grad_reduced = _avg_pool2x2_backward(grad_out, (n, conv_weight.shape[0], h, w))
-                grad_buffer = torch.zeros_like(buffer)
-                grads[tail_at + 2], grads[tail_at], grads[tail_at + 1] = \
-                    bn_relu_conv1x1_backward(grad_reduced, buffer, tail_mean, tail_invstd,
-                                             weight, bias, conv_weight, False, grad_buffer)
-                del grad_reduced
-            else:
-                weight, _ = params[tail_at:]
-                grad_buffer, grads[tail_at], grads[tail_at + 1] = bn_backward(
-                    grad_out, buffer, tail_mean, tail_invstd, weight, stats_grad=False)
-            add_stats_term(tail_norm, tail_mean, tail_invstd, weight, grads[tail_at],
-                              grads[tail_at + 1])
-
-        for layer in reversed(range(layers)):
-            channels = ctx.c0 + layer * k
-            base = PARAMS_PER_LAYER * layer
-            w1, b1, cw1, w2, b2, cw2 = params[base:base + PARAMS_PER_LAYER]
-            norm1, norm2 = spec.layer_norms[layer]
-            if stats_term is not None:
-                stats_term.apply(grad_buffer, buffer, channels, channels + k)
-            # A dense copy of the k-channel slice: convolution backward is markedly slower
-            # on a strided gradient.
-            grad_new = grad_buffer[:, channels:channels + k].contiguous(
-                memory_format=memory_format_of(buffer))
-            if masks[layer] is not None:
-                grad_new = grad_new * _dropout_scale(masks[layer], spec.drop_rates[layer],
-                                                     grad_new.dtype)
-            bottleneck = bottlenecks[layer]
-            mean2, invstd2 = norm2_stats[layer]
-            act2 = bn_apply(bottleneck, mean2, invstd2, w2, b2, relu=True)
-            grad_act2, grads[base + 5], _ = torch.ops.aten.convolution_backward(
-                grad_new, act2, cw2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                [True, True, False])
-            del grad_new
-            torch.ops.aten.threshold_backward.grad_input(grad_act2, act2, 0, grad_input=grad_act2)
-            del act2
-            grad_bottleneck, grads[base + 3], grads[base + 4] = bn_backward(
-                grad_act2, bottleneck, mean2, invstd2, w2, stats_grad=norm2.batch_stats)
-            del grad_act2
-            mean1, invstd1 = _norm_stats(norm1, mean, var, channels, stats_dtype)
-            grads[base + 2], grads[base], grads[base + 1] = bn_relu_conv1x1_backward(
-                grad_bottleneck, buffer, mean1, invstd1, w1, b1, cw1, False, grad_buffer)
-            del grad_bottleneck
-            add_stats_term(norm1, mean1, invstd1, w1, grads[base], grads[base + 1])
-        if stats_term is not None:
-            stats_term.apply(grad_buffer, buffer, 0, ctx.c0)
-        return (grad_buffer[:, :ctx.c0], None, *grads)
+        saved = _Saved.load(ctx.saved_tensors, ctx.spec, ctx.num_params, ctx.has_stats)
+        grad_x, grads = _Backward(saved, ctx.spec, ctx.c0).run(grad_out)
+        return (grad_x, None, *grads)
 
 
 def dense_block(x: torch.Tensor, spec: BlockSpec, params) -> torch.Tensor:

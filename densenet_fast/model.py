@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import backends
 from .architecture import CONFIGS, DenseBlock, DenseNetBase, Transition
-from .block import TAIL_NONE, TAIL_NORM, TAIL_TRANSITION, BlockSpec, dense_block
+from .block import BlockSpec, Tail, dense_block
 from .fusion import (
     Blocker,
     block_blocker,
@@ -56,13 +56,13 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
     conv_params = {id(layer.conv1.weight) for layer in layers} | {
         id(layer.conv2.weight) for layer in layers}
     if tail is None:
-        kind, tail_norm = TAIL_NONE, None
+        kind, tail_norm = Tail.NONE, None
     elif isinstance(tail, Transition):
-        kind, tail_norm = TAIL_TRANSITION, norm_state(tail.norm)
+        kind, tail_norm = Tail.TRANSITION, norm_state(tail.norm)
         params += [tail.norm.weight, tail.norm.bias, tail.conv.weight]
         conv_params.add(id(tail.conv.weight))
     else:
-        kind, tail_norm = TAIL_NORM, norm_state(tail)
+        kind, tail_norm = Tail.NORM, norm_state(tail)
         params += [tail.weight, tail.bias]
     spec = BlockSpec(
         growth_rate=layers[0].conv2.out_channels,

@@ -3,14 +3,7 @@
 import pytest
 import torch
 
-from densenet_fast.block import (
-    TAIL_NONE,
-    TAIL_NORM,
-    TAIL_TRANSITION,
-    BlockSpec,
-    DenseBlockFunction,
-    NormState,
-)
+from densenet_fast.block import BlockSpec, DenseBlockFunction, NormState, Tail
 
 
 def _norm_state(c, training, dtype):
@@ -18,7 +11,7 @@ def _norm_state(c, training, dtype):
                      torch.tensor(0), 0.1, 1e-5, batch_stats=training, update_running=training)
 
 
-def _block(c0=3, k=2, layers=3, bn_size=2, tail=TAIL_NONE, training=True, drop=0.0,
+def _block(c0=3, k=2, layers=3, bn_size=2, tail=Tail.NONE, training=True, drop=0.0,
            dtype=torch.float64):
     norms, params = [], []
     width = bn_size * k
@@ -31,10 +24,10 @@ def _block(c0=3, k=2, layers=3, bn_size=2, tail=TAIL_NONE, training=True, drop=0
                    torch.randn(k, width, 3, 3, dtype=dtype) / (3 * width)]
     total = c0 + layers * k
     tail_norm = None
-    if tail != TAIL_NONE:
+    if tail != Tail.NONE:
         tail_norm = _norm_state(total, training, dtype)
         params += [torch.rand(total, dtype=dtype) + 0.5, torch.randn(total, dtype=dtype)]
-        if tail == TAIL_TRANSITION:
+        if tail == Tail.TRANSITION:
             params.append(torch.randn(total // 2, total, 1, 1, dtype=dtype) / total)
     spec = BlockSpec(growth_rate=k, layer_norms=tuple(norms),
                      drop_rates=(drop if training else 0.0,) * layers, tail=tail,
@@ -42,7 +35,7 @@ def _block(c0=3, k=2, layers=3, bn_size=2, tail=TAIL_NONE, training=True, drop=0
     return spec, [p.requires_grad_() for p in params]
 
 
-@pytest.mark.parametrize("tail", [TAIL_NONE, TAIL_TRANSITION, TAIL_NORM])
+@pytest.mark.parametrize("tail", [Tail.NONE, Tail.TRANSITION, Tail.NORM])
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_every_input(tail, training):
     # Training updates running statistics on every call, but only eval mode reads them.
@@ -54,7 +47,7 @@ def test_gradcheck_every_input(tail, training):
 
 
 def test_gradcheck_with_dropout_under_fixed_masks():
-    spec, params = _block(tail=TAIL_TRANSITION, drop=0.3)
+    spec, params = _block(tail=Tail.TRANSITION, drop=0.3)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
 
     def seeded(x, *p):
@@ -67,7 +60,7 @@ def test_gradcheck_with_dropout_under_fixed_masks():
 
 
 def test_channels_last_and_contiguous_agree():
-    spec, params = _block(tail=TAIL_TRANSITION, training=False)
+    spec, params = _block(tail=Tail.TRANSITION, training=False)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     dense = DenseBlockFunction.apply(x.requires_grad_(), spec, *params)
     grads = torch.autograd.grad(dense.sum(), [x, *params])
