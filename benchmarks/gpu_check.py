@@ -103,30 +103,6 @@ def _env(mode: Mode, **extra) -> dict:
     return env
 
 
-def _seconds(fn, repeats: int, device: str, warmup: int = 2) -> list[float]:
-    """Seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            start, end = (torch.cuda.Event(enable_timing=True),
-                          torch.cuda.Event(enable_timing=True))
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return times
-
-
 # --- stages (each runs in its own process) ---------------------------------------------
 
 def stage_parity(mode: Mode, timeout: float) -> dict:
@@ -146,6 +122,7 @@ def _op_row(mode: Mode, name: str, total: int, prefix: int, size: int) -> dict:
     import torch
     import torch.nn as nn
 
+    from densenet_fast.benchmark.timing import time_interleaved
     from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
     from densenet_fast.ops.batchnorm import channel_stats
 
@@ -178,9 +155,10 @@ def _op_row(mode: Mode, name: str, total: int, prefix: int, size: int) -> dict:
             out = layer(x)
         out.backward(grad_out)
 
-    median = {key: statistics.median(_seconds(fn, mode.repeats, device)) for key, fn in
-              (("eager", eager), ("in_block", lambda: fused(False)),
-               ("standalone", lambda: fused(True)))}
+    times = time_interleaved({"eager": eager, "in_block": lambda: fused(False),
+                              "standalone": lambda: fused(True)}, mode.repeats, warmup=2,
+                             device=device)
+    median = {key: statistics.median(seconds) for key, seconds in times.items()}
     return {"shape": name, "batch": mode.op_batch, "prefix": prefix, "size": size,
             **{f"{k}_ms": v * 1e3 for k, v in median.items()},
             "speedup_in_block": median["eager"] / median["in_block"],
@@ -199,7 +177,7 @@ def stage_model(mode: Mode, timeout: float) -> dict:
 
     from densenet_fast.benchmark.memory import measure_in_process
     from densenet_fast.benchmark.runner import Runner, RunSettings
-    from densenet_fast.benchmark.timing import summarize
+    from densenet_fast.benchmark.timing import summarize, time_interleaved
 
     config = mode.config()
     settings = RunSettings(device=mode.device, autocast="bfloat16", channels_last=True)
@@ -212,8 +190,8 @@ def stage_model(mode: Mode, timeout: float) -> dict:
         try:
             memory = measure_in_process(name, config, "train", settings)
             runner = Runner(name, config, settings)
-            timing = summarize(_seconds(lambda r=runner: r.step("train"), mode.repeats,
-                                        mode.device, warmup=1))
+            timing = summarize(time_interleaved({name: lambda r=runner: r.step("train")},
+                                                mode.repeats, device=mode.device)[name])
             rows[name] = {"peak_bytes": memory["peak_bytes"], **timing,
                           "images_per_s": config.batch_size / timing["median_s"]}
         except Exception as exc:  # one implementation's failure (OOM) is its row's result

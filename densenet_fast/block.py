@@ -33,7 +33,7 @@ from .ops.batchnorm import (
     channel_stats,
     update_running_stats,
 )
-from .ops.schema import memory_format_of, stats_dtype_for
+from .ops.formats import memory_format_of, stats_dtype_for
 
 
 class Tail(Enum):

@@ -3,32 +3,14 @@ reported as absolute figures and as ratios to the baseline measured in the same 
 
 from __future__ import annotations
 
-import platform
-
 import torch
 
 from ..backends import backend_info
 from .implementations import BASELINE, ModelConfig, available_implementations, describe
 from .memory import MeasurementError, measure_peak_memory
+from .progress import progress_bar
 from .runner import WORKLOADS, Runner, RunSettings
 from .timing import summarize, time_interleaved
-
-
-def progress_bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar, or None when disabled or tqdm is missing."""
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def run_comparison(config: ModelConfig, settings: RunSettings | None = None, repeats: int = 5,
@@ -42,7 +24,7 @@ def run_comparison(config: ModelConfig, settings: RunSettings | None = None, rep
     baseline = BASELINE if BASELINE in names else names[0]
     runners = {name: Runner(name, config, settings) for name in names}
     results = {"config": config.to_json(), "settings": settings.to_json(),
-               "device": device_name(settings.device), "torch": torch.__version__,
+               "device": settings.device_name(), "torch": torch.__version__,
                "backend": backend_info()["active"], "baseline": baseline, "workloads": {}}
     for workload in workloads:
         bar = progress_bar(len(names) + repeats + 1, show_progress, f"bench {workload}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +26,13 @@ class RunSettings:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def device_name(self) -> str:
+        """The device as reports name it: the GPU's model, or the CPU and its threads."""
+        if self.device.startswith("cuda"):
+            return torch.cuda.get_device_name(torch.device(self.device))
+        return (f"cpu ({platform.processor() or platform.machine()}, "
+                f"{torch.get_num_threads()} threads)")
 
 
 class Runner:

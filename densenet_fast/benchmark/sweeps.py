@@ -10,7 +10,7 @@ import torch
 
 from .implementations import ModelConfig, describe
 from .memory import MeasurementError, measure_peak_memory
-from .report import device_name, progress_bar
+from .progress import progress_bar
 from .runner import RunSettings
 
 DEPTH_IMPLEMENTATIONS = ("naive", "torchvision-memeff", "densenet_fast")
@@ -50,7 +50,7 @@ def sweep_depth(depths=DEFAULT_DEPTHS, implementations=DEPTH_IMPLEMENTATIONS,
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return {"sweep": "depth", "device": device_name(settings.device),
+    return {"sweep": "depth", "device": settings.device_name(),
             "settings": settings.to_json(), "batch_size": batch_size, "growth_rate": 12,
             "image_size": 32, "descriptions": {n: describe(n, settings.device)
                                                for n in implementations},
@@ -147,7 +147,7 @@ def sweep_batch(config: ModelConfig, implementations, budget_bytes: int,
             for name in implementations}
     if bar is not None:
         bar.close()
-    return {"sweep": "batch", "device": device_name(settings.device),
+    return {"sweep": "batch", "device": settings.device_name(),
             "settings": settings.to_json(), "config": config.to_json(),
             "budget_bytes": budget_bytes, "max_batch": max_batch,
             "descriptions": {n: describe(n, settings.device) for n in implementations},

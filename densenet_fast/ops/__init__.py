@@ -15,13 +15,8 @@ _use_reference = False
 
 
 def _inline_reference() -> bool:
-    # Under torch.compile the reference kernels' ATen ops are traced instead of the opaque
-    # custom op, and the compiler fuses them itself. Traced through the custom op, inductor
-    # (torch 2.14, CPU) computes wrong block gradients: with its layout optimisation on, it
-    # keeps the gradient buffer channels-last, hands the backward op a contiguous copy, and
-    # then reads that copy back with channels-last indexing (found in the generated C++;
-    # the same graph is right under aot_eager_decomp_partition and with
-    # torch._inductor.config.layout_optimization = False). tests/test_compile.py guards it.
+    # Under torch.compile the reference kernels are traced instead of the opaque op: inductor
+    # miscompiles the op's gradient-buffer layout (README, "Notes"; tests/test_compile.py).
     return _use_reference or torch.compiler.is_compiling()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .schema import stats_dtype_for
+from .formats import stats_dtype_for
 
 _REDUCE_DIMS = (0, 2, 3)
 

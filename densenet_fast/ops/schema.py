@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .formats import memory_format_of, stats_dtype_for
+
 NAMESPACE = "densenet_fast"
 FORWARD = f"{NAMESPACE}::bn_relu_conv1x1"
 BACKWARD = f"{NAMESPACE}::bn_relu_conv1x1_backward"
@@ -45,11 +47,6 @@ torch.library.define(
     "Tensor bn_bias, Tensor conv_weight, bool stats_grad, Tensor(a!) grad_buffer) "
     "-> (Tensor, Tensor, Tensor)",
 )
-
-
-def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of per-channel statistics for data of ``dtype``: float32, or float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) -> int:
@@ -111,14 +108,6 @@ def check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv
         if t.device != buffer.device:
             raise RuntimeError(f"{name} is on {t.device} but buffer is on {buffer.device}")
     return channels
-
-
-def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """``channels_last`` for a dense NHWC tensor, else the default (contiguous) format."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-            and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @torch.library.register_fake(FORWARD)

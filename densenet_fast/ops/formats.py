@@ -1,0 +1,22 @@
+"""The dtype and memory-format conventions shared by the op, its kernels and the block."""
+
+from __future__ import annotations
+
+import torch
+
+
+def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of per-channel statistics for data of ``dtype``: float32, or float64 for float64.
+
+    Half-precision data keeps float32 statistics, as cuDNN's and ATen's batch norm do: a
+    variance summed over N*H*W values overflows or loses every digit in float16.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a dense NHWC tensor, else the default (contiguous) format."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+            and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
