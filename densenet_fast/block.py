@@ -5,11 +5,15 @@ its first ``C0`` channels and lets layer ``l`` read the prefix ``buffer[:, :C_l]
 write its ``k`` new channels into the next slice. Each channel's batch mean and variance are
 computed once, when the channel is written, and reused by every BN that reads it (the later
 layers' ``norm1`` and the block's tail). Per layer, only the bottleneck (``4k`` channels, which
-``norm2``'s backward needs) is kept; BN-ReLU of the prefix is recomputed in backward.
+``norm2``'s backward needs) is kept; BN-ReLU of the prefix is recomputed in backward. With
+``recompute_bottleneck`` the bottleneck is not kept either: backward recomputes it from the
+buffer (one more BN-ReLU-Conv1x1 per layer), and per layer only statistics remain.
 
 Backward allocates one gradient buffer, walks the layers in reverse and adds each layer's
 input gradient into ``grad_buffer[:, :C_l]``; by the time layer ``l`` is reached, the slice of
-its own output channels has received every later reader's contribution.
+its own output channels has received every later reader's contribution. The block input's
+gradient is returned as a copy of its ``C0`` channels, so that the gradient buffer is freed
+before the previous block's backward runs.
 
 The tail fuses what reads the whole buffer next: a transition (BN-ReLU-Conv1x1-AvgPool) or
 the final norm, so both reuse the block's statistics and nothing buffer-sized is stored twice.
@@ -113,6 +117,7 @@ class BlockSpec:
     ``params`` passed beside it are each layer's :class:`LayerParams`, then the tail's
     :class:`TailParams` (flat: ``autograd.Function.apply`` takes tensors one by one).
     ``drop_rates`` holds each layer's dropout probability, 0 where the layer is in eval mode.
+    ``recompute_bottleneck``: backward recomputes each layer's bottleneck instead of keeping it.
     """
 
     growth_rate: int
@@ -120,6 +125,7 @@ class BlockSpec:
     drop_rates: tuple[float, ...]
     tail: Tail = Tail.NONE
     tail_norm: NormState | None = None
+    recompute_bottleneck: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -136,7 +142,7 @@ class BlockSpec:
         return self.prefix_norms() + [norm2 for _, norm2 in self.layer_norms]
 
 
-def _running_stats(state: NormState, stats_dtype: torch.dtype):
+def running_stats(state: NormState, stats_dtype: torch.dtype):
     """``(mean, invstd)`` of a BN's running statistics."""
     return (state.running_mean.to(stats_dtype),
             torch.rsqrt(state.running_var.to(stats_dtype) + state.eps))
@@ -147,7 +153,7 @@ def _prefix_stats(state: NormState, mean, var, channels: int, stats_dtype: torch
     with: the block's batch statistics of those channels, or its running statistics."""
     if state.batch_stats:
         return mean[:channels], torch.rsqrt(var[:channels] + state.eps)
-    return _running_stats(state, stats_dtype)
+    return running_stats(state, stats_dtype)
 
 
 def _running_tensors_read(spec: BlockSpec):
@@ -211,7 +217,7 @@ class _Forward:
             if norm2.update_running:
                 self._norm2_batch.append((norm2, mean2, var2))
         else:
-            mean2, invstd2 = _running_stats(norm2, self.stats_dtype)
+            mean2, invstd2 = running_stats(norm2, self.stats_dtype)
         act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
         new = F.conv2d(act2, p.conv2_weight, padding=1)
         del act2
@@ -229,7 +235,8 @@ class _Forward:
         if self.mean is not None:
             self.mean[channels:channels + k], self.var[channels:channels + k] = channel_stats(new)
         if self.keep:
-            self.bottlenecks.append(bottleneck)
+            if not spec.recompute_bottleneck:
+                self.bottlenecks.append(bottleneck)
             self.norm2_stats.append((mean2, invstd2))
             self.masks.append(mask)
 
@@ -269,7 +276,7 @@ class _Saved:
     ``save_for_backward`` and ``load`` reads it back."""
 
     buffer: torch.Tensor
-    bottlenecks: list  # per layer, the 1x1 conv's output (norm2's input)
+    bottlenecks: list  # per layer, the 1x1 conv's output (norm2's input); [] if recomputed
     norm2_stats: list  # per layer, norm2's (mean, invstd)
     params: tuple
     masks: list  # per layer, the dropout mask, or None where the layer has no dropout
@@ -286,7 +293,7 @@ class _Saved:
         saved = iter(tensors)
         layers = range(spec.num_layers)
         buffer = next(saved)
-        bottlenecks = [next(saved) for _ in layers]
+        bottlenecks = [] if spec.recompute_bottleneck else [next(saved) for _ in layers]
         norm2_stats = [(next(saved), next(saved)) for _ in layers]
         params = tuple(next(saved) for _ in range(num_params))
         masks = [next(saved) if rate > 0 else None for rate in spec.drop_rates]
@@ -320,7 +327,12 @@ class _Backward:
             layer_grads[layer] = self._layer(layer)
         if self.stats_term is not None:
             self.stats_term.apply(self.grad_buffer, self.saved.buffer, 0, self.c0)
-        return self.grad_buffer[:, :self.c0], join_grads(layer_grads, tail_grads)
+        # A copy, not a view: a view would keep the whole gradient buffer alive through the
+        # previous block's backward.
+        grad_x = self.grad_buffer[:, :self.c0].contiguous(
+            memory_format=memory_format_of(self.grad_buffer))
+        self.grad_buffer = None
+        return grad_x, join_grads(layer_grads, tail_grads)
 
     def _add_stats_term(self, norm: NormState, mean, invstd, weight, dweight, dbias) -> None:
         if norm.batch_stats:
@@ -363,7 +375,12 @@ class _Backward:
         if saved.masks[layer] is not None:
             grad_new = grad_new * _dropout_scale(saved.masks[layer], spec.drop_rates[layer],
                                                  grad_new.dtype)
-        bottleneck = saved.bottlenecks[layer]
+        mean1, invstd1 = _prefix_stats(norm1, saved.mean, saved.var, channels, self.stats_dtype)
+        if spec.recompute_bottleneck:
+            bottleneck = bn_relu_conv1x1(buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
+                                         p.conv1_weight)
+        else:
+            bottleneck = saved.bottlenecks[layer]
         mean2, invstd2 = saved.norm2_stats[layer]
         act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
         grad_act2, dconv2, _ = torch.ops.aten.convolution_backward(
@@ -374,8 +391,7 @@ class _Backward:
         del act2
         grad_bottleneck, dnorm2_weight, dnorm2_bias = bn_backward(
             grad_act2, bottleneck, mean2, invstd2, p.norm2_weight, stats_grad=norm2.batch_stats)
-        del grad_act2
-        mean1, invstd1 = _prefix_stats(norm1, saved.mean, saved.var, channels, self.stats_dtype)
+        del grad_act2, bottleneck
         dconv1, dnorm1_weight, dnorm1_bias = bn_relu_conv1x1_backward(
             grad_bottleneck, buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
             p.conv1_weight, False, grad_buffer)

@@ -75,7 +75,7 @@ def _config_check(model: nn.Module, tv: dict[str, type]) -> None:
             f"it expects an nn.Sequential")
 
 
-def convert(model: nn.Module) -> DenseNet:
+def convert(model: nn.Module, *, recompute_bottleneck: bool = False) -> DenseNet:
     """Return a :class:`densenet_fast.DenseNet` that shares ``model``'s modules.
 
     ``model`` is a torchvision ``DenseNet`` (or one of this package's). As with
@@ -87,6 +87,7 @@ def convert(model: nn.Module) -> DenseNet:
     and share the source's hook registries. A block, layer or transition of a custom class
     is kept as it is and runs through its own forward; a model whose ``DenseNet.forward``
     is replaced is refused, since converting it would change what it computes.
+    ``recompute_bottleneck`` is set on every converted block (see :class:`DenseNet`).
     """
     tv = _torchvision_classes()
     _config_check(model, tv)
@@ -95,6 +96,8 @@ def convert(model: nn.Module) -> DenseNet:
     for name, child in model.features.named_children():
         if isinstance(child, nn.ModuleDict):
             features._modules[name] = _convert_block(child, tv)
+            if type(features._modules[name]) is _DenseBlock:
+                features._modules[name].recompute_bottleneck = bool(recompute_bottleneck)
         elif _standard(child, tv.get("transition"), Transition, _Transition):
             features._modules[name] = _rehouse(child, _Transition, nn.Sequential)
     fast._modules["features"] = features

@@ -274,6 +274,38 @@ def transition_blocker(transition: nn.Module, channels: int) -> Blocker | None:
     return None
 
 
+STEM_NAMES = ("conv0", "norm0", "relu0", "pool0")
+
+
+def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
+    """Why the first four modules of ``features`` (``modules``, by name) cannot run as the
+    fused stem: a bias-free ``nn.Conv2d`` (any stride, padding, dilation, groups), a
+    BatchNorm of its channels, ``nn.ReLU`` and an ``nn.MaxPool2d``, none hooked."""
+    names = tuple(modules)[:4]
+    if names != STEM_NAMES:
+        return Blocker(f"features starts with {names}, not {STEM_NAMES}")
+    conv, norm, relu, pool = (modules[name] for name in STEM_NAMES)
+    conv_problem = None
+    if not (type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)):
+        conv_problem = f"is {_describe(conv)}, not a bias-free nn.Conv2d with numeric padding"
+    pool_problem = None
+    if not (type(pool) is nn.MaxPool2d and not pool.return_indices):
+        pool_problem = f"is {_describe(pool)}, not nn.MaxPool2d"
+    channels = conv.out_channels if type(conv) is nn.Conv2d else None
+    problems = (
+        ("conv0", conv, conv_problem),
+        ("norm0", norm, norm_blocker(norm, channels)),
+        ("relu0", relu, None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"),
+        ("pool0", pool, pool_problem),
+    )
+    for name, child, problem in problems:
+        blocker = _child_blocker(name, child, problem)
+        if blocker is not None:
+            return blocker
+    return None
+
+
 def warn_fallback(where: str, blocker: Blocker) -> None:
     """Warn, once per reason, that a block runs through its modules because the module tree
     is not the standard one."""

@@ -20,6 +20,7 @@ from . import backends
 from .architecture import CONFIGS, DenseBlock, DenseNetBase, Transition
 from .block import BlockSpec, Tail, dense_block
 from .fusion import (
+    STEM_NAMES,
     Blocker,
     block_blocker,
     block_channels,
@@ -27,10 +28,12 @@ from .fusion import (
     norm_blocker,
     norm_state,
     runtime_blocker,
+    stem_blocker,
     transition_blocker,
     warn_fallback,
 )
 from .state_dict import load_torchvision_state_dict
+from .stem import StemSpec, stem
 from .validation import check_input_tensor, check_spatial_plan
 
 
@@ -41,6 +44,31 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
+
+
+def _without_autocast(x: torch.Tensor):
+    # The fused Functions compute in one dtype, cast to explicitly; autocast must not recast.
+    return (torch.autocast(x.device.type, enabled=False)
+            if torch.is_autocast_enabled(x.device.type) else nullcontext())
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d,
+             x: torch.Tensor) -> torch.Tensor:
+    """Run a standard stem (``conv -> norm -> ReLU -> pool``) as one Function that keeps
+    only the conv's output: the caller has checked the modules (:func:`fusion.stem_blocker`)."""
+    spec = StemSpec(
+        conv_stride=conv.stride, conv_padding=conv.padding, conv_dilation=conv.dilation,
+        conv_groups=conv.groups, pool_kernel=_pair(pool.kernel_size),
+        pool_stride=_pair(pool.stride), pool_padding=_pair(pool.padding),
+        pool_dilation=_pair(pool.dilation), pool_ceil_mode=pool.ceil_mode,
+        norm=norm_state(norm))
+    dtype = _compute_dtype(x, conv.weight)
+    with _without_autocast(x):
+        return stem(x.to(dtype), spec, conv.weight.to(dtype), norm.weight, norm.bias)
 
 
 def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
@@ -70,23 +98,34 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
         drop_rates=tuple(layer.drop_rate if layer.training else 0.0 for layer in layers),
         tail=kind,
         tail_norm=tail_norm,
+        recompute_bottleneck=block.recompute_bottleneck,
     )
     dtype = _compute_dtype(x, layers[0].conv1.weight)
-    autocast_off = (torch.autocast(x.device.type, enabled=False)
-                    if torch.is_autocast_enabled(x.device.type) else nullcontext())
-    with autocast_off:
+    with _without_autocast(x):
         # Casts are graph nodes, so gradients reach the float32 master weights under autocast.
         params = [p.to(dtype) if id(p) in conv_params else p for p in params]
         return dense_block(x.to(dtype), spec, params)
 
 
 class FusionStep(NamedTuple):
-    """One step of ``features``' forward: ``module`` called as a module, or (``fused``) a
-    standard block run fused, with ``tail`` (the module after it) fused into it."""
+    """One step of ``features``' forward: ``modules[0]`` called as a module, or (``fused``)
+    ``modules`` run as one fused Function: a standard block (with the transition or norm
+    after it, if any), or the standard stem (conv0, norm0, relu0, pool0)."""
 
-    module: nn.Module
+    modules: tuple[nn.Module, ...]
     fused: bool
-    tail: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.modules[0]
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.module(x)
+        if isinstance(self.module, DenseBlock):
+            return run_block(self.module, x, self.modules[1] if len(self.modules) > 1 else None)
+        conv, norm, _, pool = self.modules
+        return run_stem(conv, norm, pool, x)
 
 
 def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
@@ -120,9 +159,11 @@ class _DenseBlock(DenseBlock):
 
     A block whose module tree is not the standard one, or that is hooked inside, traced or
     transformed (:mod:`densenet_fast.fusion`), runs its modules as torchvision's does.
+    ``recompute_bottleneck``: see :class:`DenseNet`.
     """
 
     __prepare_scriptable__ = _refuse_scripting
+    recompute_bottleneck = False
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
         blocker = runtime_blocker(init_features) or block_blocker(self)
@@ -158,7 +199,7 @@ class _Features(nn.Sequential):
         self.check_spatial_size(x)
         for step in self.fusion_plan():
             # A hooked block is called as a module, and is fused inside its own forward.
-            x = run_block(step.module, x, step.tail) if step.fused else step.module(x)
+            x = step.run(x)
         return x
 
     def check_spatial_size(self, x: torch.Tensor) -> None:
@@ -174,18 +215,21 @@ class _Features(nn.Sequential):
         standard, unhooked transition or norm; every other module called as a module."""
         modules = list(self._modules.values())
         steps, i = [], 0
+        if stem_blocker(self._modules) is None:
+            steps.append(FusionStep(tuple(modules[:4]), fused=True))
+            i = 4
         while i < len(modules):
             module = modules[i]
             if not _fusable_block(module):
-                steps.append(FusionStep(module, fused=False))
+                steps.append(FusionStep((module,), fused=False))
                 i += 1
                 continue
             tail = modules[i + 1] if i + 1 < len(modules) else None
             if _tail_blocker(module, tail) is None:
-                steps.append(FusionStep(module, fused=True, tail=tail))
+                steps.append(FusionStep((module, tail), fused=True))
                 i += 2
             else:
-                steps.append(FusionStep(module, fused=True))
+                steps.append(FusionStep((module,), fused=True))
                 i += 1
         return steps
 
@@ -195,6 +239,9 @@ class _Features(nn.Sequential):
         runtime = runtime_blocker(None)
         named = list(self._modules.items())
         report = {}
+        if tuple(self._modules)[:4] == STEM_NAMES:
+            blocker = runtime or stem_blocker(self._modules)
+            report["features.stem"] = "fused" if blocker is None else f"modules: {blocker.reason}"
         for i, (name, module) in enumerate(named):
             if not isinstance(module, DenseBlock):
                 continue
@@ -244,6 +291,9 @@ class DenseNet(DenseNetBase):
         num_classes: classifier outputs.
         memory_efficient: ignored (see above).
         in_channels: image channels (3 for RGB, 1 for MNIST).
+        recompute_bottleneck: keep no per-layer bottleneck for backward, recompute it (one
+            more BN-ReLU-Conv1x1 per layer in backward): less memory, somewhat more time.
+            Same results. Stored on each block, so it can be set per block too.
     """
 
     block_cls = _DenseBlock
@@ -253,9 +303,12 @@ class DenseNet(DenseNetBase):
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0,
                  num_classes: int = 1000, memory_efficient: bool = True,
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, recompute_bottleneck: bool = False) -> None:
         super().__init__(growth_rate, block_config, num_init_features, bn_size, drop_rate,
                          num_classes, memory_efficient, in_channels)
+        for block in self.features.children():
+            if isinstance(block, _DenseBlock):
+                block.recompute_bottleneck = bool(recompute_bottleneck)
 
     def fusion_report(self) -> dict[str, str]:
         """How each dense block runs in the next forward, and why, keyed by its name.

@@ -9,25 +9,35 @@ from densenet_fast import DenseNet, NaiveDenseNet
 DEPTHS = (2, 4, 6, 8, 10)
 
 
-def saved_bytes(model_cls, layers: int) -> int:
-    """Bytes of the distinct storages autograd saves for one training step's backward,
-    parameters excluded (they exist anyway and grow with the weights, not the activations)."""
-    torch.manual_seed(0)
-    model = model_cls(growth_rate=4, block_config=(layers,), num_init_features=8, bn_size=2,
-                      num_classes=3)
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def _saved_storages(model, run) -> dict[int, int]:
+    """``{storage address: bytes}`` of what autograd saves while ``run()`` builds a graph,
+    the model's parameters and ``run``'s input excluded (they exist anyway)."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
+        if storage.data_ptr() not in own:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
+    x = torch.randn(2, 3, 32, 32)
+    own.add(x.untyped_storage().data_ptr())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
-    loss.backward()
-    return sum(seen.values())
+        out = run(x)
+    out.sum().backward()
+    return seen
+
+
+def saved_bytes(model_cls, layers: int, **kwargs) -> int:
+    """Bytes of the distinct storages autograd saves for one training step's backward,
+    parameters excluded (they exist anyway and grow with the weights, not the activations)."""
+    torch.manual_seed(0)
+    model = model_cls(growth_rate=4, block_config=(layers,), num_init_features=8, bn_size=2,
+                      num_classes=3, **kwargs)
+    storages = _saved_storages(
+        model, lambda x: F.cross_entropy(model(x), torch.tensor([0, 1]), reduction="none"))
+    return sum(storages.values())
 
 
 def _second_differences(values):
@@ -49,6 +59,35 @@ def test_naive_model_saves_memory_quadratic_in_depth():
 @pytest.mark.parametrize("layers", [4, 10])
 def test_fused_model_saves_less_than_naive(layers):
     assert saved_bytes(DenseNet, layers) < saved_bytes(NaiveDenseNet, layers)
+
+
+def test_recomputed_bottlenecks_leave_no_per_layer_activation():
+    # Per layer the block then keeps only statistics: each layer adds k channels to the block
+    # buffer and to norm5's output (the classifier's ReLU keeps it), and a few per-channel
+    # vectors; no bottleneck.
+    sizes = [saved_bytes(DenseNet, n, recompute_bottleneck=True) for n in DEPTHS]
+    per_layer = [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
+    kept = [saved_bytes(DenseNet, n) for n in DEPTHS]
+    kept_per_layer = [b - a for a, b in zip(kept, kept[1:], strict=False)]
+    buffer_channels = 4 * 2 * 8 * 8 * 4 * 2  # k=4 channels, N=2, 8x8, float32, two layers
+    bottleneck = 8 * 2 * 8 * 8 * 4 * 2  # bn_size * k = 8 channels, two layers
+    assert all(0 <= step - 2 * buffer_channels < 1024 for step in per_layer), per_layer
+    assert [b - a for a, b in zip(per_layer, kept_per_layer, strict=True)] == \
+        [bottleneck] * len(per_layer)
+
+
+def test_stem_keeps_only_the_convolution_output():
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, num_classes=3)
+    stem = model.features[:4]
+    conv_out_bytes = 2 * 8 * 16 * 16 * 4  # N, channels, 16x16 after the stride-2 conv
+    fused = _saved_storages(model, stem)
+    assert sorted(fused.values())[-1] == conv_out_bytes
+    assert sum(fused.values()) < conv_out_bytes + 1024, fused  # and statistics
+    stem.pool0.register_forward_hook(lambda *args: None)  # now it runs as modules
+    modules = _saved_storages(model, stem)
+    # conv0's output, norm0's (relu0 in place) and the pool's int64 indices.
+    assert sum(modules.values()) >= 2.5 * conv_out_bytes, modules
 
 
 def test_inference_keeps_no_graph():

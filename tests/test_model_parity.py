@@ -1,5 +1,7 @@
 """Whole-model parity: densenet_fast against NaiveDenseNet and torchvision's DenseNet."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ CONFIGS = {
     "three-blocks-1ch": (dict(growth_rate=3, block_config=(2, 3, 1), num_init_features=9,
                               bn_size=2, num_classes=5, in_channels=1), (3, 1, 48, 36),
                          torch.float64),
-    "densenet121": (dict(num_classes=10), (2, 3, 64, 64), torch.float32),
+    "densenet121": (dict(num_classes=10), (2, 3, 64, 64), torch.float64),
 }
 
 
@@ -24,38 +26,56 @@ def _inputs(shape, dtype, num_classes):
     return torch.randn(shape, dtype=dtype), torch.randint(0, num_classes, (shape[0],))
 
 
-@pytest.fixture(params=["naive", "torchvision"])
-def reference_cls(request):
-    return NaiveDenseNet if request.param == "naive" else TorchvisionDenseNet
+REFERENCES = {"naive": NaiveDenseNet, "torchvision": TorchvisionDenseNet}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_training_steps_match(name, reference_cls):
+@pytest.fixture(params=[False, True], ids=["keep-bottleneck", "recompute-bottleneck"])
+def fast_cls(request):
+    """densenet_fast in both memory settings: the results must not depend on it."""
+    return functools.partial(DenseNet, recompute_bottleneck=request.param)
+
+
+# densenet121 against torchvision only: the naive model computes what torchvision's does,
+# as the small configurations show, and float64 densenet121 is the suite's slowest case.
+@pytest.mark.parametrize("name,reference", [
+    (name, reference) for name in CONFIGS for reference in REFERENCES
+    if name != "densenet121" or reference == "torchvision"])
+def test_training_steps_match(name, reference, fast_cls):
     config, shape, dtype = CONFIGS[name]
+    reference_cls = REFERENCES[reference]
     if reference_cls is TorchvisionDenseNet and config.get("in_channels", 3) != 3:
         config = {k: v for k, v in config.items() if k != "in_channels"}
         shape = (shape[0], 3, *shape[2:])
-    fast, ref = twins(DenseNet, reference_cls, dtype, **config)
+    fast, ref = twins(fast_cls, reference_cls, dtype, **config)
     x, y = _inputs(shape, dtype, config["num_classes"])
     fast_out, fast_dx, fast_grads = train_steps(fast, x, y)
     ref_out, ref_dx, ref_grads = train_steps(ref, x, y)
-    # Gradients after a step are chaotic in float32 (a 1e-6 relative weight perturbation
-    # moves densenet121's input gradient by ~1%: ReLU masks and max-pool winners flip), so
-    # float32 compares the second step's forward and running statistics, float64 everything.
-    exact = dtype == torch.float64
-    grad_steps = 2 if exact else 1
     for step in range(2):
         assert_close(fast_out[step], ref_out[step], dtype, f"logits, step {step + 1}")
-    for step in range(grad_steps):
         assert_close(fast_dx[step], ref_dx[step], dtype, f"input gradient, step {step + 1}")
         assert_grads_match(fast_grads[step], ref_grads[step], dtype, f"step {step + 1}")
-    assert_models_match(fast, ref, dtype, "after two steps", params=exact)
+    assert_models_match(fast, ref, dtype, "after two steps")
+
+
+def test_float32_forward_and_running_statistics(fast_cls):
+    """float32 densenet121: the forward and the running statistics of one step. Its
+    gradients are ill-conditioned at this size (2x2 planes in the last block, batch 2: one
+    ReLU mask flip moves a weight's gradient by several percent in every implementation,
+    torchvision's included), so they are compared in float64 above."""
+    config, shape, _ = CONFIGS["densenet121"]
+    dtype = torch.float32
+    fast, ref = twins(fast_cls, TorchvisionDenseNet, dtype, **config)
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    fast_out, _, _ = train_steps(fast, x, y, steps=1)
+    ref_out, _, _ = train_steps(ref, x, y, steps=1)
+    assert_close(fast_out[0], ref_out[0], dtype, "logits")
+    assert_models_match(fast, ref, dtype, "running statistics after one step", params=False)
 
 
 @pytest.mark.parametrize("name", ["odd-small", "densenet121"])
-def test_eval_outputs_and_gradients_match(name):
+def test_eval_outputs_and_gradients_match(name, fast_cls):
     config, shape, dtype = CONFIGS[name]
-    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    fast, ref = twins(fast_cls, NaiveDenseNet, dtype, **config)
     x, y = _inputs(shape, dtype, config["num_classes"])
     train_steps(ref, x, y, steps=1)  # non-trivial running statistics, identical in both
     fast.load_state_dict(ref.state_dict())
@@ -87,9 +107,9 @@ def test_batch_of_one_in_eval_and_no_grad():
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided-view", "transposed-view"])
-def test_input_layouts(layout):
+def test_input_layouts(layout, fast_cls):
     config, shape, dtype = CONFIGS["odd-small"]
-    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    fast, ref = twins(fast_cls, NaiveDenseNet, dtype, **config)
     x, y = _inputs(shape, dtype, config["num_classes"])
     if layout == "channels_last":
         x_fast = x.to(memory_format=torch.channels_last)
@@ -108,9 +128,9 @@ def test_input_layouts(layout):
     assert_models_match(fast, ref, dtype, layout)
 
 
-def test_dropout_matches_naive_under_the_same_seed():
+def test_dropout_matches_naive_under_the_same_seed(fast_cls):
     config, shape, dtype = CONFIGS["odd-small"]
-    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, drop_rate=0.25, **config)
+    fast, ref = twins(fast_cls, NaiveDenseNet, dtype, drop_rate=0.25, **config)
     x, y = _inputs(shape, dtype, config["num_classes"])
     results = []
     for model in (fast, ref):
@@ -127,10 +147,10 @@ def test_dropout_matches_naive_under_the_same_seed():
         assert_close(fast(x), ref(x), dtype, "dropout is off in eval")
 
 
-def test_frozen_batchnorm_in_a_training_model():
+def test_frozen_batchnorm_in_a_training_model(fast_cls):
     """A common fine-tuning recipe: model.train() with every BatchNorm put back in eval."""
     config, shape, dtype = CONFIGS["odd-small"]
-    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    fast, ref = twins(fast_cls, NaiveDenseNet, dtype, **config)
     x, y = _inputs(shape, dtype, config["num_classes"])
     for model in (fast, ref):
         train_steps(model, x, y, steps=1)

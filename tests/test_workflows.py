@@ -102,6 +102,7 @@ def test_standard_model_runs_the_fused_op_in_every_block(models):
     assert calls == sum(FUSED_OPS.values())
     assert_same_step(result, _step(ref), "standard model")
     assert fast.fusion_report() == {
+        "features.stem": "fused",
         "features.denseblock1": "fused with features.transition1",
         "features.denseblock2": "fused with features.norm5",
     }
@@ -118,6 +119,11 @@ HOOK_TARGETS = {
     "features.denseblock2.denselayer3.norm2": FUSED_OPS["block1"],
     "features.transition1": sum(FUSED_OPS.values()) - 1,  # now a module of its own
     "features.norm5": sum(FUSED_OPS.values()),
+    # The stem then runs as modules; the blocks stay fused.
+    "features.conv0": sum(FUSED_OPS.values()),
+    "features.norm0": sum(FUSED_OPS.values()),
+    "features.relu0": sum(FUSED_OPS.values()),
+    "features.pool0": sum(FUSED_OPS.values()),
 }
 
 
@@ -163,6 +169,8 @@ def test_hooks_fire_once_with_torchvisions_tensors(models, target, train):
     result, calls = _counted_step(fast, train)
     assert_same_step(result, ref_result, f"hooked {target}")
     assert calls == HOOK_TARGETS[target]
+    if target.endswith("0"):
+        assert fast.fusion_report()["features.stem"] == f"modules: {target[9:]} has hooks"
     for kind, ref_fired in ref_record.items():
         fired = fast_record[kind]
         assert len(fired) == len(ref_fired) == 1, f"{kind} hook on {target}: {len(fired)} calls"
@@ -414,6 +422,39 @@ def test_sync_batchnorm_in_one_process_runs_fused(models, train):
     result, calls = _counted_step(fast, train)
     assert calls == sum(FUSED_OPS.values())
     assert_same_step(result, _step(ref, train), "SyncBatchNorm")
+
+
+STEM_CHANGES = {
+    # change: (modification, whether the stem stays fused)
+    "conv0-other-settings": (_set("features.conv0")(lambda m: _conv_like(
+        m, kernel_size=5, stride=1, padding=1, dilation=2)), True),
+    "pool0-other-settings": (_set("features.pool0")(lambda m: nn.MaxPool2d(
+        2, stride=1, padding=1, dilation=1, ceil_mode=True)), True),
+    "norm0-frozen": (_set("features.norm0")(_frozen), True),
+    "conv0-bias": (_set("features.conv0")(lambda m: _conv_like(m, bias=True)), False),
+    "norm0-groupnorm": (_set("features.norm0")(lambda m: nn.GroupNorm(2, m.num_features)),
+                        False),
+    "relu0-leaky": (_set("features.relu0")(lambda m: nn.LeakyReLU(0.1)), False),
+    "pool0-avg": (_set("features.pool0")(lambda m: nn.AvgPool2d(3, 2, 1)), False),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(STEM_CHANGES))
+def test_stem_changes_apply(models, name, train):
+    modify, fused = STEM_CHANGES[name]
+    fast, ref = models
+    for model in (fast, ref):
+        torch.manual_seed(7)
+        modify(model)
+        model.to(DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result, calls = _counted_step(fast, train)
+    assert_same_step(result, _step(ref, train), f"stem change {name}")
+    assert calls == sum(FUSED_OPS.values())
+    status = fast.fusion_report()["features.stem"]
+    assert status == "fused" if fused else status.startswith("modules: "), status
 
 
 # --- tracing, export, counters ---------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The stem (conv0, norm0, relu0, pool0) as one autograd Function that keeps one tensor.
+
+Run as modules, the stem keeps per image three 112x112-plane tensors for backward: conv0's
+output (norm0's input), norm0's output (relu0 works in place and pool0 reads it) and pool0's
+int64 indices (twice the bytes of a float32 tensor of the pool's output size). This
+Function keeps only conv0's output and the per-channel statistics; backward recomputes
+BN-ReLU and the pool's winners from it (the same values, so the same winners, ties included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .block import NormState, running_stats
+from .ops.batchnorm import bn_apply, bn_backward, channel_stats, update_running_stats
+from .ops.formats import stats_dtype_for
+
+
+@dataclass(frozen=True)
+class StemSpec:
+    """conv0's and pool0's settings and norm0's state (see :class:`block.NormState`)."""
+
+    conv_stride: tuple[int, int]
+    conv_padding: tuple[int, int]
+    conv_dilation: tuple[int, int]
+    conv_groups: int
+    pool_kernel: tuple[int, int]
+    pool_stride: tuple[int, int]
+    pool_padding: tuple[int, int]
+    pool_dilation: tuple[int, int]
+    pool_ceil_mode: bool
+    norm: NormState
+
+    def conv(self, x, weight):
+        return F.conv2d(x, weight, None, self.conv_stride, self.conv_padding,
+                        self.conv_dilation, self.conv_groups)
+
+    def pool_args(self) -> tuple:
+        return (self.pool_kernel, self.pool_stride, self.pool_padding, self.pool_dilation,
+                self.pool_ceil_mode)
+
+
+def _norm_stats(spec: StemSpec, conv_out: torch.Tensor):
+    """``(mean, invstd, batch var or None)`` norm0 normalises with."""
+    if spec.norm.batch_stats:
+        mean, var = channel_stats(conv_out)
+        return mean, torch.rsqrt(var + spec.norm.eps), var
+    return (*running_stats(spec.norm, stats_dtype_for(conv_out.dtype)), None)
+
+
+def _forward(x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
+    conv_out = spec.conv(x, conv_weight)
+    mean, invstd, var = _norm_stats(spec, conv_out)
+    activated = bn_apply(conv_out, mean, invstd, norm_weight, norm_bias, relu=True)
+    out = F.max_pool2d(activated, *spec.pool_args())
+    norm = spec.norm
+    if norm.update_running:
+        n, _, h, w = conv_out.shape
+        update_running_stats(norm.running_mean, norm.running_var, norm.num_batches_tracked,
+                             norm.momentum, mean, var, n * h * w)
+    return out, conv_out, mean, invstd
+
+
+class StemFunction(torch.autograd.Function):
+    """``apply(x, spec, conv_weight, norm_weight, norm_bias)``:
+    ``max_pool(relu(bn(conv(x))))``, keeping ``conv(x)`` and the statistics for backward."""
+
+    @staticmethod
+    def forward(ctx, x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
+        out, conv_out, mean, invstd = _forward(x, spec, conv_weight, norm_weight, norm_bias)
+        ctx.spec = spec
+        ctx.save_for_backward(x, conv_weight, conv_out, mean, invstd, norm_weight, norm_bias)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, conv_weight, conv_out, mean, invstd, norm_weight, norm_bias = ctx.saved_tensors
+        spec = ctx.spec
+        activated = bn_apply(conv_out, mean, invstd, norm_weight, norm_bias, relu=True)
+        _, indices = torch.ops.aten.max_pool2d_with_indices(activated, *spec.pool_args())
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_out, activated, *spec.pool_args(), indices)
+        del indices
+        torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
+        del activated
+        grad, dnorm_weight, dnorm_bias = bn_backward(grad, conv_out, mean, invstd, norm_weight,
+                                                     stats_grad=spec.norm.batch_stats)
+        grad_x, dconv, _ = torch.ops.aten.convolution_backward(
+            grad, x, conv_weight, None, spec.conv_stride, spec.conv_padding,
+            spec.conv_dilation, False, [0, 0], spec.conv_groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
+        return grad_x, None, dconv, dnorm_weight, dnorm_bias
+
+
+def stem(x: torch.Tensor, spec: StemSpec, conv_weight, norm_weight, norm_bias) -> torch.Tensor:
+    """Run the stem; builds a graph node only when a gradient is needed."""
+    params = (conv_weight, norm_weight, norm_bias)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return StemFunction.apply(x, spec, *params)
+    return _forward(x, spec, *params)[0]
