@@ -7,10 +7,10 @@
 //   channel-major (NCHW):  per image, x is [C, HW] with row stride HW, out = W a
 //   pixel-major (NHWC):    x is [N*HW, C] with row stride C_total,   out = a W^T
 // Backward, pass 1, per tile: recompute a, accumulate dW += g_out a^T per thread, compute
-// g = (W^T g_out) * [a > 0] and reduce sum(g), sum(g (x - mean)) per channel. Without
-// stats_grad, dx = gamma*invstd*g is added to the gradient buffer right there, in one pass.
-// With it, dx = gamma*invstd*(g - (sum g + xhat sum(g xhat)) / n) needs the sums first: g
-// waits in a store of bounded size (the prefix is walked in channel chunks) for pass 2.
+// g = (W^T g_out) * [a > 0] and reduce sum(g), sum(g (x - mean)) per channel. dx is that of
+// densenet_fast.ops.batchnorm.bn_backward: without stats_grad only its direct term, added to
+// the gradient buffer right there, in one pass; with it, dx needs the sums first: g waits in
+// a store of bounded size (the prefix is walked in channel chunks) for pass 2.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -162,7 +162,9 @@ void bn_relu_channel(const scalar_t* __restrict__ x, acc_t scale, acc_t shift,
   }
 }
 
-// Pixel-major row of n channels: g *= [a > 0]; sum_g += g; sum_gx += g * (x - mean).
+// Pixel-major row of n channels: g *= [a > 0]; sum_g += g; sum_gx += g * (x - mean). The mask
+// mirrors the threshold_backward of densenet_fast.ops.torch_impl.bn_relu_conv1x1_backward; the
+// sums give densenet_fast.ops.batchnorm.bn_backward's dbias and dweight (times invstd).
 template <typename scalar_t, typename acc_t>
 void mask_reduce_row(const acc_t* __restrict__ act, acc_t* __restrict__ grad,
                      const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
@@ -288,6 +290,7 @@ at::Tensor grad_out_tile(const Geometry& g, const scalar_t* grad_out, int64_t p0
   }
 }
 
+// Mirrors densenet_fast.ops.batchnorm.scale_shift, in acc_t.
 template <typename acc_t>
 std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& invstd,
                                               const at::Tensor& weight, const at::Tensor& bias) {
@@ -400,135 +403,258 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   return out;
 }
 
+// Per-thread scratch of the backward's pass 1: regions of acc_t elements, one after another.
+struct BackwardScratch {
+  int64_t act;         // [tile, chunk]: a = relu(bn(x)) of one tile (bn_relu_tile)
+  int64_t grad_out;    // [tile, C_out]: the tile's grad_out in acc_t, when converted
+  int64_t tile_sums;   // [2, chunk]: pixel-major, the tile's sums of g and g (x - mean)
+  int64_t tile_g;      // [tile, chunk]: the tile's g; none with two passes (g is stored)
+  int64_t per_thread;  // all of the above
+
+  BackwardScratch(const Geometry& g, int64_t chunk, bool two_pass)
+      : act(0),
+        grad_out(act + g.tile * chunk),
+        tile_sums(grad_out + g.tile * g.out_channels),
+        tile_g(tile_sums + 2 * chunk),
+        per_thread(tile_g + (two_pass ? 0 : g.tile * chunk)) {}
+};
+
+// Per-thread float64 sums of g and g (x - mean) over the channels of one chunk,
+// [threads, 2, chunk], summed over threads in a fixed order once pass 1 is done.
+struct ChunkSums {
+  int64_t threads, chunk;
+  std::vector<double> data;
+
+  ChunkSums(int64_t threads_, int64_t chunk_)
+      : threads(threads_), chunk(chunk_), data(static_cast<size_t>(threads_ * 2 * chunk_)) {}
+  void clear() { std::fill(data.begin(), data.end(), 0.0); }
+  double* sum_g(int64_t tid) { return data.data() + tid * 2 * chunk; }
+  double* sum_gx(int64_t tid) { return sum_g(tid) + chunk; }
+  // (sum g, sum g (x - mean)) of channel c of the chunk, over every thread.
+  std::pair<double, double> total(int64_t c) const {
+    double sg = 0, sgx = 0;
+    for (int64_t t = 0; t < threads; ++t) {
+      sg += data[t * 2 * chunk + c];
+      sgx += data[t * 2 * chunk + chunk + c];
+    }
+    return {sg, sgx};
+  }
+};
+
+// What the backward's steps read and write: the data, BN's per-channel vectors and the conv
+// weight in acc_t (vectors indexed by absolute channel), the coefficients of dx, and the
+// channel chunk [c0, c0 + cc) being worked on.
+template <typename scalar_t>
+struct BackwardData {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g;
+  const bool two_pass;  // stats_grad: g waits in `store` until its chunk's sums are known
+  at::Tensor scale_t, shift_t, mean_t, invstd_t, gamma_t, weight;  // acc_t, [C] and [C_out, C]
+  const acc_t *scale, *shift, *mean, *invstd, *gamma;
+  const scalar_t* x;          // the buffer
+  const scalar_t* grad_out;
+  scalar_t* grad_x;           // the gradient buffer, which dx is added into
+  acc_t* store = nullptr;     // two passes: the chunk's g, [pixels, cc] or [cc, pixels]
+  // dx = k_g g + k_x x + k_0 per channel: k_g = gamma invstd is the direct term, known up
+  // front; k_x, k_0 the statistics' term, set once a chunk's sums are known.
+  std::vector<acc_t> k_g, k_x, k_0;
+  int64_t c0 = 0, cc = 0;
+  at::Tensor weight_chunk;    // weight[:, c0 : c0 + cc]
+
+  BackwardData(const Geometry& g_, bool stats_grad, const at::Tensor& grad_out_,
+               const at::Tensor& buffer, const at::Tensor& mean_, const at::Tensor& invstd_,
+               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+               const at::Tensor& conv_weight, const at::Tensor& grad_buffer)
+      : g(g_), two_pass(stats_grad) {
+    std::tie(scale_t, shift_t) = scale_shift<acc_t>(mean_, invstd_, bn_weight, bn_bias);
+    const auto acc_type = scale_t.scalar_type();
+    mean_t = mean_.detach().to(acc_type).contiguous();
+    invstd_t = invstd_.detach().to(acc_type).contiguous();
+    gamma_t = bn_weight.detach().to(acc_type).contiguous();
+    weight = conv_weight.detach().reshape({g.out_channels, g.channels}).to(acc_type).contiguous();
+    scale = scale_t.template data_ptr<acc_t>();
+    shift = shift_t.template data_ptr<acc_t>();
+    mean = mean_t.template data_ptr<acc_t>();
+    invstd = invstd_t.template data_ptr<acc_t>();
+    gamma = gamma_t.template data_ptr<acc_t>();
+    x = buffer.template const_data_ptr<scalar_t>();
+    grad_out = grad_out_.template const_data_ptr<scalar_t>();
+    grad_x = grad_buffer.template mutable_data_ptr<scalar_t>();
+    k_g.resize(g.channels);
+    k_x.assign(g.channels, acc_t(0));
+    k_0.assign(g.channels, acc_t(0));
+    for (int64_t c = 0; c < g.channels; ++c) k_g[c] = gamma[c] * invstd[c];
+  }
+
+  void select_chunk(int64_t first, int64_t count) {
+    c0 = first;
+    cc = count;
+    weight_chunk = weight.narrow(1, c0, cc);
+  }
+};
+
+// The weight-gradient GEMM of one tile: dw += grad_out a^T.
+template <typename acc_t>
+void weight_grad_tile(const Geometry& g, const at::Tensor& dw, const at::Tensor& go, acc_t* act,
+                      int64_t len, int64_t cc) {
+  if (g.pixel_major) {
+    dw.addmm_(go.t(), matrix(act, len, cc, cc));
+  } else {
+    dw.addmm_(go, matrix(act, cc, len, len).t());
+  }
+}
+
+// The input-gradient step of one pixel-major tile: the GEMM g = grad_out W into gs
+// ([len, cc]), then per row the ReLU mask and the per-channel sums (mask_reduce_row), and
+// with one pass the direct term k_g g added to grad_x right away.
+template <typename scalar_t, typename acc_t>
+void input_grad_rows(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
+                     const at::Tensor& go, const acc_t* act, acc_t* gs, acc_t* tile_sums,
+                     double* sum_g, double* sum_gx) {
+  const int64_t c0 = d.c0, cc = d.cc;
+  mm_into(matrix(gs, len, cc, cc), go, d.weight_chunk);
+  // Per-tile sums in acc_t, vectorised across channels, then folded into doubles.
+  acc_t* row_g = tile_sums;
+  acc_t* row_gx = tile_sums + cc;
+  std::fill(row_g, row_g + 2 * cc, acc_t(0));
+  for (int64_t r = 0; r < len; ++r) {
+    const int64_t off = (p0 + r) * d.g.total + c0;
+    mask_reduce_row(act + r * cc, gs + r * cc, d.x + off, d.mean + c0, row_g, row_gx, cc);
+    if (!d.two_pass) add_scaled_row(gs + r * cc, d.k_g.data() + c0, d.grad_x + off, cc);
+  }
+  for (int64_t c = 0; c < cc; ++c) {
+    sum_g[c] += row_g[c];
+    sum_gx[c] += row_gx[c];
+  }
+}
+
+// The same for a channel-major tile: g = W^T grad_out into rows of gs ([cc, len], row
+// stride `stride`), masked and reduced one channel at a time (mask_reduce_channel).
+template <typename scalar_t, typename acc_t>
+void input_grad_channels(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
+                         const at::Tensor& go, const acc_t* act, acc_t* gs, int64_t stride,
+                         double* sum_g, double* sum_gx) {
+  const int64_t c0 = d.c0, cc = d.cc;
+  mm_into(matrix(gs, cc, len, stride), d.weight_chunk.t(), go);
+  for (int64_t c = 0; c < cc; ++c) {
+    const int64_t off = d.g.offset(p0, c0 + c, d.g.total);
+    const auto [s, sx] =
+        mask_reduce_channel(act + c * len, gs + c * stride, d.x + off, d.mean[c0 + c], len);
+    sum_g[c] += s;
+    sum_gx[c] += sx;
+    if (!d.two_pass) add_scaled_channel(gs + c * stride, d.k_g[c0 + c], d.grad_x + off, len);
+  }
+}
+
+// Pass 1 over the chunk, tile by tile: recompute a, the weight-gradient GEMM into this
+// thread's part of dweight_parts, then the input-gradient step, with g in the store (two
+// passes) or in the thread's scratch.
+template <typename scalar_t>
+void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layout,
+                    const at::Tensor& scratch, const at::Tensor& dweight_parts, ChunkSums& sums) {
+  using acc_t = typename BackwardData<scalar_t>::acc_t;
+  const Geometry& g = d.g;
+  sums.clear();
+  for_each_item(g.items, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
+    const int64_t tid = at::get_thread_num();
+    acc_t* mine = scratch.template mutable_data_ptr<acc_t>() + tid * layout.per_thread;
+    acc_t* act = mine + layout.act;
+    const at::Tensor dw = dweight_parts[tid].narrow(1, d.c0, d.cc);
+    double* sum_g = sums.sum_g(tid);
+    double* sum_gx = sums.sum_gx(tid);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [p0, len] = g.span(item);
+      bn_relu_tile<scalar_t, acc_t>(g, d.x, d.scale, d.shift, p0, len, d.c0, d.cc, act);
+      at::Tensor go =
+          grad_out_tile<scalar_t, acc_t>(g, d.grad_out, p0, len, mine + layout.grad_out);
+      weight_grad_tile(g, dw, go, act, len, d.cc);
+      if (g.pixel_major) {
+        acc_t* gs = d.two_pass ? d.store + p0 * d.cc : mine + layout.tile_g;
+        input_grad_rows(d, p0, len, go, act, gs, mine + layout.tile_sums, sum_g, sum_gx);
+      } else {
+        // Rows of the store (row stride = pixels) or of the tile scratch.
+        acc_t* gs = d.two_pass ? d.store + p0 : mine + layout.tile_g;
+        const int64_t stride = d.two_pass ? g.pixels : len;
+        input_grad_channels(d, p0, len, go, act, gs, stride, sum_g, sum_gx);
+      }
+    }
+  });
+}
+
+// After pass 1: the chunk's BN gradients dbias = sum(g) and dweight = invstd sum(g (x - mean))
+// and its statistics-term coefficients k_x, k_0 (mirrors
+// densenet_fast.ops.batchnorm.StatsGradient.add with count = N*H*W).
+template <typename scalar_t>
+void finish_chunk_sums(BackwardData<scalar_t>& d, const ChunkSums& sums, double* dgamma,
+                       double* dbeta) {
+  using acc_t = typename BackwardData<scalar_t>::acc_t;
+  const double count = static_cast<double>(d.g.pixels);
+  for (int64_t c = d.c0; c < d.c0 + d.cc; ++c) {
+    const auto [sg, sgx] = sums.total(c - d.c0);
+    const double iv = d.invstd[c], gm = d.gamma[c], dg = sgx * iv;
+    dbeta[c] = sg;
+    dgamma[c] = dg;
+    d.k_x[c] = static_cast<acc_t>(-gm * iv * iv * dg / count);
+    d.k_0[c] = static_cast<acc_t>(gm * iv * (d.mean[c] * iv * dg - sg) / count);
+  }
+}
+
+// Pass 2 over the chunk (two passes): adds dx = k_g g + k_x x + k_0, g from the store, into
+// the gradient buffer (the direct term and StatsGradient.apply's, in one pass).
+template <typename scalar_t>
+void add_stored_dx(const BackwardData<scalar_t>& d) {
+  const Geometry& g = d.g;
+  const int64_t c0 = d.c0, cc = d.cc;
+  for_each_item(g.items, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [p0, len] = g.span(item);
+      if (g.pixel_major) {
+        for (int64_t r = 0; r < len; ++r) {
+          const int64_t off = (p0 + r) * g.total + c0;
+          add_dx_row(d.store + (p0 + r) * cc, d.x + off, d.k_g.data() + c0, d.k_x.data() + c0,
+                     d.k_0.data() + c0, d.grad_x + off, cc);
+        }
+      } else {
+        for (int64_t c = 0; c < cc; ++c) {
+          const int64_t off = g.offset(p0, c0 + c, g.total);
+          add_dx_channel(d.store + c * g.pixels + p0, d.x + off, d.k_g[c0 + c], d.k_x[c0 + c],
+                         d.k_0[c0 + c], d.grad_x + off, len);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& buffer, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& conv_weight, bool stats_grad, const at::Tensor& grad_buffer) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = conv_weight.size(1), co = conv_weight.size(0);
   const Geometry g(buffer, channels, co, std::max(channels, co));
-  auto [scale_t, shift_t] = scale_shift<acc_t>(mean, invstd, bn_weight, bn_bias);
-  const auto acc_type = scale_t.scalar_type();
-  const acc_t* scale = scale_t.template data_ptr<acc_t>();
-  const acc_t* shift = shift_t.template data_ptr<acc_t>();
-  at::Tensor mean_acc = mean.detach().to(acc_type).contiguous();
-  at::Tensor invstd_acc = invstd.detach().to(acc_type).contiguous();
-  const acc_t* mean_p = mean_acc.template data_ptr<acc_t>();
-  const acc_t* inv = invstd_acc.template data_ptr<acc_t>();
-  at::Tensor gamma_acc = bn_weight.detach().to(acc_type).contiguous();
-  const acc_t* gamma = gamma_acc.template data_ptr<acc_t>();
-  at::Tensor weight = conv_weight.detach().reshape({co, channels}).to(acc_type).contiguous();
-  // dx = k_g * g + k_x * x + k_0 per channel; k_g = gamma * invstd is known up front.
-  std::vector<acc_t> k_g(channels), k_x(channels, acc_t(0)), k_0(channels, acc_t(0));
-  for (int64_t c = 0; c < channels; ++c) k_g[c] = gamma[c] * inv[c];
-
+  BackwardData<scalar_t> d(g, stats_grad, grad_out, buffer, mean, invstd, bn_weight, bn_bias,
+                           conv_weight, grad_buffer);
   // With stats_grad, dx needs sums over every pixel first: g is kept in a chunk-sized store
   // between two passes. Without it, dx = k_g * g is added as soon as a tile's g is known.
-  const bool two_pass = stats_grad;
   const int64_t threads = at::get_num_threads();
   const int64_t chunk =
-      two_pass ? std::max<int64_t>(1, std::min(channels, kChunkElements / g.pixels)) : channels;
-  const int64_t tile_g_size = two_pass ? 0 : g.tile * chunk;
-  const int64_t per_thread = g.tile * (chunk + co) + 2 * chunk + tile_g_size;
-  at::Tensor scratch = at::empty({threads, per_thread}, scale_t.options());
-  at::Tensor dweight_parts = at::zeros({threads, co, channels}, scale_t.options());
-  at::Tensor g_store = at::empty({two_pass ? chunk * g.pixels : 0}, scale_t.options());
-  std::vector<double> sums(static_cast<size_t>(threads * 2 * chunk));
+      d.two_pass ? std::max<int64_t>(1, std::min(channels, kChunkElements / g.pixels))
+                 : channels;
+  const BackwardScratch layout(g, chunk, d.two_pass);
+  const auto options = d.scale_t.options();
+  at::Tensor scratch = at::empty({threads, layout.per_thread}, options);
+  at::Tensor dweight_parts = at::zeros({threads, co, channels}, options);
+  at::Tensor g_store = at::empty({d.two_pass ? chunk * g.pixels : 0}, options);
+  d.store = g_store.template mutable_data_ptr<typename BackwardData<scalar_t>::acc_t>();
+  ChunkSums sums(threads, chunk);
   at::Tensor dgamma = at::empty({channels}, at::kDouble), dbeta = at::empty({channels}, at::kDouble);
 
-  const scalar_t* x = buffer.template const_data_ptr<scalar_t>();
-  const scalar_t* gout = grad_out.template const_data_ptr<scalar_t>();
-  scalar_t* gbuf = grad_buffer.template mutable_data_ptr<scalar_t>();
-  acc_t* store = g_store.template mutable_data_ptr<acc_t>();
-
   for (int64_t c0 = 0; c0 < channels; c0 += chunk) {
-    const int64_t cc = std::min(chunk, channels - c0);
-    std::fill(sums.begin(), sums.end(), 0.0);
-    at::Tensor w_chunk = weight.narrow(1, c0, cc);
-    // Pass 1: recompute a, accumulate dW, g = (W^T grad_out) * [a > 0] with the per-channel
-    // sums of g and g * (x - mean); g goes to the store, or straight into dx.
-    for_each_item(g.items, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
-      const int64_t tid = at::get_thread_num();
-      acc_t* act = scratch.template mutable_data_ptr<acc_t>() + tid * per_thread;
-      acc_t* gout_scratch = act + g.tile * cc;
-      acc_t* tile_sums = gout_scratch + g.tile * co;
-      acc_t* tile_g = tile_sums + 2 * chunk;
-      at::Tensor dw = dweight_parts[tid].narrow(1, c0, cc);
-      double* sum_g = sums.data() + tid * 2 * chunk;
-      double* sum_gx = sum_g + chunk;
-      for (int64_t item = begin; item < end; ++item) {
-        const auto [p0, len] = g.span(item);
-        bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, c0, cc, act);
-        at::Tensor go = grad_out_tile<scalar_t, acc_t>(g, gout, p0, len, gout_scratch);
-        if (g.pixel_major) {
-          dw.addmm_(go.t(), matrix(act, len, cc, cc));
-          acc_t* gs = two_pass ? store + p0 * cc : tile_g;  // [len, cc]
-          mm_into(matrix(gs, len, cc, cc), go, w_chunk);
-          // Per-tile sums in acc_t, vectorised across channels, then folded into doubles.
-          acc_t* row_g = tile_sums;
-          acc_t* row_gx = tile_sums + cc;
-          std::fill(row_g, row_g + 2 * cc, acc_t(0));
-          for (int64_t r = 0; r < len; ++r) {
-            const int64_t off = (p0 + r) * g.total + c0;
-            mask_reduce_row(act + r * cc, gs + r * cc, x + off, mean_p + c0, row_g, row_gx, cc);
-            if (!two_pass) add_scaled_row(gs + r * cc, k_g.data() + c0, gbuf + off, cc);
-          }
-          for (int64_t c = 0; c < cc; ++c) {
-            sum_g[c] += row_g[c];
-            sum_gx[c] += row_gx[c];
-          }
-        } else {
-          dw.addmm_(go, matrix(act, cc, len, len).t());
-          // [cc, len] rows of the store (row stride = pixels) or of the tile scratch.
-          acc_t* gs = two_pass ? store + p0 : tile_g;
-          const int64_t stride = two_pass ? g.pixels : len;
-          mm_into(matrix(gs, cc, len, stride), w_chunk.t(), go);
-          for (int64_t c = 0; c < cc; ++c) {
-            const int64_t off = g.offset(p0, c0 + c, g.total);
-            const auto [s, sx] =
-                mask_reduce_channel(act + c * len, gs + c * stride, x + off, mean_p[c0 + c], len);
-            sum_g[c] += s;
-            sum_gx[c] += sx;
-            if (!two_pass) add_scaled_channel(gs + c * stride, k_g[c0 + c], gbuf + off, len);
-          }
-        }
-      }
-    });
-    const double count = static_cast<double>(g.pixels);
-    for (int64_t c = 0; c < cc; ++c) {
-      double sg = 0, sgx = 0;
-      for (int64_t t = 0; t < threads; ++t) {
-        sg += sums[t * 2 * chunk + c];
-        sgx += sums[t * 2 * chunk + chunk + c];
-      }
-      const double iv = inv[c0 + c], gm = gamma[c0 + c], dg = sgx * iv;
-      dbeta.data_ptr<double>()[c0 + c] = sg;
-      dgamma.data_ptr<double>()[c0 + c] = dg;
-      k_x[c0 + c] = static_cast<acc_t>(-gm * iv * iv * dg / count);
-      k_0[c0 + c] = static_cast<acc_t>(gm * iv * (mean_p[c0 + c] * iv * dg - sg) / count);
-    }
-    if (!two_pass) continue;
-    // Pass 2: add dx = k_g * g + k_x * x + k_0 into the gradient buffer.
-    for_each_item(g.items, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const auto [p0, len] = g.span(item);
-        if (g.pixel_major) {
-          for (int64_t r = 0; r < len; ++r) {
-            const int64_t off = (p0 + r) * g.total + c0;
-            add_dx_row(store + (p0 + r) * cc, x + off, k_g.data() + c0, k_x.data() + c0,
-                       k_0.data() + c0, gbuf + off, cc);
-          }
-        } else {
-          for (int64_t c = 0; c < cc; ++c) {
-            const int64_t off = g.offset(p0, c0 + c, g.total);
-            add_dx_channel(store + c * g.pixels + p0, x + off, k_g[c0 + c], k_x[c0 + c],
-                           k_0[c0 + c], gbuf + off, len);
-          }
-        }
-      }
-    });
+    d.select_chunk(c0, std::min(chunk, channels - c0));
+    backward_pass1(d, layout, scratch, dweight_parts, sums);
+    finish_chunk_sums(d, sums, dgamma.data_ptr<double>(), dbeta.data_ptr<double>());
+    if (d.two_pass) add_stored_dx(d);
   }
   at::Tensor grad_weight =
       dweight_parts.sum(0).reshape(conv_weight.sizes()).to(conv_weight.scalar_type());

@@ -197,6 +197,19 @@ def _child_blocker(name: str, module: nn.Module | None, problem: str | None) -> 
     return None
 
 
+def _relu_problem(relu: nn.Module | None) -> str | None:
+    return None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"
+
+
+def _first_blocker(problems) -> Blocker | None:
+    """The first of ``(name, child, problem or None)`` that keeps the fusion off."""
+    for name, child, problem in problems:
+        blocker = _child_blocker(name, child, problem)
+        if blocker is not None:
+            return blocker
+    return None
+
+
 def _layer_problems(layer: DenseLayer, channels: int) -> Iterator[tuple[str, nn.Module, str]]:
     """``(child name, child, problem or None)`` for each of a standard layer's children."""
     children = layer._modules
@@ -208,7 +221,7 @@ def _layer_problems(layer: DenseLayer, channels: int) -> Iterator[tuple[str, nn.
     yield "conv2", conv2, _conv_blocker(conv2, 3, bottleneck)
     for name in ("relu1", "relu2"):
         relu = children.get(name)
-        yield name, relu, None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"
+        yield name, relu, _relu_problem(relu)
 
 
 def _layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Blocker:
@@ -261,17 +274,12 @@ def transition_blocker(transition: nn.Module, channels: int) -> Blocker | None:
             and not pool.ceil_mode and pool.divisor_override is None):
         pool_problem = f"is {_describe(pool)}, not nn.AvgPool2d(kernel_size=2, stride=2)"
     relu = children["relu"]
-    problems = (
+    return _first_blocker((
         ("norm", children["norm"], norm_blocker(children["norm"], channels)),
-        ("relu", relu, None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"),
+        ("relu", relu, _relu_problem(relu)),
         ("conv", children["conv"], _conv_blocker(children["conv"], 1, channels)),
         ("pool", pool, pool_problem),
-    )
-    for name, child, problem in problems:
-        blocker = _child_blocker(name, child, problem)
-        if blocker is not None:
-            return blocker
-    return None
+    ))
 
 
 STEM_NAMES = ("conv0", "norm0", "relu0", "pool0")
@@ -293,17 +301,12 @@ def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
     if not (type(pool) is nn.MaxPool2d and not pool.return_indices):
         pool_problem = f"is {_describe(pool)}, not nn.MaxPool2d"
     channels = conv.out_channels if type(conv) is nn.Conv2d else None
-    problems = (
+    return _first_blocker((
         ("conv0", conv, conv_problem),
         ("norm0", norm, norm_blocker(norm, channels)),
-        ("relu0", relu, None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"),
+        ("relu0", relu, _relu_problem(relu)),
         ("pool0", pool, pool_problem),
-    )
-    for name, child, problem in problems:
-        blocker = _child_blocker(name, child, problem)
-        if blocker is not None:
-            return blocker
-    return None
+    ))
 
 
 def warn_fallback(where: str, blocker: Blocker) -> None:

@@ -16,7 +16,7 @@ LAYERS = [
     ["ops.triton_impl"],
     ["backends"],
     ["block"],
-    ["fusion"],
+    ["stem", "fusion"],
     ["model", "reference"],
     ["convert"],
     ["benchmark", "benchmark.steps", "benchmark.timing", "benchmark.progress",

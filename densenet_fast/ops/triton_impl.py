@@ -15,13 +15,8 @@ import triton
 
 from . import torch_impl
 from .batchnorm import StatsGradient, scale_shift
-from .schema import (
-    BACKWARD,
-    FORWARD,
-    check_backward_args,
-    check_forward_args,
-    memory_format_of,
-)
+from .formats import memory_format_of
+from .schema import BACKWARD, FORWARD, check_backward_args, check_forward_args
 from .triton_kernels import add_dx_kernel, forward_kernel, input_grad_kernel, weight_grad_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -208,6 +203,7 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
     co, pixels, device = conv_weight.shape[0], n * h * w, buffer.device
     scale, shift = (t.contiguous() for t in scale_shift(mean, invstd, bn_weight, bn_bias))
     weight = conv_weight.view(co, channels)
+    # dx's direct term k_g * g: batchnorm.bn_backward's dx without stats_grad.
     k_g = (bn_weight.float() * invstd.float()).contiguous()
 
     # dW: split-K over pixels, partial sums reduced in a fixed order (deterministic).
@@ -229,7 +225,7 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
                         device=device)
     sums = input_grad_pass(grad_out, weight, buffer, scale, shift, mean.float().contiguous(),
                            k_g, target, store, partial_sums, stats_grad)
-    grad_bias = sums[0]
+    grad_bias = sums[0]  # batchnorm.bn_backward's dbias = sum(g), dweight = sum(g * xhat)
     grad_scale = sums[1] * invstd.double()
     if stats_grad:
         # The statistics' term kx * x + k0, with the block's own coefficient formula.

@@ -32,8 +32,53 @@ def _pixel_offsets(pixels, HW, s_n, s_hw):
 
 
 @triton.jit
+def _block(start, stop, BLOCK: tl.constexpr):
+    """Indices ``start + [0, BLOCK)`` and the mask of those below ``stop``."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < stop
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows and columns of this program's ``[BLOCK_M, BLOCK_N]`` tile of an ``[M, N]`` result,
+    with their masks: ``(offs_m, offs_n, mask_m, mask_n)``."""
+    offs_m, mask_m = _block(tl.program_id(0) * BLOCK_M, M, BLOCK_M)
+    offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, N, BLOCK_N)
+    return offs_m, offs_n, mask_m, mask_n
+
+
+@triton.jit
+def _load_tile(ptr, row_offsets, col_offsets, row_mask, col_mask):
+    """``ptr[row_offsets[:, None] + col_offsets[None, :]]``, 0 outside the masks."""
+    return tl.load(ptr + row_offsets[:, None] + col_offsets[None, :],
+                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _channel_vector(ptr, offs, mask):
+    """A per-channel vector's entries at ``offs`` (0 where masked)."""
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _scale_shift(scale_ptr, shift_ptr, offs, mask):
+    """Folded BN (``densenet_fast.ops.batchnorm.scale_shift``, computed by the launchers)."""
+    return _channel_vector(scale_ptr, offs, mask), _channel_vector(shift_ptr, offs, mask)
+
+
+@triton.jit
 def _bn_relu(x, scale, shift):
+    # relu(bn(x)) with folded scale and shift: bn_apply(..., relu=True) of ops/batchnorm.py.
     return tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
+
+
+@triton.jit
+def _add_to_buffer(gbuf_ptr, offs_m, offs_n, HW, sb_n, sb_c, sb_hw, mask, dx):
+    """``grad_buffer[p, c] += dx`` (float32 ``dx``) over the tile's pixels and channels."""
+    b_rows = _pixel_offsets(offs_m, HW, sb_n, sb_hw)
+    b_ptrs = gbuf_ptr + b_rows[:, None] + offs_n[None, :] * sb_c
+    old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(b_ptrs, (old + dx).to(gbuf_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -45,23 +90,14 @@ def forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[p, o] = sum_c relu(x[p, c] * scale[c] + shift[c]) * w[o, c]."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < P
-    mask_n = offs_n < CO
+    offs_m, offs_n, mask_m, mask_n = _tile(P, CO, BLOCK_M, BLOCK_N)
     x_rows = _pixel_offsets(offs_m, HW, sx_n, sx_hw)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C
-        x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :] * sx_c,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-        shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * sw_o + offs_k[:, None] * sw_c,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        offs_k, mask_k = _block(k0, C, BLOCK_K)
+        x = _load_tile(x_ptr, x_rows, offs_k * sx_c, mask_m, mask_k).to(tl.float32)
+        scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_k, mask_k)
+        w = _load_tile(w_ptr, offs_k * sw_c, offs_n * sw_o, mask_k, mask_n)
         a = _bn_relu(x, scale, shift).to(w.dtype)
         acc += _dot(a, w, PRECISION, UPCAST)
     out_rows = _pixel_offsets(offs_m, HW, so_n, so_hw)
@@ -80,43 +116,32 @@ def input_grad_kernel(
 ):
     """g[p, c] = (sum_o grad_out[p, o] w[o, c]) * [a[p, c] > 0], with per-block partial sums
     of g and g * (x - mean) per channel; then either grad_buffer += kg * g (the direct term)
-    or g is stored for a second pass (``STORE_G``)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < P
-    mask_n = offs_n < C
+    or g is stored for a second pass (``STORE_G``). The mask and sums mirror the
+    ``threshold_backward`` of ``torch_impl.bn_relu_conv1x1_backward`` and the ``dbias``,
+    ``dweight`` (times invstd) of ``batchnorm.bn_backward``."""
+    offs_m, offs_n, mask_m, mask_n = _tile(P, C, BLOCK_M, BLOCK_N)
     g_rows = _pixel_offsets(offs_m, HW, sg_n, sg_hw)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CO, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < CO
-        go = tl.load(go_ptr + g_rows[:, None] + offs_k[None, :] * sg_c,
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_k[:, None] * sw_o + offs_n[None, :] * sw_c,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        offs_k, mask_k = _block(k0, CO, BLOCK_K)
+        go = _load_tile(go_ptr, g_rows, offs_k * sg_c, mask_m, mask_k)
+        w = _load_tile(w_ptr, offs_k * sw_o, offs_n * sw_c, mask_k, mask_n)
         acc += _dot(go, w, PRECISION, UPCAST)
     mask = mask_m[:, None] & mask_n[None, :]
     x_rows = _pixel_offsets(offs_m, HW, sx_n, sx_hw)
-    x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * sx_c, mask=mask,
-                other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
-    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
-    mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+    x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_m, mask_n).to(tl.float32)
+    scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
+    mean = _channel_vector(mean_ptr, offs_n, mask_n)
     keep = (x * scale[None, :] + shift[None, :] > 0.0) & mask
     g = tl.where(keep, acc, 0.0)
-    tl.store(partial_ptr + pid_m * 2 * C + offs_n, tl.sum(g, axis=0), mask=mask_n)
-    tl.store(partial_ptr + pid_m * 2 * C + C + offs_n,
-             tl.sum(g * (x - mean[None, :]), axis=0), mask=mask_n)
+    partial_row = partial_ptr + tl.program_id(0) * 2 * C
+    tl.store(partial_row + offs_n, tl.sum(g, axis=0), mask=mask_n)
+    tl.store(partial_row + C + offs_n, tl.sum(g * (x - mean[None, :]), axis=0), mask=mask_n)
     if STORE_G:
         tl.store(gstore_ptr + offs_m.to(tl.int64)[:, None] * C + offs_n[None, :], g, mask=mask)
     else:
-        kg = tl.load(kg_ptr + offs_n, mask=mask_n, other=0.0)
-        b_rows = _pixel_offsets(offs_m, HW, sb_n, sb_hw)
-        b_ptrs = gbuf_ptr + b_rows[:, None] + offs_n[None, :] * sb_c
-        old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(b_ptrs, (old + kg[None, :] * g).to(gbuf_ptr.dtype.element_ty), mask=mask)
+        kg = _channel_vector(kg_ptr, offs_n, mask_n)
+        _add_to_buffer(gbuf_ptr, offs_m, offs_n, HW, sb_n, sb_c, sb_hw, mask, kg[None, :] * g)
 
 
 @triton.jit
@@ -128,27 +153,18 @@ def weight_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, o, c] = sum over split s's pixels of grad_out[p, o] * a[p, c]."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    offs_m, offs_n, mask_m, mask_n = _tile(CO, C, BLOCK_M, BLOCK_N)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < CO
-    mask_n = offs_n < C
-    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
-    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
+    scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = pid_s * PIXELS_PER_SPLIT
     stop = tl.minimum(start + PIXELS_PER_SPLIT, P)
     for p0 in range(start, stop, BLOCK_K):
-        offs_k = p0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < stop
-        go_t = tl.load(go_ptr + _pixel_offsets(offs_k, HW, sg_n, sg_hw)[None, :]
-                       + offs_m[:, None] * sg_c,
-                       mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        offs_k, mask_k = _block(p0, stop, BLOCK_K)
+        go_t = _load_tile(go_ptr, offs_m * sg_c, _pixel_offsets(offs_k, HW, sg_n, sg_hw),
+                          mask_m, mask_k)
         x_rows = _pixel_offsets(offs_k, HW, sx_n, sx_hw)
-        x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * sx_c,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_k, mask_n).to(tl.float32)
         a = tl.where(mask_k[:, None], _bn_relu(x, scale, shift), 0.0).to(go_t.dtype)
         acc += _dot(go_t, a, PRECISION, UPCAST)
     tl.store(partial_ptr + pid_s.to(tl.int64) * CO * C + offs_m[:, None] * C + offs_n[None, :],
@@ -162,21 +178,16 @@ def add_dx_kernel(
     sx_n, sx_c, sx_hw, sb_n, sb_c, sb_hw,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grad_buffer[p, c] += kg[c] * g[p, c] + kx[c] * x[p, c] + k0[c]."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
-    mask = (offs_m < P)[:, None] & mask_n[None, :]
+    """grad_buffer[p, c] += kg[c] * g[p, c] + kx[c] * x[p, c] + k0[c]: the direct term and
+    ``batchnorm.StatsGradient.apply``'s, with ``g`` stored by ``input_grad_kernel``."""
+    offs_m, offs_n, mask_m, mask_n = _tile(P, C, BLOCK_M, BLOCK_N)
+    mask = mask_m[:, None] & mask_n[None, :]
     g = tl.load(gstore_ptr + offs_m.to(tl.int64)[:, None] * C + offs_n[None, :], mask=mask,
                 other=0.0)
     x_rows = _pixel_offsets(offs_m, HW, sx_n, sx_hw)
-    x = tl.load(x_ptr + x_rows[:, None] + offs_n[None, :] * sx_c, mask=mask,
-                other=0.0).to(tl.float32)
-    kg = tl.load(kg_ptr + offs_n, mask=mask_n, other=0.0)
-    kx = tl.load(kx_ptr + offs_n, mask=mask_n, other=0.0)
-    k0 = tl.load(k0_ptr + offs_n, mask=mask_n, other=0.0)
-    b_rows = _pixel_offsets(offs_m, HW, sb_n, sb_hw)
-    b_ptrs = gbuf_ptr + b_rows[:, None] + offs_n[None, :] * sb_c
-    old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_m, mask_n).to(tl.float32)
+    kg = _channel_vector(kg_ptr, offs_n, mask_n)
+    kx = _channel_vector(kx_ptr, offs_n, mask_n)
+    k0 = _channel_vector(k0_ptr, offs_n, mask_n)
     dx = kg[None, :] * g + kx[None, :] * x + k0[None, :]
-    tl.store(b_ptrs, (old + dx).to(gbuf_ptr.dtype.element_ty), mask=mask)
+    _add_to_buffer(gbuf_ptr, offs_m, offs_n, HW, sb_n, sb_c, sb_hw, mask, dx)
