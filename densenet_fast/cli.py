@@ -116,6 +116,7 @@ def _sweep_depth(args, settings) -> int:
     from .benchmark.sweeps import (
         DEFAULT_DEPTHS,
         DEPTH_IMPLEMENTATIONS,
+        deepest_in_budget,
         depth_config,
         depth_ratios,
         plot_depth,
@@ -142,6 +143,16 @@ def _sweep_depth(args, settings) -> int:
     print(f"at depth {depths[-1]}, relative to densenet_fast: " + ", ".join(
         f"{n} {r:.2f}x" for n, r in ratios.items() if r is not None))
     print(f"plot written to {plot_depth(result, args.plot)}")
+    if args.memory_budget:
+        budget = _parse_bytes(args.memory_budget)
+        result["budget_bytes"] = budget
+        result["deepest"] = {name: deepest_in_budget(name, budget, settings, args.batch_size,
+                                                     args.max_layers)
+                             for name in names}
+        print(f"deepest DenseNet-BC (k=12, batch {args.batch_size}) whose training job fits "
+              f"{budget / 2**20:.0f} MiB:")
+        for name, row in result["deepest"].items():
+            print(f"  {name:24s} {row['max_depth']:6d}")
     _write_json(args.json or Path(args.plot).with_suffix(".json"), result)
     return 0
 
@@ -239,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default="bench-out/depth-sweep.png",
                        help="depth sweep: where to write the PNG")
     bench.add_argument("--memory-budget",
-                       help="batch sweep: e.g. 2GiB, 500MiB (default: what the device has)")
+                       help="batch sweep: e.g. 2GiB, 500MiB (default: what the device has); "
+                            "depth sweep: also search the deepest model within it")
+    bench.add_argument("--max-layers", type=int, default=256,
+                       help="depth sweep with a budget: upper bound on layers per block")
     bench.add_argument("--max-batch", type=int, default=1024, help="batch sweep: upper bound")
     bench.set_defaults(func=_bench)
 

@@ -48,15 +48,21 @@ def test_bench_compares_implementations_side_by_side(tmp_path):
 def test_depth_sweep_writes_plot_and_points(tmp_path):
     plot = tmp_path / "depth.png"
     proc = _cli("bench", "--sweep", "depth", "--depths", "10,16", "--batch-size", "4",
-                "--quiet", "--plot", str(plot))
+                "--quiet", "--plot", str(plot), "--memory-budget", "2GiB", "--max-layers", "2",
+                "--impl", "naive", "--impl", "densenet_fast-recompute")
     assert proc.returncode == 0, proc.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(plot.with_suffix(".json").read_text())
-    assert set(result["points"]) == {"naive", "torchvision-memeff", "densenet_fast"}
+    names = {"naive", "densenet_fast-recompute"}
+    assert set(result["points"]) == names
     for points in result["points"].values():
         assert [p["depth"] for p in points] == [10, 16]
-        assert all(p["peak_bytes"] > 0 for p in points)
-    assert "relative to densenet_fast" in proc.stdout
+        assert all(p["peak_bytes"] > p["parameter_bytes"] > 0 for p in points)
+    # Tiny models fit 2 GiB up to the cap of 2 layers per block: depth 16, tried 1 then 2.
+    assert set(result["deepest"]) == names
+    for row in result["deepest"].values():
+        assert row["max_depth"] == 16
+        assert [t["depth"] for t in row["tries"]] == [10, 16]
 
 
 def test_batch_sweep_bisects_to_the_budget(tmp_path):

@@ -71,10 +71,14 @@ def _torchvision(memory_efficient: bool) -> Callable[[ModelConfig], nn.Module]:
     return build
 
 
-def _fast(config: ModelConfig) -> nn.Module:
+def _fast(config: ModelConfig, **options) -> nn.Module:
     from ..model import DenseNet
 
-    return DenseNet(**config.model_kwargs())
+    return DenseNet(**config.model_kwargs(), **options)
+
+
+def _fast_recompute(config: ModelConfig) -> nn.Module:
+    return _fast(config, recompute_bottleneck=True)
 
 
 LAST_BLOCK = "last dense block"
@@ -131,6 +135,8 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         "torch.compile of torchvision DenseNet, memory_efficient=False", _torchvision(False),
         compiled=True),
     "densenet_fast": Implementation("densenet_fast.DenseNet, active backend", _fast),
+    "densenet_fast-recompute": Implementation(
+        "densenet_fast.DenseNet(recompute_bottleneck=True), active backend", _fast_recompute),
     "densenet_fast-torch": Implementation("densenet_fast.DenseNet, pure-PyTorch kernels", _fast,
                                           context=_reference_kernels),
     "densenet_fast-gradcam-block": Implementation(
@@ -146,10 +152,11 @@ BASELINE = "torchvision"
 def describe(name: str, device: str) -> str:
     """The row's description, naming the backend that serves densenet_fast on ``device``."""
     description = IMPLEMENTATIONS[name].description
-    if name == "densenet_fast":
+    if name in ("densenet_fast", "densenet_fast-recompute"):
         from ..backends import active_backend
 
-        description = f"densenet_fast.DenseNet, {active_backend(device.split(':')[0])} backend"
+        backend = f"{active_backend(device.split(':')[0])} backend"
+        description = description.replace("active backend", backend)
     return description
 
 

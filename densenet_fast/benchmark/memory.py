@@ -47,7 +47,8 @@ def measure_in_process(name: str, config: ModelConfig, workload: str,
     the bytes in use before it (``peak_bytes``), and the job's peak (``total_peak_bytes``).
     On CUDA that is all that was allocated; on CPU, where resident memory also holds the
     interpreter and library code paged in on first use, it is the step's peak plus the
-    bytes of the parameters, buffers and optimizer state, counted tensor by tensor."""
+    bytes of the parameters, buffers and optimizer state, counted tensor by tensor.
+    ``parameter_bytes``: the parameters' bytes, which the step's gradients take again."""
     runner = Runner(name, config, settings)
     runner.step(workload)
     runner.release_gradients()
@@ -59,14 +60,19 @@ def measure_in_process(name: str, config: ModelConfig, workload: str,
         runner.step(workload)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        return {"peak_bytes": peak - before, "total_peak_bytes": peak, "method": METHOD_CUDA}
+        return {"peak_bytes": peak - before, "total_peak_bytes": peak,
+                "parameter_bytes": _parameter_bytes(runner), "method": METHOD_CUDA}
     before = _status_kib("VmRSS")
     _reset_peak_rss()
     runner.step(workload)
     peak = _status_kib("VmHWM")
     step_bytes = (peak - before) * 1024
     return {"peak_bytes": step_bytes, "total_peak_bytes": step_bytes + _state_bytes(runner),
-            "method": METHOD_CPU}
+            "parameter_bytes": _parameter_bytes(runner), "method": METHOD_CPU}
+
+
+def _parameter_bytes(runner: Runner) -> int:
+    return sum(p.numel() * p.element_size() for p in runner.model.parameters())
 
 
 def _state_bytes(runner: Runner) -> int:

@@ -13,7 +13,8 @@ from .memory import MeasurementError, measure_peak_memory
 from .progress import progress_bar
 from .runner import RunSettings
 
-DEPTH_IMPLEMENTATIONS = ("naive", "torchvision-memeff", "densenet_fast")
+DEPTH_IMPLEMENTATIONS = ("naive", "torchvision-memeff", "densenet_fast",
+                         "densenet_fast-recompute")
 DEFAULT_DEPTHS = (40, 100, 160, 250)
 
 
@@ -40,12 +41,15 @@ def sweep_depth(depths=DEFAULT_DEPTHS, implementations=DEPTH_IMPLEMENTATIONS,
     for depth in depths:
         config = depth_config(depth, batch_size=batch_size)
         for name in implementations:
+            point = {"depth": depth, "peak_bytes": None, "parameter_bytes": None}
             try:
-                peak = measure_peak_memory(name, config, "train", settings)["peak_bytes"]
+                measured = measure_peak_memory(name, config, "train", settings)
             except MeasurementError as exc:
-                peak = None
                 print(f"depth {depth}, {name}: {exc}")
-            points[name].append({"depth": depth, "peak_bytes": peak})
+            else:
+                point.update(peak_bytes=measured["peak_bytes"],
+                             parameter_bytes=measured["parameter_bytes"])
+            points[name].append(point)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -65,23 +69,34 @@ def depth_ratios(result: dict) -> dict:
 
 
 def plot_depth(result: dict, path: str | Path) -> Path:
-    """Write a PNG of peak memory against depth."""
+    """Write a PNG of memory against depth: the step's peak less the gradients (activations
+    and workspace: linear in depth when the block is), and parameters with their gradients
+    (quadratic in depth for every implementation: the 1x1 convolutions read every earlier
+    channel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (activations, weights) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, pts in result["points"].items():
         shown = [p for p in pts if p["peak_bytes"] is not None]
-        ax.plot([p["depth"] for p in shown], [p["peak_bytes"] / 2**20 for p in shown],
-                marker="o", label=result["descriptions"][name])
-    ax.set_xlabel("depth (DenseNet-BC, growth rate 12, 3 blocks)")
-    ax.set_ylabel("peak memory of one training step (MiB)")
-    ax.set_title(f"batch {result['batch_size']}, 32x32 input, {result['device']}",
-                 fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        depths = [p["depth"] for p in shown]
+        activations.plot(depths, [(p["peak_bytes"] - p["parameter_bytes"]) / 2**20
+                                  for p in shown], marker="o", label=result["descriptions"][name])
+    fast = [p for p in next(iter(result["points"].values())) if p["parameter_bytes"]]
+    weights.plot([p["depth"] for p in fast], [2 * p["parameter_bytes"] / 2**20 for p in fast],
+                 marker="o", color="black", label="parameters + gradients (every implementation)")
+    activations.set_ylabel("step peak less gradients (MiB)")
+    activations.set_title("activations and workspace", fontsize=10)
+    weights.set_ylabel("MiB")
+    weights.set_title("parameters and their gradients", fontsize=10)
+    for ax in (activations, weights):
+        ax.set_xlabel("depth (DenseNet-BC, growth rate 12, 3 blocks)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"one training step, batch {result['batch_size']}, 32x32 input, "
+                 f"{result['device']}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,39 +116,60 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def largest_batch(name: str, config: ModelConfig, budget_bytes: int, settings: RunSettings,
-                  max_batch: int = 1024, on_try=None) -> dict:
-    """The largest batch whose training job (weights, optimizer state, activations; not the
-    interpreter and libraries) peaks within ``budget_bytes``, by doubling then bisection;
-    every try runs in a subprocess, so running out of memory ends only that try."""
-    tries = []
-
-    def fits(batch: int) -> bool:
-        try:
-            peak = measure_peak_memory(name, dataclasses.replace(config, batch_size=batch),
-                                       "train", settings)["total_peak_bytes"]
-        except MeasurementError as exc:
-            tries.append({"batch": batch, "error": str(exc)})
-            peak = None
-        else:
-            tries.append({"batch": batch, "total_peak_bytes": peak})
-        if on_try is not None:
-            on_try()
-        return peak is not None and peak <= budget_bytes
-
+def _largest(fits, cap: int) -> int:
+    """The largest ``n`` in ``[1, cap]`` with ``fits(n)`` (0 if none), by doubling then
+    bisection; ``fits`` must be monotone."""
     if not fits(1):
-        return {"max_batch": 0, "tries": tries}
+        return 0
     low = 1
-    while low < max_batch and fits(min(2 * low, max_batch)):
-        low = min(2 * low, max_batch)
-    high = min(2 * low, max_batch + 1)  # smallest size known (or assumed) not to fit
+    while low < cap and fits(min(2 * low, cap)):
+        low = min(2 * low, cap)
+    high = min(2 * low, cap + 1)  # smallest size known (or assumed) not to fit
     while high - low > 1:
         mid = (low + high) // 2
         if fits(mid):
             low = mid
         else:
             high = mid
-    return {"max_batch": low, "tries": tries}
+    return low
+
+
+def _fits_budget(name: str, config: ModelConfig, budget_bytes: int, settings: RunSettings,
+                 tries: list, label: dict, on_try=None) -> bool:
+    """Whether ``config``'s training job peaks within the budget; the try is recorded."""
+    try:
+        peak = measure_peak_memory(name, config, "train", settings)["total_peak_bytes"]
+    except MeasurementError as exc:
+        tries.append({**label, "error": str(exc)})
+        peak = None
+    else:
+        tries.append({**label, "total_peak_bytes": peak})
+    if on_try is not None:
+        on_try()
+    return peak is not None and peak <= budget_bytes
+
+
+def largest_batch(name: str, config: ModelConfig, budget_bytes: int, settings: RunSettings,
+                  max_batch: int = 1024, on_try=None) -> dict:
+    """The largest batch whose training job (weights, optimizer state, activations; not the
+    interpreter and libraries) peaks within ``budget_bytes``; every try runs in a
+    subprocess, so running out of memory ends only that try."""
+    tries = []
+    largest = _largest(lambda batch: _fits_budget(
+        name, dataclasses.replace(config, batch_size=batch), budget_bytes, settings, tries,
+        {"batch": batch}, on_try), max_batch)
+    return {"max_batch": largest, "tries": tries}
+
+
+def deepest_in_budget(name: str, budget_bytes: int, settings: RunSettings,
+                      batch_size: int = 32, max_layers: int = 512, on_try=None) -> dict:
+    """The deepest DenseNet-BC (k=12, three blocks of ``n`` layers, depth ``6n + 4``) whose
+    training job peaks within ``budget_bytes``, searched as :func:`largest_batch` does."""
+    tries = []
+    layers = _largest(lambda n: _fits_budget(
+        name, depth_config(6 * n + 4, batch_size=batch_size), budget_bytes, settings, tries,
+        {"depth": 6 * n + 4}, on_try), max_layers)
+    return {"max_depth": 6 * layers + 4 if layers else 0, "tries": tries}
 
 
 def sweep_batch(config: ModelConfig, implementations, budget_bytes: int,
