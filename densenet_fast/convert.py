@@ -100,5 +100,6 @@ def convert(model: nn.Module, *, recompute_bottleneck: bool = False) -> DenseNet
                 features._modules[name].recompute_bottleneck = bool(recompute_bottleneck)
         elif _standard(child, tv.get("transition"), Transition, _Transition):
             features._modules[name] = _rehouse(child, _Transition, nn.Sequential)
+    features.recompute_stem = bool(recompute_bottleneck)
     fast._modules["features"] = features
     return fast

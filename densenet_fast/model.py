@@ -56,16 +56,17 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d,
-             x: torch.Tensor) -> torch.Tensor:
+def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tensor,
+             recompute_conv: bool = False) -> torch.Tensor:
     """Run a standard stem (``conv -> norm -> ReLU -> pool``) as one Function that keeps
-    only the conv's output: the caller has checked the modules (:func:`fusion.stem_blocker`)."""
+    only the conv's output, or with ``recompute_conv`` nothing but its input: the caller has
+    checked the modules (:func:`fusion.stem_blocker`)."""
     spec = StemSpec(
         conv_stride=conv.stride, conv_padding=conv.padding, conv_dilation=conv.dilation,
         conv_groups=conv.groups, pool_kernel=_pair(pool.kernel_size),
         pool_stride=_pair(pool.stride), pool_padding=_pair(pool.padding),
         pool_dilation=_pair(pool.dilation), pool_ceil_mode=pool.ceil_mode,
-        norm=norm_state(norm))
+        norm=norm_state(norm), recompute_conv=recompute_conv)
     dtype = _compute_dtype(x, conv.weight)
     with _without_autocast(x):
         return stem(x.to(dtype), spec, conv.weight.to(dtype), norm.weight, norm.bias)
@@ -119,13 +120,13 @@ class FusionStep(NamedTuple):
     def module(self) -> nn.Module:
         return self.modules[0]
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, recompute_stem: bool = False) -> torch.Tensor:
         if not self.fused:
             return self.module(x)
         if isinstance(self.module, DenseBlock):
             return run_block(self.module, x, self.modules[1] if len(self.modules) > 1 else None)
         conv, norm, _, pool = self.modules
-        return run_stem(conv, norm, pool, x)
+        return run_stem(conv, norm, pool, x, recompute_stem)
 
 
 def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
@@ -183,9 +184,17 @@ class _Transition(Transition):
 
 class _Features(nn.Sequential):
     """``model.features``: the stem, then each standard block fused with the transition or
-    norm after it; everything else is called as a module, as ``nn.Sequential`` does."""
+    norm after it; everything else is called as a module, as ``nn.Sequential`` does.
+    ``recompute_stem``: the fused stem keeps no conv0 output for backward (recomputes it)."""
 
     __prepare_scriptable__ = _refuse_scripting
+    recompute_stem = False
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        if isinstance(item, _Features):  # a slice keeps the setting
+            item.recompute_stem = self.recompute_stem
+        return item
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if runtime_blocker(x) is not None:
@@ -199,7 +208,7 @@ class _Features(nn.Sequential):
         self.check_spatial_size(x)
         for step in self.fusion_plan():
             # A hooked block is called as a module, and is fused inside its own forward.
-            x = step.run(x)
+            x = step.run(x, self.recompute_stem)
         return x
 
     def check_spatial_size(self, x: torch.Tensor) -> None:
@@ -292,8 +301,10 @@ class DenseNet(DenseNetBase):
         memory_efficient: ignored (see above).
         in_channels: image channels (3 for RGB, 1 for MNIST).
         recompute_bottleneck: keep no per-layer bottleneck for backward, recompute it (one
-            more BN-ReLU-Conv1x1 per layer in backward): less memory, somewhat more time.
-            Same results. Stored on each block, so it can be set per block too.
+            more BN-ReLU-Conv1x1 per layer in backward), and no conv0 output in the stem:
+            less memory, somewhat more time, same results. Stored on each block
+            (``recompute_bottleneck``) and on ``features`` (``recompute_stem``), so it can be
+            set per block too.
     """
 
     block_cls = _DenseBlock
@@ -306,6 +317,7 @@ class DenseNet(DenseNetBase):
                  in_channels: int = 3, recompute_bottleneck: bool = False) -> None:
         super().__init__(growth_rate, block_config, num_init_features, bn_size, drop_rate,
                          num_classes, memory_efficient, in_channels)
+        self.features.recompute_stem = bool(recompute_bottleneck)
         for block in self.features.children():
             if isinstance(block, _DenseBlock):
                 block.recompute_bottleneck = bool(recompute_bottleneck)

@@ -5,6 +5,8 @@ output (norm0's input), norm0's output (relu0 works in place and pool0 reads it)
 int64 indices (twice the bytes of a float32 tensor of the pool's output size). This
 Function keeps only conv0's output and the per-channel statistics; backward recomputes
 BN-ReLU and the pool's winners from it (the same values, so the same winners, ties included).
+With ``recompute_conv`` it keeps not even conv0's output, only the input the caller holds
+anyway, and backward runs conv0 again (a few percent of a DenseNet step's time).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class StemSpec:
     pool_dilation: tuple[int, int]
     pool_ceil_mode: bool
     norm: NormState
+    recompute_conv: bool = False
 
     def conv(self, x, weight):
         return F.conv2d(x, weight, None, self.conv_stride, self.conv_padding,
@@ -73,14 +76,16 @@ class StemFunction(torch.autograd.Function):
     def forward(ctx, x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
         out, conv_out, mean, invstd = _forward(x, spec, conv_weight, norm_weight, norm_bias)
         ctx.spec = spec
-        ctx.save_for_backward(x, conv_weight, conv_out, mean, invstd, norm_weight, norm_bias)
+        kept = () if spec.recompute_conv else (conv_out,)
+        ctx.save_for_backward(x, conv_weight, mean, invstd, norm_weight, norm_bias, *kept)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, conv_weight, conv_out, mean, invstd, norm_weight, norm_bias = ctx.saved_tensors
+        x, conv_weight, mean, invstd, norm_weight, norm_bias, *kept = ctx.saved_tensors
         spec = ctx.spec
+        conv_out = kept[0] if kept else spec.conv(x, conv_weight)
         activated = bn_apply(conv_out, mean, invstd, norm_weight, norm_bias, relu=True)
         _, indices = torch.ops.aten.max_pool2d_with_indices(activated, *spec.pool_args())
         grad = torch.ops.aten.max_pool2d_with_indices_backward(

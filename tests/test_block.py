@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tolerances import assert_close, assert_gradcheck
 
 from densenet_fast.block import BlockSpec, DenseBlockFunction, NormState, Tail
 
@@ -41,9 +42,7 @@ def test_gradcheck_every_input(tail, training):
     # Training updates running statistics on every call, but only eval mode reads them.
     spec, params = _block(tail=tail, training=training)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, *p: DenseBlockFunction.apply(x, spec, *p), (x, *params),
-        eps=1e-6, atol=1e-6, nondet_tol=0.0)
+    assert_gradcheck(lambda x, *p: DenseBlockFunction.apply(x, spec, *p), (x, *params))
 
 
 def test_gradcheck_with_dropout_under_fixed_masks():
@@ -56,7 +55,7 @@ def test_gradcheck_with_dropout_under_fixed_masks():
             torch.manual_seed(1234)
             return DenseBlockFunction.apply(x, spec, *p)
 
-    assert torch.autograd.gradcheck(seeded, (x, *params), eps=1e-6, atol=1e-6)
+    assert_gradcheck(seeded, (x, *params))
 
 
 def test_channels_last_and_contiguous_agree():
@@ -67,6 +66,8 @@ def test_channels_last_and_contiguous_agree():
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     last = DenseBlockFunction.apply(x_cl, spec, *params)
     grads_cl = torch.autograd.grad(last.sum(), [x_cl, *params])
-    torch.testing.assert_close(last, dense)
-    for a, b in zip(grads_cl, grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert last.dtype == dense.dtype == torch.float64
+    assert_close(last, dense, torch.float64, "channels-last output")
+    for i, (a, b) in enumerate(zip(grads_cl, grads, strict=True)):
+        assert a.dtype == b.dtype == torch.float64, (i, a.dtype, b.dtype)
+        assert_close(a, b, torch.float64, f"channels-last gradient {i}")

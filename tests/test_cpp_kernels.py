@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_cases import FORMAT_IDS, FORMATS, STATS_GRAD_IDS, assert_op_matches, op_case, shape_id
 from tolerances import assert_close
 
 import densenet_fast
-from densenet_fast.ops import torch_impl
 
 ROOT = Path(__file__).resolve().parent.parent
 cpp_active = densenet_fast.backend_info()["active"].get("cpu") == "cpp"
@@ -29,81 +29,39 @@ CHUNKED = (4, 320, 300, 8, 64, 64)
 # Small channel-major planes pack several whole images into one forward tile: 5x5 planes
 # with 1030 channels fit 4 images in a tile, so 10 images make tiles of 4, 4 and 2.
 PACKED = (10, 1040, 1030, 20, 5, 5)
-FORMATS = [torch.contiguous_format, torch.channels_last]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
-def _case(shape, dtype, memory_format):
-    n, total, c, c_out, h, w = shape
-    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    buffer = torch.randn(n, total, h, w).to(dtype).contiguous(memory_format=memory_format)
-    mean = torch.randn(c, dtype=stats_dtype) * 0.1
-    invstd = torch.rand(c, dtype=stats_dtype) + 0.5
-    gamma, beta = torch.rand(c) + 0.5, torch.randn(c)
-    weight = (torch.randn(c_out, c, 1, 1) / c ** 0.5).to(dtype)
-    grad_out = torch.randn(n, c_out, h, w).to(dtype).contiguous(memory_format=memory_format)
-    return buffer, mean, invstd, gamma, beta, weight, grad_out
-
-
 @needs_cpp
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("stats_grad", [True, False], ids=["stats-grad", "direct"])
+@pytest.mark.parametrize("stats_grad", [True, False], ids=STATS_GRAD_IDS)
 def test_cpp_matches_reference(shape, memory_format, dtype, stats_grad):
-    _compare(shape, memory_format, dtype, stats_grad)
+    assert_op_matches(op_case(shape, dtype, memory_format), stats_grad, "torch")
 
 
 @needs_cpp
-@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
 def test_cpp_matches_reference_across_channel_chunks(memory_format):
-    _compare(CHUNKED, memory_format, torch.float32, True)
+    assert_op_matches(op_case(CHUNKED, torch.float32, memory_format), True, "torch")
 
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_matches_reference_with_images_packed_per_tile(dtype):
-    _compare(PACKED, torch.contiguous_format, dtype, False)
-
-
-def _compare(shape, memory_format, dtype, stats_grad):
-    buffer, mean, invstd, gamma, beta, weight, grad_out = _case(shape, dtype, memory_format)
-    args = (buffer, mean, invstd, gamma, beta, weight)
-    out = torch.ops.densenet_fast.bn_relu_conv1x1(*args)
-    expected = torch_impl.bn_relu_conv1x1(*args)
-    assert out.is_contiguous(memory_format=memory_format)
-    assert_close(out, expected, dtype, "output")
-
-    start = torch.randn_like(buffer)  # a non-zero gradient buffer receives the sum
-    got_buffer, want_buffer = start.clone(), start.clone()
-    got = torch.ops.densenet_fast.bn_relu_conv1x1_backward(grad_out, *args, stats_grad,
-                                                           got_buffer)
-    want = torch_impl.bn_relu_conv1x1_backward(grad_out, *args, stats_grad, want_buffer)
-    c = shape[2]
-    assert_close(got_buffer[:, :c] - start[:, :c], want_buffer[:, :c] - start[:, :c], dtype,
-                 "input gradient")
-    assert torch.equal(got_buffer[:, c:], start[:, c:]), "channels past the prefix changed"
-    for g, w, what in zip(got, want, ("conv weight", "bn weight", "bn bias"), strict=True):
-        assert g.dtype == w.dtype, what
-        assert_close(g, w, dtype, f"{what} gradient")
+    assert_op_matches(op_case(PACKED, dtype), False, "torch")
 
 
 @needs_cpp
 def test_cpp_accepts_other_layouts_of_its_arguments():
-    buffer, mean, invstd, gamma, beta, weight, grad_out = _case((2, 9, 7, 5, 6, 5),
-                                                                torch.float32,
-                                                                torch.contiguous_format)
-    strided = torch.randn(2, 9, 12, 5)[:, :, ::2]  # neither layout: copied by the kernel
-    strided.copy_(buffer)
-    args = (mean, invstd, gamma, beta, weight)
-    assert_close(torch.ops.densenet_fast.bn_relu_conv1x1(strided, *args),
-                 torch_impl.bn_relu_conv1x1(buffer, *args), torch.float32, "strided buffer")
-    grad_last = torch.zeros_like(buffer).to(memory_format=torch.channels_last)
-    grad_dense = torch.zeros_like(buffer)
-    torch.ops.densenet_fast.bn_relu_conv1x1_backward(
-        grad_out.to(memory_format=torch.channels_last), buffer, *args, True, grad_last)
-    torch_impl.bn_relu_conv1x1_backward(grad_out, buffer, *args, True, grad_dense)
-    assert_close(grad_last, grad_dense, torch.float32, "gradient buffer of another layout")
+    shape = (2, 9, 7, 5, 6, 5)
+    # A buffer in neither layout: copied by the kernel.
+    assert_op_matches(op_case(shape, torch.float32, strided=True), True, "torch")
+    # Gradients in another layout than the buffer.
+    case = op_case(shape, torch.float32, grad_out_format=torch.channels_last,
+                   grad_buffer_format=torch.channels_last)
+    assert_op_matches(case, True, "torch")
 
 
 @needs_cpp

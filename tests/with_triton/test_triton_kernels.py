@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_grads_match, assert_models_match, train_steps, twins
+from op_cases import FORMAT_IDS, FORMATS, STATS_GRAD_IDS, assert_op_matches, op_case, shape_id
 from tolerances import assert_close
 
 import densenet_fast
@@ -24,7 +25,6 @@ SHAPES = [(2, 13, 11, 8, 5, 4), (2, 37, 33, 20, 1, 1), (3, 40, 35, 16, 7, 9)]
 # densenet121's layer shapes at batch 8, 56x56 / 28x28 / 14x14 / 7x7 (GPU only).
 GPU_SHAPES = [(8, 256, 224, 128, 56, 56), (8, 512, 320, 128, 28, 28),
               (8, 1024, 992, 128, 14, 14), (8, 1024, 512, 128, 7, 7)]
-FORMATS = [torch.contiguous_format, torch.channels_last]
 
 
 def test_triton_is_the_active_backend():
@@ -32,44 +32,16 @@ def test_triton_is_the_active_backend():
     assert info["active"][DEVICE] == "triton", info
 
 
-def _case(shape, dtype, memory_format):
-    n, total, c, c_out, h, w = shape
-    make = dict(device=DEVICE)
-    buffer = torch.randn(n, total, h, w, **make).to(dtype).contiguous(memory_format=memory_format)
-    mean = torch.randn(c, **make) * 0.1
-    invstd = torch.rand(c, **make) + 0.5
-    gamma, beta = torch.rand(c, **make) + 0.5, torch.randn(c, **make)
-    weight = (torch.randn(c_out, c, 1, 1, **make) / c ** 0.5).to(dtype)
-    grad_out = torch.randn(n, c_out, h, w, **make).to(dtype).contiguous(
-        memory_format=memory_format)
-    return buffer, mean, invstd, gamma, beta, weight, grad_out
-
-
 def _compare(shape, memory_format, dtype, stats_grad):
-    buffer, mean, invstd, gamma, beta, weight, grad_out = _case(shape, dtype, memory_format)
-    args = (buffer, mean, invstd, gamma, beta, weight)
     # The reference computes in float32 from the same (rounded) inputs.
-    ref_args = (buffer.float(), mean, invstd, gamma, beta, weight.float())
-    assert_close(torch.ops.densenet_fast.bn_relu_conv1x1(*args),
-                 torch_impl.bn_relu_conv1x1(*ref_args), dtype, "output")
-    start = torch.randn_like(buffer)
-    got_buffer, want_buffer = start.clone(), start.float()
-    got = torch.ops.densenet_fast.bn_relu_conv1x1_backward(grad_out, *args, stats_grad,
-                                                           got_buffer)
-    want = torch_impl.bn_relu_conv1x1_backward(grad_out.float(), *ref_args, stats_grad,
-                                               want_buffer)
-    c = shape[2]
-    assert_close(got_buffer[:, :c].float() - start[:, :c].float(),
-                 want_buffer[:, :c] - start[:, :c].float(), dtype, "input gradient")
-    assert torch.equal(got_buffer[:, c:], start[:, c:])
-    for g, w, what in zip(got, want, ("conv weight", "bn weight", "bn bias"), strict=True):
-        assert_close(g, w, dtype, f"{what} gradient")
+    assert_op_matches(op_case(shape, dtype, memory_format, device=DEVICE), stats_grad,
+                      "torch-float32")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("stats_grad", [True, False], ids=["stats-grad", "direct"])
+@pytest.mark.parametrize("stats_grad", [True, False], ids=STATS_GRAD_IDS)
 def test_triton_matches_reference(shape, memory_format, dtype, stats_grad, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     _compare(shape, memory_format, dtype, stats_grad)
@@ -92,8 +64,9 @@ def test_autotune_trials_on_shared_buffers_leave_the_sums_exact():
     """What autotuning does on a first call: one config, then another, on the same
     buffers. A 128-row config fills a quarter of the partial-sum rows a 32-row trial left
     behind; only its own rows may be summed."""
-    buffer, mean, invstd, gamma, beta, weight, grad_out = _case(SHAPES[2], torch.float32,
-                                                                torch.contiguous_format)
+    case = op_case(SHAPES[2], torch.float32, device=DEVICE)
+    buffer, mean, invstd, gamma, beta, weight = case.args
+    grad_out = case.grad_out
     channels, pixels = weight.shape[1], buffer.shape[0] * buffer.shape[2] * buffer.shape[3]
     _, want_weight, want_bias = torch_impl.bn_relu_conv1x1_backward(
         grad_out, buffer, mean, invstd, gamma, beta, weight, True, torch.zeros_like(buffer))
@@ -147,21 +120,12 @@ def test_kernels_launch_on_the_tensors_device(monkeypatch):
 def test_second_gpu_while_the_first_is_current(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.cuda.set_device(0)
-    buffer, mean, invstd, gamma, beta, weight, grad_out = (
-        t.to("cuda:1") for t in _case(SHAPES[2], torch.float32, torch.channels_last))
-    args = (buffer, mean, invstd, gamma, beta, weight)
-    assert_close(torch.ops.densenet_fast.bn_relu_conv1x1(*args),
-                 torch_impl.bn_relu_conv1x1(*args), torch.float32, "output on cuda:1")
-    got, want = torch.zeros_like(buffer), torch.zeros_like(buffer)
-    torch.ops.densenet_fast.bn_relu_conv1x1_backward(grad_out, *args, True, got)
-    torch_impl.bn_relu_conv1x1_backward(grad_out, *args, True, want)
-    assert_close(got, want, torch.float32, "input gradient on cuda:1")
+    assert_op_matches(op_case(SHAPES[2], torch.float32, torch.channels_last, device="cuda:1"),
+                      True, "torch")
 
 
 def test_float64_is_served_by_the_reference_kernels():
-    buffer, mean, invstd, gamma, beta, weight, _ = _case(SHAPES[0], torch.float64,
-                                                         torch.contiguous_format)
-    args = (buffer, mean.double(), invstd.double(), gamma, beta, weight)
+    args = op_case(SHAPES[0], torch.float64, device=DEVICE).args
     assert torch.equal(torch.ops.densenet_fast.bn_relu_conv1x1(*args),
                        torch_impl.bn_relu_conv1x1(*args))
 
@@ -185,7 +149,7 @@ def test_tiny_model_matches_naive_through_triton(monkeypatch):
 
 
 @on_gpu
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_layer_shapes(shape, dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 without TF32

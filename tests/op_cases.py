@@ -1,0 +1,170 @@
+"""Cases of the fused BN-ReLU-Conv1x1 op and one comparison of a kernel pair against a reference.
+
+Shared by test_ops.py (the op against unfused autograd), test_cpp_kernels.py and
+with_triton/test_triton_kernels.py (compiled kernels against the pure-PyTorch ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+
+from densenet_fast.ops import torch_impl
+
+EPS = 1e-5  # BatchNorm's epsilon, not a tolerance
+FORMATS = [torch.contiguous_format, torch.channels_last]
+FORMAT_IDS = ["nchw", "nhwc"]
+STATS_GRAD_IDS = ["stats-grad", "direct"]
+
+
+def shape_id(shape) -> str:
+    """``(2, 13, 11, 8, 5, 4)`` -> ``"2x13x11x8x5x4"``."""
+    return "x".join(map(str, shape))
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 when it is float64: the precision references compute in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """The op's arguments; ``grad_buffer`` is the non-zero gradient buffer that the backward
+    adds into (each run adds into a copy of it)."""
+
+    buffer: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor  # 1 / invstd**2 - EPS, for F.batch_norm in eval mode
+    invstd: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    weight: torch.Tensor
+    grad_out: torch.Tensor
+    grad_buffer: torch.Tensor
+    memory_format: torch.memory_format  # the output's layout
+    batch_stats: bool  # mean and invstd are the prefix's own statistics
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def args(self) -> tuple:
+        """The forward's arguments: ``(buffer, mean, invstd, gamma, beta, weight)``."""
+        return self.buffer, self.mean, self.invstd, self.gamma, self.beta, self.weight
+
+    def widened(self) -> OpCase:
+        """The same values with the data in float32 (float64 stays): what references read."""
+        return replace(self, buffer=_wide(self.buffer), weight=_wide(self.weight),
+                       grad_out=_wide(self.grad_out), grad_buffer=_wide(self.grad_buffer))
+
+
+def op_case(shape, dtype=torch.float32, memory_format=torch.contiguous_format, *,
+            batch_stats=False, strided=False, grad_out_format=None, grad_buffer_format=None,
+            bn_dtype=torch.float32, device="cpu") -> OpCase:
+    """Random arguments of the op for ``shape = (N, C_total, C, C_out, H, W)``.
+
+    The buffer, conv weight and gradients are ``dtype`` and the statistics float32 (float64
+    for float64 data); the BN parameters are ``bn_dtype``. ``batch_stats``: the statistics
+    are the prefix's own, as in training (else random, as in eval). ``strided``: a buffer in
+    neither layout (every other row of a taller tensor). The gradients are laid out as the
+    buffer unless ``grad_out_format`` / ``grad_buffer_format`` say otherwise.
+    """
+    n, total, c, c_out, h, w = shape
+    make = dict(device=device)
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    buffer = torch.randn(n, total, h, w, **make).to(dtype).contiguous(memory_format=memory_format)
+    if strided:
+        rows = torch.empty(n, total, 2 * h, w, dtype=dtype, **make)[:, :, ::2]
+        buffer = rows.copy_(buffer)
+        assert not buffer.is_contiguous() and not buffer.is_contiguous(
+            memory_format=torch.channels_last)
+        memory_format = torch.contiguous_format
+    if batch_stats:
+        var, mean = torch.var_mean(buffer[:, :c].to(stats_dtype), dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + EPS)
+    else:
+        mean = torch.randn(c, dtype=stats_dtype, **make) * 0.1
+        invstd = torch.rand(c, dtype=stats_dtype, **make) + 0.5
+        var = invstd.pow(-2) - EPS
+    gamma = torch.rand(c, dtype=bn_dtype, **make) + 0.5
+    beta = torch.randn(c, dtype=bn_dtype, **make)
+    weight = (torch.randn(c_out, c, 1, 1, **make) / c ** 0.5).to(dtype)
+    grad_out = torch.randn(n, c_out, h, w, **make).to(dtype).contiguous(
+        memory_format=grad_out_format or memory_format)
+    grad_buffer = torch.randn(n, total, h, w, **make).to(dtype).contiguous(
+        memory_format=grad_buffer_format or memory_format)
+    return OpCase(buffer, mean, var, invstd, gamma, beta, weight, grad_out, grad_buffer,
+                  memory_format, batch_stats)
+
+
+class OpResult(NamedTuple):
+    output: torch.Tensor
+    input_grad: torch.Tensor  # what the backward added to the prefix of the gradient buffer
+    conv_weight_grad: torch.Tensor
+    bn_weight_grad: torch.Tensor
+    bn_bias_grad: torch.Tensor
+
+
+# (forward, backward) kernel pairs
+ACTIVE_KERNELS = (torch.ops.densenet_fast.bn_relu_conv1x1,
+                  torch.ops.densenet_fast.bn_relu_conv1x1_backward)  # through the dispatcher
+TORCH_KERNELS = (torch_impl.bn_relu_conv1x1, torch_impl.bn_relu_conv1x1_backward)
+
+
+def run_kernels(kernels, case: OpCase, stats_grad: bool) -> OpResult:
+    """The forward and the backward of one kernel pair on ``case``."""
+    forward, backward = kernels
+    output = forward(*case.args)
+    grad_buffer = case.grad_buffer.clone()
+    grads = backward(case.grad_out, *case.args, stats_grad, grad_buffer)
+    c = case.channels
+    assert torch.equal(grad_buffer[:, c:], case.grad_buffer[:, c:]), \
+        "channels past the prefix changed"
+    added = _wide(grad_buffer[:, :c]) - _wide(case.grad_buffer[:, :c])
+    return OpResult(output, added, *grads)
+
+
+def _unfused(case: OpCase, stats_grad: bool) -> OpResult:
+    """BatchNorm (batch statistics with ``stats_grad``, else constant ones), ReLU and a 1x1
+    convolution under autograd."""
+    wide = case.widened()
+    x = wide.buffer[:, :case.channels].detach().clone().requires_grad_()
+    g, b, w = (t.detach().clone().requires_grad_() for t in (case.gamma, case.beta, wide.weight))
+    if stats_grad:
+        assert case.batch_stats, "the gradient through batch statistics needs batch statistics"
+        y = F.batch_norm(x, None, None, g, b, training=True, eps=EPS)
+    else:
+        y = F.batch_norm(x, case.mean, case.var, g, b, training=False, eps=EPS)
+    out = F.conv2d(F.relu(y), w)
+    out.backward(wide.grad_out)
+    return OpResult(out.detach(), x.grad, w.grad, g.grad, b.grad)
+
+
+REFERENCES = {
+    # the pure-PyTorch kernels on the same arguments
+    "torch": lambda case, stats_grad: run_kernels(TORCH_KERNELS, case, stats_grad),
+    # the pure-PyTorch kernels in float32 on the same (rounded) values
+    "torch-float32": lambda case, stats_grad: run_kernels(TORCH_KERNELS, case.widened(),
+                                                          stats_grad),
+    # unfused autograd in float32 (float64 for float64) on the same values
+    "unfused": _unfused,
+}
+
+
+def assert_op_matches(case: OpCase, stats_grad: bool, reference: str, kernels=ACTIVE_KERNELS):
+    """Run ``kernels`` (default: the op through the dispatcher) forward and backward on
+    ``case``: the results have the op's dtypes and layout and are close, with the tolerances of
+    the data's dtype, to those of ``REFERENCES[reference]``."""
+    got = run_kernels(kernels, case, stats_grad)
+    want = REFERENCES[reference](case, stats_grad)
+    assert got.output.dtype == case.buffer.dtype, got.output.dtype
+    assert got.output.is_contiguous(memory_format=case.memory_format), "output layout"
+    for grad, param in zip(got[2:], (case.weight, case.gamma, case.beta), strict=True):
+        assert grad.dtype == param.dtype, (grad.dtype, param.dtype)
+    for g, w, what in zip(got, want, OpResult._fields, strict=True):
+        assert_close(g, w, case.buffer.dtype, what)
