@@ -38,6 +38,7 @@ from .ops.batchnorm import (
     update_running_stats,
 )
 from .ops.formats import memory_format_of, stats_dtype_for
+from .sync import StatsSync, sync_of
 
 
 class Tail(Enum):
@@ -91,7 +92,8 @@ class NormState:
 
     ``batch_stats``: normalise with the batch's statistics (training mode, or a BN that tracks
     no running statistics); else with the running ones. ``update_running``: fold the batch's
-    statistics into the running ones (training mode with running statistics).
+    statistics into the running ones (training mode with running statistics). ``sync``: the
+    process group whose batch statistics it normalises with (a training ``SyncBatchNorm``).
     """
 
     running_mean: torch.Tensor | None
@@ -101,13 +103,14 @@ class NormState:
     eps: float
     batch_stats: bool
     update_running: bool
+    sync: StatsSync | None = None
 
     @classmethod
     def of(cls, bn: torch.nn.BatchNorm2d) -> NormState:
         tracking = bn.running_mean is not None
         return cls(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps,
                    batch_stats=bn.training or not tracking,
-                   update_running=bn.training and tracking)
+                   update_running=bn.training and tracking, sync=sync_of(bn))
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class BlockSpec:
     :class:`TailParams` (flat: ``autograd.Function.apply`` takes tensors one by one).
     ``drop_rates`` holds each layer's dropout probability, 0 where the layer is in eval mode.
     ``recompute_bottleneck``: backward recomputes each layer's bottleneck instead of keeping it.
+    ``sync``: the process group every batch statistic of the block is merged over (then
+    every BN that uses batch statistics synchronises over it; see :mod:`densenet_fast.sync`).
     """
 
     growth_rate: int
@@ -126,6 +131,7 @@ class BlockSpec:
     tail: Tail = Tail.NONE
     tail_norm: NormState | None = None
     recompute_bottleneck: bool = False
+    sync: StatsSync | None = None
 
     @property
     def num_layers(self) -> int:
@@ -181,7 +187,7 @@ class _Forward:
         n, c0, h, w = x.shape
         self.spec, self.keep = spec, keep
         self.layer_params, self.tail_params = split_params(spec, params)
-        self.c0, self.count = c0, n * h * w
+        self.c0, self.count = c0, n * h * w  # over every rank once statistics are merged
         self.stats_dtype = stats_dtype_for(x.dtype)
         total = c0 + spec.num_layers * spec.growth_rate
         self.buffer = torch.empty((n, total, h, w), dtype=x.dtype, device=x.device,
@@ -192,9 +198,18 @@ class _Forward:
         if any(norm.batch_stats for norm in spec.prefix_norms()):
             self.mean = torch.empty(total, dtype=self.stats_dtype, device=x.device)
             self.var = torch.empty_like(self.mean)
-            self.mean[:c0], self.var[:c0] = channel_stats(x)
+            self.mean[:c0], self.var[:c0] = self._stats(x, "the block's input")
         self.bottlenecks, self.norm2_stats, self.masks = [], [], []
         self._norm2_batch = []  # (state, mean, var) for the running-stat update
+
+    def _stats(self, t: torch.Tensor, where: str):
+        """Per-channel ``(mean, biased var)`` of ``t``: this batch's, or every rank's."""
+        mean, var = channel_stats(t)
+        if self.spec.sync is None:
+            return mean, var
+        n, _, h, w = t.shape
+        mean, var, self.count = self.spec.sync.merge(mean, var, n * h * w, where)
+        return mean, var
 
     def run(self) -> torch.Tensor:
         for layer in range(self.spec.num_layers):
@@ -212,7 +227,7 @@ class _Forward:
         bottleneck = bn_relu_conv1x1(self.buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
                                      p.conv1_weight)
         if norm2.batch_stats:
-            mean2, var2 = channel_stats(bottleneck)
+            mean2, var2 = self._stats(bottleneck, f"layer {layer + 1}'s norm2")
             invstd2 = torch.rsqrt(var2 + norm2.eps)
             if norm2.update_running:
                 self._norm2_batch.append((norm2, mean2, var2))
@@ -233,7 +248,8 @@ class _Forward:
             del noise
         self.buffer[:, channels:channels + k].copy_(new)
         if self.mean is not None:
-            self.mean[channels:channels + k], self.var[channels:channels + k] = channel_stats(new)
+            self.mean[channels:channels + k], self.var[channels:channels + k] = self._stats(
+                new, f"layer {layer + 1}'s new channels")
         if self.keep:
             if not spec.recompute_bottleneck:
                 self.bottlenecks.append(bottleneck)
@@ -305,13 +321,13 @@ class _Backward:
     """Runs the block backward from what forward saved: the tail, then the layers in
     reverse, adding each input gradient into one gradient buffer."""
 
-    def __init__(self, saved: _Saved, spec: BlockSpec, c0: int):
+    def __init__(self, saved: _Saved, spec: BlockSpec, c0: int, count: int):
         self.saved, self.spec, self.c0 = saved, spec, c0
         self.layer_params, self.tail_params = split_params(spec, saved.params)
         buffer = saved.buffer
         self.stats_dtype = stats_dtype_for(buffer.dtype)
-        n, total, h, w = buffer.shape
-        self.count = n * h * w
+        total = buffer.shape[1]
+        self.count = count  # values per channel the statistics were taken over, every rank's
         # Prefix BNs add only their direct term to the gradient buffer; the term through the
         # batch statistics is summed per channel and added once, just before the layer that
         # wrote a channel reads its gradient (every reader of the channel is done by then).
@@ -326,13 +342,22 @@ class _Backward:
         for layer in reversed(range(self.spec.num_layers)):
             layer_grads[layer] = self._layer(layer)
         if self.stats_term is not None:
-            self.stats_term.apply(self.grad_buffer, self.saved.buffer, 0, self.c0)
+            self._apply_stats_term(0, self.c0)
         # A copy, not a view: a view would keep the whole gradient buffer alive through the
         # previous block's backward.
         grad_x = self.grad_buffer[:, :self.c0].contiguous(
             memory_format=memory_format_of(self.grad_buffer))
         self.grad_buffer = None
         return grad_x, join_grads(layer_grads, tail_grads)
+
+    def _apply_stats_term(self, start: int, stop: int) -> None:
+        """Add the statistics' gradient term of channels ``start:stop``; synchronised, their
+        coefficients are first summed over the ranks (the global term is linear in them)."""
+        term = self.stats_term
+        if self.spec.sync is not None:
+            term.kx[start:stop], term.k0[start:stop] = self.spec.sync.all_reduce(
+                term.kx[start:stop], term.k0[start:stop])
+        term.apply(self.grad_buffer, self.saved.buffer, start, stop)
 
     def _add_stats_term(self, norm: NormState, mean, invstd, weight, dweight, dbias) -> None:
         if norm.batch_stats:
@@ -367,7 +392,7 @@ class _Backward:
         p = self.layer_params[layer]
         norm1, norm2 = spec.layer_norms[layer]
         if self.stats_term is not None:
-            self.stats_term.apply(grad_buffer, buffer, channels, channels + k)
+            self._apply_stats_term(channels, channels + k)
         # A dense copy of the k-channel slice: convolution backward is markedly slower on a
         # strided gradient.
         grad_new = grad_buffer[:, channels:channels + k].contiguous(
@@ -389,8 +414,13 @@ class _Backward:
         del grad_new
         torch.ops.aten.threshold_backward.grad_input(grad_act2, act2, 0, grad_input=grad_act2)
         del act2
-        grad_bottleneck, dnorm2_weight, dnorm2_bias = bn_backward(
-            grad_act2, bottleneck, mean2, invstd2, p.norm2_weight, stats_grad=norm2.batch_stats)
+        if norm2.batch_stats and spec.sync is not None:
+            grad_bottleneck, dnorm2_weight, dnorm2_bias = spec.sync.bn_backward(
+                grad_act2, bottleneck, mean2, invstd2, p.norm2_weight, self.count)
+        else:
+            grad_bottleneck, dnorm2_weight, dnorm2_bias = bn_backward(
+                grad_act2, bottleneck, mean2, invstd2, p.norm2_weight,
+                stats_grad=norm2.batch_stats)
         del grad_act2, bottleneck
         dconv1, dnorm1_weight, dnorm1_bias = bn_relu_conv1x1_backward(
             grad_bottleneck, buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
@@ -415,7 +445,7 @@ class DenseBlockFunction(torch.autograd.Function):
         saved = _Saved(fwd.buffer, fwd.bottlenecks, fwd.norm2_stats, params, fwd.masks,
                        fwd.mean, fwd.var)
         ctx.save_for_backward(*saved.tensors())
-        ctx.spec, ctx.c0, ctx.num_params = spec, x.shape[1], len(params)
+        ctx.spec, ctx.c0, ctx.num_params, ctx.count = spec, x.shape[1], len(params), fwd.count
         ctx.has_stats = fwd.mean is not None
         # Eval-mode BNs re-read running statistics in backward: refuse if they changed.
         ctx.running_versions = [t._version for t in _running_tensors_read(spec)]
@@ -429,7 +459,7 @@ class DenseBlockFunction(torch.autograd.Function):
                 "densenet_fast: BatchNorm running statistics read by an eval-mode forward were "
                 "modified in place before its backward")
         saved = _Saved.load(ctx.saved_tensors, ctx.spec, ctx.num_params, ctx.has_stats)
-        grad_x, grads = _Backward(saved, ctx.spec, ctx.c0).run(grad_out)
+        grad_x, grads = _Backward(saved, ctx.spec, ctx.c0, ctx.count).run(grad_out)
         return (grad_x, None, *grads)
 
 

@@ -190,7 +190,7 @@ def _train(args) -> int:
                       channels_last=args.channels_last, compile=args.compile, seed=args.seed,
                       data_dir=args.data_dir, train_limit=args.train_limit,
                       test_limit=args.test_limit, out_dir=args.out_dir, save=args.save,
-                      resume=args.resume, progress=not args.quiet)
+                      resume=args.resume, progress=not args.quiet, sync_bn=args.sync_bn)
     metrics = run_training(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return 0
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--image-size", type=int, default=32,
                        help="digits are resized to this (the seed uses 64)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun: BatchNorm statistics over every process "
+                            "(nn.SyncBatchNorm.convert_sync_batchnorm, run fused)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data-dir", help="MNIST IDX files (default: the embedded 5k digits)")
     train.add_argument("--train-limit", type=int, help="use the first N training images")

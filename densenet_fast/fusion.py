@@ -33,6 +33,7 @@ from torch.nn.modules import module as _module_globals
 
 from .architecture import DenseLayer
 from .block import NormState
+from .sync import sync_of
 
 _LAYER_CHILDREN = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
 _TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
@@ -127,9 +128,6 @@ def norm_blocker(bn: nn.Module | None, channels: int) -> str | None:
     if kind is nn.BatchNorm2d or kind is nn.SyncBatchNorm:
         if not bn.affine:
             return "has affine=False"
-        if kind is nn.SyncBatchNorm and bn.training and torch.distributed.is_available() \
-                and torch.distributed.is_initialized():
-            return "is a SyncBatchNorm in training under a process group (not fused yet)"
         width = bn.num_features
     elif is_frozen_batchnorm(bn):
         width = bn.weight.shape[0]
@@ -239,6 +237,32 @@ def _layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> B
                    f"layer adds {growth}", nonstandard=True)
 
 
+def uses_batch_stats(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) and (
+        bn.training or bn.running_mean is None)
+
+
+def block_sync(block: nn.Module):
+    """The :class:`sync.StatsSync` a standard block's batch statistics are merged over (None:
+    per process). Every BN of a fused block that uses batch statistics must agree on it, as
+    a channel's statistics are computed once for all its readers."""
+    for layer in block._modules.values():
+        for bn in (layer.norm1, layer.norm2):
+            if uses_batch_stats(bn):
+                return sync_of(bn)
+    return None
+
+
+def _sync_blocker(block: nn.Module) -> Blocker | None:
+    syncs = {sync_of(bn) for layer in block._modules.values()
+             for bn in (layer.norm1, layer.norm2) if uses_batch_stats(bn)}
+    if len(syncs) > 1:
+        return Blocker("its training BatchNorms do not all synchronise over the same process "
+                       "group (some SyncBatchNorm, some not, or different groups)",
+                       nonstandard=True)
+    return None
+
+
 def block_blocker(block: nn.Module) -> Blocker | None:
     """Why the layers of ``block`` cannot run fused (None: they can). ``block`` itself is
     assumed to be densenet_fast's block; its own hooks are the caller's concern."""
@@ -252,7 +276,7 @@ def block_blocker(block: nn.Module) -> Blocker | None:
         if not _standard_layer(layer, channels, growth):
             return _layer_blocker(name, layer, channels, growth)
         channels += growth
-    return None
+    return _sync_blocker(block)
 
 
 def block_channels(block: nn.Module) -> int:

@@ -24,16 +24,19 @@ from .fusion import (
     Blocker,
     block_blocker,
     block_channels,
+    block_sync,
     has_hooks,
     norm_blocker,
     norm_state,
     runtime_blocker,
     stem_blocker,
     transition_blocker,
+    uses_batch_stats,
     warn_fallback,
 )
 from .state_dict import load_torchvision_state_dict
 from .stem import StemSpec, stem
+from .sync import sync_of
 from .validation import check_input_tensor, check_spatial_plan
 
 
@@ -100,6 +103,7 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
         tail=kind,
         tail_norm=tail_norm,
         recompute_bottleneck=block.recompute_bottleneck,
+        sync=block_sync(block),
     )
     dtype = _compute_dtype(x, layers[0].conv1.weight)
     with _without_autocast(x):
@@ -138,6 +142,9 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     if tail.training != block.training:
         return Blocker("it is not in the block's train/eval mode")
     channels = block_channels(block)
+    tail_norm = getattr(tail, "norm", tail)
+    if uses_batch_stats(tail_norm) and sync_of(tail_norm) != block_sync(block):
+        return Blocker("it does not synchronise its statistics as the block does")
     if type(tail) is _Transition:
         return transition_blocker(tail, channels)
     problem = norm_blocker(tail, channels)
@@ -216,7 +223,7 @@ class _Features(nn.Sequential):
         reduce, or that leaves a training BatchNorm one value per channel (``x`` may be on
         the meta device: only its shape is read)."""
         check_spatial_plan([(f"features.{name}", m) for name, m in self.named_children()], x,
-                           _DenseBlock, _Transition)
+                           _DenseBlock, _Transition, _values_over_ranks())
 
     def fusion_plan(self) -> list[FusionStep]:
         """The forward's steps, decided afresh on every call (the standard-tree check):
@@ -274,6 +281,25 @@ class _Features(nn.Sequential):
                 report[where] = (f"fused; features.{tail_name} runs as a module: "
                                  f"{tail_blocker.reason}")
         return report
+
+
+def _values_over_ranks():
+    """For the plan check: a synchronised BN's values per channel over every process. Only
+    a plane of one pixel asks the processes (one collective, on every rank alike: the plane's
+    size does not depend on the rank's batch); larger planes have at least two values."""
+    totals = {}
+
+    def values(bn: nn.Module, n: int, area: int) -> int | None:
+        sync = sync_of(bn)
+        if sync is None:
+            return None
+        if area > 1:
+            return n * area
+        if sync not in totals:
+            totals[sync] = sync.total(n)
+        return totals[sync]
+
+    return values
 
 
 def _fusable_block(module: nn.Module) -> bool:

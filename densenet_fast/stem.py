@@ -48,24 +48,28 @@ class StemSpec:
 
 
 def _norm_stats(spec: StemSpec, conv_out: torch.Tensor):
-    """``(mean, invstd, batch var or None)`` norm0 normalises with."""
-    if spec.norm.batch_stats:
-        mean, var = channel_stats(conv_out)
-        return mean, torch.rsqrt(var + spec.norm.eps), var
-    return (*running_stats(spec.norm, stats_dtype_for(conv_out.dtype)), None)
+    """``(mean, invstd, batch var or None, count)`` norm0 normalises with; ``count`` values
+    per channel, over every rank when synchronised."""
+    n, _, h, w = conv_out.shape
+    count = n * h * w
+    if not spec.norm.batch_stats:
+        return (*running_stats(spec.norm, stats_dtype_for(conv_out.dtype)), None, count)
+    mean, var = channel_stats(conv_out)
+    if spec.norm.sync is not None:
+        mean, var, count = spec.norm.sync.merge(mean, var, count, "norm0")
+    return mean, torch.rsqrt(var + spec.norm.eps), var, count
 
 
 def _forward(x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
     conv_out = spec.conv(x, conv_weight)
-    mean, invstd, var = _norm_stats(spec, conv_out)
+    mean, invstd, var, count = _norm_stats(spec, conv_out)
     activated = bn_apply(conv_out, mean, invstd, norm_weight, norm_bias, relu=True)
     out = F.max_pool2d(activated, *spec.pool_args())
     norm = spec.norm
     if norm.update_running:
-        n, _, h, w = conv_out.shape
         update_running_stats(norm.running_mean, norm.running_var, norm.num_batches_tracked,
-                             norm.momentum, mean, var, n * h * w)
-    return out, conv_out, mean, invstd
+                             norm.momentum, mean, var, count)
+    return out, conv_out, mean, invstd, count
 
 
 class StemFunction(torch.autograd.Function):
@@ -74,8 +78,9 @@ class StemFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
-        out, conv_out, mean, invstd = _forward(x, spec, conv_weight, norm_weight, norm_bias)
-        ctx.spec = spec
+        out, conv_out, mean, invstd, count = _forward(x, spec, conv_weight, norm_weight,
+                                                      norm_bias)
+        ctx.spec, ctx.count = spec, count
         kept = () if spec.recompute_conv else (conv_out,)
         ctx.save_for_backward(x, conv_weight, mean, invstd, norm_weight, norm_bias, *kept)
         return out
@@ -93,8 +98,12 @@ class StemFunction(torch.autograd.Function):
         del indices
         torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
         del activated
-        grad, dnorm_weight, dnorm_bias = bn_backward(grad, conv_out, mean, invstd, norm_weight,
-                                                     stats_grad=spec.norm.batch_stats)
+        if spec.norm.batch_stats and spec.norm.sync is not None:
+            grad, dnorm_weight, dnorm_bias = spec.norm.sync.bn_backward(
+                grad, conv_out, mean, invstd, norm_weight, ctx.count)
+        else:
+            grad, dnorm_weight, dnorm_bias = bn_backward(
+                grad, conv_out, mean, invstd, norm_weight, stats_grad=spec.norm.batch_stats)
         grad_x, dconv, _ = torch.ops.aten.convolution_backward(
             grad, x, conv_weight, None, spec.conv_stride, spec.conv_padding,
             spec.conv_dilation, False, [0, 0], spec.conv_groups,

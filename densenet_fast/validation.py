@@ -45,14 +45,20 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _check_bn(bn: nn.Module, name: str, n: int, h: int, w: int, c: int) -> None:
+def _check_bn(bn: nn.Module, name: str, n: int, h: int, w: int, c: int,
+              values_over_ranks=None) -> None:
     if not isinstance(bn, _BatchNorm):
         return  # FrozenBatchNorm2d and the like never use batch statistics
-    uses_batch = bn.training or bn.running_mean is None
-    if uses_batch and n * h * w <= 1:
+    if not (bn.training or bn.running_mean is None):
+        return
+    values = n * h * w
+    total = values_over_ranks(bn, n, h * w) if values_over_ranks is not None else None
+    if (values if total is None else total) <= 1:
+        over = "" if total is None else f" ({total} over all processes)"
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
-            f"[{n}, {c}, {h}, {w}] at {name}: use a larger batch or image, or call .eval()")
+            f"[{n}, {c}, {h}, {w}]{over} at {name}: use a larger batch or image, or call "
+            f".eval()")
 
 
 def _is_halving_pool(pool) -> bool:
@@ -61,11 +67,15 @@ def _is_halving_pool(pool) -> bool:
             and not pool.ceil_mode)
 
 
-def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls) -> None:
+def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls,
+                       values_over_ranks=None) -> None:
     """Walk the feature modules with the input's size and refuse, before running anything,
     a size that some stride/pool cannot reduce or that leaves a training BN one value per
     channel. Stops checking at the first module whose shape it does not know (a swapped or
-    custom module: that module's own error, if any, is then raised when it runs)."""
+    custom module: that module's own error, if any, is then raised when it runs).
+
+    ``values_over_ranks(bn, n, area)``: the values per channel a synchronised ``bn`` sees over
+    every process, or None for a BN that normalises per process."""
     n, c, h, w = x.shape
     for name, m in modules:
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
@@ -84,7 +94,7 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             if isinstance(m, nn.Conv2d):
                 c = m.out_channels
         elif isinstance(m, _BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d":
-            _check_bn(m, name, n, h, w, c)
+            _check_bn(m, name, n, h, w, c, values_over_ranks)
         elif isinstance(m, nn.ReLU | nn.Identity | nn.Dropout):
             continue
         elif type(m) is dense_block_cls:
@@ -94,14 +104,14 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
                     if not isinstance(bn, nn.Module):
                         return
                     _check_bn(bn, f"{name}.{layer_name}.{bn_name}", n, h, w,
-                              getattr(bn, "num_features", c))
+                              getattr(bn, "num_features", c), values_over_ranks)
             last = list(m.children())[-1]
             c = getattr(getattr(last, "norm1", None), "num_features", 0) + getattr(
                 getattr(last, "conv2", None), "out_channels", 0)
         elif type(m) is transition_cls and _is_halving_pool(getattr(m, "pool", None)) \
                 and isinstance(getattr(m, "conv", None), nn.Conv2d) \
                 and getattr(m.conv, "stride", None) == (1, 1):
-            _check_bn(getattr(m, "norm", None), f"{name}.norm", n, h, w, c)
+            _check_bn(getattr(m, "norm", None), f"{name}.norm", n, h, w, c, values_over_ranks)
             if h < 2 or w < 2:
                 raise ValueError(
                     f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "

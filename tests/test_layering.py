@@ -15,6 +15,7 @@ LAYERS = [
     ["ops"],
     ["ops.triton_impl"],
     ["backends"],
+    ["sync"],
     ["block"],
     ["stem", "fusion"],
     ["model", "reference"],

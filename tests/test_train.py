@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_sync_batchnorm import expected_collectives
 
 from densenet_fast.training.checkpoint import load_checkpoint
 from densenet_fast.training.data import load_embedded, load_idx
@@ -113,7 +114,8 @@ def test_train_command_end_to_end(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
-def test_two_process_ddp_ends_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--sync-bn"]], ids=["per-process-bn", "sync-bn"])
+def test_two_process_ddp_ends_with_identical_weights(tmp_path, options):
     import os
     import subprocess
     import sys
@@ -123,12 +125,18 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "densenet_fast.cli", "train", "--growth-rate", "8", "--block-config", "2,2",
          "--epochs", "1", "--image-size", "16", "--batch-size", "16", "--train-limit", "256",
-         "--test-limit", "50", "--threads", "1", "--quiet", "--out-dir", str(tmp_path)],
+         "--test-limit", "50", "--threads", "1", "--quiet", "--out-dir", str(tmp_path),
+         *options],
         env=env, capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["processes"] == 2
     first, second = metrics["parameter_checksums"]
     assert first == second, "the two processes' weights diverged"
+    # Synchronised: every step's statistics went through the fused blocks' collectives
+    # (evaluation, in eval mode, takes none).
+    expected = len(expected_collectives(dict(growth_rate=8, block_config=(2, 2),
+                                             num_init_features=16, bn_size=4)))
+    assert metrics["sync_bn_collectives_per_step"] == (expected if options else 0)
     assert proc.stdout.count("test accuracy ") == 2  # one epoch line and one summary, rank 0
 

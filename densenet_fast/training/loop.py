@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from ..architecture import CONFIGS
 from ..model import DenseNet
+from ..sync import record_collectives
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .data import load_embedded, load_idx, to_inputs
 
@@ -46,6 +48,7 @@ class TrainConfig:
     save: str | None = None
     resume: str | None = None
     progress: bool = True
+    sync_bn: bool = False
 
     def model_config(self) -> dict:
         """The architecture, as recorded in checkpoints."""
@@ -255,12 +258,18 @@ def run_training(cfg: TrainConfig) -> dict:
         restore(state, model, optimizer)
         history, first_epoch = list(state["history"]), state["epoch"]
     step_model = dist.wrap(model)
+    if cfg.sync_bn:
+        # After wrapping: DDP refuses SyncBatchNorm modules on CPU when it is built. The new
+        # modules share the parameters and buffers DDP already tracks.
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     step_model = torch.compile(step_model) if cfg.compile else step_model
 
     out_dir = Path(cfg.out_dir)
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     step_losses = []
+    collectives = ExitStack()
+    recorded = collectives.enter_context(record_collectives())
     for epoch in range(first_epoch, cfg.epochs):
         start = time.perf_counter()
         batches = list(_batches(data.x_train.shape[0], cfg.batch_size, cfg.seed, epoch, dist))
@@ -279,6 +288,7 @@ def run_training(cfg: TrainConfig) -> dict:
             if cfg.save:
                 save_checkpoint(cfg.save, model, optimizer, epoch + 1, model_config, history)
 
+    collectives.close()
     if first_epoch >= cfg.epochs:  # resumed with nothing left to train: evaluate once
         accuracy, predicted = evaluate(model, data.x_test, data.y_test, cfg.batch_size,
                                        autocast)
@@ -286,6 +296,7 @@ def run_training(cfg: TrainConfig) -> dict:
                "train_images": data.x_train.shape[0], "test_images": data.x_test.shape[0],
                "history": history, "step_losses": step_losses, "test_accuracy": accuracy,
                "processes": dist.world, "parameter_checksums": dist.checksums(model),
+               "sync_bn_collectives_per_step": len(recorded) / max(len(step_losses), 1),
                "data": data.description}
     del step_model  # it holds the process group: see _Distributed.close
     dist.close()

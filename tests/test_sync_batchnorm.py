@@ -1,0 +1,135 @@
+"""Synchronised BatchNorm across two gloo processes on CPU, where ``nn.SyncBatchNorm``
+itself refuses to run: each rank's results must equal one process's on the global batch."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from tolerances import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from densenet_fast import DenseNet
+from densenet_fast.sync import record_collectives
+
+CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
+              num_classes=5)
+SHARDS = (3, 2)  # uneven: the last batch of an epoch
+DTYPE = torch.float64
+
+
+def _model(**options):
+    torch.manual_seed(0)
+    return DenseNet(**CONFIG, **options).to(DTYPE)
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(SHARDS), 3, 32, 32, dtype=DTYPE, generator=generator)
+    return x, torch.randint(0, 5, (sum(SHARDS),), generator=generator)
+
+
+def _step(model, x, y, total):
+    """Forward and backward of this process's share of the global mean loss."""
+    x = x.clone().requires_grad_()
+    logits = model(x)
+    (F.cross_entropy(logits, y, reduction="sum") / total).backward()
+    return logits.detach(), x.grad
+
+
+def expected_collectives(config=CONFIG) -> list[tuple[str, int]]:
+    """``(kind, elements)`` of every collective of one synchronised training step, in order:
+    forward, per block, the input's statistics (2 C0 + 1), then per layer the bottleneck's
+    (2 * bn_size * k + 1) and the new channels' (2 k + 1); backward, per layer in reverse,
+    the new channels' coefficients (2 k) and norm2's sums (2 * bn_size * k), then the
+    block input's coefficients (2 C0). The stem's norm0 takes one of each kind."""
+    k, width, channels = config["growth_rate"], config["bn_size"] * config["growth_rate"], \
+        config["num_init_features"]
+    forward, backward = [("all_gather", 2 * channels + 1)], [("all_reduce", 2 * channels)]
+    for i, layers in enumerate(config["block_config"]):
+        forward.append(("all_gather", 2 * channels + 1))
+        block_backward = []
+        for _ in range(layers):
+            forward += [("all_gather", 2 * width + 1), ("all_gather", 2 * k + 1)]
+            block_backward = [("all_reduce", 2 * k), ("all_reduce", 2 * width)] + block_backward
+        block_backward.append(("all_reduce", 2 * channels))
+        backward = block_backward + backward
+        channels += layers * k
+        if i != len(config["block_config"]) - 1:
+            channels //= 2
+    return forward + backward
+
+
+class FusedOpCounter(TorchDispatchMode):
+    """Counts calls of the fused BN-ReLU-Conv1x1 forward op (forward and recomputations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.densenet_fast.bn_relu_conv1x1.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _worker(rank, world, init_file, recompute, failures):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        x, y = _batch()
+        reference = _model(recompute_bottleneck=recompute)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(_model(recompute_bottleneck=recompute))
+        assert isinstance(model.features.denseblock2.denselayer3.norm2, nn.SyncBatchNorm)
+        ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
+        start = sum(SHARDS[:rank])
+        shard = slice(start, start + SHARDS[rank])
+        with record_collectives() as collectives, FusedOpCounter() as ops:
+            logits, dx = _step(model, x[shard], y[shard], x.shape[0])
+        assert [(kind, n) for kind, n, _ in collectives] == expected_collectives(), collectives
+        layers = sum(CONFIG["block_config"])
+        # Every layer's norm1-conv1 and the transition, plus each bottleneck recomputed.
+        assert ops.calls == layers + 1 + (layers if recompute else 0), ops.calls
+        assert model.fusion_report()["features.stem"] == "fused"
+        assert all(v.startswith("fused") for v in model.fusion_report().values())
+        assert_close(logits, ref_logits[shard], DTYPE, f"rank {rank} logits")
+        assert_close(dx, ref_dx[shard], DTYPE, f"rank {rank} input gradient")
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            assert_close(grad, ref_params[name].grad, DTYPE, f"rank {rank} summed grad {name}")
+        ref_buffers = dict(reference.named_buffers())
+        for name, b in model.named_buffers():
+            assert_close(b, ref_buffers[name], DTYPE, f"rank {rank} buffer {name}")
+    except BaseException as exc:  # reported by the parent, with the rank
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_two_processes_with_uneven_shards_match_one_process(recompute):
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        try:
+            mp.spawn(_worker, args=(2, init_file, recompute, failures), nprocs=2)
+        except Exception:
+            messages = []
+            while not failures.empty():
+                messages.append(failures.get())
+            pytest.fail("\n".join(messages) or "a worker failed")
+
+
+def test_expected_collectives_follow_the_layers():
+    # densenet121 at 2 ranks: what the README's traffic table counts.
+    calls = expected_collectives(dict(growth_rate=32, block_config=(6, 12, 24, 16),
+                                      num_init_features=64, bn_size=4))
+    assert len(calls) == 2 * (1 + 4 + 2 * 58)
