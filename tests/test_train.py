@@ -6,13 +6,22 @@ import json
 import pytest
 import torch
 from test_sync_batchnorm import expected_collectives
+from tolerances import assert_close
 
+from densenet_fast import DenseNet
 from densenet_fast.training.checkpoint import load_checkpoint
-from densenet_fast.training.data import load_embedded, load_idx
+from densenet_fast.training.data import load_embedded, load_idx, to_inputs
 from densenet_fast.training.loop import TrainConfig, run_training
+from densenet_fast.training.recipe import (
+    RECIPES,
+    distort,
+    learning_rate,
+    refresh_running_statistics,
+)
 
+# The loop's mechanics on the seed's recipe (a constant rate: the loss falls within steps).
 SMALL = dict(growth_rate=8, block_config=(2, 2), batch_size=32, image_size=16, lr=3e-3,
-             train_limit=320, test_limit=100, progress=False)
+             train_limit=320, test_limit=100, progress=False, recipe="seed")
 
 
 def test_embedded_digits_are_real_and_balanced():
@@ -140,3 +149,38 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, options):
     assert metrics["sync_bn_collectives_per_step"] == (expected if options else 0)
     assert proc.stdout.count("test accuracy ") == 2  # one epoch line and one summary, rank 0
 
+
+
+def test_one_cycle_schedule_warms_up_then_decays_to_zero():
+    recipe = RECIPES["default"]
+    rates = [learning_rate(recipe, step, 100) for step in range(100)]
+    peak = rates.index(max(rates))
+    assert max(rates) == recipe.lr and peak == 14  # 15% warm-up
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:], strict=False))
+    assert rates[-1] < 1e-3 * recipe.lr
+    assert learning_rate(RECIPES["seed"], 50, 100) == RECIPES["seed"].lr
+
+
+def test_distortions_are_small_seeded_and_keep_the_background():
+    x = to_inputs(load_embedded()[0].images[:8], 32)
+    first = distort(x, torch.Generator().manual_seed(3))
+    assert torch.equal(first, distort(x, torch.Generator().manual_seed(3)))
+    assert first.shape == x.shape and not torch.equal(first, x)
+    assert (first[:, :, 0, :] == -1).float().mean() > 0.9  # the border stays background
+    # Small: each distorted digit is still closer to itself than to any other digit.
+    distances = torch.cdist(first.flatten(1), x.flatten(1))
+    assert torch.equal(distances.argmin(1), torch.arange(8))
+
+
+def test_refreshed_statistics_are_the_training_set_average():
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, num_classes=10,
+                     in_channels=1)
+    x = torch.randn(48, 1, 16, 16)
+    refresh_running_statistics(model, x, batch_size=16)
+    batches = [x[i:i + 16] for i in (0, 16, 32)]
+    stem_means = [model.features.conv0(b).mean((0, 2, 3)) for b in batches]
+    assert_close(model.features.norm0.running_mean, torch.stack(stem_means).mean(0),
+                 torch.float32, "norm0 running mean")
+    assert model.features.norm0.momentum == 0.1 and model.training
