@@ -18,7 +18,13 @@ from densenet_fast.sync import record_collectives
 
 CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
               num_classes=5)
-SHARDS = (3, 2)  # uneven: the last batch of an epoch
+CASES = {
+    # name: (images per rank, image size)
+    "uneven-shards": ((3, 2), 32),  # the last batch of an epoch
+    # One image per rank and 1x1 planes in the last block: one value per channel on each
+    # rank, two over both, which the plan check asks the ranks for before anything runs.
+    "one-image-per-rank": ((1, 1), 8),
+}
 DTYPE = torch.float64
 
 
@@ -27,10 +33,10 @@ def _model(**options):
     return DenseNet(**CONFIG, **options).to(DTYPE)
 
 
-def _batch():
+def _batch(shards, size):
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(sum(SHARDS), 3, 32, 32, dtype=DTYPE, generator=generator)
-    return x, torch.randint(0, 5, (sum(SHARDS),), generator=generator)
+    x = torch.randn(sum(shards), 3, size, size, dtype=DTYPE, generator=generator)
+    return x, torch.randint(0, 5, (sum(shards),), generator=generator)
 
 
 def _step(model, x, y, total):
@@ -41,12 +47,13 @@ def _step(model, x, y, total):
     return logits.detach(), x.grad
 
 
-def expected_collectives(config=CONFIG) -> list[tuple[str, int]]:
+def expected_collectives(config=CONFIG, one_pixel_planes=False) -> list[tuple[str, int]]:
     """``(kind, elements)`` of every collective of one synchronised training step, in order:
     forward, per block, the input's statistics (2 C0 + 1), then per layer the bottleneck's
     (2 * bn_size * k + 1) and the new channels' (2 k + 1); backward, per layer in reverse,
     the new channels' coefficients (2 k) and norm2's sums (2 * bn_size * k), then the
-    block input's coefficients (2 C0). The stem's norm0 takes one of each kind."""
+    block input's coefficients (2 C0). The stem's norm0 takes one of each kind. With planes
+    of one pixel, the plan check first sums the ranks' batch sizes."""
     k, width, channels = config["growth_rate"], config["bn_size"] * config["growth_rate"], \
         config["num_init_features"]
     forward, backward = [("all_gather", 2 * channels + 1)], [("all_reduce", 2 * channels)]
@@ -61,7 +68,7 @@ def expected_collectives(config=CONFIG) -> list[tuple[str, int]]:
         channels += layers * k
         if i != len(config["block_config"]) - 1:
             channels //= 2
-    return forward + backward
+    return [("all_reduce", 1)] * one_pixel_planes + forward + backward
 
 
 class FusedOpCounter(TorchDispatchMode):
@@ -77,20 +84,22 @@ class FusedOpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _worker(rank, world, init_file, recompute, failures):
+def _worker(rank, world, init_file, case, recompute, failures):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        x, y = _batch()
+        shards, size = CASES[case]
+        x, y = _batch(shards, size)
         reference = _model(recompute_bottleneck=recompute)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(_model(recompute_bottleneck=recompute))
         assert isinstance(model.features.denseblock2.denselayer3.norm2, nn.SyncBatchNorm)
         ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
-        start = sum(SHARDS[:rank])
-        shard = slice(start, start + SHARDS[rank])
+        start = sum(shards[:rank])
+        shard = slice(start, start + shards[rank])
         with record_collectives() as collectives, FusedOpCounter() as ops:
             logits, dx = _step(model, x[shard], y[shard], x.shape[0])
-        assert [(kind, n) for kind, n, _ in collectives] == expected_collectives(), collectives
+        expected = expected_collectives(one_pixel_planes=size == 8)
+        assert [(kind, n) for kind, n, _ in collectives] == expected, collectives
         layers = sum(CONFIG["block_config"])
         # Every layer's norm1-conv1 and the transition, plus each bottleneck recomputed.
         assert ops.calls == layers + 1 + (layers if recompute else 0), ops.calls
@@ -114,13 +123,14 @@ def _worker(rank, world, init_file, recompute, failures):
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
-def test_two_processes_with_uneven_shards_match_one_process(recompute):
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_match_one_process_on_the_global_batch(case, recompute):
     ctx = mp.get_context("spawn")
     failures = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         try:
-            mp.spawn(_worker, args=(2, init_file, recompute, failures), nprocs=2)
+            mp.spawn(_worker, args=(2, init_file, case, recompute, failures), nprocs=2)
         except Exception:
             messages = []
             while not failures.empty():
