@@ -143,3 +143,41 @@ def test_expected_collectives_follow_the_layers():
     calls = expected_collectives(dict(growth_rate=32, block_config=(6, 12, 24, 16),
                                       num_init_features=64, bn_size=4))
     assert len(calls) == 2 * (1 + 4 + 2 * 58)
+
+
+def _one_value_worker(rank, init_file, failures):
+    from densenet_fast.sync import StatsSync
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(_model())
+        before = {name: b.clone() for name, b in model.named_buffers()}
+        sync = StatsSync()
+        with pytest.raises(ValueError, match="got 1 over all processes at norm0"):
+            sync.merge(torch.zeros(3), torch.zeros(3), 1, "norm0")
+        # The plan check asks the ranks before anything runs: here, one rank of one image
+        # with 1x1 planes (a world of one takes the path that a world of several does).
+        import densenet_fast.model as fast_model
+
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(fast_model, "sync_of", lambda bn: sync)
+        with pytest.raises(ValueError, match=r"\(1 over all processes\)"):
+            model(torch.randn(1, 3, 8, 8, dtype=DTYPE))
+        monkey.undo()
+        for name, b in model.named_buffers():
+            assert torch.equal(b, before[name]), f"{name} changed before the error"
+    except BaseException as exc:
+        failures.put(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_value_over_all_processes_is_refused_before_any_statistic_changes():
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_one_value_worker, args=(os.path.join(tmp, "init"), failures), nprocs=1)
+        except Exception:
+            pytest.fail(failures.get() if not failures.empty() else "the worker failed")
