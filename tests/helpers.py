@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 from tolerances import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def twins(fast_cls, ref_cls, dtype=torch.float32, **config):
@@ -48,3 +49,16 @@ def assert_grads_match(fast_grads, ref_grads, dtype, what=""):
     assert fast_grads.keys() == ref_grads.keys()
     for name, g in fast_grads.items():
         assert_close(g, ref_grads[name], dtype, f"{what} grad {name}")
+
+
+class FusedOpCounter(TorchDispatchMode):
+    """Counts calls of the fused BN-ReLU-Conv1x1 forward op."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.densenet_fast.bn_relu_conv1x1.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import FusedOpCounter
 from tolerances import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_fast import DenseNet
 from densenet_fast.sync import record_collectives
@@ -69,19 +69,6 @@ def expected_collectives(config=CONFIG, one_pixel_planes=False) -> list[tuple[st
         if i != len(config["block_config"]) - 1:
             channels //= 2
     return [("all_reduce", 1)] * one_pixel_planes + forward + backward
-
-
-class FusedOpCounter(TorchDispatchMode):
-    """Counts calls of the fused BN-ReLU-Conv1x1 forward op (forward and recomputations)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.densenet_fast.bn_relu_conv1x1.default:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _worker(rank, world, init_file, case, recompute, failures):

@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.prune
-from helpers import twins
+from helpers import FusedOpCounter, twins
 from tolerances import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import DenseNet as TorchvisionDenseNet
 
 import densenet_fast
@@ -28,19 +27,6 @@ CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2
               num_classes=5)
 DTYPE = torch.float64
 FUSED_OPS = {"block1": 3, "block2": 3}  # two layers + transition, three layers (+ norm5)
-
-
-class FusedOpCounter(TorchDispatchMode):
-    """Counts calls of the fused BN-ReLU-Conv1x1 forward op."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.densenet_fast.bn_relu_conv1x1.default:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
