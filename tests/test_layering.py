@@ -22,7 +22,8 @@ LAYERS = [
     ["convert"],
     ["benchmark", "benchmark.steps", "benchmark.timing", "benchmark.progress",
      "benchmark.implementations", "benchmark.runner", "benchmark.memory", "benchmark.report",
-     "benchmark.sweeps", "training", "training.data", "training.checkpoint", "training.loop"],
+     "benchmark.sweeps", "training", "training.data", "training.checkpoint", "training.recipe",
+     "training.loop"],
     ["cli"],
     [""],  # the package's __init__
 ]
