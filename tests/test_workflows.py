@@ -325,14 +325,19 @@ def _replace_forward(model):
 SWAPS["layer-forward-replaced"] = (_replace_forward, "denseblock2")
 
 
-@pytest.mark.parametrize("name", list(SWAPS))
-def test_module_swaps_apply(models, name):
-    modify, fallback_block = SWAPS[name]
-    fast, ref = models
-    for model in (fast, ref):
+def _modified(models, modify):
+    """Both models changed alike (new modules drawn from the same seed), in DTYPE."""
+    for model in models:
         torch.manual_seed(7)
         modify(model)
         model.to(DTYPE)
+    return models
+
+
+@pytest.mark.parametrize("name", list(SWAPS))
+def test_module_swaps_apply(models, name):
+    modify, fallback_block = SWAPS[name]
+    fast, ref = _modified(models, modify)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result, calls = _counted_step(fast)
@@ -429,11 +434,7 @@ STEM_CHANGES = {
 @pytest.mark.parametrize("name", list(STEM_CHANGES))
 def test_stem_changes_apply(models, name, train):
     modify, fused = STEM_CHANGES[name]
-    fast, ref = models
-    for model in (fast, ref):
-        torch.manual_seed(7)
-        modify(model)
-        model.to(DTYPE)
+    fast, ref = _modified(models, modify)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result, calls = _counted_step(fast, train)
