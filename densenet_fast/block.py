@@ -1,4 +1,4 @@
-"""The dense block as one autograd Function over a shared concatenation buffer.
+"""The dense block's computation over one shared concatenation buffer.
 
 Forward allocates one buffer ``[N, C0 + L*k, H, W]`` per block, copies the block input into
 its first ``C0`` channels and lets layer ``l`` read the prefix ``buffer[:, :C_l]`` in place and
@@ -17,6 +17,9 @@ before the previous block's backward runs.
 
 The tail fuses what reads the whole buffer next: a transition (BN-ReLU-Conv1x1-AvgPool) or
 the final norm, so both reuse the block's statistics and nothing buffer-sized is stored twice.
+
+:class:`Forward` and :class:`Backward` are the computation; :mod:`densenet_fast.graph` runs
+them as one autograd node (and as ops that ``torch.compile`` keeps opaque).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
 from .ops.batchnorm import (
@@ -35,7 +37,6 @@ from .ops.batchnorm import (
     bn_apply,
     bn_backward,
     channel_stats,
-    update_running_stats,
 )
 from .ops.formats import memory_format_of, stats_dtype_for
 from .sync import StatsSync, sync_of
@@ -162,7 +163,7 @@ def _prefix_stats(state: NormState, mean, var, channels: int, stats_dtype: torch
     return running_stats(state, stats_dtype)
 
 
-def _running_tensors_read(spec: BlockSpec):
+def running_tensors_read(spec: BlockSpec):
     """Running statistics that an eval-mode BN of this block reads (again in backward)."""
     return [t for norm in spec.all_norms() if not norm.batch_stats
             for t in (norm.running_mean, norm.running_var)]
@@ -180,7 +181,7 @@ def _dropout_scale(mask: torch.Tensor, rate: float, dtype: torch.dtype) -> torch
     return mask.to(dtype).div_(1 - rate)
 
 
-class _Forward:
+class Forward:
     """Runs the block forward; keeps what backward needs when asked to."""
 
     def __init__(self, x: torch.Tensor, spec: BlockSpec, params, keep: bool):
@@ -199,8 +200,8 @@ class _Forward:
             self.mean = torch.empty(total, dtype=self.stats_dtype, device=x.device)
             self.var = torch.empty_like(self.mean)
             self.mean[:c0], self.var[:c0] = self._stats(x, "the block's input")
-        self.bottlenecks, self.norm2_stats, self.masks = [], [], []
-        self._norm2_batch = []  # (state, mean, var) for the running-stat update
+        self.bottlenecks, self.masks = [], []
+        self.norm2_batch = []  # per layer, norm2's batch (mean, var), or None (running stats)
 
     def _stats(self, t: torch.Tensor, where: str):
         """Per-channel ``(mean, biased var)`` of ``t``: this batch's, or every rank's."""
@@ -212,11 +213,13 @@ class _Forward:
         return mean, var
 
     def run(self) -> torch.Tensor:
+        """The block's output; the running statistics are left to :meth:`running_updates`."""
         for layer in range(self.spec.num_layers):
             self._layer(layer)
-        out = self._tail()
-        self._update_running_stats()
-        return out
+        return self._tail()
+
+    def running_updates(self) -> list:
+        return running_updates(self.spec, self.c0, self.mean, self.var, self.norm2_batch)
 
     def _layer(self, layer: int) -> None:
         spec, k = self.spec, self.spec.growth_rate
@@ -228,11 +231,10 @@ class _Forward:
                                      p.conv1_weight)
         if norm2.batch_stats:
             mean2, var2 = self._stats(bottleneck, f"layer {layer + 1}'s norm2")
-            invstd2 = torch.rsqrt(var2 + norm2.eps)
-            if norm2.update_running:
-                self._norm2_batch.append((norm2, mean2, var2))
+            self.norm2_batch.append((mean2, var2))
         else:
-            mean2, invstd2 = running_stats(norm2, self.stats_dtype)
+            self.norm2_batch.append(None)
+        mean2, invstd2 = _norm2_stats(norm2, self.norm2_batch[-1], self.stats_dtype)
         act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
         new = F.conv2d(act2, p.conv2_weight, padding=1)
         del act2
@@ -253,7 +255,6 @@ class _Forward:
         if self.keep:
             if not spec.recompute_bottleneck:
                 self.bottlenecks.append(bottleneck)
-            self.norm2_stats.append((mean2, invstd2))
             self.masks.append(mask)
 
     def _tail(self) -> torch.Tensor:
@@ -269,65 +270,82 @@ class _Forward:
             return F.avg_pool2d(reduced, kernel_size=2, stride=2)
         return bn_apply(self.buffer, mean, invstd, p.norm_weight, p.norm_bias, relu=False)
 
-    def _update_running_stats(self) -> None:
-        # Done once, after every layer succeeded: a failure midway leaves them untouched.
-        updates = []
-        for layer, (norm1, _) in enumerate(self.spec.layer_norms):
-            if norm1.update_running:
-                channels = self.c0 + layer * self.spec.growth_rate
-                updates.append((norm1, self.mean[:channels], self.var[:channels]))
-        updates.extend(self._norm2_batch)
-        tail_norm = self.spec.tail_norm
-        if tail_norm is not None and tail_norm.update_running:
-            updates.append((tail_norm, self.mean, self.var))
-        for state, mean, var in updates:
-            update_running_stats(state.running_mean, state.running_var,
-                                 state.num_batches_tracked, state.momentum, mean, var,
-                                 self.count)
+
+def running_updates(spec: BlockSpec, c0: int, mean, var, norm2_batch) -> list:
+    """``(NormState, batch mean, batch var)`` for every BN of the block that updates running
+    statistics: each ``norm1`` and the tail's norm from the buffer's statistics (of the
+    channels they read), each ``norm2`` from its own."""
+    updates = []
+    for layer, (norm1, norm2) in enumerate(spec.layer_norms):
+        if norm1.update_running:
+            channels = c0 + layer * spec.growth_rate
+            updates.append((norm1, mean[:channels], var[:channels]))
+        if norm2.update_running:
+            updates.append((norm2, *norm2_batch[layer]))
+    if spec.tail_norm is not None and spec.tail_norm.update_running:
+        updates.append((spec.tail_norm, mean, var))
+    return updates
+
+
+def _norm2_stats(norm2: NormState, batch, stats_dtype: torch.dtype):
+    """``(mean, invstd)`` ``norm2`` normalises with: from its batch ``(mean, var)``, or from
+    its running statistics when ``batch`` is None."""
+    if batch is None:
+        return running_stats(norm2, stats_dtype)
+    mean, var = batch
+    return mean, torch.rsqrt(var + norm2.eps)
 
 
 @dataclass
-class _Saved:
-    """What forward saves for backward, described once: ``tensors()`` is the order of
-    ``save_for_backward`` and ``load`` reads it back."""
+class Saved:
+    """What forward keeps for backward besides the parameters, described once: ``tensors()``
+    is the order in which it crosses to backward, ``load`` reads it back."""
 
     buffer: torch.Tensor
     bottlenecks: list  # per layer, the 1x1 conv's output (norm2's input); [] if recomputed
-    norm2_stats: list  # per layer, norm2's (mean, invstd)
-    params: tuple
+    norm2_batch: list  # per layer, norm2's batch (mean, var), or None (running statistics)
     masks: list  # per layer, the dropout mask, or None where the layer has no dropout
     mean: torch.Tensor | None  # the buffer's batch statistics, when a prefix BN uses them
     var: torch.Tensor | None
+    count: torch.Tensor  # values per channel behind the statistics (every rank's), on the CPU
+
+    @classmethod
+    def of(cls, fwd: Forward, count: torch.Tensor) -> Saved:
+        return cls(fwd.buffer, fwd.bottlenecks, fwd.norm2_batch, fwd.masks, fwd.mean, fwd.var,
+                   count)
 
     def tensors(self) -> list:
         stats = [self.mean, self.var] if self.mean is not None else []
-        return [self.buffer, *self.bottlenecks, *(t for pair in self.norm2_stats for t in pair),
-                *self.params, *(m for m in self.masks if m is not None), *stats]
+        return [self.buffer, *self.bottlenecks,
+                *(t for pair in self.norm2_batch if pair is not None for t in pair),
+                *(m for m in self.masks if m is not None), *stats, self.count]
 
     @classmethod
-    def load(cls, tensors, spec: BlockSpec, num_params: int, has_stats: bool) -> _Saved:
+    def load(cls, tensors, spec: BlockSpec) -> Saved:
         saved = iter(tensors)
         layers = range(spec.num_layers)
         buffer = next(saved)
         bottlenecks = [] if spec.recompute_bottleneck else [next(saved) for _ in layers]
-        norm2_stats = [(next(saved), next(saved)) for _ in layers]
-        params = tuple(next(saved) for _ in range(num_params))
+        norm2_batch = [(next(saved), next(saved)) if norm2.batch_stats else None
+                       for _, norm2 in spec.layer_norms]
         masks = [next(saved) if rate > 0 else None for rate in spec.drop_rates]
+        has_stats = any(norm.batch_stats for norm in spec.prefix_norms())
         mean, var = (next(saved), next(saved)) if has_stats else (None, None)
-        return cls(buffer, bottlenecks, norm2_stats, params, masks, mean, var)
+        return cls(buffer, bottlenecks, norm2_batch, masks, mean, var, next(saved))
 
 
-class _Backward:
+class Backward:
     """Runs the block backward from what forward saved: the tail, then the layers in
     reverse, adding each input gradient into one gradient buffer."""
 
-    def __init__(self, saved: _Saved, spec: BlockSpec, c0: int, count: int):
-        self.saved, self.spec, self.c0 = saved, spec, c0
-        self.layer_params, self.tail_params = split_params(spec, saved.params)
+    def __init__(self, saved: Saved, spec: BlockSpec, params):
+        self.saved, self.spec = saved, spec
+        self.layer_params, self.tail_params = split_params(spec, params)
         buffer = saved.buffer
         self.stats_dtype = stats_dtype_for(buffer.dtype)
         total = buffer.shape[1]
-        self.count = count  # values per channel the statistics were taken over, every rank's
+        self.c0 = total - spec.num_layers * spec.growth_rate
+        self.count = int(saved.count)  # values per channel behind the statistics
         # Prefix BNs add only their direct term to the gradient buffer; the term through the
         # batch statistics is summed per channel and added once, just before the layer that
         # wrote a channel reads its gradient (every reader of the channel is done by then).
@@ -346,7 +364,7 @@ class _Backward:
         # A copy, not a view: a view would keep the whole gradient buffer alive through the
         # previous block's backward.
         grad_x = self.grad_buffer[:, :self.c0].contiguous(
-            memory_format=memory_format_of(self.grad_buffer))
+            memory_format=memory_format_of(self.saved.buffer))
         self.grad_buffer = None
         return grad_x, join_grads(layer_grads, tail_grads)
 
@@ -406,7 +424,7 @@ class _Backward:
                                          p.conv1_weight)
         else:
             bottleneck = saved.bottlenecks[layer]
-        mean2, invstd2 = saved.norm2_stats[layer]
+        mean2, invstd2 = _norm2_stats(norm2, saved.norm2_batch[layer], self.stats_dtype)
         act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
         grad_act2, dconv2, _ = torch.ops.aten.convolution_backward(
             grad_new, act2, p.conv2_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
@@ -429,45 +447,3 @@ class _Backward:
         self._add_stats_term(norm1, mean1, invstd1, p.norm1_weight, dnorm1_weight, dnorm1_bias)
         return LayerParams(dnorm1_weight, dnorm1_bias, dconv1, dnorm2_weight, dnorm2_bias,
                            dconv2)
-
-
-class DenseBlockFunction(torch.autograd.Function):
-    """``apply(x, spec, *params)``: one dense block (plus its tail) as a single graph node."""
-
-    @staticmethod
-    def forward(ctx, x, spec: BlockSpec, *params):
-        fwd = _Forward(x, spec, params, keep=True)
-        out = fwd.run()
-        if out is fwd.buffer:
-            # The buffer is saved for backward; the caller gets its own copy, which it may
-            # modify in place (an in-place ReLU after a block, as after torchvision's cat).
-            out = out.clone()
-        saved = _Saved(fwd.buffer, fwd.bottlenecks, fwd.norm2_stats, params, fwd.masks,
-                       fwd.mean, fwd.var)
-        ctx.save_for_backward(*saved.tensors())
-        ctx.spec, ctx.c0, ctx.num_params, ctx.count = spec, x.shape[1], len(params), fwd.count
-        ctx.has_stats = fwd.mean is not None
-        # Eval-mode BNs re-read running statistics in backward: refuse if they changed.
-        ctx.running_versions = [t._version for t in _running_tensors_read(spec)]
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.running_versions != [t._version for t in _running_tensors_read(ctx.spec)]:
-            raise RuntimeError(
-                "densenet_fast: BatchNorm running statistics read by an eval-mode forward were "
-                "modified in place before its backward")
-        saved = _Saved.load(ctx.saved_tensors, ctx.spec, ctx.num_params, ctx.has_stats)
-        grad_x, grads = _Backward(saved, ctx.spec, ctx.c0, ctx.count).run(grad_out)
-        return (grad_x, None, *grads)
-
-
-def dense_block(x: torch.Tensor, spec: BlockSpec, params) -> torch.Tensor:
-    """Run one block (and its tail). Builds a graph node only when a gradient is needed;
-    otherwise nothing is kept and each bottleneck is freed as soon as it is used."""
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in params))
-    if needs_grad:
-        return DenseBlockFunction.apply(x, spec, *params)
-    return _Forward(x, spec, params, keep=False).run()

@@ -146,9 +146,11 @@ def _sweep_depth(args, settings) -> int:
     if args.memory_budget:
         budget = _parse_bytes(args.memory_budget)
         result["budget_bytes"] = budget
-        result["deepest"] = {name: deepest_in_budget(name, budget, settings, args.batch_size,
-                                                     args.max_layers)
-                             for name in names}
+        result["deepest"] = {}
+        for name in names:  # saved after each row: the search takes long at large depths
+            result["deepest"][name] = deepest_in_budget(name, budget, settings,
+                                                        args.batch_size, args.max_layers)
+            _write_json(args.json or Path(args.plot).with_suffix(".json"), result)
         print(f"deepest DenseNet-BC (k=12, batch {args.batch_size}) whose training job fits "
               f"{budget / 2**20:.0f} MiB:")
         for name, row in result["deepest"].items():
@@ -165,8 +167,9 @@ def _sweep_batch(args, config, settings) -> int:
         device_memory(settings.device)
     names = args.impl or [n for n in available_implementations(settings.device)
                           if n != "torchvision-compiled"]
+    save = (lambda partial: _write_json(args.json, partial)) if args.json else None
     result = sweep_batch(config, names, budget, settings, max_batch=args.max_batch,
-                         show_progress=not args.quiet)
+                         show_progress=not args.quiet, on_row=save)
     print(f"largest training batch within {budget / 2**20:.0f} MiB (model, optimizer and "
           f"activations), "
           f"{config.image_size}x{config.image_size}, {result['device']}")

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import backends
 from .architecture import CONFIGS, DenseBlock, DenseNetBase, Transition
-from .block import BlockSpec, Tail, dense_block
+from .block import BlockSpec, Tail
 from .fusion import (
     STEM_NAMES,
     Blocker,
@@ -34,8 +34,9 @@ from .fusion import (
     uses_batch_stats,
     warn_fallback,
 )
+from .graph import dense_block, stem
 from .state_dict import load_torchvision_state_dict
-from .stem import StemSpec, stem
+from .stem import StemSpec
 from .sync import sync_of
 from .validation import check_input_tensor, check_spatial_plan
 

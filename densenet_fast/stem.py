@@ -1,10 +1,11 @@
-"""The stem (conv0, norm0, relu0, pool0) as one autograd Function that keeps one tensor.
+"""The stem's computation (conv0, norm0, relu0, pool0), keeping one tensor for backward.
 
 Run as modules, the stem keeps per image three 112x112-plane tensors for backward: conv0's
 output (norm0's input), norm0's output (relu0 works in place and pool0 reads it) and pool0's
-int64 indices (twice the bytes of a float32 tensor of the pool's output size). This
-Function keeps only conv0's output and the per-channel statistics; backward recomputes
-BN-ReLU and the pool's winners from it (the same values, so the same winners, ties included).
+int64 indices (twice the bytes of a float32 tensor of the pool's output size). Run as one
+graph node (:mod:`densenet_fast.graph`), it keeps only conv0's output and the per-channel
+statistics; backward recomputes BN-ReLU and the pool's winners from it (the same values, so
+the same winners, ties included).
 With ``recompute_conv`` it keeps not even conv0's output, only the input the caller holds
 anyway, and backward runs conv0 again (a few percent of a DenseNet step's time).
 """
@@ -12,13 +13,13 @@ anyway, and backward runs conv0 again (a few percent of a DenseNet step's time).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .block import NormState, running_stats
-from .ops.batchnorm import bn_apply, bn_backward, channel_stats, update_running_stats
+from .ops.batchnorm import bn_apply, bn_backward, channel_stats
 from .ops.formats import stats_dtype_for
 
 
@@ -60,60 +61,46 @@ def _norm_stats(spec: StemSpec, conv_out: torch.Tensor):
     return mean, torch.rsqrt(var + spec.norm.eps), var, count
 
 
-def _forward(x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
+class StemForward(NamedTuple):
+    """The stem's output and what backward and the running statistics need."""
+
+    out: torch.Tensor
+    conv_out: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    var: torch.Tensor | None  # norm0's batch variance; None with running statistics
+    count: int  # values per channel behind the statistics, every rank's
+
+
+def forward(x, spec: StemSpec, conv_weight, norm_weight, norm_bias) -> StemForward:
+    """``max_pool(relu(bn(conv(x))))``; running statistics are left to the caller."""
     conv_out = spec.conv(x, conv_weight)
     mean, invstd, var, count = _norm_stats(spec, conv_out)
     activated = bn_apply(conv_out, mean, invstd, norm_weight, norm_bias, relu=True)
     out = F.max_pool2d(activated, *spec.pool_args())
-    norm = spec.norm
-    if norm.update_running:
-        update_running_stats(norm.running_mean, norm.running_var, norm.num_batches_tracked,
-                             norm.momentum, mean, var, count)
-    return out, conv_out, mean, invstd, count
+    return StemForward(out, conv_out, mean, invstd, var, count)
 
 
-class StemFunction(torch.autograd.Function):
-    """``apply(x, spec, conv_weight, norm_weight, norm_bias)``:
-    ``max_pool(relu(bn(conv(x))))``, keeping ``conv(x)`` and the statistics for backward."""
-
-    @staticmethod
-    def forward(ctx, x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
-        out, conv_out, mean, invstd, count = _forward(x, spec, conv_weight, norm_weight,
-                                                      norm_bias)
-        ctx.spec, ctx.count = spec, count
-        kept = () if spec.recompute_conv else (conv_out,)
-        ctx.save_for_backward(x, conv_weight, mean, invstd, norm_weight, norm_bias, *kept)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, conv_weight, mean, invstd, norm_weight, norm_bias, *kept = ctx.saved_tensors
-        spec = ctx.spec
-        conv_out = kept[0] if kept else spec.conv(x, conv_weight)
-        activated = bn_apply(conv_out, mean, invstd, norm_weight, norm_bias, relu=True)
-        _, indices = torch.ops.aten.max_pool2d_with_indices(activated, *spec.pool_args())
-        grad = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_out, activated, *spec.pool_args(), indices)
-        del indices
-        torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
-        del activated
-        if spec.norm.batch_stats and spec.norm.sync is not None:
-            grad, dnorm_weight, dnorm_bias = spec.norm.sync.bn_backward(
-                grad, conv_out, mean, invstd, norm_weight, ctx.count)
-        else:
-            grad, dnorm_weight, dnorm_bias = bn_backward(
-                grad, conv_out, mean, invstd, norm_weight, stats_grad=spec.norm.batch_stats)
-        grad_x, dconv, _ = torch.ops.aten.convolution_backward(
-            grad, x, conv_weight, None, spec.conv_stride, spec.conv_padding,
-            spec.conv_dilation, False, [0, 0], spec.conv_groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
-        return grad_x, None, dconv, dnorm_weight, dnorm_bias
-
-
-def stem(x: torch.Tensor, spec: StemSpec, conv_weight, norm_weight, norm_bias) -> torch.Tensor:
-    """Run the stem; builds a graph node only when a gradient is needed."""
-    params = (conv_weight, norm_weight, norm_bias)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return StemFunction.apply(x, spec, *params)
-    return _forward(x, spec, *params)[0]
+def backward(grad_out, x, spec: StemSpec, conv_weight, norm_weight, norm_bias, conv_out, mean,
+             invstd, count: int, needs_input_grad: bool):
+    """``(grad_x or None, dconv, dnorm_weight, dnorm_bias)``; ``conv_out`` None: recompute
+    it from ``x``."""
+    if conv_out is None:
+        conv_out = spec.conv(x, conv_weight)
+    activated = bn_apply(conv_out, mean, invstd, norm_weight, norm_bias, relu=True)
+    _, indices = torch.ops.aten.max_pool2d_with_indices(activated, *spec.pool_args())
+    grad = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad_out, activated, *spec.pool_args(), indices)
+    del indices
+    torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
+    del activated
+    if spec.norm.batch_stats and spec.norm.sync is not None:
+        grad, dnorm_weight, dnorm_bias = spec.norm.sync.bn_backward(
+            grad, conv_out, mean, invstd, norm_weight, count)
+    else:
+        grad, dnorm_weight, dnorm_bias = bn_backward(
+            grad, conv_out, mean, invstd, norm_weight, stats_grad=spec.norm.batch_stats)
+    grad_x, dconv, _ = torch.ops.aten.convolution_backward(
+        grad, x, conv_weight, None, spec.conv_stride, spec.conv_padding,
+        spec.conv_dilation, False, [0, 0], spec.conv_groups, [needs_input_grad, True, False])
+    return grad_x, dconv, dnorm_weight, dnorm_bias

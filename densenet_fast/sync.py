@@ -60,6 +60,19 @@ class StatsSync:
 
     group: object = None
 
+    def group_name(self) -> str:
+        """The group's registered name: how a ``torch.library`` op receives it."""
+        return (self.group if self.group is not None else dist.group.WORLD).group_name
+
+    @classmethod
+    def named(cls, name: str) -> StatsSync | None:
+        """The inverse of :meth:`group_name`; ``""`` stands for no synchronisation."""
+        if not name:
+            return None
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return cls(_resolve_process_group(name))
+
     def merge(self, mean: torch.Tensor, var: torch.Tensor, count: int, where: str = ""):
         """Global ``(mean, biased var, count)`` from every rank's per-channel statistics of
         ``count`` values each: one ``all_gather`` of ``2C + 1`` values per rank.

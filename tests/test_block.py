@@ -2,38 +2,11 @@
 
 import pytest
 import torch
+from helpers import block_case as _block
 from tolerances import assert_close, assert_gradcheck
 
-from densenet_fast.block import BlockSpec, DenseBlockFunction, NormState, Tail
-
-
-def _norm_state(c, training, dtype):
-    return NormState(torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5,
-                     torch.tensor(0), 0.1, 1e-5, batch_stats=training, update_running=training)
-
-
-def _block(c0=3, k=2, layers=3, bn_size=2, tail=Tail.NONE, training=True, drop=0.0,
-           dtype=torch.float64):
-    norms, params = [], []
-    width = bn_size * k
-    for i in range(layers):
-        c = c0 + i * k
-        norms.append((_norm_state(c, training, dtype), _norm_state(width, training, dtype)))
-        params += [torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype),
-                   torch.randn(width, c, 1, 1, dtype=dtype) / c,
-                   torch.rand(width, dtype=dtype) + 0.5, torch.randn(width, dtype=dtype),
-                   torch.randn(k, width, 3, 3, dtype=dtype) / (3 * width)]
-    total = c0 + layers * k
-    tail_norm = None
-    if tail != Tail.NONE:
-        tail_norm = _norm_state(total, training, dtype)
-        params += [torch.rand(total, dtype=dtype) + 0.5, torch.randn(total, dtype=dtype)]
-        if tail == Tail.TRANSITION:
-            params.append(torch.randn(total // 2, total, 1, 1, dtype=dtype) / total)
-    spec = BlockSpec(growth_rate=k, layer_norms=tuple(norms),
-                     drop_rates=(drop if training else 0.0,) * layers, tail=tail,
-                     tail_norm=tail_norm)
-    return spec, [p.requires_grad_() for p in params]
+from densenet_fast.block import Tail
+from densenet_fast.graph import DenseBlockFunction
 
 
 @pytest.mark.parametrize("tail", [Tail.NONE, Tail.TRANSITION, Tail.NORM])

@@ -18,6 +18,7 @@ LAYERS = [
     ["sync"],
     ["block"],
     ["stem", "fusion"],
+    ["graph"],
     ["model", "reference"],
     ["convert"],
     ["benchmark", "benchmark.steps", "benchmark.timing", "benchmark.progress",

@@ -551,8 +551,8 @@ def test_flop_counter_mode_totals(models):
 
 
 def test_flop_formula_of_the_fused_block(models):
-    """The fused path, run directly (FlopCounterMode's module tracker registers global hooks,
-    which send the model through its modules), counts torchvision's FLOPs."""
+    """The fused block and stem, run directly (FlopCounterMode's module tracker registers
+    global hooks, which send the model through its modules), count torchvision's FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from densenet_fast.model import run_block
@@ -564,6 +564,17 @@ def test_flop_formula_of_the_fused_block(models):
     fused = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         ref.features.transition1(ref.features.denseblock1(x)).sum().backward()
+    assert fused == counter.get_total_flops() > 0
+
+    from densenet_fast.model import run_stem
+
+    image = torch.randn(2, 3, 32, 32, dtype=DTYPE, requires_grad=True)
+    stem = [getattr(fast.features, name) for name in ("conv0", "norm0", "pool0")]
+    with FlopCounterMode(display=False) as counter:
+        run_stem(*stem, image).sum().backward()
+    fused = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        ref.features[:4](image).sum().backward()
     assert fused == counter.get_total_flops() > 0
 
 

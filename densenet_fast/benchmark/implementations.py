@@ -137,6 +137,12 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "densenet_fast": Implementation("densenet_fast.DenseNet, active backend", _fast),
     "densenet_fast-recompute": Implementation(
         "densenet_fast.DenseNet(recompute_bottleneck=True), active backend", _fast_recompute),
+    "densenet_fast-compiled": Implementation(
+        "torch.compile of densenet_fast.DenseNet, active backend", _fast, compiled=True,
+        optional=True),
+    "densenet_fast-recompute-compiled": Implementation(
+        "torch.compile of densenet_fast.DenseNet(recompute_bottleneck=True), active backend",
+        _fast_recompute, compiled=True, optional=True),
     "densenet_fast-torch": Implementation("densenet_fast.DenseNet, pure-PyTorch kernels", _fast,
                                           context=_reference_kernels),
     "densenet_fast-gradcam-block": Implementation(
@@ -152,7 +158,7 @@ BASELINE = "torchvision"
 def describe(name: str, device: str) -> str:
     """The row's description, naming the backend that serves densenet_fast on ``device``."""
     description = IMPLEMENTATIONS[name].description
-    if name in ("densenet_fast", "densenet_fast-recompute"):
+    if "active backend" in description:
         from ..backends import active_backend
 
         backend = f"{active_backend(device.split(':')[0])} backend"
@@ -161,19 +167,19 @@ def describe(name: str, device: str) -> str:
 
 
 def available_implementations(device: str = "cpu", optional: bool = False) -> list[str]:
-    """The rows that can run here: torchvision's need torchvision, its compiled model a GPU
-    (compiling for CPU takes minutes), and the pure-PyTorch row appears when another backend
-    serves the device. ``optional`` adds the rows that run only when named."""
+    """The rows that can run here: torchvision's need torchvision, and the pure-PyTorch row
+    appears when another backend serves the device. ``optional`` adds the rows that run only
+    when named, among them, off a GPU, compiled torchvision (compiling it for a CPU takes
+    minutes)."""
     from ..backends import active_backend
 
     have_torchvision = importlib.util.find_spec("torchvision") is not None
     names = []
     for name, impl in IMPLEMENTATIONS.items():
-        if impl.optional and not optional:
+        cpu_compile = name == "torchvision-compiled" and not device.startswith("cuda")
+        if (impl.optional or cpu_compile) and not optional:
             continue
         if name.startswith("torchvision") and not have_torchvision:
-            continue
-        if name == "torchvision-compiled" and not device.startswith("cuda"):
             continue
         if name == "densenet_fast-torch" and active_backend(device.split(":")[0]) == "torch":
             continue

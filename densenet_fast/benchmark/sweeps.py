@@ -174,17 +174,22 @@ def deepest_in_budget(name: str, budget_bytes: int, settings: RunSettings,
 
 def sweep_batch(config: ModelConfig, implementations, budget_bytes: int,
                 settings: RunSettings | None = None, max_batch: int = 1024,
-                show_progress: bool = True) -> dict:
-    """:func:`largest_batch` for each implementation."""
+                show_progress: bool = True, on_row=None) -> dict:
+    """:func:`largest_batch` for each implementation. ``on_row(result)`` is called with the
+    result so far after each implementation (a long sweep can save its rows as it goes)."""
     settings = settings or RunSettings()
     bar = progress_bar(None, show_progress, "batch sweep")
     on_try = bar.update if bar is not None else None
-    rows = {name: largest_batch(name, config, budget_bytes, settings, max_batch, on_try)
-            for name in implementations}
+    result = {"sweep": "batch", "device": settings.device_name(),
+              "settings": settings.to_json(), "config": config.to_json(),
+              "budget_bytes": budget_bytes, "max_batch": max_batch,
+              "descriptions": {n: describe(n, settings.device) for n in implementations},
+              "rows": {}}
+    for name in implementations:
+        result["rows"][name] = largest_batch(name, config, budget_bytes, settings, max_batch,
+                                             on_try)
+        if on_row is not None:
+            on_row(result)
     if bar is not None:
         bar.close()
-    return {"sweep": "batch", "device": settings.device_name(),
-            "settings": settings.to_json(), "config": config.to_json(),
-            "budget_bytes": budget_bytes, "max_batch": max_batch,
-            "descriptions": {n: describe(n, settings.device) for n in implementations},
-            "rows": rows}
+    return result

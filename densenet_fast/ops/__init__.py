@@ -15,8 +15,11 @@ _use_reference = False
 
 
 def _inline_reference() -> bool:
-    # Under torch.compile the reference kernels are traced instead of the opaque op: inductor
-    # miscompiles the op's gradient-buffer layout (README, "Notes"; tests/test_compile.py).
+    # Traced by torch.compile (a block run without gradients, or a block op's fake
+    # implementation), the reference kernels' ATen ops are traced: inductor fuses them, and
+    # it miscompiled the backward op's mutated gradient buffer when it saw that op (README,
+    # "Notes"). Training blocks reach this op only inside the opaque block ops of
+    # densenet_fast.graph, which run eagerly, on the active backend's kernels.
     return _use_reference or torch.compiler.is_compiling()
 
 

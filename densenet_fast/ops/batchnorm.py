@@ -9,6 +9,7 @@ backward, and fold statistics into running averages exactly as ``nn.BatchNorm2d`
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .formats import stats_dtype_for
 
@@ -23,7 +24,8 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     stats_dtype = stats_dtype_for(x.dtype)
     if x.dtype != stats_dtype:
         x = x.to(stats_dtype)
-    if x.device.type not in _NO_FUSED_STATS:
+    # Traced (fake tensors), var_mean: batch_norm_update_stats has no shape function.
+    if x.device.type not in _NO_FUSED_STATS and not is_fake(x):
         # BatchNorm's own statistics kernel: several times faster than var_mean on CPU.
         try:
             return torch.batch_norm_update_stats(x, None, None, 0.0)

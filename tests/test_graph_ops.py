@@ -1,0 +1,106 @@
+"""The block's and the stem's ops, checked with ``torch.library.opcheck``: schema (nothing
+mutated that is not declared), fake implementations that give the real outputs' shapes,
+dtypes and strides (inductor lays out what follows from them), and AOT dispatch. Layouts
+and modes the model produces: NCHW and channels-last, training and eval, each tail."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import block_case, norm_state_case
+
+from densenet_fast import graph
+from densenet_fast.block import Forward, Saved, Tail
+from densenet_fast.graph import block_op_args, stem_op_args
+from densenet_fast.stem import StemSpec
+
+# opcheck's utilities without test_autograd_registration: the ops are called from autograd
+# Functions (densenet_fast.graph), never with gradients recorded through them.
+CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _layout(x, channels_last):
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _detached(tensors):
+    return [t.detach() for t in tensors]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("tail", [Tail.NONE, Tail.TRANSITION, Tail.NORM], ids=lambda t: t.value)
+def test_block_ops(tail, training, channels_last):
+    spec, params = block_case(c0=3, k=2, layers=2, tail=tail, training=training,
+                              dtype=torch.float32)
+    params = _detached(params)
+    x = _layout(torch.randn(2, 3, 4, 6), channels_last)
+    args, running = block_op_args(spec)
+    forward_args = (x, params, running, *args)
+    torch.library.opcheck(graph.dense_block_forward, forward_args, test_utils=CHECKS)
+
+    out, *saved = graph.dense_block_forward(*forward_args)
+    grad_out = _layout(torch.randn_like(out), channels_last)
+    torch.library.opcheck(graph.dense_block_backward,
+                          (grad_out, saved, params, running, *args), test_utils=CHECKS)
+
+
+def test_block_forward_keeps_what_eager_keeps():
+    # Recompute mode saves no bottleneck, and dropout masks only where a layer drops.
+    for recompute in (False, True):
+        spec, params = block_case(c0=3, k=2, layers=3, drop=0.5, dtype=torch.float32)
+        spec = dataclasses.replace(spec, recompute_bottleneck=recompute)
+        args, running = block_op_args(spec)
+        _, *saved = graph.dense_block_forward(torch.randn(2, 3, 4, 4), _detached(params),
+                                              running, *args)
+        fwd = Forward(torch.randn(2, 3, 4, 4), spec, _detached(params), keep=True)
+        fwd.run()
+        expected = Saved.of(fwd, torch.tensor(fwd.count)).tensors()
+        assert [t.shape for t in saved] == [t.shape for t in expected]
+        assert len(saved) == 1 + (0 if recompute else 3) + 2 * 3 + 3 + 2 + 1
+
+
+def _stem_case(training, recompute_conv):
+    spec = StemSpec(conv_stride=(2, 2), conv_padding=(3, 3), conv_dilation=(1, 1),
+                    conv_groups=1, pool_kernel=(3, 3), pool_stride=(2, 2),
+                    pool_padding=(1, 1), pool_dilation=(1, 1), pool_ceil_mode=False,
+                    norm=norm_state_case(5, training, torch.float32),
+                    recompute_conv=recompute_conv)
+    params = [torch.randn(5, 3, 7, 7) / 10, torch.rand(5) + 0.5, torch.randn(5)]
+    return spec, params
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("recompute_conv", [False, True], ids=["keep-conv", "recompute-conv"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_stem_ops(training, recompute_conv, channels_last):
+    spec, params = _stem_case(training, recompute_conv)
+    x = _layout(torch.randn(2, 3, 16, 12), channels_last)
+    args, running = stem_op_args(spec)
+    forward_args = (x, *params, running, *args)
+    torch.library.opcheck(graph.stem_forward, forward_args, test_utils=CHECKS)
+
+    out, *rest = graph.stem_forward(*forward_args)
+    saved = rest[:-1] if training else rest
+    grad_out = _layout(torch.randn_like(out), channels_last)
+    for input_grad in (False, True):
+        torch.library.opcheck(graph.stem_backward,
+                              (grad_out, x, *params, saved, running, *args, input_grad),
+                              test_utils=CHECKS)
+
+
+def test_update_running_stats_op_declares_its_mutations():
+    batch = ([torch.randn(3), torch.randn(2)], [torch.rand(3), torch.rand(2)])
+
+    def op_args():
+        means, vars_ = [torch.zeros(3), torch.zeros(2)], [torch.ones(3), torch.ones(2)]
+        tracked = [torch.tensor(0), torch.tensor(4)]
+        return means, vars_, tracked, *batch, [0.1, None], torch.tensor(8)
+
+    torch.library.opcheck(graph.update_running_stats_op, op_args(), test_utils=CHECKS)
+    means, vars_, tracked, *_ = fresh = op_args()
+    graph.update_running_stats_op(*fresh)
+    torch.testing.assert_close(means[0], 0.1 * batch[0][0])
+    torch.testing.assert_close(means[1], batch[0][1] / 5)  # momentum None: 1 / batches
+    torch.testing.assert_close(vars_[0], 0.9 + 0.1 * batch[1][0] * 8 / 7)
+    assert [int(t) for t in tracked] == [1, 5]
