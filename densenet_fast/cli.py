@@ -44,7 +44,7 @@ def _info(_args) -> int:
 def _config_from_args(args):
     from .benchmark.implementations import ModelConfig
 
-    common = {"batch_size": args.batch_size, "image_size": args.image_size,
+    common = {"batch_size": args.batch_size, "image_size": args.image_size or 64,
               "in_channels": args.in_channels, "num_classes": args.num_classes}
     if args.block_config or args.growth_rate:
         if not (args.block_config and args.growth_rate):
@@ -115,6 +115,7 @@ def _bench(args) -> int:
 def _sweep_depth(args, settings) -> int:
     from .benchmark.sweeps import (
         DEFAULT_DEPTHS,
+        DEPTH_IMAGE_SIZE,
         DEPTH_IMPLEMENTATIONS,
         deepest_in_budget,
         depth_config,
@@ -124,12 +125,15 @@ def _sweep_depth(args, settings) -> int:
     )
 
     depths = tuple(int(d) for d in args.depths.split(",")) if args.depths else DEFAULT_DEPTHS
+    image_size = args.image_size or DEPTH_IMAGE_SIZE
     for depth in depths:
-        _check_runnable(depth_config(depth, batch_size=args.batch_size), settings)
+        _check_runnable(depth_config(depth, batch_size=args.batch_size, image_size=image_size),
+                        settings)
     result = sweep_depth(depths, args.impl or DEPTH_IMPLEMENTATIONS, settings,
-                         batch_size=args.batch_size, show_progress=not args.quiet)
+                         batch_size=args.batch_size, image_size=image_size,
+                         show_progress=not args.quiet)
     print(f"peak memory of one training step (MiB), DenseNet-BC k=12, batch "
-          f"{args.batch_size}, 32x32, {result['device']}")
+          f"{args.batch_size}, {image_size}x{image_size}, {result['device']}")
     names = list(result["points"])
     print(f"{'depth':>6s} " + " ".join(f"{n:>20s}" for n in names))
     for i, depth in enumerate(depths):
@@ -149,9 +153,11 @@ def _sweep_depth(args, settings) -> int:
         result["deepest"] = {}
         for name in names:  # saved after each row: the search takes long at large depths
             result["deepest"][name] = deepest_in_budget(name, budget, settings,
-                                                        args.batch_size, args.max_layers)
+                                                        args.batch_size, args.max_layers,
+                                                        image_size=image_size)
             _write_json(args.json or Path(args.plot).with_suffix(".json"), result)
-        print(f"deepest DenseNet-BC (k=12, batch {args.batch_size}) whose training job fits "
+        print(f"deepest DenseNet-BC (k=12, batch {args.batch_size}, {image_size}x{image_size}) "
+              f"whose training job fits "
               f"{budget / 2**20:.0f} MiB:")
         for name, row in result["deepest"].items():
             print(f"  {name:24s} {row['max_depth']:6d}")
@@ -238,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(bench)
     _add_run_options(bench)
     bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--image-size", type=int, default=64)
+    bench.add_argument("--image-size", type=int,
+                       help="input height and width (default: 64; depth sweep: 32)")
     bench.add_argument("--in-channels", type=int, default=3)
     bench.add_argument("--num-classes", type=int, default=1000)
     bench.add_argument("--repeats", type=int, default=5)

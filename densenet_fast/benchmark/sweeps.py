@@ -16,12 +16,14 @@ from .runner import RunSettings
 DEPTH_IMPLEMENTATIONS = ("naive", "torchvision-memeff", "densenet_fast",
                          "densenet_fast-recompute")
 DEFAULT_DEPTHS = (40, 100, 160, 250)
+DEPTH_IMAGE_SIZE = 32
 
 
 def depth_config(depth: int, growth_rate: int = 12, batch_size: int = 32,
-                 image_size: int = 32) -> ModelConfig:
+                 image_size: int = DEPTH_IMAGE_SIZE) -> ModelConfig:
     """DenseNet-BC with three blocks of ``(depth - 4) / 6`` layers (each layer is two
-    convolutions), CIFAR-sized input and 10 classes."""
+    convolutions), torchvision's stem (4x downsampling), CIFAR-sized input by default and 10
+    classes."""
     if depth < 10 or (depth - 4) % 6:
         raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (40, 100, 160, 250, "
                          f"...), got {depth}")
@@ -33,13 +35,13 @@ def depth_config(depth: int, growth_rate: int = 12, batch_size: int = 32,
 
 def sweep_depth(depths=DEFAULT_DEPTHS, implementations=DEPTH_IMPLEMENTATIONS,
                 settings: RunSettings | None = None, batch_size: int = 32,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, image_size: int = DEPTH_IMAGE_SIZE) -> dict:
     """Peak memory of one training step per implementation and depth."""
     settings = settings or RunSettings()
     bar = progress_bar(len(depths) * len(implementations), show_progress, "depth sweep")
     points = {name: [] for name in implementations}
     for depth in depths:
-        config = depth_config(depth, batch_size=batch_size)
+        config = depth_config(depth, batch_size=batch_size, image_size=image_size)
         for name in implementations:
             point = {"depth": depth, "peak_bytes": None, "parameter_bytes": None}
             try:
@@ -56,7 +58,7 @@ def sweep_depth(depths=DEFAULT_DEPTHS, implementations=DEPTH_IMPLEMENTATIONS,
         bar.close()
     return {"sweep": "depth", "device": settings.device_name(),
             "settings": settings.to_json(), "batch_size": batch_size, "growth_rate": 12,
-            "image_size": 32, "descriptions": {n: describe(n, settings.device)
+            "image_size": image_size, "descriptions": {n: describe(n, settings.device)
                                                for n in implementations},
             "points": points}
 
@@ -95,7 +97,8 @@ def plot_depth(result: dict, path: str | Path) -> Path:
         ax.set_xlabel("depth (DenseNet-BC, growth rate 12, 3 blocks)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"one training step, batch {result['batch_size']}, 32x32 input, "
+    size = result["image_size"]
+    fig.suptitle(f"one training step, batch {result['batch_size']}, {size}x{size} input, "
                  f"{result['device']}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
@@ -162,12 +165,14 @@ def largest_batch(name: str, config: ModelConfig, budget_bytes: int, settings: R
 
 
 def deepest_in_budget(name: str, budget_bytes: int, settings: RunSettings,
-                      batch_size: int = 32, max_layers: int = 512, on_try=None) -> dict:
+                      batch_size: int = 32, max_layers: int = 512, on_try=None,
+                      image_size: int = DEPTH_IMAGE_SIZE) -> dict:
     """The deepest DenseNet-BC (k=12, three blocks of ``n`` layers, depth ``6n + 4``) whose
     training job peaks within ``budget_bytes``, searched as :func:`largest_batch` does."""
     tries = []
     layers = _largest(lambda n: _fits_budget(
-        name, depth_config(6 * n + 4, batch_size=batch_size), budget_bytes, settings, tries,
+        name, depth_config(6 * n + 4, batch_size=batch_size, image_size=image_size),
+        budget_bytes, settings, tries,
         {"depth": 6 * n + 4}, on_try), max_layers)
     return {"max_depth": 6 * layers + 4 if layers else 0, "tries": tries}
 
