@@ -97,7 +97,7 @@ def runtime_blocker(x) -> Blocker | None:
         return Blocker("global module hooks are registered "
                        "(torch.nn.modules.module.register_module_forward_hook and the like)")
     if torch.compiler.is_compiling():
-        return None  # dynamo traces the fused block itself (see ops/__init__.py)
+        return None  # dynamo traces the fused block itself (see graph.py)
     if torch.jit.is_tracing():
         return Blocker("traced by torch.jit.trace (or the TorchScript-based ONNX exporter)")
     if isinstance(x, torch.fx.Proxy) or _fx_symbolic_tracing():
