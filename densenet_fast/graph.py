@@ -186,8 +186,10 @@ def update_running(updates, count) -> None:
 def _needs_graph_node(x, params) -> bool:
     """Whether a gradient is needed. torch.export traces the forward alone: there the ATen
     ops are traced instead of the ops of this module, so that the exported program (and an
-    ONNX file made from it) needs no densenet_fast to run."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_exporting()
+    ONNX file made from it) needs no densenet_fast to run. (Export's default, non-strict
+    mode; under dynamo, torch 2.11 answers ``is_exporting()`` True for torch.compile too.)"""
+    exporting = torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+    return (torch.is_grad_enabled() and not exporting
             and (x.requires_grad or any(p.requires_grad for p in params)))
 
 

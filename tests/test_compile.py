@@ -4,7 +4,7 @@ matches eager: outputs, every gradient and the BatchNorm running statistics."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_grads_match, assert_models_match
+from helpers import FusedOpCounter, assert_grads_match, assert_models_match
 from tolerances import assert_close
 
 from densenet_fast import DenseNet
@@ -29,8 +29,15 @@ def test_compiled_model_matches_eager_without_graph_breaks(backend):
     compiled_base.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_base, backend=backend, fullgraph=True)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    for _ in range(2):
-        assert_close(_step(compiled, x, y), _step(eager, x, y), torch.float32, "logits")
+    for step in range(2):
+        # The compiled graph calls the opaque block ops, which run the fused op per layer and
+        # per transition at run time (5 calls). Were the blocks traced instead, the counter's
+        # patch would make the second step recompile, which is an error here.
+        with FusedOpCounter() as ops, torch._dynamo.config.patch(error_on_recompile=step > 0):
+            logits = _step(compiled, x, y)
+        # (The first step also runs them on fake tensors while tracing, several times.)
+        assert ops.calls == 2 + 2 + 1 if step else ops.calls > 2 + 2 + 1, ops.calls
+        assert_close(logits, _step(eager, x, y), torch.float32, "logits")
         assert_grads_match({n: p.grad for n, p in compiled_base.named_parameters()},
                            {n: p.grad for n, p in eager.named_parameters()}, torch.float32)
     assert_models_match(compiled_base, eager, torch.float32, "after two compiled steps",

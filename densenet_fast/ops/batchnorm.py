@@ -24,8 +24,10 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     stats_dtype = stats_dtype_for(x.dtype)
     if x.dtype != stats_dtype:
         x = x.to(stats_dtype)
-    # Traced (fake tensors), var_mean: batch_norm_update_stats has no shape function.
-    if x.device.type not in _NO_FUSED_STATS and not is_fake(x):
+    # Traced (by dynamo, or with fake tensors), var_mean: batch_norm_update_stats has no
+    # shape function. is_compiling() first: dynamo refuses to trace is_fake on torch 2.11.
+    traced = torch.compiler.is_compiling() or is_fake(x)
+    if x.device.type not in _NO_FUSED_STATS and not traced:
         # BatchNorm's own statistics kernel: several times faster than var_mean on CPU.
         try:
             return torch.batch_norm_update_stats(x, None, None, 0.0)
