@@ -34,8 +34,8 @@ def test_dry_run_runs_every_stage_and_writes_the_report(gpu_check, monkeypatch, 
     assert all("error" not in stage for stage in report["stages"].values()), report["stages"]
     assert report["stages"]["parity"]["passed"]
     assert set(report["stages"]["model"]["rows"]) == {
-        "torchvision", "torchvision-memeff", "densenet_fast", "densenet_fast-torch",
-        "torchvision-compiled"}
+        "torchvision", "torchvision-memeff", "densenet_fast", "densenet_fast-recompute",
+        "densenet_fast-torch", "torchvision-compiled", "densenet_fast-compiled"}
     assert all(b >= 1 for b in report["stages"]["max_batch"]["max_batch"].values())
     assert report["stages"]["compile_time"]["warm_cache"]["first_step_s"] > 0
     printed = capsys.readouterr().out
