@@ -39,7 +39,7 @@ from .ops.batchnorm import (
     channel_stats,
 )
 from .ops.formats import memory_format_of, stats_dtype_for
-from .sync import StatsSync, sync_of
+from .sync import StatsSync, norm_backward, sync_of
 
 
 class Tail(Enum):
@@ -432,13 +432,9 @@ class Backward:
         del grad_new
         torch.ops.aten.threshold_backward.grad_input(grad_act2, act2, 0, grad_input=grad_act2)
         del act2
-        if norm2.batch_stats and spec.sync is not None:
-            grad_bottleneck, dnorm2_weight, dnorm2_bias = spec.sync.bn_backward(
-                grad_act2, bottleneck, mean2, invstd2, p.norm2_weight, self.count)
-        else:
-            grad_bottleneck, dnorm2_weight, dnorm2_bias = bn_backward(
-                grad_act2, bottleneck, mean2, invstd2, p.norm2_weight,
-                stats_grad=norm2.batch_stats)
+        grad_bottleneck, dnorm2_weight, dnorm2_bias = norm_backward(
+            grad_act2, bottleneck, mean2, invstd2, p.norm2_weight,
+            batch_stats=norm2.batch_stats, sync=spec.sync, count=self.count)
         del grad_act2, bottleneck
         dconv1, dnorm1_weight, dnorm1_bias = bn_relu_conv1x1_backward(
             grad_bottleneck, buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,

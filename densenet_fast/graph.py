@@ -155,10 +155,8 @@ def update_running_stats_op(running_mean, running_var, num_batches_tracked, mean
     """:func:`ops.batchnorm.update_running_stats` for several BNs at once, ``count`` (values
     per channel) a CPU scalar tensor: the forward ops return it, as synchronised statistics
     know it only at run time."""
-    count = int(count)
-    for state in zip(running_mean, running_var, num_batches_tracked, momentum, mean, var,
-                     strict=True):
-        update_running_stats(*state, count)
+    _fold_running(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                  int(count))
 
 
 @update_running_stats_op.register_fake
@@ -166,21 +164,26 @@ def _(running_mean, running_var, num_batches_tracked, mean, var, momentum, count
     return None
 
 
+def _fold_running(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                  count: int) -> None:
+    for state in zip(running_mean, running_var, num_batches_tracked, momentum, mean, var,
+                     strict=True):
+        update_running_stats(*state, count)
+
+
 def update_running(updates, count) -> None:
     """Fold ``(NormState, batch mean, batch var)`` updates in; ``count``: an int, or the CPU
-    scalar tensor a forward op returned."""
+    scalar tensor a forward op returned (then through the op, whose mutations are declared)."""
     if not updates:
         return
     states = [state for state, _, _ in updates]
-    if not isinstance(count, torch.Tensor):
-        for state, mean, var in updates:
-            update_running_stats(state.running_mean, state.running_var,
-                                 state.num_batches_tracked, state.momentum, mean, var, count)
-        return
-    update_running_stats_op([s.running_mean for s in states], [s.running_var for s in states],
-                            [s.num_batches_tracked for s in states],
-                            [mean for _, mean, _ in updates], [var for _, _, var in updates],
-                            [s.momentum for s in states], count)
+    lists = ([s.running_mean for s in states], [s.running_var for s in states],
+             [s.num_batches_tracked for s in states], [mean for _, mean, _ in updates],
+             [var for _, _, var in updates], [s.momentum for s in states])
+    if isinstance(count, torch.Tensor):
+        update_running_stats_op(*lists, count)
+    else:
+        _fold_running(*lists, count)
 
 
 def _needs_graph_node(x, params) -> bool:
@@ -372,7 +375,7 @@ def _conv_flops(out_pixels: int, weight_shape) -> int:
     return 2 * out_pixels * prod(weight_shape)
 
 
-def _block_forward_flops(x_shape, params, growth_rate, tail, drop_rates) -> int:
+def _block_forward_flops(x_shape, params, tail, drop_rates) -> int:
     n, _, h, w = x_shape
     size = len(LayerParams._fields)
     convs = [params[size * i + j] for i in range(len(drop_rates)) for j in (2, 5)]
@@ -384,7 +387,7 @@ def _block_forward_flops(x_shape, params, growth_rate, tail, drop_rates) -> int:
 @register_flop_formula(torch.ops.densenet_fast.dense_block_forward)
 def _(x, params, running, growth_rate, tail, recompute_bottleneck, drop_rates, *rest,
       out_shape=None, **kwargs) -> int:
-    return _block_forward_flops(x, params, growth_rate, tail, drop_rates)
+    return _block_forward_flops(x, params, tail, drop_rates)
 
 
 @register_flop_formula(torch.ops.densenet_fast.dense_block_backward)
@@ -392,7 +395,7 @@ def _(grad_out, saved, params, running, growth_rate, tail, recompute_bottleneck,
       *rest, out_shape=None, **kwargs) -> int:
     n, total, h, w = saved[0]
     x_shape = (n, total - len(drop_rates) * growth_rate, h, w)
-    flops = 2 * _block_forward_flops(x_shape, params, growth_rate, tail, drop_rates)
+    flops = 2 * _block_forward_flops(x_shape, params, tail, drop_rates)
     if recompute_bottleneck:
         size = len(LayerParams._fields)
         flops += sum(_conv_flops(n * h * w, params[size * i + 2])

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .block import NormState, running_stats
-from .ops.batchnorm import bn_apply, bn_backward, channel_stats
+from .ops.batchnorm import bn_apply, channel_stats
 from .ops.formats import stats_dtype_for
+from .sync import norm_backward
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,9 @@ def backward(grad_out, x, spec: StemSpec, conv_weight, norm_weight, norm_bias, c
     del indices
     torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
     del activated
-    if spec.norm.batch_stats and spec.norm.sync is not None:
-        grad, dnorm_weight, dnorm_bias = spec.norm.sync.bn_backward(
-            grad, conv_out, mean, invstd, norm_weight, count)
-    else:
-        grad, dnorm_weight, dnorm_bias = bn_backward(
-            grad, conv_out, mean, invstd, norm_weight, stats_grad=spec.norm.batch_stats)
+    grad, dnorm_weight, dnorm_bias = norm_backward(
+        grad, conv_out, mean, invstd, norm_weight, batch_stats=spec.norm.batch_stats,
+        sync=spec.norm.sync, count=count)
     grad_x, dconv, _ = torch.ops.aten.convolution_backward(
         grad, x, conv_weight, None, spec.conv_stride, spec.conv_padding,
         spec.conv_dilation, False, [0, 0], spec.conv_groups, [needs_input_grad, True, False])

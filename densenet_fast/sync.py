@@ -141,3 +141,13 @@ def sync_of(bn: torch.nn.Module) -> StatsSync | None:
     if dist.get_world_size(group) <= 1:
         return None
     return StatsSync(group)
+
+
+def norm_backward(grad, x, mean, invstd, weight, *, batch_stats: bool,
+                  sync: StatsSync | None, count: int):
+    """A BN's ``(dx, dweight, dbias)``: :meth:`StatsSync.bn_backward` for a BN normalising
+    with statistics merged over ``sync``'s ranks, else :func:`ops.batchnorm.bn_backward`
+    (through its own batch statistics when ``batch_stats``)."""
+    if batch_stats and sync is not None:
+        return sync.bn_backward(grad, x, mean, invstd, weight, count)
+    return bn_backward(grad, x, mean, invstd, weight, stats_grad=batch_stats)
