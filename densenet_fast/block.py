@@ -122,6 +122,9 @@ class BlockSpec:
     :class:`TailParams` (flat: ``autograd.Function.apply`` takes tensors one by one).
     ``drop_rates`` holds each layer's dropout probability, 0 where the layer is in eval mode.
     ``recompute_bottleneck``: backward recomputes each layer's bottleneck instead of keeping it.
+    ``backward_from``: the first layer whose backward runs. Nothing below it needs a gradient
+    (the block input and those layers' parameters are frozen), so forward keeps nothing for
+    those layers and backward stops above them; ``num_layers``: only the tail's backward runs.
     ``sync``: the process group every batch statistic of the block is merged over (then
     every BN that uses batch statistics synchronises over it; see :mod:`densenet_fast.sync`).
     """
@@ -133,10 +136,19 @@ class BlockSpec:
     tail_norm: NormState | None = None
     recompute_bottleneck: bool = False
     sync: StatsSync | None = None
+    backward_from: int = 0
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_norms)
+
+    def keeps_bottleneck(self, layer: int) -> bool:
+        """Whether forward keeps ``layer``'s bottleneck for backward."""
+        return not self.recompute_bottleneck and layer >= self.backward_from
+
+    def keeps_mask(self, layer: int) -> bool:
+        """Whether forward keeps ``layer``'s dropout mask for backward."""
+        return self.drop_rates[layer] > 0 and layer >= self.backward_from
 
     def prefix_norms(self):
         """Every BN that reads the buffer: each layer's ``norm1`` and the tail's norm."""
@@ -176,7 +188,7 @@ def _avg_pool2x2_backward(grad: torch.Tensor, input_shape) -> torch.Tensor:
                                               True, None)
 
 
-def _dropout_scale(mask: torch.Tensor, rate: float, dtype: torch.dtype) -> torch.Tensor:
+def dropout_scale(mask: torch.Tensor, rate: float, dtype: torch.dtype) -> torch.Tensor:
     # Rebuilds F.dropout's noise tensor (mask / (1 - p) in the data's dtype) from a bool mask.
     return mask.to(dtype).div_(1 - rate)
 
@@ -200,7 +212,7 @@ class Forward:
             self.mean = torch.empty(total, dtype=self.stats_dtype, device=x.device)
             self.var = torch.empty_like(self.mean)
             self.mean[:c0], self.var[:c0] = self._stats(x, "the block's input")
-        self.bottlenecks, self.masks = [], []
+        self.bottlenecks, self.masks = [], []  # per layer, None where not kept
         self.norm2_batch = []  # per layer, norm2's batch (mean, var), or None (running stats)
 
     def _stats(self, t: torch.Tensor, where: str):
@@ -253,9 +265,8 @@ class Forward:
             self.mean[channels:channels + k], self.var[channels:channels + k] = self._stats(
                 new, f"layer {layer + 1}'s new channels")
         if self.keep:
-            if not spec.recompute_bottleneck:
-                self.bottlenecks.append(bottleneck)
-            self.masks.append(mask)
+            self.bottlenecks.append(bottleneck if spec.keeps_bottleneck(layer) else None)
+            self.masks.append(mask if spec.keeps_mask(layer) else None)
 
     def _tail(self) -> torch.Tensor:
         spec, p = self.spec, self.tail_params
@@ -302,9 +313,10 @@ class Saved:
     is the order in which it crosses to backward, ``load`` reads it back."""
 
     buffer: torch.Tensor
-    bottlenecks: list  # per layer, the 1x1 conv's output (norm2's input); [] if recomputed
+    bottlenecks: list  # per layer, the 1x1 conv's output (norm2's input), or None: recomputed
+    # or not needed (see BlockSpec.keeps_bottleneck)
     norm2_batch: list  # per layer, norm2's batch (mean, var), or None (running statistics)
-    masks: list  # per layer, the dropout mask, or None where the layer has no dropout
+    masks: list  # per layer, the dropout mask, or None: no dropout, or not needed
     mean: torch.Tensor | None  # the buffer's batch statistics, when a prefix BN uses them
     var: torch.Tensor | None
     count: torch.Tensor  # values per channel behind the statistics (every rank's), on the CPU
@@ -316,7 +328,7 @@ class Saved:
 
     def tensors(self) -> list:
         stats = [self.mean, self.var] if self.mean is not None else []
-        return [self.buffer, *self.bottlenecks,
+        return [self.buffer, *(b for b in self.bottlenecks if b is not None),
                 *(t for pair in self.norm2_batch if pair is not None for t in pair),
                 *(m for m in self.masks if m is not None), *stats, self.count]
 
@@ -325,10 +337,10 @@ class Saved:
         saved = iter(tensors)
         layers = range(spec.num_layers)
         buffer = next(saved)
-        bottlenecks = [] if spec.recompute_bottleneck else [next(saved) for _ in layers]
+        bottlenecks = [next(saved) if spec.keeps_bottleneck(layer) else None for layer in layers]
         norm2_batch = [(next(saved), next(saved)) if norm2.batch_stats else None
                        for _, norm2 in spec.layer_norms]
-        masks = [next(saved) if rate > 0 else None for rate in spec.drop_rates]
+        masks = [next(saved) if spec.keeps_mask(layer) else None for layer in layers]
         has_stats = any(norm.batch_stats for norm in spec.prefix_norms())
         mean, var = (next(saved), next(saved)) if has_stats else (None, None)
         return cls(buffer, bottlenecks, norm2_batch, masks, mean, var, next(saved))
@@ -353,18 +365,23 @@ class Backward:
             if saved.mean is not None else None
         self.grad_buffer = None
 
-    def run(self, grad_out: torch.Tensor):
-        """``(grad_x, flat parameter gradients)``."""
+    def run(self, grad_out: torch.Tensor, input_grad: bool = True):
+        """``(grad_x, flat parameter gradients)``; ``grad_x`` is None without ``input_grad``,
+        and so are the gradients of the layers below ``spec.backward_from``, which is not
+        run (their parameters are frozen)."""
         tail_grads = self._tail(grad_out)
-        layer_grads = [None] * self.spec.num_layers
-        for layer in reversed(range(self.spec.num_layers)):
+        skipped = LayerParams(*(None,) * len(LayerParams._fields))
+        layer_grads = [skipped] * self.spec.num_layers
+        for layer in reversed(range(self.spec.backward_from, self.spec.num_layers)):
             layer_grads[layer] = self._layer(layer)
-        if self.stats_term is not None:
-            self._apply_stats_term(0, self.c0)
-        # A copy, not a view: a view would keep the whole gradient buffer alive through the
-        # previous block's backward.
-        grad_x = self.grad_buffer[:, :self.c0].contiguous(
-            memory_format=memory_format_of(self.saved.buffer))
+        grad_x = None
+        if input_grad:
+            if self.stats_term is not None:
+                self._apply_stats_term(0, self.c0)
+            # A copy, not a view: a view would keep the whole gradient buffer alive through
+            # the previous block's backward.
+            grad_x = self.grad_buffer[:, :self.c0].contiguous(
+                memory_format=memory_format_of(self.saved.buffer))
         self.grad_buffer = None
         return grad_x, join_grads(layer_grads, tail_grads)
 
@@ -416,7 +433,7 @@ class Backward:
         grad_new = grad_buffer[:, channels:channels + k].contiguous(
             memory_format=memory_format_of(buffer))
         if saved.masks[layer] is not None:
-            grad_new = grad_new * _dropout_scale(saved.masks[layer], spec.drop_rates[layer],
+            grad_new = grad_new * dropout_scale(saved.masks[layer], spec.drop_rates[layer],
                                                  grad_new.dtype)
         mean1, invstd1 = _prefix_stats(norm1, saved.mean, saved.var, channels, self.stats_dtype)
         if spec.recompute_bottleneck:

@@ -12,8 +12,9 @@ before every forward each block is checked with plain attribute reads (no alloca
 - no module has forward, pre-forward or backward hooks (old-style ``prune``, ``weight_norm``
   and ``spectral_norm`` are pre-forward hooks), and no global module hook is registered;
 - nothing is parametrized (``torch.nn.utils.parametrize`` changes a module's type);
-- nothing traces the model (``torch.jit.trace``, the legacy ONNX exporter, ``torch.fx``) and
-  no ``torch.func`` transform is active; :func:`unfused` is not in force.
+- nothing traces the model (``torch.jit.trace``, the legacy ONNX exporter, ``torch.fx``), no
+  ``torch.func`` transform is active and no forward-mode AD dual level is open;
+  :func:`unfused` is not in force.
 
 A block that fails the check runs its modules, exactly as torchvision's block does; the
 other blocks stay fused.
@@ -57,9 +58,9 @@ class Blocker(NamedTuple):
 
 @contextmanager
 def unfused():
-    """Run every dense block through its modules inside this context (torchvision's
-    computation and memory), for example to take a double backward (``create_graph=True``),
-    which the fused block does not support."""
+    """Run every dense block through its modules inside this context: torchvision's
+    computation and memory, for a side-by-side check or for a module-level tool that needs
+    the modules to run."""
     global _unfused_depth
     _unfused_depth += 1
     try:
@@ -85,8 +86,15 @@ _fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing
                                torch.fx._symbolic_trace.is_fx_tracing)
 
 
-def _under_func_transform() -> bool:
+def under_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...) is active."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _forward_ad_active() -> bool:
+    # A dual level is open (torch.autograd.forward_ad): inputs or parameters may carry
+    # tangents, which the fused Functions do not propagate.
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 def runtime_blocker(x) -> Blocker | None:
@@ -102,8 +110,10 @@ def runtime_blocker(x) -> Blocker | None:
         return Blocker("traced by torch.jit.trace (or the TorchScript-based ONNX exporter)")
     if isinstance(x, torch.fx.Proxy) or _fx_symbolic_tracing():
         return Blocker("traced by torch.fx")
-    if _under_func_transform():
+    if under_func_transform():
         return Blocker("under a torch.func transform")
+    if _forward_ad_active():
+        return Blocker("forward-mode AD (torch.autograd.forward_ad) is active")
     return None
 
 

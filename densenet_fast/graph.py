@@ -15,13 +15,15 @@ it returns the batch statistics, and a third op folds them into the running stat
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import replace
 from math import prod
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
+from . import differentiable
 from .block import (
     Backward,
     BlockSpec,
@@ -34,6 +36,7 @@ from .block import (
     running_tensors_read,
     running_updates,
 )
+from .fusion import under_func_transform
 from .ops.batchnorm import update_running_stats
 from .ops.formats import memory_format_of, stats_dtype_for
 from .stem import StemSpec
@@ -45,7 +48,7 @@ _LIB = "densenet_fast"
 
 # The block's settings as op arguments; the same list follows the tensors of both block ops.
 _BLOCK_SETTINGS = ("int growth_rate, str tail, bool recompute_bottleneck, float[] drop_rates, "
-                   "float[] eps, bool[] batch_stats, str sync_group")
+                   "float[] eps, bool[] batch_stats, str sync_group, int backward_from")
 
 
 class BlockOpArgs(NamedTuple):
@@ -53,7 +56,7 @@ class BlockOpArgs(NamedTuple):
     ``eps`` and whether it normalises with batch statistics; ``running`` holds the running
     mean and variance of each BN that does not. ``sync_group``: the process group's name,
     ``""`` when not synchronised. Whether and how BNs update running statistics stays out:
-    the forward op does not update them."""
+    the forward op does not update them. ``backward_from``: see :class:`BlockSpec`."""
 
     growth_rate: int
     tail: str
@@ -62,6 +65,7 @@ class BlockOpArgs(NamedTuple):
     eps: list
     batch_stats: list
     sync_group: str
+    backward_from: int
 
     def spec(self, running, synchronised: bool = True) -> BlockSpec:
         """The spec the ops compute with (``synchronised=False``: shapes only, no group)."""
@@ -79,6 +83,7 @@ class BlockOpArgs(NamedTuple):
             tail_norm=prefix[layers] if tail is not Tail.NONE else None,
             recompute_bottleneck=self.recompute_bottleneck,
             sync=StatsSync.named(self.sync_group) if synchronised else None,
+            backward_from=self.backward_from,
         )
 
 
@@ -90,7 +95,8 @@ def block_op_args(spec: BlockSpec) -> tuple[BlockOpArgs, list]:
     args = BlockOpArgs(spec.growth_rate, spec.tail.value, spec.recompute_bottleneck,
                        list(spec.drop_rates), [norm.eps for norm in norms],
                        [norm.batch_stats for norm in norms],
-                       spec.sync.group_name() if spec.sync is not None else "")
+                       spec.sync.group_name() if spec.sync is not None else "",
+                       spec.backward_from)
     return args, running
 
 
@@ -119,30 +125,40 @@ def _(x, params, running, *settings):
 
 
 @torch.library.custom_op(f"{_LIB}::dense_block_backward", mutates_args=(), schema=(
-    f"(Tensor grad_out, Tensor[] saved, Tensor[] params, Tensor[] running, {_BLOCK_SETTINGS})"
-    " -> Tensor[]"))
-def dense_block_backward(grad_out, saved, params, running, *settings):
-    """``[grad_x, *parameter gradients]`` from what :func:`dense_block_forward` saved."""
+    f"(Tensor grad_out, Tensor[] saved, Tensor[] params, Tensor[] running, {_BLOCK_SETTINGS}, "
+    "bool input_grad) -> Tensor[]"))
+def dense_block_backward(grad_out, saved, params, running, *rest):
+    """``[grad_x, *parameter gradients]`` from what :func:`dense_block_forward` saved;
+    ``grad_x`` is empty unless ``input_grad``, and so are the gradients of the layers below
+    ``backward_from`` (frozen: their backward does not run)."""
+    *settings, input_grad = rest
     spec = BlockOpArgs(*settings).spec(running)
-    grad_x, grads = Backward(Saved.load(saved, spec), spec, params).run(grad_out)
+    grad_x, grads = Backward(Saved.load(saved, spec), spec, params).run(grad_out, input_grad)
+    grad_x = grad_x if grad_x is not None else grad_out.new_empty(0)
     return [grad_x, *_strided_like(grads, params)]
 
 
 def _strided_like(grads, params) -> list:
     """Each gradient with its parameter's strides, as the fake implementations promise
-    (a convolution's weight gradient comes out channels-last from channels-last data)."""
-    return [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+    (a convolution's weight gradient comes out channels-last from channels-last data); an
+    empty tensor for a gradient not computed."""
+    return [p.new_empty(0) if g is None else
+            g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
             for g, p in zip(grads, params, strict=True)]
 
 
 @dense_block_backward.register_fake
-def _(grad_out, saved, params, running, *settings):
+def _(grad_out, saved, params, running, *rest):
+    *settings, input_grad = rest
     args = BlockOpArgs(*settings)
     buffer = saved[0]
     n, total, h, w = buffer.shape
     c0 = total - len(args.drop_rates) * args.growth_rate
-    grad_x = buffer.new_empty((n, c0, h, w)).contiguous(memory_format=memory_format_of(buffer))
-    return [grad_x, *(torch.empty_like(p) for p in params)]
+    grad_x = buffer.new_empty((n, c0, h, w)).contiguous(memory_format=memory_format_of(buffer)) \
+        if input_grad else grad_out.new_empty(0)
+    skipped = len(LayerParams._fields) * args.backward_from
+    return [grad_x, *(p.new_empty(0) if i < skipped else torch.empty_like(p)
+                      for i, p in enumerate(params))]
 
 
 @torch.library.custom_op(f"{_LIB}::update_running_stats",
@@ -196,8 +212,79 @@ def _needs_graph_node(x, params) -> bool:
             and (x.requires_grad or any(p.requires_grad for p in params)))
 
 
+def _restore_backward_grads(ctx, grads):
+    """A backward's gradients with None where the Function's input needs none."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
+
+
+def _differentiate(forward, inputs, needs, grad_out, device_type: str):
+    """The gradients of ``forward()`` at ``inputs`` (None where ``needs`` is False) with
+    ``grad_out`` as the output's gradient, through differentiable operations: a graph of their
+    own when grad mode is on (``create_graph=True``), batched under ``vmap``."""
+    create_graph = torch.is_grad_enabled()
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    # Autocast is thread-local, and a CPU backward runs in the caller's thread: the recomputed
+    # forward computes in the dtypes forward saw, as the fused forward did.
+    autocast_off = (torch.autocast(device_type, enabled=False)
+                    if torch.is_autocast_enabled(device_type) else nullcontext())
+    with torch.enable_grad(), autocast_off:
+        out = forward()
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph,
+                                         allow_unused=True, materialize_grads=True))
+    return [next(grads) if need else None for need in needs]
+
+
+def _needs_differentiable_backward(grad_out: torch.Tensor) -> bool:
+    """Whether autograd asks more of a backward than the fused kernels give: a graph of the
+    gradients (``create_graph=True``: grad mode is on inside the backward), or batched
+    gradients (``torch.func.vmap`` over the backward, or the older vmap that
+    ``torch.autograd.functional.jacobian(vectorize=True)`` runs, whose batched tensors carry
+    the ``Batched`` dispatch key, which Python's DispatchKey enum does not name)."""
+    return (torch.is_grad_enabled() or under_func_transform()
+            or "Batched" in str(torch._C._dispatch_keys(grad_out)))
+
+
+class _InputInBuffer:
+    """Saved-tensor hooks that keep the block input for backward as a view of the buffer's
+    first channels, which hold a copy of it. The route for higher-order gradients needs the
+    input's autograd identity (to differentiate through the graph that produced it); autograd
+    restores that identity on a tensor saved through hooks, so this keeps the identity
+    without keeping the input's memory. The buffer is the first tensor the block saves."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.channels, self.buffer = x, x.shape[1], None
+
+    def pack(self, t):
+        if self.buffer is None:
+            self.buffer = t
+        elif t is self.x:
+            self.x = None
+            return self
+        return t
+
+    def unpack(self, packed):
+        if packed is self:
+            return self.buffer[:, :self.channels]
+        return packed
+
+    def hooks(self):
+        """The context that saves the block's tensors through these hooks, or None where the
+        input must be saved as it is: other saved-tensor hooks are in force (``save_on_cpu``,
+        checkpointing), or hooks are disabled."""
+        autograd = torch._C._autograd
+        if autograd._top_saved_tensors_default_hooks(False) is not None \
+                or not autograd._saved_tensors_hooks_is_enabled():
+            return None
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
 class DenseBlockFunction(torch.autograd.Function):
-    """``apply(x, spec, *params)``: one dense block (plus its tail) as a single graph node."""
+    """``apply(x, spec, *params)``: one dense block (plus its tail) as a single graph node.
+
+    Backward runs the fused kernels; when autograd asks for more than a first-order gradient
+    (:func:`_needs_differentiable_backward`), it recomputes the block with differentiable
+    operations from what it saved and differentiates that (:mod:`densenet_fast.differentiable`).
+    """
 
     @staticmethod
     def forward(ctx, x, spec: BlockSpec, *params):
@@ -206,31 +293,70 @@ class DenseBlockFunction(torch.autograd.Function):
         kept = Saved.load(saved, spec)
         update_running(running_updates(spec, x.shape[1], kept.mean, kept.var,
                                        kept.norm2_batch), kept.count)
-        ctx.save_for_backward(*saved, *params)
-        ctx.spec, ctx.args, ctx.num_saved = spec, args, len(saved)
+        # The input only for the differentiable route, which torch.compile does not take.
+        ctx.input_saved = not torch.compiler.is_compiling()
+        ctx.save_for_backward(*saved, *params, *([x] if ctx.input_saved else []))
+        ctx.spec, ctx.args, ctx.num_saved, ctx.num_params = spec, args, len(saved), len(params)
         # Eval-mode BNs re-read running statistics in backward: refuse if they changed.
         ctx.running_versions = [t._version for t in running_tensors_read(spec)]
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         if ctx.running_versions != [t._version for t in running_tensors_read(ctx.spec)]:
             raise RuntimeError(
                 "densenet_fast: BatchNorm running statistics read by an eval-mode forward were "
                 "modified in place before its backward")
         tensors = ctx.saved_tensors
-        saved, params = list(tensors[:ctx.num_saved]), list(tensors[ctx.num_saved:])
+        saved = list(tensors[:ctx.num_saved])
+        params = list(tensors[ctx.num_saved:ctx.num_saved + ctx.num_params])
+        if _needs_differentiable_backward(grad_out):
+            return _differentiable_block_backward(ctx, grad_out, saved, params, tensors)
         _, running = block_op_args(ctx.spec)
-        grad_x, *grads = dense_block_backward(grad_out, saved, params, running, *ctx.args)
-        return (grad_x, None, *grads)
+        grad_x, *grads = dense_block_backward(grad_out, saved, params, running, *ctx.args,
+                                              ctx.needs_input_grad[0])
+        return _restore_backward_grads(ctx, (grad_x, None, *grads))
+
+
+def _differentiable_block_backward(ctx, grad_out, saved, params, tensors):
+    spec = ctx.spec
+    if not ctx.input_saved:
+        raise RuntimeError("densenet_fast: higher-order gradients and vmap over the backward "
+                           "are not supported under torch.compile")
+    x = tensors[-1]
+    kept = Saved.load(saved, spec)
+    if spec.backward_from:  # the input and the frozen layers' outputs are constants
+        first = kept.buffer[:, :x.shape[1] + spec.backward_from * spec.growth_rate]
+    else:
+        first = x
+    grads = _differentiate(
+        lambda: differentiable.block_forward(first, spec, params, kept.masks),
+        (x, *params), (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]), grad_out,
+        x.device.type)
+    return (grads[0], None, *grads[1:])
+
+
+def _backward_from(spec: BlockSpec, x: torch.Tensor, params) -> int:
+    """The first layer whose backward must run: 0 if the input needs a gradient, else the
+    first layer with a parameter that needs one (``num_layers``: none)."""
+    if x.requires_grad:
+        return 0
+    size = len(LayerParams._fields)
+    for layer in range(spec.num_layers):
+        if any(p.requires_grad for p in params[size * layer:size * (layer + 1)]):
+            return layer
+    return spec.num_layers
 
 
 def dense_block(x: torch.Tensor, spec: BlockSpec, params) -> torch.Tensor:
-    """Run one block (and its tail). Builds a graph node only when a gradient is needed;
-    otherwise nothing is kept and each bottleneck is freed as soon as it is used."""
+    """Run one block (and its tail). Builds a graph node only when a gradient is needed, and
+    keeps for it only what the gradients asked for need; otherwise nothing is kept and each
+    bottleneck is freed as soon as it is used."""
     if _needs_graph_node(x, params):
-        return DenseBlockFunction.apply(x, spec, *params)
+        spec = replace(spec, backward_from=_backward_from(spec, x, params))
+        hooks = None if torch.compiler.is_compiling() else _InputInBuffer(x).hooks()
+        with hooks or nullcontext():
+            return DenseBlockFunction.apply(x, spec, *params)
     fwd = Forward(x, spec, params, keep=False)
     out = fwd.run()
     update_running(fwd.running_updates(), fwd.count)
@@ -333,7 +459,8 @@ def _(grad_out, x, conv_weight, norm_weight, norm_bias, saved, running, *rest):
 
 class StemFunction(torch.autograd.Function):
     """``apply(x, spec, conv_weight, norm_weight, norm_bias)``:
-    ``max_pool(relu(bn(conv(x))))``, keeping ``conv(x)`` and the statistics for backward."""
+    ``max_pool(relu(bn(conv(x))))``, keeping ``conv(x)`` and the statistics for backward;
+    beyond a first-order backward, differentiates the recomputed stem (as the block does)."""
 
     @staticmethod
     def forward(ctx, x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
@@ -347,13 +474,18 @@ class StemFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         x, conv_weight, norm_weight, norm_bias, *saved = ctx.saved_tensors
+        params = (conv_weight, norm_weight, norm_bias)
+        if _needs_differentiable_backward(grad_out):
+            grads = _differentiate(
+                lambda: differentiable.stem_forward(x, ctx.spec, *params), (x, *params),
+                (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]), grad_out, x.device.type)
+            return grads[0], None, *grads[1:]
         _, running = stem_op_args(ctx.spec)
-        grad_x, *grads = stem_backward(grad_out, x, conv_weight, norm_weight, norm_bias, saved,
-                                       running, *ctx.args, ctx.needs_input_grad[0])
-        return (grad_x if ctx.needs_input_grad[0] else None), None, *grads
+        grad_x, *grads = stem_backward(grad_out, x, *params, saved, running, *ctx.args,
+                                       ctx.needs_input_grad[0])
+        return _restore_backward_grads(ctx, (grad_x, None, *grads))
 
 
 def stem(x: torch.Tensor, spec: StemSpec, conv_weight, norm_weight, norm_bias) -> torch.Tensor:
@@ -375,11 +507,16 @@ def _conv_flops(out_pixels: int, weight_shape) -> int:
     return 2 * out_pixels * prod(weight_shape)
 
 
-def _block_forward_flops(x_shape, params, tail, drop_rates) -> int:
+def _block_conv_flops(x_shape, params, tail, drop_rates, from_layer: int = 0,
+                      recomputed: bool = False) -> int:
+    """The block's convolutions of layers ``from_layer`` on and of the tail; ``recomputed``:
+    each layer's 1x1 convolution only (what ``recompute_bottleneck`` runs again)."""
     n, _, h, w = x_shape
     size = len(LayerParams._fields)
-    convs = [params[size * i + j] for i in range(len(drop_rates)) for j in (2, 5)]
-    if tail == Tail.TRANSITION.value:
+    fields = (LayerParams._fields.index("conv1_weight"),) if recomputed else (
+        LayerParams._fields.index("conv1_weight"), LayerParams._fields.index("conv2_weight"))
+    convs = [params[size * i + j] for i in range(from_layer, len(drop_rates)) for j in fields]
+    if tail == Tail.TRANSITION.value and not recomputed:
         convs.append(params[-1])
     return sum(_conv_flops(n * h * w, weight) for weight in convs)
 
@@ -387,19 +524,18 @@ def _block_forward_flops(x_shape, params, tail, drop_rates) -> int:
 @register_flop_formula(torch.ops.densenet_fast.dense_block_forward)
 def _(x, params, running, growth_rate, tail, recompute_bottleneck, drop_rates, *rest,
       out_shape=None, **kwargs) -> int:
-    return _block_forward_flops(x, params, tail, drop_rates)
+    return _block_conv_flops(x, params, tail, drop_rates)
 
 
 @register_flop_formula(torch.ops.densenet_fast.dense_block_backward)
 def _(grad_out, saved, params, running, growth_rate, tail, recompute_bottleneck, drop_rates,
-      *rest, out_shape=None, **kwargs) -> int:
+      eps, batch_stats, sync_group, backward_from, input_grad, out_shape=None, **kwargs) -> int:
     n, total, h, w = saved[0]
     x_shape = (n, total - len(drop_rates) * growth_rate, h, w)
-    flops = 2 * _block_forward_flops(x_shape, params, tail, drop_rates)
+    flops = 2 * _block_conv_flops(x_shape, params, tail, drop_rates, backward_from)
     if recompute_bottleneck:
-        size = len(LayerParams._fields)
-        flops += sum(_conv_flops(n * h * w, params[size * i + 2])
-                     for i in range(len(drop_rates)))
+        flops += _block_conv_flops(x_shape, params, tail, drop_rates, backward_from,
+                                   recomputed=True)
     return flops
 
 

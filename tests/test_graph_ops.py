@@ -35,21 +35,26 @@ def test_block_ops(tail, training, channels_last):
                               dtype=torch.float32)
     params = _detached(params)
     x = _layout(torch.randn(2, 3, 4, 6), channels_last)
-    args, running = block_op_args(spec)
-    forward_args = (x, params, running, *args)
-    torch.library.opcheck(graph.dense_block_forward, forward_args, test_utils=CHECKS)
+    # Everything trainable, a frozen input, the first layer frozen too, only the tail.
+    for backward_from, input_grad in ((0, True), (0, False), (1, False), (2, False)):
+        args, running = block_op_args(dataclasses.replace(spec, backward_from=backward_from))
+        forward_args = (x, params, running, *args)
+        torch.library.opcheck(graph.dense_block_forward, forward_args, test_utils=CHECKS)
 
-    out, *saved = graph.dense_block_forward(*forward_args)
-    grad_out = _layout(torch.randn_like(out), channels_last)
-    torch.library.opcheck(graph.dense_block_backward,
-                          (grad_out, saved, params, running, *args), test_utils=CHECKS)
+        out, *saved = graph.dense_block_forward(*forward_args)
+        grad_out = _layout(torch.randn_like(out), channels_last)
+        torch.library.opcheck(graph.dense_block_backward,
+                              (grad_out, saved, params, running, *args, input_grad),
+                              test_utils=CHECKS)
 
 
 def test_block_forward_keeps_what_eager_keeps():
-    # Recompute mode saves no bottleneck, and dropout masks only where a layer drops.
-    for recompute in (False, True):
+    # Recompute mode saves no bottleneck, and dropout masks only where a layer drops; layers
+    # below backward_from (frozen, as is the input) keep neither.
+    for recompute, backward_from in ((False, 0), (True, 0), (False, 2), (True, 3)):
         spec, params = block_case(c0=3, k=2, layers=3, drop=0.5, dtype=torch.float32)
-        spec = dataclasses.replace(spec, recompute_bottleneck=recompute)
+        spec = dataclasses.replace(spec, recompute_bottleneck=recompute,
+                                   backward_from=backward_from)
         args, running = block_op_args(spec)
         _, *saved = graph.dense_block_forward(torch.randn(2, 3, 4, 4), _detached(params),
                                               running, *args)
@@ -57,7 +62,8 @@ def test_block_forward_keeps_what_eager_keeps():
         fwd.run()
         expected = Saved.of(fwd, torch.tensor(fwd.count)).tensors()
         assert [t.shape for t in saved] == [t.shape for t in expected]
-        assert len(saved) == 1 + (0 if recompute else 3) + 2 * 3 + 3 + 2 + 1
+        kept_layers = 3 - backward_from
+        assert len(saved) == 1 + (0 if recompute else kept_layers) + 2 * 3 + kept_layers + 2 + 1
 
 
 def _stem_case(training, recompute_conv):

@@ -18,6 +18,7 @@ LAYERS = [
     ["sync"],
     ["block"],
     ["stem", "fusion"],
+    ["differentiable"],
     ["graph"],
     ["model", "reference"],
     ["convert"],
