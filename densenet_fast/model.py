@@ -168,7 +168,7 @@ class _DenseBlock(DenseBlock):
 
     A block whose module tree is not the standard one, or that is hooked inside, traced or
     transformed (:mod:`densenet_fast.fusion`), runs its modules as torchvision's does.
-    ``recompute_bottleneck``: see :class:`DenseNet`.
+    ``recompute_bottleneck``: see :class:`DenseNet`. An empty batch also runs the modules.
     """
 
     __prepare_scriptable__ = _refuse_scripting
@@ -182,6 +182,9 @@ class _DenseBlock(DenseBlock):
         first = self.denselayer1
         check_input_tensor(init_features, expected_channels=first.conv1.in_channels,
                            reference=first.conv1.weight, where=type(self).__name__)
+        if init_features.shape[0] == 0:
+            # torchvision's computation: an empty output, num_batches_tracked counted in training
+            return super().forward(init_features)
         check_spatial_plan([("block", self)], init_features, _DenseBlock, _Transition)
         return run_block(self, init_features, None)
 
@@ -193,7 +196,8 @@ class _Transition(Transition):
 class _Features(nn.Sequential):
     """``model.features``: the stem, then each standard block fused with the transition or
     norm after it; everything else is called as a module, as ``nn.Sequential`` does.
-    ``recompute_stem``: the fused stem keeps no conv0 output for backward (recomputes it)."""
+    ``recompute_stem``: the fused stem keeps no conv0 output for backward (recomputes it).
+    An empty batch (after the input checks) calls every module."""
 
     __prepare_scriptable__ = _refuse_scripting
     recompute_stem = False
@@ -214,6 +218,11 @@ class _Features(nn.Sequential):
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")
         self.check_spatial_size(x)
+        if x.shape[0] == 0:
+            # torchvision's computation: an empty output, num_batches_tracked counted in training
+            for module in self._modules.values():
+                x = module(x)
+            return x
         for step in self.fusion_plan():
             # A hooked block is called as a module, and is fused inside its own forward.
             x = step.run(x, self.recompute_stem)
