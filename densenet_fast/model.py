@@ -5,9 +5,12 @@ transition or final norm that follows it, as one autograd node over a shared buf
 (:mod:`densenet_fast.block`). Every module still works on its own with torchvision's
 semantics (a block returns its concatenated features), so code that slices or hooks
 ``model.features`` keeps working.
-"""
 
-from __future__ import annotations
+``torch.jit.script`` compiles the modules' torchvision computation (the fused step is
+``torch.jit.unused``): a scripted model computes, and needs the memory, as torchvision's.
+Annotations here are objects, not strings, so that TorchScript also compiles the code
+``torch.fx`` generates from these forwards.
+"""
 
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -156,35 +159,34 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     return None
 
 
-def _refuse_scripting(module: nn.Module):
-    raise RuntimeError(
-        f"torch.jit.script cannot compile densenet_fast's {type(module).__name__}: its forward "
-        f"chooses between the fused block and the modules in Python. Use torch.jit.trace, "
-        f"torch.export or torch.compile, which densenet_fast supports")
-
-
 class _DenseBlock(DenseBlock):
     """A dense block computed over one shared buffer; returns all its channels.
 
     A block whose module tree is not the standard one, or that is hooked inside, traced or
     transformed (:mod:`densenet_fast.fusion`), runs its modules as torchvision's does.
-    ``recompute_bottleneck``: see :class:`DenseNet`. An empty batch also runs the modules.
+    ``recompute_bottleneck``: see :class:`DenseNet`. An empty batch and ``torch.jit.script``
+    also run the modules.
     """
 
-    __prepare_scriptable__ = _refuse_scripting
     recompute_bottleneck = False
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_modules(init_features)
+        return self._forward_fused(init_features)
+
+    @torch.jit.unused
+    def _forward_fused(self, init_features: torch.Tensor) -> torch.Tensor:
         blocker = runtime_blocker(init_features) or block_blocker(self)
         if blocker is not None:
             warn_fallback("a dense block", blocker)
-            return super().forward(init_features)
+            return self.forward_modules(init_features)
         first = self.denselayer1
         check_input_tensor(init_features, expected_channels=first.conv1.in_channels,
                            reference=first.conv1.weight, where=type(self).__name__)
         if init_features.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
-            return super().forward(init_features)
+            return self.forward_modules(init_features)
         check_spatial_plan([("block", self)], init_features, _DenseBlock, _Transition)
         return run_block(self, init_features, None)
 
@@ -197,9 +199,8 @@ class _Features(nn.Sequential):
     """``model.features``: the stem, then each standard block fused with the transition or
     norm after it; everything else is called as a module, as ``nn.Sequential`` does.
     ``recompute_stem``: the fused stem keeps no conv0 output for backward (recomputes it).
-    An empty batch (after the input checks) calls every module."""
+    An empty batch (after the input checks) and ``torch.jit.script`` call every module."""
 
-    __prepare_scriptable__ = _refuse_scripting
     recompute_stem = False
 
     def __getitem__(self, index):
@@ -209,6 +210,14 @@ class _Features(nn.Sequential):
         return item
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            for module in self:
+                x = module(x)
+            return x
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         if runtime_blocker(x) is not None:
             for module in self._modules.values():
                 x = module(x)

@@ -2,6 +2,7 @@
 an empty batch, the exception classes of bad input, ``torch.jit.script`` and the builders'
 signatures and legacy ``pretrained`` interface. Values are compared in float64."""
 
+import io
 import os
 import warnings
 
@@ -12,6 +13,7 @@ import torchvision.models as tvm
 from helpers import assert_models_match, twins
 from test_errors import CASES, SMALL
 from tolerances import assert_close
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import densenet_fast
 from densenet_fast import DenseNet
@@ -128,3 +130,83 @@ def test_standalone_block_error_is_torchvisions():
         theirs(x)
     with pytest.raises(type(tv_error.value), match="expects 8 input channels, got 5"):
         ours(x)
+
+
+# -- 7. torch.jit.script ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_script_is_torchvisions(models, train):
+    """The scripted model (the modules' computation) gives torchvision's logits, gradients
+    and running statistics, in the original model's shared parameters and buffers."""
+    fast, ref = models
+    scripted = torch.jit.script(fast)
+    x = torch.randn(3, 3, 32, 32, dtype=DTYPE)
+    for step in range(2):
+        _assert_steps_match(_step(scripted, x, train), _step(ref, x, train), f"step {step}")
+        assert_models_match(fast, ref, DTYPE, f"step {step}")
+        for optimizer_model in (scripted, ref):  # an SGD step on the shared parameters
+            with torch.no_grad():
+                for p in optimizer_model.parameters():
+                    p -= 0.1 * p.grad
+    assert_close(fast.features.conv0.weight, ref.features.conv0.weight, DTYPE, "conv0 trained")
+    if train:
+        assert fast.features.norm0.num_batches_tracked.item() == 3
+    # The eager model is unchanged by scripting: still fused, still torchvision's.
+    assert fast.fusion_report()["features.denseblock1"] == "fused with features.transition1"
+    _assert_steps_match(_step(fast, x, train), _step(ref, x, train), "eager after scripting")
+
+
+def test_scripted_dropout_matches_with_the_same_seed():
+    fast, ref = twins(DenseNet, tvm.DenseNet, DTYPE, **dict(CONFIG, drop_rate=0.3))
+    scripted = torch.jit.script(fast)
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    torch.manual_seed(3)
+    ours = _step(scripted, x, True)
+    torch.manual_seed(3)
+    _assert_steps_match(ours, _step(ref, x, True), "dropout")
+
+
+def test_script_of_a_feature_extractor(models):
+    fast, ref = (m.eval() for m in models)
+    nodes = ["features.denseblock1", "features.transition1.conv", "features.norm5", "flatten"]
+    ours = torch.jit.script(create_feature_extractor(fast, return_nodes=nodes))
+    theirs = create_feature_extractor(ref, return_nodes=nodes)
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    ours_out, theirs_out = ours(x), theirs(x)
+    assert list(ours_out) == nodes
+    for node in nodes:
+        assert_close(ours_out[node], theirs_out[node], DTYPE, f"scripted feature {node}")
+
+
+def test_script_layers_and_blocks_on_their_own(models):
+    """A layer takes a tensor or a list of tensors, as torchvision's overloads do."""
+    fast, ref = (m.eval() for m in models)
+    layer, ref_layer = fast.features.denseblock2.denselayer2, ref.features.denseblock2.denselayer2
+    scripted = torch.jit.script(layer)
+    parts = [torch.randn(2, 8, 4, 4, dtype=DTYPE), torch.randn(2, 4, 4, 4, dtype=DTYPE)]
+    assert_close(scripted(parts), ref_layer(parts), DTYPE, "layer on a list")
+    assert_close(scripted(torch.cat(parts, 1)), ref_layer(torch.cat(parts, 1)), DTYPE,
+                 "layer on a tensor")
+    block = torch.jit.script(fast.features.denseblock2)
+    x = torch.randn(2, 8, 4, 4, dtype=DTYPE)
+    assert_close(block(x), ref.features.denseblock2(x), DTYPE, "scripted block")
+
+
+def test_check_jit_scriptable_of_the_builder():
+    """torchvision's test_models._check_jit_scriptable on the swapped builder: eager and
+    scripted agree, and so does a saved and reloaded script (also with torchvision's model of
+    the same weights). Every builder makes the same classes; densenet121 stands for them."""
+    model = densenet_fast.densenet121(num_classes=10).eval()
+    reference = tvm.densenet121(num_classes=10).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    scripted = torch.jit.script(model).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    imported = torch.jit.load(buffer)
+    with torch.no_grad():
+        eager, script_out, imported_out = model(x), scripted(x), imported(x)
+        assert_close(eager, reference(x), torch.float32, "eager vs torchvision")
+    assert_close(script_out, eager, torch.float32, "scripted vs eager")
+    assert_close(imported_out, script_out, torch.float32, "reloaded vs scripted")
