@@ -12,9 +12,11 @@ Annotations here are objects, not strings, so that TorchScript also compiles the
 ``torch.fx`` generates from these forwards.
 """
 
+import functools
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -42,6 +44,18 @@ from .state_dict import load_torchvision_state_dict
 from .stem import StemSpec
 from .sync import sync_of
 from .validation import check_input_tensor, check_spatial_plan
+
+try:  # the builders' annotations, read by torchvision.models.get_model_weights
+    from torchvision.models import (
+        DenseNet121_Weights,
+        DenseNet161_Weights,
+        DenseNet169_Weights,
+        DenseNet201_Weights,
+    )
+    from torchvision.models import WeightsEnum as _WeightsEnum
+except ImportError:  # torchvision is optional: without it, weights are objects of one's own
+    DenseNet121_Weights = DenseNet161_Weights = DenseNet169_Weights = DenseNet201_Weights = Any
+    _WeightsEnum = None
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -379,14 +393,87 @@ class DenseNet(DenseNetBase):
         return self.features.fusion_report()
 
 
-def _resolve_weights(arch: str, weights):
-    if isinstance(weights, str):
-        from torchvision.models import get_weight  # only needed for names like "DEFAULT"
+_WEIGHTS = {"densenet121": DenseNet121_Weights, "densenet161": DenseNet161_Weights,
+            "densenet169": DenseNet169_Weights, "densenet201": DenseNet201_Weights}
 
-        enum = {"densenet121": "DenseNet121_Weights", "densenet161": "DenseNet161_Weights",
-                "densenet169": "DenseNet169_Weights", "densenet201": "DenseNet201_Weights"}
-        return get_weight(f"{enum[arch]}.{weights}")
+
+def _weights_enum(arch: str):
+    enum = _WEIGHTS[arch]
+    if enum is Any:
+        raise ImportError(f"{arch}: torchvision's pretrained weights need torchvision installed "
+                          f"(pass weights=None, or an object with .meta['categories'] and "
+                          f".get_state_dict(progress, check_hash))")
+    return enum
+
+
+def _resolve_weights(arch: str, weights):
+    """torchvision's ``<Enum>.verify``: a name (``"DEFAULT"``, ``"IMAGENET1K_V1"``) or a value of
+    this architecture's enum (another enum's is a TypeError). Any other object with
+    ``meta["categories"]`` and ``get_state_dict(progress, check_hash)`` is used as it is."""
+    if weights is None:
+        return None
+    if isinstance(weights, str) or (_WeightsEnum is not None
+                                    and isinstance(weights, _WeightsEnum)):
+        return _weights_enum(arch).verify(weights)
     return weights
+
+
+def _positional_names(names: Sequence[str]) -> str:
+    """torchvision's ``sequence_to_str(names, separate_last="and ")``."""
+    if len(names) == 1:
+        return f"'{names[0]}'"
+    head = "'" + "', '".join(names[:-1]) + "'"
+    return f"{head}{'' if len(names) == 2 else ','} and '{names[-1]}'"
+
+
+def _new_style(weights) -> bool:
+    """Whether ``weights`` needs no translation from the legacy interface: None, a name, or a
+    weights object (torchvision: a WeightsEnum value)."""
+    return weights is None or (isinstance(weights, str) and weights != "legacy") or (
+        not isinstance(weights, str) and hasattr(weights, "get_state_dict"))
+
+
+def _legacy_interface(builder):
+    """torchvision's ``handle_legacy_interface(weights=("pretrained", <Enum>.IMAGENET1K_V1))``
+    and ``kwonly_to_pos_or_kw``, with their warnings: ``weights`` and ``progress`` may be passed
+    positionally, and ``pretrained=True`` / ``False`` means the default weights / None."""
+    arch = builder.__name__
+
+    @functools.wraps(builder)
+    def wrapper(*args: Any, **kwargs: Any) -> DenseNet:
+        if args:
+            positional = dict(zip(("weights", "progress", "kwargs"), args, strict=False))
+            warnings.warn(
+                f"Using {_positional_names(tuple(positional))} as positional parameter(s) is "
+                f"deprecated since 0.13 and may be removed in the future. Please use keyword "
+                f"parameter(s) instead.", stacklevel=2)
+            kwargs.update(positional)
+        sentinel = object()
+        weights = kwargs.get("weights", sentinel)
+        if ("weights" in kwargs or "pretrained" in kwargs) and not (
+                weights is not sentinel and _new_style(weights)):
+            pretrained_positional = weights is not sentinel
+            if pretrained_positional:
+                kwargs["pretrained"] = pretrained = kwargs.pop("weights")
+            else:
+                pretrained = kwargs["pretrained"]
+            default = _weights_enum(arch).IMAGENET1K_V1 if pretrained else None
+            if not pretrained_positional:
+                warnings.warn("The parameter 'pretrained' is deprecated since 0.13 and may be "
+                              "removed in the future, please use 'weights' instead.",
+                              stacklevel=2)
+            message = (f"Arguments other than a weight enum or `None` for 'weights' are "
+                       f"deprecated since 0.13 and may be removed in the future. The current "
+                       f"behavior is equivalent to passing `weights={default}`.")
+            if pretrained:
+                message += (f" You can also use `weights={type(default).__name__}.DEFAULT` to "
+                            f"get the most up-to-date weights.")
+            warnings.warn(message, stacklevel=2)
+            del kwargs["pretrained"]
+            kwargs["weights"] = default
+        return builder(**kwargs)
+
+    return wrapper
 
 
 def _densenet(arch: str, weights, progress: bool, **kwargs: Any) -> DenseNet:
@@ -404,26 +491,39 @@ def _densenet(arch: str, weights, progress: bool, **kwargs: Any) -> DenseNet:
     return model
 
 
-def densenet121(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+# The builders have torchvision's signatures, annotations included, so that
+# torchvision.models.get_model_weights(densenet_fast.densenet121) is DenseNet121_Weights.
+
+
+@_legacy_interface
+def densenet121(*, weights: Optional[DenseNet121_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-121 (k=32, blocks 6-12-24-16), as ``torchvision.models.densenet121``.
 
     ``weights``: a torchvision ``DenseNet121_Weights`` value (or its name, e.g. ``"DEFAULT"``)
     whose state_dict is loaded, legacy key names included; other keyword arguments go to
-    :class:`DenseNet`.
+    :class:`DenseNet`. The deprecated ``pretrained=True`` (the default weights) and positional
+    arguments are accepted with torchvision's warnings.
     """
     return _densenet("densenet121", weights, progress, **kwargs)
 
 
-def densenet161(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+@_legacy_interface
+def densenet161(*, weights: Optional[DenseNet161_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels); see :func:`densenet121`."""
     return _densenet("densenet161", weights, progress, **kwargs)
 
 
-def densenet169(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+@_legacy_interface
+def densenet169(*, weights: Optional[DenseNet169_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6-12-32-32); see :func:`densenet121`."""
     return _densenet("densenet169", weights, progress, **kwargs)
 
 
-def densenet201(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+@_legacy_interface
+def densenet201(*, weights: Optional[DenseNet201_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32); see :func:`densenet121`."""
     return _densenet("densenet201", weights, progress, **kwargs)

@@ -2,8 +2,12 @@
 an empty batch, the exception classes of bad input, ``torch.jit.script`` and the builders'
 signatures and legacy ``pretrained`` interface. Values are compared in float64."""
 
+import copy
+import inspect
 import io
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -210,3 +214,106 @@ def test_check_jit_scriptable_of_the_builder():
         assert_close(eager, reference(x), torch.float32, "eager vs torchvision")
     assert_close(script_out, eager, torch.float32, "scripted vs eager")
     assert_close(imported_out, script_out, torch.float32, "reloaded vs scripted")
+
+
+# -- 8. the builders as torchvision's ----------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_builder_signatures_are_torchvisions(arch):
+    ours, theirs = getattr(densenet_fast, arch), getattr(tvm, arch)
+    assert inspect.signature(ours).parameters == inspect.signature(theirs).parameters
+    assert tvm.get_model_weights(ours) is tvm.get_model_weights(theirs)
+    assert tvm.get_model_weights(ours) is tvm.get_model_weights(arch)
+
+
+@pytest.fixture
+def checkpoint(monkeypatch):
+    """DenseNet121_Weights without a download: their state_dict is a torchvision model's."""
+    source = tvm.densenet121()
+    state_dict = copy.deepcopy(source.state_dict())
+    monkeypatch.setattr(tvm.DenseNet121_Weights, "get_state_dict",
+                        lambda self, *args, **kwargs: copy.deepcopy(state_dict))
+    return source
+
+
+def _build(builder, args, kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = builder(*args, **kwargs)
+    return model, [(w.category, str(w.message)) for w in caught]
+
+
+LEGACY_CALLS = [
+    ((), dict(pretrained=True)),
+    ((), dict(pretrained=False)),
+    ((True,), {}),
+    ((False, False), {}),
+    ((None,), {}),
+    ((), dict(weights="DEFAULT")),
+    ((), dict(weights=tvm.DenseNet121_Weights.IMAGENET1K_V1, progress=False)),
+]
+
+
+@pytest.mark.parametrize("args, kwargs", LEGACY_CALLS, ids=lambda v: repr(v))
+def test_legacy_interface_is_torchvisions(checkpoint, args, kwargs):
+    """``pretrained`` and positional arguments: torchvision's warnings, and the same weights
+    (the default ones for pretrained=True)."""
+    ours, our_warnings = _build(densenet_fast.densenet121, args, kwargs)
+    theirs, their_warnings = _build(tvm.densenet121, args, kwargs)
+    assert our_warnings == their_warnings
+    assert isinstance(ours, DenseNet) and ours.classifier.out_features == 1000
+    pretrained = kwargs.get("pretrained", args[0] if args else kwargs.get("weights"))
+    if pretrained:
+        ours_sd, source = ours.state_dict(), checkpoint.state_dict()
+        for name, tensor in theirs.state_dict().items():
+            assert torch.equal(ours_sd[name], tensor) and torch.equal(tensor, source[name]), name
+
+
+def test_weights_errors_are_torchvisions(checkpoint):
+    for kwargs in (dict(weights=tvm.DenseNet161_Weights.DEFAULT), dict(weights="NOPE"),
+                   dict(pretrained=True, weights=tvm.DenseNet121_Weights.DEFAULT)):
+        with pytest.raises(Exception) as theirs:
+            tvm.densenet121(**kwargs)
+        with pytest.raises(type(theirs.value)) as ours:
+            densenet_fast.densenet121(**kwargs)
+        assert str(ours.value) == str(theirs.value).replace("torchvision.models.densenet.", "")
+
+
+def test_building_from_a_name_as_in_the_readme(checkpoint):
+    name = "densenet121"
+    weights = tvm.get_model_weights(name).DEFAULT
+    model = getattr(densenet_fast, name)(weights=weights)
+    assert isinstance(model, DenseNet)
+    assert torch.equal(model.features.conv0.weight, checkpoint.features.conv0.weight)
+    assert type(tvm.get_model(name)) is tvm.DenseNet  # torchvision's registry is its own
+
+
+def test_import_and_builders_without_torchvision():
+    """torchvision is optional: ``import densenet_fast`` and weights=None work without it."""
+    code = "\n".join([
+        "import sys, inspect, typing, warnings",
+        f"sys.path.insert(0, {ROOT!r})",
+        "sys.modules['torchvision'] = None  # an import of it fails",
+        "import densenet_fast",
+        "assert not any(m.startswith('torchvision') and sys.modules[m] for m in sys.modules)",
+        "ann = inspect.signature(densenet_fast.densenet121).parameters['weights'].annotation",
+        "assert ann == typing.Optional[typing.Any], ann",
+        "model = densenet_fast.DenseNet(growth_rate=4, block_config=(2,), num_classes=3)",
+        "import torch",
+        "assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)",
+        "with warnings.catch_warnings(record=True) as caught:",
+        "    warnings.simplefilter('always')",
+        "    assert densenet_fast.densenet121(pretrained=False).classifier.out_features == 1000",
+        "assert len(caught) == 2 and 'weights=None' in str(caught[1].message)",
+        "for kwargs in (dict(pretrained=True), dict(weights='DEFAULT')):",
+        "    try:",
+        "        densenet_fast.densenet121(**kwargs)",
+        "    except ImportError as error:",
+        "        assert 'need torchvision installed' in str(error)",
+        "    else:",
+        "        raise AssertionError(kwargs)",
+        "print('ok')",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
