@@ -2,9 +2,12 @@
 
 Module names, constructor and initialisation follow torchvision's ``models/densenet.py`` so
 state_dicts are interchangeable; only the forward passes differ between implementations.
-"""
 
-from __future__ import annotations
+The forwards here are TorchScript-compatible, as torchvision's are, and their annotations are
+real objects, not strings (no ``from __future__ import annotations``): ``torch.jit.script``
+compiles them, also in the code ``torch.fx`` generates from them (for example
+``create_feature_extractor``).
+"""
 
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -71,6 +74,11 @@ class DenseBlock(nn.ModuleDict):
                 memory_efficient))
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        return self.forward_modules(init_features)
+
+    def forward_modules(self, init_features: torch.Tensor) -> torch.Tensor:
+        """Torchvision's block forward: each layer called as a module on all the features
+        before it (also what a subclass runs when it cannot compute the block otherwise)."""
         features = [init_features]
         for layer in self.values():
             features.append(layer(features))

@@ -5,13 +5,18 @@ transition or final norm that follows it, as one autograd node over a shared buf
 (:mod:`densenet_fast.block`). Every module still works on its own with torchvision's
 semantics (a block returns its concatenated features), so code that slices or hooks
 ``model.features`` keeps working.
+
+``torch.jit.script`` compiles the modules' torchvision computation (the fused step is
+``torch.jit.unused``): a scripted model computes, and needs the memory, as torchvision's.
+Annotations here are objects, not strings, so that TorchScript also compiles the code
+``torch.fx`` generates from these forwards.
 """
 
-from __future__ import annotations
-
+import functools
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -39,6 +44,18 @@ from .state_dict import load_torchvision_state_dict
 from .stem import StemSpec
 from .sync import sync_of
 from .validation import check_input_tensor, check_spatial_plan
+
+try:  # the builders' annotations, read by torchvision.models.get_model_weights
+    from torchvision.models import (
+        DenseNet121_Weights,
+        DenseNet161_Weights,
+        DenseNet169_Weights,
+        DenseNet201_Weights,
+    )
+    from torchvision.models import WeightsEnum as _WeightsEnum
+except ImportError:  # torchvision is optional: without it, weights are objects of one's own
+    DenseNet121_Weights = DenseNet161_Weights = DenseNet169_Weights = DenseNet201_Weights = Any
+    _WeightsEnum = None
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -156,32 +173,34 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     return None
 
 
-def _refuse_scripting(module: nn.Module):
-    raise RuntimeError(
-        f"torch.jit.script cannot compile densenet_fast's {type(module).__name__}: its forward "
-        f"chooses between the fused block and the modules in Python. Use torch.jit.trace, "
-        f"torch.export or torch.compile, which densenet_fast supports")
-
-
 class _DenseBlock(DenseBlock):
     """A dense block computed over one shared buffer; returns all its channels.
 
     A block whose module tree is not the standard one, or that is hooked inside, traced or
     transformed (:mod:`densenet_fast.fusion`), runs its modules as torchvision's does.
-    ``recompute_bottleneck``: see :class:`DenseNet`.
+    ``recompute_bottleneck``: see :class:`DenseNet`. An empty batch and ``torch.jit.script``
+    also run the modules.
     """
 
-    __prepare_scriptable__ = _refuse_scripting
     recompute_bottleneck = False
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_modules(init_features)
+        return self._forward_fused(init_features)
+
+    @torch.jit.unused
+    def _forward_fused(self, init_features: torch.Tensor) -> torch.Tensor:
         blocker = runtime_blocker(init_features) or block_blocker(self)
         if blocker is not None:
             warn_fallback("a dense block", blocker)
-            return super().forward(init_features)
+            return self.forward_modules(init_features)
         first = self.denselayer1
         check_input_tensor(init_features, expected_channels=first.conv1.in_channels,
                            reference=first.conv1.weight, where=type(self).__name__)
+        if init_features.shape[0] == 0:
+            # torchvision's computation: an empty output, num_batches_tracked counted in training
+            return self.forward_modules(init_features)
         check_spatial_plan([("block", self)], init_features, _DenseBlock, _Transition)
         return run_block(self, init_features, None)
 
@@ -193,9 +212,9 @@ class _Transition(Transition):
 class _Features(nn.Sequential):
     """``model.features``: the stem, then each standard block fused with the transition or
     norm after it; everything else is called as a module, as ``nn.Sequential`` does.
-    ``recompute_stem``: the fused stem keeps no conv0 output for backward (recomputes it)."""
+    ``recompute_stem``: the fused stem keeps no conv0 output for backward (recomputes it).
+    An empty batch (after the input checks) and ``torch.jit.script`` call every module."""
 
-    __prepare_scriptable__ = _refuse_scripting
     recompute_stem = False
 
     def __getitem__(self, index):
@@ -205,6 +224,14 @@ class _Features(nn.Sequential):
         return item
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            for module in self:
+                x = module(x)
+            return x
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         if runtime_blocker(x) is not None:
             for module in self._modules.values():
                 x = module(x)
@@ -214,6 +241,11 @@ class _Features(nn.Sequential):
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")
         self.check_spatial_size(x)
+        if x.shape[0] == 0:
+            # torchvision's computation: an empty output, num_batches_tracked counted in training
+            for module in self._modules.values():
+                x = module(x)
+            return x
         for step in self.fusion_plan():
             # A hooked block is called as a module, and is fused inside its own forward.
             x = step.run(x, self.recompute_stem)
@@ -361,14 +393,87 @@ class DenseNet(DenseNetBase):
         return self.features.fusion_report()
 
 
-def _resolve_weights(arch: str, weights):
-    if isinstance(weights, str):
-        from torchvision.models import get_weight  # only needed for names like "DEFAULT"
+_WEIGHTS = {"densenet121": DenseNet121_Weights, "densenet161": DenseNet161_Weights,
+            "densenet169": DenseNet169_Weights, "densenet201": DenseNet201_Weights}
 
-        enum = {"densenet121": "DenseNet121_Weights", "densenet161": "DenseNet161_Weights",
-                "densenet169": "DenseNet169_Weights", "densenet201": "DenseNet201_Weights"}
-        return get_weight(f"{enum[arch]}.{weights}")
+
+def _weights_enum(arch: str):
+    enum = _WEIGHTS[arch]
+    if enum is Any:
+        raise ImportError(f"{arch}: torchvision's pretrained weights need torchvision installed "
+                          f"(pass weights=None, or an object with .meta['categories'] and "
+                          f".get_state_dict(progress, check_hash))")
+    return enum
+
+
+def _resolve_weights(arch: str, weights):
+    """torchvision's ``<Enum>.verify``: a name (``"DEFAULT"``, ``"IMAGENET1K_V1"``) or a value of
+    this architecture's enum (another enum's is a TypeError). Any other object with
+    ``meta["categories"]`` and ``get_state_dict(progress, check_hash)`` is used as it is."""
+    if weights is None:
+        return None
+    if isinstance(weights, str) or (_WeightsEnum is not None
+                                    and isinstance(weights, _WeightsEnum)):
+        return _weights_enum(arch).verify(weights)
     return weights
+
+
+def _positional_names(names: Sequence[str]) -> str:
+    """torchvision's ``sequence_to_str(names, separate_last="and ")``."""
+    if len(names) == 1:
+        return f"'{names[0]}'"
+    head = "'" + "', '".join(names[:-1]) + "'"
+    return f"{head}{'' if len(names) == 2 else ','} and '{names[-1]}'"
+
+
+def _new_style(weights) -> bool:
+    """Whether ``weights`` needs no translation from the legacy interface: None, a name, or a
+    weights object (torchvision: a WeightsEnum value)."""
+    return weights is None or (isinstance(weights, str) and weights != "legacy") or (
+        not isinstance(weights, str) and hasattr(weights, "get_state_dict"))
+
+
+def _legacy_interface(builder):
+    """torchvision's ``handle_legacy_interface(weights=("pretrained", <Enum>.IMAGENET1K_V1))``
+    and ``kwonly_to_pos_or_kw``, with their warnings: ``weights`` and ``progress`` may be passed
+    positionally, and ``pretrained=True`` / ``False`` means the default weights / None."""
+    arch = builder.__name__
+
+    @functools.wraps(builder)
+    def wrapper(*args: Any, **kwargs: Any) -> DenseNet:
+        if args:
+            positional = dict(zip(("weights", "progress", "kwargs"), args, strict=False))
+            warnings.warn(
+                f"Using {_positional_names(tuple(positional))} as positional parameter(s) is "
+                f"deprecated since 0.13 and may be removed in the future. Please use keyword "
+                f"parameter(s) instead.", stacklevel=2)
+            kwargs.update(positional)
+        sentinel = object()
+        weights = kwargs.get("weights", sentinel)
+        if ("weights" in kwargs or "pretrained" in kwargs) and not (
+                weights is not sentinel and _new_style(weights)):
+            pretrained_positional = weights is not sentinel
+            if pretrained_positional:
+                kwargs["pretrained"] = pretrained = kwargs.pop("weights")
+            else:
+                pretrained = kwargs["pretrained"]
+            default = _weights_enum(arch).IMAGENET1K_V1 if pretrained else None
+            if not pretrained_positional:
+                warnings.warn("The parameter 'pretrained' is deprecated since 0.13 and may be "
+                              "removed in the future, please use 'weights' instead.",
+                              stacklevel=2)
+            message = (f"Arguments other than a weight enum or `None` for 'weights' are "
+                       f"deprecated since 0.13 and may be removed in the future. The current "
+                       f"behavior is equivalent to passing `weights={default}`.")
+            if pretrained:
+                message += (f" You can also use `weights={type(default).__name__}.DEFAULT` to "
+                            f"get the most up-to-date weights.")
+            warnings.warn(message, stacklevel=2)
+            del kwargs["pretrained"]
+            kwargs["weights"] = default
+        return builder(**kwargs)
+
+    return wrapper
 
 
 def _densenet(arch: str, weights, progress: bool, **kwargs: Any) -> DenseNet:
@@ -386,26 +491,39 @@ def _densenet(arch: str, weights, progress: bool, **kwargs: Any) -> DenseNet:
     return model
 
 
-def densenet121(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+# The builders have torchvision's signatures, annotations included, so that
+# torchvision.models.get_model_weights(densenet_fast.densenet121) is DenseNet121_Weights.
+
+
+@_legacy_interface
+def densenet121(*, weights: Optional[DenseNet121_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-121 (k=32, blocks 6-12-24-16), as ``torchvision.models.densenet121``.
 
     ``weights``: a torchvision ``DenseNet121_Weights`` value (or its name, e.g. ``"DEFAULT"``)
     whose state_dict is loaded, legacy key names included; other keyword arguments go to
-    :class:`DenseNet`.
+    :class:`DenseNet`. The deprecated ``pretrained=True`` (the default weights) and positional
+    arguments are accepted with torchvision's warnings.
     """
     return _densenet("densenet121", weights, progress, **kwargs)
 
 
-def densenet161(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+@_legacy_interface
+def densenet161(*, weights: Optional[DenseNet161_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels); see :func:`densenet121`."""
     return _densenet("densenet161", weights, progress, **kwargs)
 
 
-def densenet169(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+@_legacy_interface
+def densenet169(*, weights: Optional[DenseNet169_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6-12-32-32); see :func:`densenet121`."""
     return _densenet("densenet169", weights, progress, **kwargs)
 
 
-def densenet201(*, weights=None, progress: bool = True, **kwargs: Any) -> DenseNet:
+@_legacy_interface
+def densenet201(*, weights: Optional[DenseNet201_Weights] = None,  # noqa: UP045
+                progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32); see :func:`densenet121`."""
     return _densenet("densenet201", weights, progress, **kwargs)

@@ -2,6 +2,12 @@
 
 A DenseNet forward that would fail halfway (too small an image, one value per channel in
 training) must fail before the first BatchNorm has touched its running statistics.
+
+Each error is an instance of the class torchvision's DenseNet raises for the same input, so
+code that catches torchvision's errors catches these: where torchvision's comes from deep
+inside a layer (a ``RuntimeError`` from a convolution or pooling), the error is
+:class:`InputError` or :class:`InputTypeError`, which are both the class this package has
+always raised and a ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -11,18 +17,28 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+class InputError(ValueError, RuntimeError):
+    """An input of the wrong rank, channel count or size: a ``ValueError``, and a
+    ``RuntimeError`` as torchvision's DenseNet raises for it (from ``conv2d`` or a pool)."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """An input of the wrong dtype: a ``TypeError``, and a ``RuntimeError`` as torchvision's
+    DenseNet raises for it (``expected scalar type ...``)."""
+
+
 def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
                        where: str) -> None:
     """Type, rank, dtype, channel count and device of ``x`` against a parameter of the model."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(
+        raise InputError(
             f"{where} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{where} expects a floating-point input, got dtype {x.dtype}")
+        raise InputTypeError(f"{where} expects a floating-point input, got dtype {x.dtype}")
     if x.shape[1] != expected_channels:
-        raise ValueError(
+        raise InputError(
             f"{where} expects {expected_channels} input channels, got {x.shape[1]} "
             f"(input shape {tuple(x.shape)})")
     if x.device != reference.device:
@@ -30,11 +46,9 @@ def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
             f"{where}: input is on {x.device} but the model's parameters are on "
             f"{reference.device}; move one of them with .to()")
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != reference.dtype:
-        raise TypeError(
+        raise InputTypeError(
             f"{where}: input dtype {x.dtype} differs from the parameters' dtype "
             f"{reference.dtype}; convert one of them or run under torch.autocast")
-    if x.numel() == 0:
-        raise ValueError(f"{where} got an empty input of shape {tuple(x.shape)}")
 
 
 def _pooled(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
@@ -53,6 +67,8 @@ def _check_bn(bn: nn.Module, name: str, n: int, h: int, w: int, c: int,
         return
     values = n * h * w
     total = values_over_ranks(bn, n, h * w) if values_over_ranks is not None else None
+    if total is None and values == 0:
+        return  # an empty batch: BatchNorm accepts it (and only counts it in training)
     if (values if total is None else total) <= 1:
         over = "" if total is None else f" ({total} over all processes)"
         raise ValueError(
@@ -86,7 +102,7 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             new_h = _pooled(h, kernel[0], stride[0], padding[0], dilation[0])
             new_w = _pooled(w, kernel[1], stride[1], padding[1], dilation[1])
             if new_h < 1 or new_w < 1:
-                raise ValueError(
+                raise InputError(
                     f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "
                     f"DenseNet: "
                     f"{name} receives {h}x{w}, which its kernel {kernel} cannot reduce")
@@ -113,7 +129,7 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
                 and getattr(m.conv, "stride", None) == (1, 1):
             _check_bn(getattr(m, "norm", None), f"{name}.norm", n, h, w, c, values_over_ranks)
             if h < 2 or w < 2:
-                raise ValueError(
+                raise InputError(
                     f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "
                     f"DenseNet: "
                     f"{name} receives {h}x{w} but its 2x2 average pool needs at least 2x2")

@@ -1,42 +1,64 @@
-"""Bad input is refused with a message naming the problem, before anything is computed."""
+"""Bad input is refused with a message naming the problem, before anything is computed.
+
+test_torchvision_api.py checks that each error is an instance of the class torchvision's
+DenseNet raises for the same input (``CASES`` builds either library's model).
+"""
 
 import pytest
 import torch
 
+import densenet_fast
 from densenet_fast import DenseNet, densenet121
+from densenet_fast.validation import InputError, InputTypeError
+
+SMALL = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
 
 
 def _small(**kwargs):
-    return DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3,
-                    **kwargs)
+    return DenseNet(**SMALL, **kwargs)
 
 
 def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _small_of(lib):
+    return lib.DenseNet(**SMALL)
+
+
+def _densenet121_of(lib):
+    return lib.densenet121(num_classes=2)
+
+
+# (name, model of a library (densenet_fast or torchvision.models), input, error, message)
 CASES = [
-    ("not a tensor", lambda: _small(), lambda: [[1.0]], TypeError, "expects a torch.Tensor"),
-    ("3-D input", lambda: _small(), lambda: torch.randn(3, 32, 32), ValueError,
+    ("not a tensor", _small_of, lambda: [[1.0]], TypeError, "expects a torch.Tensor"),
+    ("3-D input", _small_of, lambda: torch.randn(3, 32, 32), InputError,
      r"4-D input \[N, C, H, W\], got shape \(3, 32, 32\)"),
-    ("integer dtype", lambda: _small(), lambda: torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
-     TypeError, "floating-point input, got dtype torch.uint8"),
-    ("wrong channels", lambda: _small(), lambda: torch.randn(2, 1, 32, 32), ValueError,
+    ("5-D input", _small_of, lambda: torch.randn(1, 2, 3, 32, 32), InputError,
+     r"4-D input \[N, C, H, W\], got shape \(1, 2, 3, 32, 32\)"),
+    ("integer dtype", _small_of, lambda: torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+     InputTypeError, "floating-point input, got dtype torch.uint8"),
+    ("wrong channels", _small_of, lambda: torch.randn(2, 1, 32, 32), InputError,
      "expects 3 input channels, got 1"),
-    ("other device", lambda: _small(), lambda: torch.randn(2, 3, 32, 32, device="meta"),
+    ("other device", _small_of, lambda: torch.randn(2, 3, 32, 32, device="meta"),
      RuntimeError, "input is on meta but the model's parameters are on cpu"),
-    ("dtype mismatch", lambda: _small(), lambda: torch.randn(2, 3, 32, 32, dtype=torch.float64),
-     TypeError, "input dtype torch.float64 differs from the parameters' dtype torch.float32"),
-    ("too small for transitions", lambda: densenet121(num_classes=2),
-     lambda: torch.randn(2, 3, 16, 16), ValueError,
+    ("dtype mismatch", _small_of, lambda: torch.randn(2, 3, 32, 32, dtype=torch.float64),
+     InputTypeError,
+     "input dtype torch.float64 differs from the parameters' dtype torch.float32"),
+    ("too small for transitions", _densenet121_of, lambda: torch.randn(2, 3, 16, 16),
+     InputError,
      r"input spatial size 16x16 is too small.*transition3 receives 1x1 but its 2x2 "
      r"average pool needs at least 2x2"),
-    ("one value per channel", lambda: densenet121(num_classes=2),
-     lambda: torch.randn(1, 3, 32, 32), ValueError,
+    ("1x1 image", _small_of, lambda: torch.randn(2, 3, 1, 1), InputError,
+     r"input spatial size 1x1 is too small.*features.transition1 receives 1x1"),
+    ("empty image", _small_of, lambda: torch.randn(2, 3, 0, 32), InputError,
+     r"input spatial size 0x32 is too small.*features.conv0 receives 0x32"),
+    ("empty batch too small", _densenet121_of, lambda: torch.randn(0, 3, 16, 16), InputError,
+     r"input spatial size 16x16 is too small"),
+    ("one value per channel", _densenet121_of, lambda: torch.randn(1, 3, 32, 32), ValueError,
      r"more than 1 value per channel when training, got input size \[1, 512, 1, 1\] at "
      r"features.denseblock4.denselayer1.norm1"),
-    ("empty batch", lambda: _small(), lambda: torch.randn(0, 3, 32, 32), ValueError,
-     "empty input"),
 ]
 
 
@@ -44,7 +66,7 @@ CASES = [
                          ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_any_state_changes(name, make_model, make_input, error,
                                                         match):
-    model = make_model()
+    model = make_model(densenet_fast)
     before = _snapshot(model)
     with pytest.raises(error, match=match):
         model(make_input())
@@ -60,8 +82,11 @@ def test_one_value_per_channel_is_fine_in_eval():
 
 def test_standalone_block_checks_its_channels():
     block = _small().features.denseblock1
-    with pytest.raises(ValueError, match="expects 8 input channels, got 5"):
+    before = _snapshot(block)
+    with pytest.raises(InputError, match="expects 8 input channels, got 5"):
         block(torch.randn(2, 5, 8, 8))
+    after = block.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "state changed on error"
 
 
 def test_running_stats_changed_between_eval_forward_and_backward():

@@ -476,9 +476,16 @@ def test_jit_trace(models):
     assert_close(traced(2 * x), ref(2 * x), DTYPE, "traced output, new input")
 
 
-def test_jit_script_is_refused_clearly(models):
-    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile.*torch.jit.trace"):
-        torch.jit.script(models[0])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_jit_script(models):
+    """Scripting compiles the modules' computation (test_torchvision_api.py: training)."""
+    fast, ref = models
+    x, _ = _batch()
+    for model in models:
+        model.eval()
+    scripted = torch.jit.script(fast)
+    assert_close(scripted(x), ref(x), DTYPE, "scripted output")
+    assert_close(scripted(2 * x), ref(2 * x), DTYPE, "scripted output, new input")
 
 
 def test_legacy_onnx_export_runs_in_onnxruntime(models):
