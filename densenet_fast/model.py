@@ -38,7 +38,7 @@ from .graph import dense_block, stem
 from .state_dict import load_torchvision_state_dict
 from .stem import StemSpec
 from .sync import sync_of
-from .validation import check_input_tensor, check_spatial_plan
+from .validation import check_input_tensor, check_spatial_plan, is_type
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -146,7 +146,7 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     tail_norm = getattr(tail, "norm", tail)
     if uses_batch_stats(tail_norm) and sync_of(tail_norm) != block_sync(block):
         return Blocker("it does not synchronise its statistics as the block does")
-    if type(tail) is _Transition:
+    if is_type(tail, _Transition):
         return transition_blocker(tail, channels)
     problem = norm_blocker(tail, channels)
     if problem is not None:
@@ -263,7 +263,7 @@ class _Features(nn.Sequential):
             if not isinstance(module, DenseBlock):
                 continue
             where = f"features.{name}"
-            if type(module) is not _DenseBlock or "forward" in module.__dict__:
+            if not is_type(module, _DenseBlock) or "forward" in module.__dict__:
                 report[where] = (f"modules: it is {type(module).__name__} with a forward of its "
                                  f"own, not densenet_fast's block")
                 continue
@@ -304,7 +304,7 @@ def _values_over_ranks():
 
 
 def _fusable_block(module: nn.Module) -> bool:
-    return type(module) is _DenseBlock and "forward" not in module.__dict__ \
+    return is_type(module, _DenseBlock) and "forward" not in module.__dict__ \
         and not has_hooks(module) and block_blocker(module) is None
 
 
