@@ -9,8 +9,13 @@ before every forward each block is checked with plain attribute reads (no alloca
   synchronise, torchvision's ``FrozenBatchNorm2d``; ``nn.ReLU``; bias-free ``nn.Conv2d`` 1x1
   and 3x3 with torchvision's stride, padding, dilation and groups; the 2x2 ``nn.AvgPool2d``),
   with channel counts that chain as in a DenseNet, and no ``forward`` replaced on an instance;
+  a subclass that only wraps a standard type (FSDP2's ``FSDP<cls>``) counts as that type
+  (:func:`validation.is_type`);
 - no module has forward, pre-forward or backward hooks (old-style ``prune``, ``weight_norm``
   and ``spectral_norm`` are pre-forward hooks), and no global module hook is registered;
+  hooks on the block itself leave it fused (it is called as a module), and when they are
+  FSDP2's alone (``fully_shard`` on the block) the transition or norm after it is fused into
+  that call too (:func:`fsdp_tail_blocker`);
 - nothing is parametrized (``torch.nn.utils.parametrize`` changes a module's type);
 - nothing traces the model (``torch.jit.trace``, the legacy ONNX exporter, ``torch.fx``) and
   no ``torch.func`` transform is active; :func:`unfused` is not in force.
@@ -73,6 +78,50 @@ def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward, pre-forward or backward hooks of its own."""
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _fsdp_state_class() -> type | None:
+    """FSDP2's per-module state class, looked up only if FSDP2 is loaded."""
+    state = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
+    return getattr(state, "FSDPState", None) if state is not None else None
+
+
+def fsdp_state(module: nn.Module):
+    """The FSDP2 state whose hooks are ``module``'s only ones (None: other hooks, or none):
+    the forward pre-hook that unshards the module's parameters (and registers the
+    post-backward hook on its inputs) and the forward hook that reshards them (and registers
+    the pre-backward hook on its outputs), which ``fully_shard`` puts on a module it shards
+    on its own. Subclassed states and grouped ``fully_shard([...])`` hooks do not count."""
+    state_cls = _fsdp_state_class()
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    if state_cls is None or len(pre) != 1 or len(post) != 1 \
+            or module._backward_hooks or module._backward_pre_hooks:
+        return None
+    (pre_hook,), (post_hook,) = pre.values(), post.values()
+    state = getattr(pre_hook, "__self__", None)
+    if (type(state) is not state_cls or getattr(post_hook, "__self__", None) is not state
+            or getattr(pre_hook, "__func__", None) is not state_cls._pre_forward
+            or getattr(post_hook, "__func__", None) is not state_cls._post_forward):
+        return None
+    return state
+
+
+def fsdp_tail_blocker(block: nn.Module, tail: nn.Module) -> Blocker | None:
+    """Why ``tail`` cannot run fused inside the call of ``block``, a block hooked by FSDP2
+    alone (its hooks then wrap the block and the tail together, and see the tail's output).
+    That computes what the modules do where FSDP's post-forward leaves the block's output as
+    it is, and the tail's parameters have the dtype FSDP unshards the block's in."""
+    state = fsdp_state(block)
+    if state is None:
+        return Blocker("the block has hooks, so it is called as a module")
+    policy = getattr(state, "_mp_policy", None)
+    if policy is None or policy.output_dtype is not None:
+        return Blocker("FSDP casts the block's output (MixedPrecisionPolicy.output_dtype)")
+    first = next(iter(block._modules.values()))
+    dtype = policy.param_dtype or first.conv1.weight.dtype
+    if any(p.dtype != dtype for p in tail.parameters()):
+        return Blocker(f"its parameters are not in {dtype}, the dtype FSDP gives the block's")
+    return None
 
 
 def _global_hooks() -> bool:

@@ -25,6 +25,8 @@ from .fusion import (
     block_blocker,
     block_channels,
     block_sync,
+    fsdp_state,
+    fsdp_tail_blocker,
     has_hooks,
     norm_blocker,
     norm_state,
@@ -116,10 +118,13 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
 class FusionStep(NamedTuple):
     """One step of ``features``' forward: ``modules[0]`` called as a module, or (``fused``)
     ``modules`` run as one fused Function: a standard block (with the transition or norm
-    after it, if any), or the standard stem (conv0, norm0, relu0, pool0)."""
+    after it, if any), or the standard stem (conv0, norm0, relu0, pool0). ``called``: the
+    block is hooked by FSDP2 alone and is called as a module with the tail to fuse, so that
+    FSDP's hooks wrap the fused step (:func:`fusion.fsdp_tail_blocker`)."""
 
     modules: tuple[nn.Module, ...]
     fused: bool
+    called: bool = False
 
     @property
     def module(self) -> nn.Module:
@@ -129,7 +134,10 @@ class FusionStep(NamedTuple):
         if not self.fused:
             return self.module(x)
         if isinstance(self.module, DenseBlock):
-            return run_block(self.module, x, self.modules[1] if len(self.modules) > 1 else None)
+            tail = self.modules[1] if len(self.modules) > 1 else None
+            if self.called:
+                return self.module(x, tail=tail)
+            return run_block(self.module, x, tail)
         conv, norm, _, pool = self.modules
         return run_stem(conv, norm, pool, x, recompute_stem)
 
@@ -138,6 +146,8 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     """Why ``tail``, the module after a standard ``block``, cannot be fused into it."""
     if tail is None:
         return Blocker("the block is last")
+    if has_hooks(block) and (blocker := fsdp_tail_blocker(block, tail)) is not None:
+        return blocker
     if has_hooks(tail):
         return Blocker("it has hooks")
     if tail.training != block.training:
@@ -174,16 +184,20 @@ class _DenseBlock(DenseBlock):
     __prepare_scriptable__ = _refuse_scripting
     recompute_bottleneck = False
 
-    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, init_features: torch.Tensor, *, tail: nn.Module | None = None
+                ) -> torch.Tensor:
+        """All the block's channels; with ``tail`` (given by ``features`` only, to a block
+        hooked by FSDP2 alone), the output of that transition or norm, fused in."""
         blocker = runtime_blocker(init_features) or block_blocker(self)
         if blocker is not None:
             warn_fallback("a dense block", blocker)
-            return super().forward(init_features)
+            out = super().forward(init_features)
+            return out if tail is None else tail(out)
         first = self.denselayer1
         check_input_tensor(init_features, expected_channels=first.conv1.in_channels,
                            reference=first.conv1.weight, where=type(self).__name__)
         check_spatial_plan([("block", self)], init_features, _DenseBlock, _Transition)
-        return run_block(self, init_features, None)
+        return run_block(self, init_features, tail)
 
 
 class _Transition(Transition):
@@ -242,11 +256,12 @@ class _Features(nn.Sequential):
                 i += 1
                 continue
             tail = modules[i + 1] if i + 1 < len(modules) else None
+            called = has_hooks(module)  # FSDP's alone (_fusable_block)
             if _tail_blocker(module, tail) is None:
-                steps.append(FusionStep((module, tail), fused=True))
+                steps.append(FusionStep((module, tail), fused=True, called=called))
                 i += 2
             else:
-                steps.append(FusionStep((module,), fused=True))
+                steps.append(FusionStep((module,), fused=True, called=called))
                 i += 1
         return steps
 
@@ -272,8 +287,7 @@ class _Features(nn.Sequential):
                 report[where] = f"modules: {blocker.reason}"
                 continue
             tail_name, tail = named[i + 1] if i + 1 < len(named) else (None, None)
-            tail_blocker = Blocker("the block has hooks, so it is called as a module") \
-                if has_hooks(module) else _tail_blocker(module, tail)
+            tail_blocker = _tail_blocker(module, tail)
             if tail_blocker is None:
                 report[where] = f"fused with features.{tail_name}"
             elif tail is None:
@@ -305,7 +319,8 @@ def _values_over_ranks():
 
 def _fusable_block(module: nn.Module) -> bool:
     return is_type(module, _DenseBlock) and "forward" not in module.__dict__ \
-        and not has_hooks(module) and block_blocker(module) is None
+        and (not has_hooks(module) or fsdp_state(module) is not None) \
+        and block_blocker(module) is None
 
 
 class DenseNet(DenseNetBase):
