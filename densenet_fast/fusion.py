@@ -9,8 +9,13 @@ before every forward each block is checked with plain attribute reads (no alloca
   synchronise, torchvision's ``FrozenBatchNorm2d``; ``nn.ReLU``; bias-free ``nn.Conv2d`` 1x1
   and 3x3 with torchvision's stride, padding, dilation and groups; the 2x2 ``nn.AvgPool2d``),
   with channel counts that chain as in a DenseNet, and no ``forward`` replaced on an instance;
+  a subclass that only wraps a standard type (FSDP2's ``FSDP<cls>``) counts as that type
+  (:func:`validation.is_type`);
 - no module has forward, pre-forward or backward hooks (old-style ``prune``, ``weight_norm``
   and ``spectral_norm`` are pre-forward hooks), and no global module hook is registered;
+  hooks on the block itself leave it fused (it is called as a module), and when they are
+  FSDP2's alone (``fully_shard`` on the block) the transition or norm after it is fused into
+  that call too (:func:`fsdp_tail_blocker`);
 - nothing is parametrized (``torch.nn.utils.parametrize`` changes a module's type);
 - nothing traces the model (``torch.jit.trace``, the legacy ONNX exporter, ``torch.fx``), no
   ``torch.func`` transform is active and no forward-mode AD dual level is open;
@@ -35,6 +40,7 @@ from torch.nn.modules import module as _module_globals
 from .architecture import DenseLayer
 from .block import NormState
 from .sync import sync_of
+from .validation import is_type
 
 _LAYER_CHILDREN = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
 _TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
@@ -73,6 +79,50 @@ def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward, pre-forward or backward hooks of its own."""
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _fsdp_state_class() -> type | None:
+    """FSDP2's per-module state class, looked up only if FSDP2 is loaded."""
+    state = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
+    return getattr(state, "FSDPState", None) if state is not None else None
+
+
+def fsdp_state(module: nn.Module):
+    """The FSDP2 state whose hooks are ``module``'s only ones (None: other hooks, or none):
+    the forward pre-hook that unshards the module's parameters (and registers the
+    post-backward hook on its inputs) and the forward hook that reshards them (and registers
+    the pre-backward hook on its outputs), which ``fully_shard`` puts on a module it shards
+    on its own. Subclassed states and grouped ``fully_shard([...])`` hooks do not count."""
+    state_cls = _fsdp_state_class()
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    if state_cls is None or len(pre) != 1 or len(post) != 1 \
+            or module._backward_hooks or module._backward_pre_hooks:
+        return None
+    (pre_hook,), (post_hook,) = pre.values(), post.values()
+    state = getattr(pre_hook, "__self__", None)
+    if (type(state) is not state_cls or getattr(post_hook, "__self__", None) is not state
+            or getattr(pre_hook, "__func__", None) is not state_cls._pre_forward
+            or getattr(post_hook, "__func__", None) is not state_cls._post_forward):
+        return None
+    return state
+
+
+def fsdp_tail_blocker(block: nn.Module, tail: nn.Module) -> Blocker | None:
+    """Why ``tail`` cannot run fused inside the call of ``block``, a block hooked by FSDP2
+    alone (its hooks then wrap the block and the tail together, and see the tail's output).
+    That computes what the modules do where FSDP's post-forward leaves the block's output as
+    it is, and the tail's parameters have the dtype FSDP unshards the block's in."""
+    state = fsdp_state(block)
+    if state is None:
+        return Blocker("the block has hooks, so it is called as a module")
+    policy = getattr(state, "_mp_policy", None)
+    if policy is None or policy.output_dtype is not None:
+        return Blocker("FSDP casts the block's output (MixedPrecisionPolicy.output_dtype)")
+    first = next(iter(block._modules.values()))
+    dtype = policy.param_dtype or first.conv1.weight.dtype
+    if any(p.dtype != dtype for p in tail.parameters()):
+        return Blocker(f"its parameters are not in {dtype}, the dtype FSDP gives the block's")
+    return None
 
 
 def _global_hooks() -> bool:
@@ -120,7 +170,8 @@ def runtime_blocker(x) -> Blocker | None:
 def is_frozen_batchnorm(module: nn.Module) -> bool:
     """torchvision's ``FrozenBatchNorm2d``, looked up only if torchvision is loaded."""
     misc = sys.modules.get("torchvision.ops.misc")
-    return misc is not None and type(module) is getattr(misc, "FrozenBatchNorm2d", None)
+    frozen = getattr(misc, "FrozenBatchNorm2d", None) if misc is not None else None
+    return frozen is not None and is_type(module, frozen)
 
 
 def _describe(module: nn.Module | None) -> str:
@@ -134,8 +185,7 @@ def _describe(module: nn.Module | None) -> str:
 
 def norm_blocker(bn: nn.Module | None, channels: int) -> str | None:
     """Why ``bn`` is not a BatchNorm the fused path computes exactly over ``channels``."""
-    kind = type(bn)
-    if kind is nn.BatchNorm2d or kind is nn.SyncBatchNorm:
+    if is_type(bn, nn.BatchNorm2d) or is_type(bn, nn.SyncBatchNorm):
         if not bn.affine:
             return "has affine=False"
         width = bn.num_features
@@ -157,7 +207,7 @@ def norm_state(bn: nn.Module) -> NormState:
 
 
 def _standard_conv(conv: nn.Module | None, kernel: int, in_channels: int) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel)
+    return (is_type(conv, nn.Conv2d) and conv.kernel_size == (kernel, kernel)
             and conv.stride == (1, 1) and conv.padding == (kernel // 2, kernel // 2)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
             and conv.padding_mode == "zeros" and conv.in_channels == in_channels)
@@ -166,7 +216,7 @@ def _standard_conv(conv: nn.Module | None, kernel: int, in_channels: int) -> boo
 def _conv_blocker(conv: nn.Module | None, kernel: int, in_channels: int) -> str | None:
     if _standard_conv(conv, kernel, in_channels):
         return None
-    if type(conv) is nn.Conv2d and _standard_conv(conv, kernel, conv.in_channels):
+    if is_type(conv, nn.Conv2d) and _standard_conv(conv, kernel, conv.in_channels):
         return f"reads {conv.in_channels} channels where {in_channels} arrive"
     return (f"is {_describe(conv)}, not a bias-free {kernel}x{kernel} nn.Conv2d with "
             f"stride 1, padding {kernel // 2}, dilation 1 and groups 1")
@@ -180,12 +230,12 @@ def _untouched(module: nn.Module) -> bool:
 def _standard_layer(layer: nn.Module, channels: int, growth: int) -> bool:
     """The check of one layer, without building a reason: every forward runs it, and
     :func:`_layer_blocker` says what failed."""
-    if type(layer) is not DenseLayer or not _untouched(layer):
+    if not is_type(layer, DenseLayer) or not _untouched(layer):
         return False
     children = layer._modules
     norm1, relu1, conv1 = children.get("norm1"), children.get("relu1"), children.get("conv1")
     norm2, relu2, conv2 = children.get("norm2"), children.get("relu2"), children.get("conv2")
-    if not (type(relu1) is nn.ReLU and type(relu2) is nn.ReLU
+    if not (is_type(relu1, nn.ReLU) and is_type(relu2, nn.ReLU)
             and _standard_conv(conv1, 1, channels)):
         return False
     bottleneck = conv1.out_channels
@@ -206,7 +256,7 @@ def _child_blocker(name: str, module: nn.Module | None, problem: str | None) -> 
 
 
 def _relu_problem(relu: nn.Module | None) -> str | None:
-    return None if type(relu) is nn.ReLU else f"is {_describe(relu)}, not nn.ReLU"
+    return None if is_type(relu, nn.ReLU) else f"is {_describe(relu)}, not nn.ReLU"
 
 
 def _first_blocker(problems) -> Blocker | None:
@@ -222,7 +272,7 @@ def _layer_problems(layer: DenseLayer, channels: int) -> Iterator[tuple[str, nn.
     """``(child name, child, problem or None)`` for each of a standard layer's children."""
     children = layer._modules
     norm1, conv1, norm2, conv2 = (children.get(n) for n in ("norm1", "conv1", "norm2", "conv2"))
-    bottleneck = conv1.out_channels if type(conv1) is nn.Conv2d else None
+    bottleneck = conv1.out_channels if is_type(conv1, nn.Conv2d) else None
     yield "norm1", norm1, norm_blocker(norm1, channels)
     yield "conv1", conv1, _conv_blocker(conv1, 1, channels)
     yield "norm2", norm2, norm_blocker(norm2, bottleneck)
@@ -234,7 +284,7 @@ def _layer_problems(layer: DenseLayer, channels: int) -> Iterator[tuple[str, nn.
 
 def _layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Blocker:
     """Why ``layer`` failed :func:`_standard_layer`."""
-    if type(layer) is not DenseLayer or "forward" in layer.__dict__:
+    if not is_type(layer, DenseLayer) or "forward" in layer.__dict__:
         return Blocker(f"{name} is {type(layer).__name__} with a forward of its own, "
                        f"not densenet_fast's dense layer", nonstandard=True)
     if has_hooks(layer):
@@ -303,7 +353,7 @@ def transition_blocker(transition: nn.Module, channels: int) -> Blocker | None:
                        f"torchvision's {_TRANSITION_CHILDREN}", nonstandard=True)
     pool = children["pool"]
     pool_problem = None
-    if not (type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2))
+    if not (is_type(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2))
             and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
             and not pool.ceil_mode and pool.divisor_override is None):
         pool_problem = f"is {_describe(pool)}, not nn.AvgPool2d(kernel_size=2, stride=2)"
@@ -328,13 +378,13 @@ def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
         return Blocker(f"features starts with {names}, not {STEM_NAMES}")
     conv, norm, relu, pool = (modules[name] for name in STEM_NAMES)
     conv_problem = None
-    if not (type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros"
+    if not (is_type(conv, nn.Conv2d) and conv.bias is None and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)):
         conv_problem = f"is {_describe(conv)}, not a bias-free nn.Conv2d with numeric padding"
     pool_problem = None
-    if not (type(pool) is nn.MaxPool2d and not pool.return_indices):
+    if not (is_type(pool, nn.MaxPool2d) and not pool.return_indices):
         pool_problem = f"is {_describe(pool)}, not nn.MaxPool2d"
-    channels = conv.out_channels if type(conv) is nn.Conv2d else None
+    channels = conv.out_channels if is_type(conv, nn.Conv2d) else None
     return _first_blocker((
         ("conv0", conv, conv_problem),
         ("norm0", norm, norm_blocker(norm, channels)),

@@ -30,6 +30,8 @@ from .fusion import (
     block_blocker,
     block_channels,
     block_sync,
+    fsdp_state,
+    fsdp_tail_blocker,
     has_hooks,
     norm_blocker,
     norm_state,
@@ -43,7 +45,7 @@ from .graph import dense_block, stem
 from .state_dict import load_torchvision_state_dict
 from .stem import StemSpec
 from .sync import sync_of
-from .validation import check_input_tensor, check_spatial_plan
+from .validation import check_input_tensor, check_spatial_plan, is_type
 
 try:  # the builders' annotations, read by torchvision.models.get_model_weights
     from torchvision.models import (
@@ -133,10 +135,13 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
 class FusionStep(NamedTuple):
     """One step of ``features``' forward: ``modules[0]`` called as a module, or (``fused``)
     ``modules`` run as one fused Function: a standard block (with the transition or norm
-    after it, if any), or the standard stem (conv0, norm0, relu0, pool0)."""
+    after it, if any), or the standard stem (conv0, norm0, relu0, pool0). ``called``: the
+    block is hooked by FSDP2 alone and is called as a module with the tail to fuse, so that
+    FSDP's hooks wrap the fused step (:func:`fusion.fsdp_tail_blocker`)."""
 
     modules: tuple[nn.Module, ...]
     fused: bool
+    called: bool = False
 
     @property
     def module(self) -> nn.Module:
@@ -146,7 +151,10 @@ class FusionStep(NamedTuple):
         if not self.fused:
             return self.module(x)
         if isinstance(self.module, DenseBlock):
-            return run_block(self.module, x, self.modules[1] if len(self.modules) > 1 else None)
+            tail = self.modules[1] if len(self.modules) > 1 else None
+            if self.called:
+                return self.module(x, tail=tail)
+            return run_block(self.module, x, tail)
         conv, norm, _, pool = self.modules
         return run_stem(conv, norm, pool, x, recompute_stem)
 
@@ -155,6 +163,8 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     """Why ``tail``, the module after a standard ``block``, cannot be fused into it."""
     if tail is None:
         return Blocker("the block is last")
+    if has_hooks(block) and (blocker := fsdp_tail_blocker(block, tail)) is not None:
+        return blocker
     if has_hooks(tail):
         return Blocker("it has hooks")
     if tail.training != block.training:
@@ -163,7 +173,7 @@ def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
     tail_norm = getattr(tail, "norm", tail)
     if uses_batch_stats(tail_norm) and sync_of(tail_norm) != block_sync(block):
         return Blocker("it does not synchronise its statistics as the block does")
-    if type(tail) is _Transition:
+    if is_type(tail, _Transition):
         return transition_blocker(tail, channels)
     problem = norm_blocker(tail, channels)
     if problem is not None:
@@ -184,25 +194,32 @@ class _DenseBlock(DenseBlock):
 
     recompute_bottleneck = False
 
-    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, init_features: torch.Tensor, tail: Any = None) -> torch.Tensor:
+        """All the block's channels; with ``tail`` (given by ``features`` only, to a block
+        hooked by FSDP2 alone), the output of that transition or norm, fused in."""
         if torch.jit.is_scripting():
             return self.forward_modules(init_features)
-        return self._forward_fused(init_features)
+        return self._forward_fused(init_features, tail)
 
     @torch.jit.unused
-    def _forward_fused(self, init_features: torch.Tensor) -> torch.Tensor:
+    def _forward_fused(self, init_features: torch.Tensor, tail: Any) -> torch.Tensor:
         blocker = runtime_blocker(init_features) or block_blocker(self)
         if blocker is not None:
             warn_fallback("a dense block", blocker)
-            return self.forward_modules(init_features)
+            return self._forward_modules_then(init_features, tail)
         first = self.denselayer1
         check_input_tensor(init_features, expected_channels=first.conv1.in_channels,
                            reference=first.conv1.weight, where=type(self).__name__)
         if init_features.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
-            return self.forward_modules(init_features)
+            return self._forward_modules_then(init_features, tail)
         check_spatial_plan([("block", self)], init_features, _DenseBlock, _Transition)
-        return run_block(self, init_features, None)
+        return run_block(self, init_features, tail)
+
+    @torch.jit.unused
+    def _forward_modules_then(self, init_features: torch.Tensor, tail: Any) -> torch.Tensor:
+        out = self.forward_modules(init_features)
+        return out if tail is None else tail(out)
 
 
 class _Transition(Transition):
@@ -274,11 +291,12 @@ class _Features(nn.Sequential):
                 i += 1
                 continue
             tail = modules[i + 1] if i + 1 < len(modules) else None
+            called = has_hooks(module)  # FSDP's alone (_fusable_block)
             if _tail_blocker(module, tail) is None:
-                steps.append(FusionStep((module, tail), fused=True))
+                steps.append(FusionStep((module, tail), fused=True, called=called))
                 i += 2
             else:
-                steps.append(FusionStep((module,), fused=True))
+                steps.append(FusionStep((module,), fused=True, called=called))
                 i += 1
         return steps
 
@@ -295,7 +313,7 @@ class _Features(nn.Sequential):
             if not isinstance(module, DenseBlock):
                 continue
             where = f"features.{name}"
-            if type(module) is not _DenseBlock or "forward" in module.__dict__:
+            if not is_type(module, _DenseBlock) or "forward" in module.__dict__:
                 report[where] = (f"modules: it is {type(module).__name__} with a forward of its "
                                  f"own, not densenet_fast's block")
                 continue
@@ -304,8 +322,7 @@ class _Features(nn.Sequential):
                 report[where] = f"modules: {blocker.reason}"
                 continue
             tail_name, tail = named[i + 1] if i + 1 < len(named) else (None, None)
-            tail_blocker = Blocker("the block has hooks, so it is called as a module") \
-                if has_hooks(module) else _tail_blocker(module, tail)
+            tail_blocker = _tail_blocker(module, tail)
             if tail_blocker is None:
                 report[where] = f"fused with features.{tail_name}"
             elif tail is None:
@@ -336,8 +353,9 @@ def _values_over_ranks():
 
 
 def _fusable_block(module: nn.Module) -> bool:
-    return type(module) is _DenseBlock and "forward" not in module.__dict__ \
-        and not has_hooks(module) and block_blocker(module) is None
+    return is_type(module, _DenseBlock) and "forward" not in module.__dict__ \
+        and (not has_hooks(module) or fsdp_state(module) is not None) \
+        and block_blocker(module) is None
 
 
 class DenseNet(DenseNetBase):

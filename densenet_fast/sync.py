@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .ops.batchnorm import bn_backward
+from .validation import is_type
 
 _recorders: list[list] = []
 
@@ -133,7 +134,7 @@ def sync_of(bn: torch.nn.Module) -> StatsSync | None:
     """The synchronisation ``bn`` asks for in this forward: a training ``nn.SyncBatchNorm``
     with an initialised process group of more than one rank (else None: it behaves as
     ``BatchNorm2d``, as PyTorch's does)."""
-    if type(bn) is not torch.nn.SyncBatchNorm or not bn.training:
+    if not is_type(bn, torch.nn.SyncBatchNorm) or not bn.training:
         return None
     if not (dist.is_available() and dist.is_initialized()):
         return None

@@ -16,6 +16,48 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+# What a class that only wraps another may redefine without changing what a call computes:
+# construction, class metadata, and ``_apply`` (FSDP2's, which keeps its sharded parameters
+# in step with ``.to()`` and the like).
+_WRAPPER_NAMES = frozenset({
+    "__new__", "__init__", "__doc__", "__module__", "__qualname__", "__dict__", "__weakref__",
+    "__annotations__", "__annotate_func__", "__annotations_cache__", "__firstlineno__",
+    "__static_attributes__", "__orig_bases__", "__parameters__", "_apply"})
+_wrappers: dict[tuple[type, type], bool] = {}
+
+
+def is_type(module, cls: type) -> bool:
+    """Whether ``module`` is a ``cls`` where the fused path checks for exactly that type:
+    ``type(module) is cls``, or a subclass that only adds hooks or state around it, such as
+    the ``FSDP<cls>`` that ``torch.distributed.fsdp.fully_shard`` creates: one whose added
+    classes redefine nothing that ``cls`` or its bases define (``forward``, ``__call__``,
+    ``_conv_forward``...) beyond :data:`_WRAPPER_NAMES`, and add no property or other data
+    descriptor (``torch.nn.utils.parametrize`` computes ``weight`` in one). Hooks and a
+    ``forward`` set on the instance are the caller's to check."""
+    kind = type(module)
+    if kind is cls:
+        return True
+    known = _wrappers.get((kind, cls))
+    if known is None:
+        known = _wrappers[kind, cls] = _only_wraps(kind, cls)
+    return known
+
+
+def _only_wraps(kind: type, cls: type) -> bool:
+    if not issubclass(kind, cls):
+        return False
+    defined = set().union(*(vars(base) for base in cls.__mro__))
+    for added in kind.__mro__:
+        if added in cls.__mro__:
+            continue
+        for name, value in vars(added).items():
+            if name in _WRAPPER_NAMES:
+                continue
+            if name in defined or hasattr(type(value), "__set__") \
+                    or hasattr(type(value), "__delete__"):
+                return False
+    return True
+
 
 class InputError(ValueError, RuntimeError):
     """An input of the wrong rank, channel count or size: a ``ValueError``, and a
@@ -113,7 +155,7 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             _check_bn(m, name, n, h, w, c, values_over_ranks)
         elif isinstance(m, nn.ReLU | nn.Identity | nn.Dropout):
             continue
-        elif type(m) is dense_block_cls:
+        elif is_type(m, dense_block_cls):
             for layer_name, layer in m.named_children():
                 for bn_name in ("norm1", "norm2"):
                     bn = getattr(layer, bn_name, None)
@@ -124,7 +166,7 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             last = list(m.children())[-1]
             c = getattr(getattr(last, "norm1", None), "num_features", 0) + getattr(
                 getattr(last, "conv2", None), "out_channels", 0)
-        elif type(m) is transition_cls and _is_halving_pool(getattr(m, "pool", None)) \
+        elif is_type(m, transition_cls) and _is_halving_pool(getattr(m, "pool", None)) \
                 and isinstance(getattr(m, "conv", None), nn.Conv2d) \
                 and getattr(m.conv, "stride", None) == (1, 1):
             _check_bn(getattr(m, "norm", None), f"{name}.norm", n, h, w, c, values_over_ranks)
