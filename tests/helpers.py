@@ -54,22 +54,27 @@ def assert_grads_match(fast_grads, ref_grads, dtype, what=""):
 
 
 class FusedOpCounter:
-    """Counts the dense block's calls of the fused BN-ReLU-Conv1x1 forward, whichever kernel
-    serves them (the calls run inside the block's ops, which a dispatch mode sees as one)."""
+    """Counts the dense block's calls of the fused BN-ReLU-Conv1x1 forward (or, with
+    ``name="bn_relu_conv1x1_backward"``, of its backward: one per layer and transition whose
+    backward runs), whichever kernel serves them (the calls run inside the block's ops,
+    which a dispatch mode sees as one)."""
+
+    def __init__(self, name: str = "bn_relu_conv1x1"):
+        self.name = name
 
     def __enter__(self):
         self.calls = 0
-        original = self._original = block.bn_relu_conv1x1
+        original = self._original = getattr(block, self.name)
 
         def counted(*args):
             self.calls += 1
             return original(*args)
 
-        block.bn_relu_conv1x1 = counted
+        setattr(block, self.name, counted)
         return self
 
     def __exit__(self, *exc_info):
-        block.bn_relu_conv1x1 = self._original
+        setattr(block, self.name, self._original)
 
 
 def norm_state_case(c, training, dtype):

@@ -585,7 +585,7 @@ def test_flop_formula_of_the_fused_block(models):
     assert fused == counter.get_total_flops() > 0
 
 
-# --- torch.func, double backward, half precision ----------------------------------------
+# --- torch.func, half precision (higher-order gradients: test_higher_order.py) ----------
 
 def _per_sample_gradients(model):
     from torch.func import functional_call, grad, vmap
@@ -607,25 +607,6 @@ def test_torch_func_per_sample_gradients(models):
     ours, theirs = _per_sample_gradients(fast), _per_sample_gradients(ref)
     for name, grad in theirs.items():
         assert_close(ours[name], grad, DTYPE, f"per-sample grad {name}")
-
-
-def test_double_backward_is_refused_clearly_and_works_unfused(models):
-    fast, ref = models
-    x, y = _batch()
-
-    def gradient_penalty(model):
-        xi = x.clone().requires_grad_()
-        (dx,) = torch.autograd.grad(F.cross_entropy(model(xi), y), xi, create_graph=True)
-        dx.pow(2).sum().backward()
-        return {name: p.grad for name, p in model.named_parameters()}
-
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gradient_penalty(fast)
-    fast.zero_grad(set_to_none=True)
-    with densenet_fast.unfused():
-        ours = gradient_penalty(fast)
-    for name, grad in gradient_penalty(ref).items():
-        assert_close(ours[name], grad, DTYPE, f"double-backward grad {name}")
 
 
 def test_half_precision_on_cpu(models):
