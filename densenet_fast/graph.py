@@ -293,9 +293,9 @@ class DenseBlockFunction(torch.autograd.Function):
         kept = Saved.load(saved, spec)
         update_running(running_updates(spec, x.shape[1], kept.mean, kept.var,
                                        kept.norm2_batch), kept.count)
-        # The input only for the differentiable route, which torch.compile does not take.
-        ctx.input_saved = not torch.compiler.is_compiling()
-        ctx.save_for_backward(*saved, *params, *([x] if ctx.input_saved else []))
+        # The input, for the differentiable route (saved as a view of the buffer: see
+        # _InputInBuffer).
+        ctx.save_for_backward(*saved, *params, x)
         ctx.spec, ctx.args, ctx.num_saved, ctx.num_params = spec, args, len(saved), len(params)
         # Eval-mode BNs re-read running statistics in backward: refuse if they changed.
         ctx.running_versions = [t._version for t in running_tensors_read(spec)]
@@ -319,11 +319,7 @@ class DenseBlockFunction(torch.autograd.Function):
 
 
 def _differentiable_block_backward(ctx, grad_out, saved, params, tensors):
-    spec = ctx.spec
-    if not ctx.input_saved:
-        raise RuntimeError("densenet_fast: higher-order gradients and vmap over the backward "
-                           "are not supported under torch.compile")
-    x = tensors[-1]
+    spec, x = ctx.spec, tensors[-1]
     kept = Saved.load(saved, spec)
     if spec.backward_from:  # the input and the frozen layers' outputs are constants
         first = kept.buffer[:, :x.shape[1] + spec.backward_from * spec.growth_rate]
@@ -354,8 +350,9 @@ def dense_block(x: torch.Tensor, spec: BlockSpec, params) -> torch.Tensor:
     bottleneck is freed as soon as it is used."""
     if _needs_graph_node(x, params):
         spec = replace(spec, backward_from=_backward_from(spec, x, params))
-        hooks = None if torch.compiler.is_compiling() else _InputInBuffer(x).hooks()
-        with hooks or nullcontext():
+        if torch.compiler.is_compiling():
+            return _compiled_dense_block(x, spec, params)
+        with _InputInBuffer(x).hooks() or nullcontext():
             return DenseBlockFunction.apply(x, spec, *params)
     fwd = Forward(x, spec, params, keep=False)
     out = fwd.run()
@@ -492,12 +489,93 @@ def stem(x: torch.Tensor, spec: StemSpec, conv_weight, norm_weight, norm_bias) -
     """Run the stem; builds a graph node only when a gradient is needed."""
     params = (conv_weight, norm_weight, norm_bias)
     if _needs_graph_node(x, params):
+        if torch.compiler.is_compiling():
+            return _compiled_stem(x, spec, *params)
         return StemFunction.apply(x, spec, *params)
     result = stem_forward_computation(x, spec, *params)
     if spec.norm.update_running:
         update_running([(spec.norm, result.mean, result.var)], result.count)
     return result.out
 
+
+# Under torch.compile a graph node is the forward op itself, with the backward op registered as
+# its gradient (torch.library's register_autograd) instead of an autograd Function around it.
+# Dynamo records an autograd Function as the autograd_function_apply higher-order op, which
+# AOTAutograd's cache refuses (unless a process-wide private flag opts every Function in), so
+# each new process would trace and partition the whole model again; a graph of library ops is
+# cached. AOTAutograd traces the same forward and backward ops either way, and saves for
+# backward the same tensors: what the forward op returns for it. (Compiled graphs do not
+# support double backward, so what the Functions do beyond this for eager mode is not needed.)
+
+def _compiled_dense_block(x, spec: BlockSpec, params) -> torch.Tensor:
+    """:meth:`DenseBlockFunction.forward` for dynamo to trace."""
+    args, running = block_op_args(spec)
+    out, *saved = dense_block_forward(x, list(params), running, *args)
+    kept = Saved.load(saved, spec)
+    with torch.no_grad():
+        update_running(running_updates(spec, x.shape[1], kept.mean, kept.var,
+                                       kept.norm2_batch), kept.count)
+    return out
+
+
+def _no_grads(args) -> tuple:
+    """The gradients of arguments that get none: a list of Nones for a tensor list (as
+    torch.library expects), None for anything else."""
+    return tuple([None] * len(a) if isinstance(a, list) and all(
+        isinstance(t, torch.Tensor) for t in a) else None for a in args)
+
+
+def _setup_block_backward(ctx, inputs, output):
+    x, params, running, *settings = inputs
+    ctx.save_for_backward(*output[1:], *params, *running)
+    ctx.settings, ctx.num_saved, ctx.num_params = settings, len(output) - 1, len(params)
+    ctx.no_grads = _no_grads((running, *settings))
+    ctx.input_grad, ctx.params_grad = x.requires_grad, [p.requires_grad for p in params]
+
+
+def _block_backward(ctx, grads):
+    tensors, saved_end = ctx.saved_tensors, ctx.num_saved
+    params_end = saved_end + ctx.num_params
+    grad_x, *grad_params = dense_block_backward(
+        grads[0], list(tensors[:saved_end]), list(tensors[saved_end:params_end]),
+        list(tensors[params_end:]), *ctx.settings, ctx.input_grad)
+    # Frozen layers below backward_from get empty tensors from the op: no gradient.
+    grad_params = [g if need else None for g, need in zip(grad_params, ctx.params_grad,
+                                                          strict=True)]
+    return (grad_x if ctx.input_grad else None), grad_params, *ctx.no_grads
+
+
+dense_block_forward.register_autograd(_block_backward, setup_context=_setup_block_backward)
+
+
+def _compiled_stem(x, spec: StemSpec, conv_weight, norm_weight, norm_bias) -> torch.Tensor:
+    """:meth:`StemFunction.forward` for dynamo to trace."""
+    args, running = stem_op_args(spec)
+    out, *rest = stem_forward(x, conv_weight, norm_weight, norm_bias, running, *args)
+    if spec.norm.update_running:  # rest ends with mean, invstd, count, var
+        with torch.no_grad():
+            update_running([(spec.norm, rest[-4], rest[-1])], rest[-2])
+    return out
+
+
+def _setup_stem_backward(ctx, inputs, output):
+    *tensors, running = inputs[:5]
+    args = StemOpArgs(*inputs[5:])
+    saved = output[1:-1] if args.batch_stats else output[1:]
+    ctx.save_for_backward(*tensors, *saved, *running)
+    ctx.args, ctx.num_saved, ctx.no_grads = args, len(saved), _no_grads((running, *args))
+
+
+def _stem_backward(ctx, grads):
+    x, conv_weight, norm_weight, norm_bias, *rest = ctx.saved_tensors
+    saved, running = rest[:ctx.num_saved], rest[ctx.num_saved:]
+    input_grad = ctx.needs_input_grad[0]
+    grad_x, *grad_params = stem_backward(grads[0], x, conv_weight, norm_weight, norm_bias,
+                                         saved, running, *ctx.args, input_grad)
+    return (grad_x if input_grad else None), *grad_params, *ctx.no_grads
+
+
+stem_forward.register_autograd(_stem_backward, setup_context=_setup_stem_backward)
 
 # FLOPs, counted as FlopCounterMode counts torchvision's modules: 2 per multiply-add of each
 # convolution, its backward twice that (input and weight gradients), BN and ReLU not counted;

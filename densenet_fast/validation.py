@@ -37,6 +37,8 @@ def is_type(module, cls: type) -> bool:
     kind = type(module)
     if kind is cls:
         return True
+    if not isinstance(module, cls):  # before the cache, whose growth dynamo would guard on
+        return False
     known = _wrappers.get((kind, cls))
     if known is None:
         known = _wrappers[kind, cls] = _only_wraps(kind, cls)

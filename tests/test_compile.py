@@ -42,3 +42,17 @@ def test_compiled_model_matches_eager_without_graph_breaks(backend):
                            {n: p.grad for n, p in eager.named_parameters()}, torch.float32)
     assert_models_match(compiled_base, eager, torch.float32, "after two compiled steps",
                         params=False)
+
+
+def test_compiled_eval_mode_step_matches_eager():
+    """With gradients in eval mode (BatchNorm on running statistics, as when fine-tuning with
+    frozen statistics) the compiled step traces too, and matches eager."""
+    torch._dynamo.reset()
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    eager, compiled_base = DenseNet(**config).eval(), DenseNet(**config).eval()
+    compiled_base.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_base, backend="aot_eager", fullgraph=True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    assert_close(_step(compiled, x, y), _step(eager, x, y), torch.float32, "logits")
+    assert_grads_match({n: p.grad for n, p in compiled_base.named_parameters()},
+                       {n: p.grad for n, p in eager.named_parameters()}, torch.float32)
