@@ -159,3 +159,28 @@ def test_forward_mode_ad_matches_torchvision():
     assert_close(ours, theirs, DTYPE, "forward_ad tangent")
     ours = torch.func.jvp(fast, (x,), (tangent,))[1]
     assert_close(ours, torch.func.jvp(ref, (x,), (tangent,))[1], DTYPE, "torch.func.jvp")
+
+
+def test_gradient_penalty_under_bfloat16_autocast():
+    # The recomputed block computes in the dtypes the fused forward used (bfloat16 data,
+    # float32 BatchNorm): its penalised gradients are as close to float32's as torchvision's.
+    from tolerances import assert_as_accurate
+
+    ref = TorchvisionDenseNet(**CONFIG)
+    fast = DenseNet(**CONFIG)
+    fast.load_state_dict(ref.state_dict())
+    x, y = _batch()
+    x = x.float()
+
+    def penalised(model, autocast):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(xi).float(), y)
+        (dx,) = torch.autograd.grad(loss, xi, create_graph=True)
+        (loss + dx.pow(2).sum()).backward(inputs=list(model.parameters()))
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact = penalised(ref, autocast=False)
+    assert_as_accurate(penalised(fast, True), penalised(ref, True), exact, torch.bfloat16,
+                       "R1-penalised gradients under bfloat16 autocast")
