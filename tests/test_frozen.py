@@ -97,7 +97,8 @@ def test_a_frozen_block_keeps_nothing_for_backward():
 
     model.features.requires_grad_(True)
     _freeze(model, "denseblock1")  # denseblock1 frozen, transition1 fused with it trainable
-    nodes = _block_nodes(model(x))
+    out = model(x)  # kept: the graph lives as long as its output
+    nodes = _block_nodes(out)
     first = next(node for node in nodes if node.saved_tensors[0].shape[2] == 32 // 4)
     buffer = first.saved_tensors[0]
     # What is kept besides the parameters: the buffer (the block input as a view of it) and
