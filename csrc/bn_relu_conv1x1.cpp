@@ -2,8 +2,9 @@
 //
 // The prefix x = buffer[:, :C] is read in place, one pixel tile at a time: a tile of
 // a = relu(x * scale + shift) is built in per-thread scratch (float32, or float64 for
-// float64 data) and multiplied through ATen's BLAS, so the prefix is read once per pass and
-// no prefix-sized activation exists. Two buffer layouts are served:
+// float64 data) and multiplied through ATen's BLAS (the forward's large float32 tiles through
+// oneDNN, see forward_gemm), so the prefix is read once per pass and no prefix-sized
+// activation exists. Two buffer layouts are served:
 //   channel-major (NCHW):  per image, x is [C, HW] with row stride HW, out = W a
 //   pixel-major (NHWC):    x is [N*HW, C] with row stride C_total,   out = a W^T
 // Backward, pass 1, per tile: recompute a, accumulate dW += g_out a^T per thread, compute
@@ -13,6 +14,7 @@
 // a store of bounded size (the prefix is walked in channel chunks) for pass 2.
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
@@ -32,6 +34,10 @@ constexpr int64_t kTileElements = 1 << 17;
 constexpr int64_t kChunkElements = 1 << 22;
 // Independent partial sums per reduction, so the compiler can vectorise it.
 constexpr int kLanes = 16;
+// Float32 forward GEMMs of at least this many multiply-adds per thread that runs them go to
+// oneDNN (a 1x1 convolution) instead of ATen's BLAS: on the machines measured (issue 19) it
+// is 1.2-2x as fast from here up, while its fixed cost per call (~50 us) loses below ~6e6.
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
 
 // Messages and exception types match ops/schema.py's checks (ValueError for shapes,
 // TypeError for dtypes, RuntimeError for devices), whichever backend serves the call.
@@ -132,13 +138,63 @@ void for_each_item(int64_t items, const F& fn) {
   }
 }
 
-// out = a @ b, written into `out` (a view of existing memory).
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
-
 template <typename acc_t>
 at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t row_stride) {
   return at::from_blob(data, {rows, cols}, {row_stride, 1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// out = a @ b, written into `out` (a view of existing memory).
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+// Whether a forward GEMM of `macs` multiply-adds goes to oneDNN: float32 only, where ATen was
+// built with it and torch.backends.mkldnn is enabled, and large enough for the threads that
+// would share it: one inside a parallel region; all of them on the calling thread, where
+// oneDNN splits one short row of pixels, and needs twice the work per thread to win (the
+// packed [128 x 1000] x [1000 x 98] GEMM of 7x7 planes ran 0.83x as fast on 2 threads).
+template <typename acc_t>
+bool onednn_gemm(int64_t macs) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return false;
+  } else {
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t needed = threads == 1 ? kOneDnnMinMacs : 2 * kOneDnnMinMacs * threads;
+    return macs >= needed && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  }
+}
+
+// The forward's GEMM of one tile of a = relu(bn(x)), written into `dst` (the output tile):
+//   channel-major: dst [C_out, len] (row stride dst_stride) = W [C_out, C] @ a [C, len]
+//   pixel-major:   dst [len, C_out] (row stride C_out)      = a [len, C] @ W^T
+// Large float32 tiles run as a 1x1 convolution of a viewed as one [1, C, 1, len] image in
+// its own layout (oneDNN, whose result is copied into dst); the rest through at::mm_out.
+template <typename acc_t, typename out_t>
+void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_t channels,
+                  int64_t len, out_t* dst, int64_t dst_stride) {
+  const int64_t co = weight.size(0);
+  const at::Tensor a = pixel_major ? matrix(act, len, channels, channels)
+                                   : matrix(act, channels, len, len);
+  const at::Tensor out = pixel_major ? matrix(dst, len, co, co) : matrix(dst, co, len, dst_stride);
+  if (!onednn_gemm<acc_t>(co * channels * len)) {
+    if (pixel_major) {
+      mm_into(out, a, weight.t());
+    } else {
+      mm_into(out, weight, a);
+    }
+    return;
+  }
+  // [1, C, 1, len] views: NCHW of a [C, len] tile, channels-last of a [len, C] one; the
+  // weight [C_out, C, 1, 1] is both, and is given the input's strides so that oneDNN sees
+  // one layout throughout.
+  const at::Tensor image =
+      pixel_major ? a.t().unsqueeze(0).unsqueeze(2) : a.unsqueeze(0).unsqueeze(2);
+  const at::Tensor kernel =
+      pixel_major ? weight.as_strided({co, channels, 1, 1}, {channels, 1, channels, channels})
+                  : weight.view({co, channels, 1, 1});
+  const at::Tensor result =
+      at::mkldnn_convolution(image, kernel, std::nullopt, {0, 0}, {1, 1}, {1, 1}, 1);
+  const at::Tensor rows = result.select(2, 0).select(0, 0);  // [C_out, len]
+  out.copy_(pixel_major ? rows.t() : rows);
 }
 
 // The element loops live in functions of their own: GCC honours __restrict__ on parameters
@@ -324,7 +380,7 @@ void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* sc
         }
       }
     });
-    mm_into(matrix(result, co, len, len), weight, matrix(act, channels, len, len));
+    forward_gemm(false, weight, act, channels, len, result, len);
     at::parallel_for(0, co, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t j = 0; j < images; ++j) {
@@ -376,22 +432,15 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
     for (int64_t item = begin; item < end; ++item) {
       const auto [p0, len] = g.span(item);
       bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
-      at::Tensor a = g.pixel_major ? matrix(act, len, channels, channels)
-                                   : matrix(act, channels, len, len);
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        scalar_t* dst = out_data + g.offset(p0, 0, co);
-        if (g.pixel_major) {
-          mm_into(matrix(dst, len, co, co), a, weight.t());
-        } else {
-          mm_into(matrix(dst, co, len, g.hw), weight, a);
-        }
+        forward_gemm(g.pixel_major, weight, act, channels, len, out_data + g.offset(p0, 0, co),
+                     g.hw);
       } else {
+        forward_gemm(g.pixel_major, weight, act, channels, len, result, len);
         if (g.pixel_major) {
-          mm_into(matrix(result, len, co, co), a, weight.t());
           scalar_t* dst = out_data + p0 * co;
           for (int64_t i = 0; i < len * co; ++i) dst[i] = static_cast<scalar_t>(result[i]);
         } else {
-          mm_into(matrix(result, co, len, len), weight, a);
           for (int64_t c = 0; c < co; ++c) {
             scalar_t* dst = out_data + g.offset(p0, c, co);
             for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<scalar_t>(result[c * len + t]);

@@ -30,6 +30,9 @@ CHUNKED = (4, 320, 300, 8, 64, 64)
 # with 1030 channels fit 4 images in a tile, so 10 images make tiles of 4, 4 and 2.
 PACKED = (10, 1040, 1030, 20, 5, 5)
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+# Forward tiles large enough for oneDNN (1024 pixels x 128 channels x 128 outputs, over
+# kOneDnnMinMacs in the kernel), with a shorter last tile per image (48x48 = 2 x 1024 + 256).
+ONEDNN = (4, 136, 128, 128, 48, 48)
 
 
 @needs_cpp
@@ -51,6 +54,17 @@ def test_cpp_matches_reference_across_channel_chunks(memory_format):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_matches_reference_with_images_packed_per_tile(dtype):
     assert_op_matches(op_case(PACKED, dtype), False, "torch")
+
+
+@needs_cpp
+@pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "mkldnn-disabled"])
+def test_cpp_matches_reference_with_large_forward_tiles(memory_format, dtype, mkldnn,
+                                                       monkeypatch):
+    # Disabled, the kernel's GEMMs all go through at::mm.
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn)
+    assert_op_matches(op_case(ONEDNN, dtype, memory_format), False, "torch")
 
 
 @needs_cpp
