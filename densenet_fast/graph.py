@@ -217,12 +217,16 @@ def _restore_backward_grads(ctx, grads):
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
 
 
-def _differentiate(forward, inputs, needs, grad_out, device_type: str):
-    """The gradients of ``forward()`` at ``inputs`` (None where ``needs`` is False) with
-    ``grad_out`` as the output's gradient, through differentiable operations: a graph of their
-    own when grad mode is on (``create_graph=True``), batched under ``vmap``."""
+def _differentiate(ctx, forward, x, params, grad_out):
+    """A backward's gradients for ``apply(x, spec, *params)``: those of ``forward()`` at ``x``
+    and ``params`` (None where the Function's input needs none) with ``grad_out`` as the
+    output's gradient, through differentiable operations: a graph of their own when grad mode
+    is on (``create_graph=True``), batched under ``vmap``."""
     create_graph = torch.is_grad_enabled()
+    inputs = (x, *params)
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    device_type = x.device.type
     # Autocast is thread-local, and a CPU backward runs in the caller's thread: the recomputed
     # forward computes in the dtypes forward saw, as the fused forward did.
     autocast_off = (torch.autocast(device_type, enabled=False)
@@ -231,7 +235,8 @@ def _differentiate(forward, inputs, needs, grad_out, device_type: str):
         out = forward()
         grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph,
                                          allow_unused=True, materialize_grads=True))
-    return [next(grads) if need else None for need in needs]
+    grads = [next(grads) if need else None for need in needs]
+    return (grads[0], None, *grads[1:])
 
 
 def _needs_differentiable_backward(grad_out: torch.Tensor) -> bool:
@@ -278,6 +283,18 @@ class _InputInBuffer:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
+def _run_block_forward_op(x, spec: BlockSpec, params):
+    """``(out, saved, op settings)``: the forward op's results, with the running statistics
+    folded in (never recorded for autograd)."""
+    args, running = block_op_args(spec)
+    out, *saved = dense_block_forward(x, list(params), running, *args)
+    kept = Saved.load(saved, spec)
+    with torch.no_grad():
+        update_running(running_updates(spec, x.shape[1], kept.mean, kept.var,
+                                       kept.norm2_batch), kept.count)
+    return out, saved, args
+
+
 class DenseBlockFunction(torch.autograd.Function):
     """``apply(x, spec, *params)``: one dense block (plus its tail) as a single graph node.
 
@@ -288,11 +305,7 @@ class DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: BlockSpec, *params):
-        args, running = block_op_args(spec)
-        out, *saved = dense_block_forward(x, list(params), running, *args)
-        kept = Saved.load(saved, spec)
-        update_running(running_updates(spec, x.shape[1], kept.mean, kept.var,
-                                       kept.norm2_batch), kept.count)
+        out, saved, args = _run_block_forward_op(x, spec, params)
         # The input, for the differentiable route (saved as a view of the buffer: see
         # _InputInBuffer).
         ctx.save_for_backward(*saved, *params, x)
@@ -325,11 +338,9 @@ def _differentiable_block_backward(ctx, grad_out, saved, params, tensors):
         first = kept.buffer[:, :x.shape[1] + spec.backward_from * spec.growth_rate]
     else:
         first = x
-    grads = _differentiate(
-        lambda: differentiable.block_forward(first, spec, params, kept.masks),
-        (x, *params), (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]), grad_out,
-        x.device.type)
-    return (grads[0], None, *grads[1:])
+    return _differentiate(
+        ctx, lambda: differentiable.block_forward(first, spec, params, kept.masks), x, params,
+        grad_out)
 
 
 def _backward_from(spec: BlockSpec, x: torch.Tensor, params) -> int:
@@ -454,6 +465,18 @@ def _(grad_out, x, conv_weight, norm_weight, norm_bias, saved, running, *rest):
             torch.empty_like(norm_bias)]
 
 
+def _run_stem_forward_op(x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
+    """``(out, saved, op settings)``: the stem's forward op, with norm0's running statistics
+    folded in (never recorded for autograd); ``saved`` is what backward takes."""
+    args, running = stem_op_args(spec)
+    out, *rest = stem_forward(x, conv_weight, norm_weight, norm_bias, running, *args)
+    saved = rest[:-1] if spec.norm.batch_stats else rest
+    if spec.norm.update_running:  # saved ends with mean, invstd, count; rest with the var
+        with torch.no_grad():
+            update_running([(spec.norm, saved[-3], rest[-1])], saved[-1])
+    return out, saved, args
+
+
 class StemFunction(torch.autograd.Function):
     """``apply(x, spec, conv_weight, norm_weight, norm_bias)``:
     ``max_pool(relu(bn(conv(x))))``, keeping ``conv(x)`` and the statistics for backward;
@@ -461,11 +484,7 @@ class StemFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: StemSpec, conv_weight, norm_weight, norm_bias):
-        args, running = stem_op_args(spec)
-        out, *rest = stem_forward(x, conv_weight, norm_weight, norm_bias, running, *args)
-        saved = rest[:-1] if spec.norm.batch_stats else rest
-        if spec.norm.update_running:  # saved ends with mean, invstd, count
-            update_running([(spec.norm, saved[-3], rest[-1])], saved[-1])
+        out, saved, args = _run_stem_forward_op(x, spec, conv_weight, norm_weight, norm_bias)
         ctx.save_for_backward(x, conv_weight, norm_weight, norm_bias, *saved)
         ctx.spec, ctx.args = spec, args
         return out
@@ -475,10 +494,9 @@ class StemFunction(torch.autograd.Function):
         x, conv_weight, norm_weight, norm_bias, *saved = ctx.saved_tensors
         params = (conv_weight, norm_weight, norm_bias)
         if _needs_differentiable_backward(grad_out):
-            grads = _differentiate(
-                lambda: differentiable.stem_forward(x, ctx.spec, *params), (x, *params),
-                (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]), grad_out, x.device.type)
-            return grads[0], None, *grads[1:]
+            return _differentiate(
+                ctx, lambda: differentiable.stem_forward(x, ctx.spec, *params), x, params,
+                grad_out)
         _, running = stem_op_args(ctx.spec)
         grad_x, *grads = stem_backward(grad_out, x, *params, saved, running, *ctx.args,
                                        ctx.needs_input_grad[0])
@@ -509,13 +527,7 @@ def stem(x: torch.Tensor, spec: StemSpec, conv_weight, norm_weight, norm_bias) -
 
 def _compiled_dense_block(x, spec: BlockSpec, params) -> torch.Tensor:
     """:meth:`DenseBlockFunction.forward` for dynamo to trace."""
-    args, running = block_op_args(spec)
-    out, *saved = dense_block_forward(x, list(params), running, *args)
-    kept = Saved.load(saved, spec)
-    with torch.no_grad():
-        update_running(running_updates(spec, x.shape[1], kept.mean, kept.var,
-                                       kept.norm2_batch), kept.count)
-    return out
+    return _run_block_forward_op(x, spec, params)[0]
 
 
 def _no_grads(args) -> tuple:
@@ -550,12 +562,7 @@ dense_block_forward.register_autograd(_block_backward, setup_context=_setup_bloc
 
 def _compiled_stem(x, spec: StemSpec, conv_weight, norm_weight, norm_bias) -> torch.Tensor:
     """:meth:`StemFunction.forward` for dynamo to trace."""
-    args, running = stem_op_args(spec)
-    out, *rest = stem_forward(x, conv_weight, norm_weight, norm_bias, running, *args)
-    if spec.norm.update_running:  # rest ends with mean, invstd, count, var
-        with torch.no_grad():
-            update_running([(spec.norm, rest[-4], rest[-1])], rest[-2])
-    return out
+    return _run_stem_forward_op(x, spec, conv_weight, norm_weight, norm_bias)[0]
 
 
 def _setup_stem_backward(ctx, inputs, output):

@@ -250,9 +250,7 @@ class _Features(nn.Sequential):
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         if runtime_blocker(x) is not None:
-            for module in self._modules.values():
-                x = module(x)
-            return x
+            return self._forward_modules(x)
         conv0 = next(iter(self._modules.values())) if self._modules else None
         if isinstance(conv0, nn.Conv2d):
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
@@ -260,12 +258,17 @@ class _Features(nn.Sequential):
         self.check_spatial_size(x)
         if x.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
-            for module in self._modules.values():
-                x = module(x)
-            return x
+            return self._forward_modules(x)
         for step in self.fusion_plan():
             # A hooked block is called as a module, and is fused inside its own forward.
             x = step.run(x, self.recompute_stem)
+        return x
+
+    @torch.jit.unused
+    def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """Every module called in turn, as ``nn.Sequential`` does."""
+        for module in self._modules.values():
+            x = module(x)
         return x
 
     def check_spatial_size(self, x: torch.Tensor) -> None:
