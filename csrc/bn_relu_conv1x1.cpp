@@ -21,6 +21,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <string>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -34,10 +40,6 @@ constexpr int64_t kTileElements = 1 << 17;
 constexpr int64_t kChunkElements = 1 << 22;
 // Independent partial sums per reduction, so the compiler can vectorise it.
 constexpr int kLanes = 16;
-// Float32 forward GEMMs of at least this many multiply-adds per thread that runs them go to
-// oneDNN (a 1x1 convolution) instead of ATen's BLAS: on the machines measured (issue 19) it
-// is 1.2-2x as fast from here up, while its fixed cost per call (~50 us) loses below ~6e6.
-constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
 
 // Messages and exception types match ops/schema.py's checks (ValueError for shapes,
 // TypeError for dtypes, RuntimeError for devices), whichever backend serves the call.
@@ -147,27 +149,145 @@ at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t row_stride) {
 // out = a @ b, written into `out` (a view of existing memory).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
-// Whether a forward GEMM of `macs` multiply-adds goes to oneDNN: float32 only, where ATen was
-// built with it and torch.backends.mkldnn is enabled, and large enough for the threads that
-// would share it: one inside a parallel region; all of them on the calling thread, where
-// oneDNN splits one short row of pixels, and needs twice the work per thread to win (the
-// packed [128 x 1000] x [1000 x 98] GEMM of 7x7 planes ran 0.83x as fast on 2 threads).
-template <typename acc_t>
-bool onednn_gemm(int64_t macs) {
-  if constexpr (!std::is_same_v<acc_t, float>) {
-    return false;
-  } else {
-    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-    const int64_t needed = threads == 1 ? kOneDnnMinMacs : 2 * kOneDnnMinMacs * threads;
-    return macs >= needed && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+// Which library runs a float32 GEMM of a 1x1 convolution: ATen's BLAS (at::mm) or oneDNN (a
+// 1x1 convolution primitive). Neither wins everywhere: on an AMD EPYC (Zen 5) oneDNN ran the
+// forward's large tiles 1.2-2x as fast as ATen's BLAS, on an Intel Xeon (family 6, model
+// 207) ATen's BLAS (MKL) ran them 1.3-2x as fast as oneDNN. So the engine is measured on
+// the machine, as cuDNN's benchmark mode measures its algorithms (see choose_engine).
+enum class Engine : int { kBlas = 0, kOneDnn = 1 };
+
+// What a measured choice is remembered under: GEMMs of one layout, thread count and
+// magnitude (log2 of the multiply-adds and of the reduction length) behave alike.
+struct EngineKey {
+  bool pixel_major;
+  int64_t threads, log2_macs, log2_inner;
+  bool operator<(const EngineKey& o) const {
+    return std::tie(pixel_major, threads, log2_macs, log2_inner) <
+           std::tie(o.pixel_major, o.threads, o.log2_macs, o.log2_inner);
   }
+};
+
+int64_t log2_floor(int64_t v) {
+  int64_t r = 0;
+  while (v > 1) {
+    v >>= 1;
+    ++r;
+  }
+  return r;
 }
 
-// The forward's GEMM of one tile of a = relu(bn(x)), written into `dst` (the output tile):
+// GEMMs smaller than this many multiply-adds per thread that runs them stay with ATen's
+// BLAS without measuring: oneDNN's fixed cost per call (~50 us) loses below it everywhere.
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
+// Timed runs of each engine when a choice is measured (the fastest run counts).
+constexpr int kEngineTrials = 3;
+
+// How run_fastest picks: measure (the default), or always one engine (tests, benchmarks).
+enum class EnginePolicy : int { kMeasure = 0, kBlas = 1, kOneDnn = 2 };
+std::atomic<int> engine_policy{static_cast<int>(EnginePolicy::kMeasure)};
+
+// Measured choices, and the lock that guards them.
+std::mutex& engines_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::map<EngineKey, Engine>& chosen_engines() {
+  static std::map<EngineKey, Engine> chosen;
+  return chosen;
+}
+
+bool onednn_usable() { return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(); }
+
+// Runs a GEMM of `macs` multiply-adds with reduction length `inner` through `run(engine)`,
+// with the engine the policy gives. Measuring: BLAS when oneDNN is off
+// (torch.backends.mkldnn) or absent, when the GEMM is small, and under
+// torch.use_deterministic_algorithms (a measured choice could differ between processes, and
+// with it the rounding); else the engine measured faster for GEMMs like it, where the first
+// GEMM of its kind runs with both engines, a few times.
+template <typename F>
+void run_fastest(bool pixel_major, int64_t macs, int64_t inner, const F& run) {
+  const auto policy = static_cast<EnginePolicy>(engine_policy.load());
+  if (policy != EnginePolicy::kMeasure) {
+    run(policy == EnginePolicy::kOneDnn && onednn_usable() ? Engine::kOneDnn : Engine::kBlas);
+    return;
+  }
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  // The calling thread's GEMM is shared by every thread, which oneDNN does for one short
+  // row of pixels only with twice the work per thread.
+  const int64_t needed = threads == 1 ? kOneDnnMinMacs : 2 * kOneDnnMinMacs * threads;
+  if (macs < needed || !onednn_usable() || at::globalContext().deterministicAlgorithms()) {
+    run(Engine::kBlas);
+    return;
+  }
+  const EngineKey key{pixel_major, threads, log2_floor(macs), log2_floor(inner)};
+  std::optional<Engine> known;
+  {
+    std::lock_guard<std::mutex> lock(engines_mutex());
+    const auto found = chosen_engines().find(key);
+    if (found != chosen_engines().end()) known = found->second;
+  }
+  if (known) {
+    run(*known);
+    return;
+  }
+  double best[2] = {1e30, 1e30};
+  for (int trial = 0; trial <= kEngineTrials; ++trial) {
+    for (const Engine engine : {Engine::kBlas, Engine::kOneDnn}) {
+      const auto start = std::chrono::steady_clock::now();
+      run(engine);
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (trial > 0) {  // trial 0 warms each engine up (oneDNN builds its primitive)
+        best[static_cast<int>(engine)] = std::min(best[static_cast<int>(engine)], seconds);
+      }
+    }
+  }
+  const Engine engine = best[1] < best[0] ? Engine::kOneDnn : Engine::kBlas;
+  {
+    std::lock_guard<std::mutex> lock(engines_mutex());
+    chosen_engines().emplace(key, engine);
+  }
+  run(engine);  // the output is the chosen engine's, whichever ran last
+}
+
+// The GEMM of a 1x1 convolution over one tile of `len` pixels, dst = K src:
+//   channel-major: dst [rows, len] = K [rows, inner] @ src [inner, len]
+//   pixel-major:   dst [len, rows] = src [len, inner] @ K^T
+// K is dense ([rows, inner], row stride inner); src and dst may be strided views. The
+// forward multiplies by the weight (K = W), the input gradient by its transpose (K = W^T).
+// With oneDNN it runs as a 1x1 convolution of src viewed as one [1, inner, 1, len] image in
+// its own layout, whose result is copied into dst.
+void conv1x1_gemm(bool pixel_major, const at::Tensor& kernel, const at::Tensor& src,
+                  const at::Tensor& dst) {
+  const int64_t rows = kernel.size(0), inner = kernel.size(1);
+  const int64_t len = pixel_major ? src.size(0) : src.size(1);
+  if (src.scalar_type() != at::kFloat) {  // float64: BLAS alone
+    pixel_major ? mm_into(dst, src, kernel.t()) : mm_into(dst, kernel, src);
+    return;
+  }
+  run_fastest(pixel_major, rows * inner * len, inner, [&](Engine engine) {
+    if (engine == Engine::kBlas) {
+      pixel_major ? mm_into(dst, src, kernel.t()) : mm_into(dst, kernel, src);
+      return;
+    }
+    // [1, inner, 1, len] views: NCHW of a [inner, len] tile, channels-last of a [len, inner]
+    // one; the kernel [rows, inner, 1, 1] is both, and is given the input's strides so that
+    // oneDNN sees one layout throughout.
+    const at::Tensor image =
+        pixel_major ? src.t().unsqueeze(0).unsqueeze(2) : src.unsqueeze(0).unsqueeze(2);
+    const at::Tensor weight =
+        pixel_major ? kernel.as_strided({rows, inner, 1, 1}, {inner, 1, inner, inner})
+                    : kernel.view({rows, inner, 1, 1});
+    const at::Tensor result =
+        at::mkldnn_convolution(image, weight, std::nullopt, {0, 0}, {1, 1}, {1, 1}, 1);
+    const at::Tensor out = result.select(2, 0).select(0, 0);  // [rows, len]
+    dst.copy_(pixel_major ? out.t() : out);
+  });
+}
+
+// The forward's GEMM of one tile of a = relu(bn(x)) (`act`, dense), written into `dst`:
 //   channel-major: dst [C_out, len] (row stride dst_stride) = W [C_out, C] @ a [C, len]
 //   pixel-major:   dst [len, C_out] (row stride C_out)      = a [len, C] @ W^T
-// Large float32 tiles run as a 1x1 convolution of a viewed as one [1, C, 1, len] image in
-// its own layout (oneDNN, whose result is copied into dst); the rest through at::mm_out.
 template <typename acc_t, typename out_t>
 void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_t channels,
                   int64_t len, out_t* dst, int64_t dst_stride) {
@@ -175,26 +295,7 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
   const at::Tensor a = pixel_major ? matrix(act, len, channels, channels)
                                    : matrix(act, channels, len, len);
   const at::Tensor out = pixel_major ? matrix(dst, len, co, co) : matrix(dst, co, len, dst_stride);
-  if (!onednn_gemm<acc_t>(co * channels * len)) {
-    if (pixel_major) {
-      mm_into(out, a, weight.t());
-    } else {
-      mm_into(out, weight, a);
-    }
-    return;
-  }
-  // [1, C, 1, len] views: NCHW of a [C, len] tile, channels-last of a [len, C] one; the
-  // weight [C_out, C, 1, 1] is both, and is given the input's strides so that oneDNN sees
-  // one layout throughout.
-  const at::Tensor image =
-      pixel_major ? a.t().unsqueeze(0).unsqueeze(2) : a.unsqueeze(0).unsqueeze(2);
-  const at::Tensor kernel =
-      pixel_major ? weight.as_strided({co, channels, 1, 1}, {channels, 1, channels, channels})
-                  : weight.view({co, channels, 1, 1});
-  const at::Tensor result =
-      at::mkldnn_convolution(image, kernel, std::nullopt, {0, 0}, {1, 1}, {1, 1}, 1);
-  const at::Tensor rows = result.select(2, 0).select(0, 0);  // [C_out, len]
-  out.copy_(pixel_major ? rows.t() : rows);
+  conv1x1_gemm(pixel_major, weight, a, out);
 }
 
 // The element loops live in functions of their own: GCC honours __restrict__ on parameters
@@ -508,7 +609,7 @@ struct BackwardData {
   // front; k_x, k_0 the statistics' term, set once a chunk's sums are known.
   std::vector<acc_t> k_g, k_x, k_0;
   int64_t c0 = 0, cc = 0;
-  at::Tensor weight_chunk;    // weight[:, c0 : c0 + cc]
+  at::Tensor weight_t_chunk;  // weight[:, c0 : c0 + cc]^T, dense [cc, C_out]
 
   BackwardData(const Geometry& g_, bool stats_grad, const at::Tensor& grad_out_,
                const at::Tensor& buffer, const at::Tensor& mean_, const at::Tensor& invstd_,
@@ -538,7 +639,7 @@ struct BackwardData {
   void select_chunk(int64_t first, int64_t count) {
     c0 = first;
     cc = count;
-    weight_chunk = weight.narrow(1, c0, cc);
+    weight_t_chunk = weight.narrow(1, c0, cc).t().contiguous();
   }
 };
 
@@ -561,7 +662,7 @@ void input_grad_rows(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
                      const at::Tensor& go, const acc_t* act, acc_t* gs, acc_t* tile_sums,
                      double* sum_g, double* sum_gx) {
   const int64_t c0 = d.c0, cc = d.cc;
-  mm_into(matrix(gs, len, cc, cc), go, d.weight_chunk);
+  conv1x1_gemm(true, d.weight_t_chunk, go, matrix(gs, len, cc, cc));
   // Per-tile sums in acc_t, vectorised across channels, then folded into doubles.
   acc_t* row_g = tile_sums;
   acc_t* row_gx = tile_sums + cc;
@@ -584,7 +685,7 @@ void input_grad_channels(const BackwardData<scalar_t>& d, int64_t p0, int64_t le
                          const at::Tensor& go, const acc_t* act, acc_t* gs, int64_t stride,
                          double* sum_g, double* sum_gx) {
   const int64_t c0 = d.c0, cc = d.cc;
-  mm_into(matrix(gs, cc, len, stride), d.weight_chunk.t(), go);
+  conv1x1_gemm(false, d.weight_t_chunk, go, matrix(gs, cc, len, stride));
   for (int64_t c = 0; c < cc; ++c) {
     const int64_t off = d.g.offset(p0, c0 + c, d.g.total);
     const auto [s, sx] =
@@ -772,7 +873,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   return result;
 }
 
+// The CPU GEMM engine: sets the policy ("measure", "blas" or "onednn"; "" keeps it) and
+// returns the previous one followed by the choices measured so far, one line each.
+std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
+  static const char* names[] = {"measure", "blas", "onednn"};
+  std::vector<std::string> report{names[engine_policy.load()]};
+  if (!policy.empty()) {
+    const auto found = std::find(std::begin(names), std::end(names), policy);
+    TORCH_CHECK_VALUE(found != std::end(names),
+                      "policy must be 'measure', 'blas' or 'onednn', got '", policy, "'");
+    engine_policy.store(static_cast<int>(found - std::begin(names)));
+  }
+  std::lock_guard<std::mutex> lock(engines_mutex());
+  for (const auto& [key, engine] : chosen_engines()) {
+    report.push_back(std::string(key.pixel_major ? "pixel-major" : "channel-major") + ", " +
+                     std::to_string(key.threads) + " thread(s), 2^" +
+                     std::to_string(key.log2_macs) + " multiply-adds, reduction 2^" +
+                     std::to_string(key.log2_inner) + ": " +
+                     (engine == Engine::kOneDnn ? "onednn" : "blas"));
+  }
+  return report;
+}
+
 }  // namespace
+
+// A setting of these kernels alone, not an op of the model: declared here, beside them.
+TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
+  m.def("cpu_gemm_engine(str policy) -> str[]", &cpu_gemm_engine);
+}
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("bn_relu_conv1x1", &forward_cpu);

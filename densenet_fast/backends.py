@@ -231,3 +231,20 @@ def backend_info() -> dict:
         except RuntimeError as exc:
             info["unavailable"][device] = str(exc)
     return info
+
+
+def cpu_gemm_engine(policy: str | None = None) -> dict:
+    """The C++ kernels' float32 GEMM engine: ``{"policy": ..., "measured": [...]}``.
+
+    The fused op's GEMMs (the forward's ``W a`` and the backward's ``W^T g``) run through
+    ATen's BLAS or oneDNN, whichever is faster on this machine: by default (``"measure"``)
+    the first GEMM of each kind (layout, threads, size) runs with both and the faster is kept
+    for the process; ``"blas"`` or ``"onednn"`` forces one engine (where oneDNN is enabled in
+    ``torch.backends.mkldnn``). Under ``torch.use_deterministic_algorithms`` measuring keeps
+    BLAS. ``policy`` sets it; ``"measured"`` lists the choices made so far. Returns the
+    settings as they were before the call. RuntimeError without the C++ kernels."""
+    if "cpp" not in _loaded:
+        raise RuntimeError("the C++ kernels are not loaded: "
+                           f"{_status('cpp')[1]}")
+    previous, *measured = torch.ops.densenet_fast.cpu_gemm_engine(policy or "")
+    return {"policy": previous, "measured": measured}

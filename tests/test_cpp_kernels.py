@@ -30,8 +30,9 @@ CHUNKED = (4, 320, 300, 8, 64, 64)
 # with 1030 channels fit 4 images in a tile, so 10 images make tiles of 4, 4 and 2.
 PACKED = (10, 1040, 1030, 20, 5, 5)
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
-# Forward tiles large enough for oneDNN (1024 pixels x 128 channels x 128 outputs, over
-# kOneDnnMinMacs in the kernel), with a shorter last tile per image (48x48 = 2 x 1024 + 256).
+# Tiles large enough for the kernels to measure their GEMM engines (1024 pixels x 128
+# channels x 128 outputs, over kOneDnnMinMacs), with a shorter last tile per image
+# (48x48 = 2 x 1024 + 256).
 ONEDNN = (4, 136, 128, 128, 48, 48)
 
 
@@ -56,15 +57,41 @@ def test_cpp_matches_reference_with_images_packed_per_tile(dtype):
     assert_op_matches(op_case(PACKED, dtype), False, "torch")
 
 
+@pytest.fixture
+def gemm_engine():
+    """Sets the kernels' GEMM engine policy for one test, then restores it."""
+    from densenet_fast.backends import cpu_gemm_engine
+
+    previous = cpu_gemm_engine()["policy"]
+    yield cpu_gemm_engine
+    cpu_gemm_engine(previous)
+
+
 @needs_cpp
 @pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "mkldnn-disabled"])
-def test_cpp_matches_reference_with_large_forward_tiles(memory_format, dtype, mkldnn,
-                                                       monkeypatch):
-    # Disabled, the kernel's GEMMs all go through at::mm.
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn)
-    assert_op_matches(op_case(ONEDNN, dtype, memory_format), False, "torch")
+@pytest.mark.parametrize("policy", ["measure", "blas", "onednn", "mkldnn-disabled"])
+def test_cpp_matches_reference_with_each_gemm_engine(memory_format, dtype, policy, gemm_engine,
+                                                    monkeypatch):
+    # Forced, every float32 GEMM of the forward and of the input gradient takes that engine
+    # (oneDNN: the strided grad_out of a short tile too); measured, the large ones run with
+    # both; with oneDNN disabled in torch.backends.mkldnn, all go through at::mm.
+    if policy == "mkldnn-disabled":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+        policy = "onednn"
+    gemm_engine(policy)
+    assert_op_matches(op_case(ONEDNN, dtype, memory_format), True, "torch")
+
+
+@needs_cpp
+def test_gemm_engine_policy_is_checked_and_reports_measured_choices(gemm_engine):
+    with pytest.raises(ValueError, match="policy must be 'measure', 'blas' or 'onednn'"):
+        gemm_engine("mkl")
+    gemm_engine("measure")
+    assert_op_matches(op_case(ONEDNN, torch.float32), False, "torch")
+    measured = gemm_engine()["measured"]
+    if torch.backends.mkldnn.is_available():
+        assert any("2^" in line and line.endswith((": blas", ": onednn")) for line in measured)
 
 
 @needs_cpp
