@@ -301,12 +301,26 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
 // The element loops live in functions of their own: GCC honours __restrict__ on parameters
 // (not on locals), which it needs to vectorise them.
 
+// v rounded to the data's precision: a bfloat16 or float16 buffer is what autocast makes
+// of torchvision's concatenation, whose BN-ReLU output (the 1x1 convolution's input) autocast
+// rounds to that dtype too; the GEMMs then take exact low-precision operands and accumulate
+// in float32, as autocast's convolutions do.
+template <typename scalar_t, typename acc_t>
+inline acc_t in_data_precision(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return v;
+  } else {
+    return static_cast<acc_t>(static_cast<scalar_t>(v));
+  }
+}
+
 // a = relu(x * scale + shift) for n contiguous elements with per-element scale and shift.
 template <typename scalar_t, typename acc_t>
 void bn_relu_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
                  const acc_t* __restrict__ shift, acc_t* __restrict__ act, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    act[i] = std::max(static_cast<acc_t>(x[i]) * scale[i] + shift[i], acc_t(0));
+    act[i] = in_data_precision<scalar_t>(
+        std::max(static_cast<acc_t>(x[i]) * scale[i] + shift[i], acc_t(0)));
   }
 }
 
@@ -315,7 +329,8 @@ template <typename scalar_t, typename acc_t>
 void bn_relu_channel(const scalar_t* __restrict__ x, acc_t scale, acc_t shift,
                      acc_t* __restrict__ act, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    act[i] = std::max(static_cast<acc_t>(x[i]) * scale + shift, acc_t(0));
+    act[i] = in_data_precision<scalar_t>(
+        std::max(static_cast<acc_t>(x[i]) * scale + shift, acc_t(0)));
   }
 }
 
