@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
+from .ops import bn_relu_conv1x1, bn_relu_conv1x1_backward, lowp_conv
 from .ops.batchnorm import (
     StatsGradient,
     bn_apply,
@@ -248,7 +248,7 @@ class Forward:
             self.norm2_batch.append(None)
         mean2, invstd2 = _norm2_stats(norm2, self.norm2_batch[-1], self.stats_dtype)
         act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
-        new = F.conv2d(act2, p.conv2_weight, padding=1)
+        new = lowp_conv.conv2d(act2, p.conv2_weight, padding=(1, 1))
         del act2
         mask = None
         rate = spec.drop_rates[layer]
@@ -443,9 +443,8 @@ class Backward:
             bottleneck = saved.bottlenecks[layer]
         mean2, invstd2 = _norm2_stats(norm2, saved.norm2_batch[layer], self.stats_dtype)
         act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
-        grad_act2, dconv2, _ = torch.ops.aten.convolution_backward(
-            grad_new, act2, p.conv2_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [True, True, False])
+        grad_act2, dconv2 = lowp_conv.conv2d_backward(
+            grad_new, act2, p.conv2_weight, (1, 1), (1, 1), (1, 1), 1, (True, True))
         del grad_new
         torch.ops.aten.threshold_backward.grad_input(grad_act2, act2, 0, grad_input=grad_act2)
         del act2

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .block import NormState, running_stats
+from .ops import lowp_conv
 from .ops.batchnorm import bn_apply, channel_stats
 from .ops.formats import stats_dtype_for
 from .sync import norm_backward
@@ -41,8 +42,8 @@ class StemSpec:
     recompute_conv: bool = False
 
     def conv(self, x, weight):
-        return F.conv2d(x, weight, None, self.conv_stride, self.conv_padding,
-                        self.conv_dilation, self.conv_groups)
+        return lowp_conv.conv2d(x, weight, self.conv_stride, self.conv_padding,
+                                self.conv_dilation, self.conv_groups)
 
     def pool_args(self) -> tuple:
         return (self.pool_kernel, self.pool_stride, self.pool_padding, self.pool_dilation,
@@ -98,7 +99,7 @@ def backward(grad_out, x, spec: StemSpec, conv_weight, norm_weight, norm_bias, c
     grad, dnorm_weight, dnorm_bias = norm_backward(
         grad, conv_out, mean, invstd, norm_weight, batch_stats=spec.norm.batch_stats,
         sync=spec.norm.sync, count=count)
-    grad_x, dconv, _ = torch.ops.aten.convolution_backward(
-        grad, x, conv_weight, None, spec.conv_stride, spec.conv_padding,
-        spec.conv_dilation, False, [0, 0], spec.conv_groups, [needs_input_grad, True, False])
+    grad_x, dconv = lowp_conv.conv2d_backward(
+        grad, x, conv_weight, spec.conv_stride, spec.conv_padding, spec.conv_dilation,
+        spec.conv_groups, (needs_input_grad, True))
     return grad_x, dconv, dnorm_weight, dnorm_bias

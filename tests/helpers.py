@@ -57,17 +57,18 @@ class FusedOpCounter:
     """Counts the dense block's calls of the fused BN-ReLU-Conv1x1 forward (or, with
     ``name="bn_relu_conv1x1_backward"``, of its backward: one per layer and transition whose
     backward runs), whichever kernel serves them (the calls run inside the block's ops,
-    which a dispatch mode sees as one)."""
+    which a dispatch mode sees as one). ``dtypes``: the buffer's dtype at each call."""
 
     def __init__(self, name: str = "bn_relu_conv1x1"):
         self.name = name
 
     def __enter__(self):
-        self.calls = 0
+        self.calls, self.dtypes = 0, set()
         original = self._original = getattr(block, self.name)
 
         def counted(*args):
             self.calls += 1
+            self.dtypes.add(args[0].dtype if args[0].dim() == 4 else args[1].dtype)
             return original(*args)
 
         setattr(block, self.name, counted)

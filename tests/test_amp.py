@@ -1,12 +1,14 @@
-"""torch.autocast on CPU (bfloat16): the fused model stays as close to float32 as the
-unfused model under the same autocast."""
+"""torch.autocast on CPU (bfloat16, float16): the fused model computes what torchvision and the
+unfused model compute under the same autocast."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import twins
 from tolerances import assert_as_accurate, assert_close
 
 from densenet_fast import DenseNet, NaiveDenseNet
+from densenet_fast.ops import lowp_conv
 
 
 def _logits_and_grads(model, x, y, autocast: bool):
@@ -31,3 +33,87 @@ def test_bfloat16_autocast_matches_float32_as_well_as_the_unfused_model():
     # unfused model's own distance under the same autocast.
     assert_as_accurate(fast_grads, naive_grads, exact_grads, torch.bfloat16, "bf16 gradients")
     assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
+
+
+def _torchvision_twin(**config):
+    torchvision = pytest.importorskip("torchvision")
+    reference = torchvision.models.DenseNet(**config)
+    fast = DenseNet(**config)
+    fast.load_state_dict(reference.state_dict())
+    return fast, reference
+
+
+def _autocast_step(model, x, y, dtype):
+    """Logits, every parameter gradient (flat, float32) and the buffers after one step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits = model(x)
+    F.cross_entropy(logits.float(), y).backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    return logits.float().detach(), grads, dict(model.named_buffers())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("conv_in_float32", [False, True], ids=["native-conv", "float32-conv"])
+def test_autocast_matches_torchvision(dtype, conv_in_float32, monkeypatch):
+    """Under CPU autocast the fused model computes what torchvision computes: logits within
+    the dtype's tolerance, gradients as close to float32's as torchvision's, the same
+    running statistics, and eval logits; with the 3x3 and stem convolutions run natively in
+    ``dtype`` or as float32 convolutions of ``dtype`` values (ops/lowp_conv.py)."""
+    monkeypatch.setattr(lowp_conv, "runs_in_float32", lambda x: conv_in_float32 and
+                        x.dtype in (torch.bfloat16, torch.float16))
+    config = dict(growth_rate=8, block_config=(3, 2), num_init_features=16, num_classes=10)
+    fast, reference = _torchvision_twin(**config)
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    exact_logits, exact_grads, _ = _autocast_step(reference, x, y, None)
+    reference.load_state_dict(fast.state_dict())  # running statistics back to the start
+    ref_logits, ref_grads, ref_buffers = _autocast_step(reference, x, y, dtype)
+    fast_logits, fast_grads, fast_buffers = _autocast_step(fast, x, y, dtype)
+    assert_close(fast_logits, ref_logits, dtype, f"{dtype} train logits")
+    assert_as_accurate(fast_grads, ref_grads, exact_grads, dtype, f"{dtype} gradients")
+    for name, buffer in fast_buffers.items():
+        assert_close(buffer.float(), ref_buffers[name].float(), dtype, f"{dtype} {name}")
+    fast.eval(), reference.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        assert_close(fast(x).float(), reference(x).float(), dtype, f"{dtype} eval logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_float32_convolution_of_low_precision_values(dtype, memory_format):
+    """The float32 execution computes the native convolution's function: outputs and both
+    gradients within the dtype's tolerance, in the data's dtype and layout."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 7).to(dtype).contiguous(memory_format=memory_format)
+    w = torch.randn(5, 12, 3, 3).to(dtype)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    outs = {up: lowp_conv.conv2d(x, w, *args, upcast=up) for up in (False, True)}
+    grad = torch.randn_like(outs[True])
+    grads = {up: lowp_conv.conv2d_backward(grad, x, w, *args, (True, True), upcast=up)
+             for up in (False, True)}
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), None, *args)
+    assert outs[True].dtype == dtype and outs[True].is_contiguous(memory_format=memory_format)
+    assert_close(outs[True], exact, dtype, "float32 execution vs exact")
+    assert_close(outs[False], exact, dtype, "native vs exact")
+    for (native, upcast), name in zip(zip(grads[False], grads[True]), ("input", "weight")):
+        assert upcast.dtype == dtype
+        assert_close(upcast, native.float(), dtype, f"{name} gradient")
+
+
+def test_float32_convolution_is_not_chosen_where_it_cannot_apply():
+    assert not lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2))  # float32 data
+    with torch.device("meta"):
+        assert not lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))

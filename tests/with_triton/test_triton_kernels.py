@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_grads_match, assert_models_match, train_steps, twins
+from helpers import FusedOpCounter, assert_grads_match, assert_models_match, train_steps, twins
 from op_cases import FORMAT_IDS, FORMATS, STATS_GRAD_IDS, assert_op_matches, op_case, shape_id
 from tolerances import assert_close
 
@@ -146,6 +146,42 @@ def test_tiny_model_matches_naive_through_triton(monkeypatch):
     assert_close(fast_dx[0], ref_dx[0], torch.float32, "input gradient")
     assert_grads_match(fast_grads[0], ref_grads[0], torch.float32)
     assert_models_match(fast, ref, torch.float32, params=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tiny_model_under_autocast_matches_torchvision_through_triton(dtype, monkeypatch):
+    """Under autocast the Triton kernels compute in the autocast dtype (float32
+    accumulation): logits, gradients (as close to float32's as torchvision's) and running
+    statistics as torchvision's under the same autocast."""
+    from tolerances import assert_as_accurate
+    from torchvision.models import DenseNet as TorchvisionDenseNet
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    config = dict(growth_rate=5, block_config=(2, 2), num_init_features=7, bn_size=2,
+                  num_classes=3)
+    ref = TorchvisionDenseNet(**config).to(DEVICE)
+    fast = densenet_fast.DenseNet(**config).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    start = copy.deepcopy(ref.state_dict())
+    x = torch.randn(2, 3, 24, 24, device=DEVICE)
+    y = torch.tensor([0, 2], device=DEVICE)
+
+    def step(model, autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        return out.float(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    _, exact_grads = step(ref, False)
+    ref.load_state_dict(start)
+    ref_out, ref_grads = step(ref, True)
+    with FusedOpCounter() as counter:
+        fast_out, fast_grads = step(fast, True)
+    assert counter.calls > 0 and counter.dtypes == {dtype}  # in the autocast dtype
+    assert_close(fast_out, ref_out, dtype, "logits")
+    assert_as_accurate(fast_grads, ref_grads, exact_grads, dtype, "gradients")
+    assert_models_match(fast, ref, dtype, params=False)
 
 
 @on_gpu

@@ -1,0 +1,105 @@
+"""Convolutions of bfloat16/float16 data (autocast's), in the precision that runs faster here.
+
+Autocast's convolution multiplies low-precision operands and accumulates in float32. The
+products of two bfloat16 (or float16) numbers are exact in float32, so a float32 convolution
+of the same low-precision values, rounded back to the data's dtype, computes that same
+function; only the summation order differs, as it does between any two kernels. Which one
+is faster depends on the CPU: with AMX or a fast AVX512-BF16 path oneDNN's bfloat16 kernels
+win; on a CPU without them (an Intel Xeon of family 6, model 207, as a guest without AMX)
+bfloat16 3x3 convolutions ran 1.8x slower than float32 ones. So the choice is measured,
+once per process, dtype and thread count, on a convolution shaped like a dense layer's.
+
+CUDA and other devices, float32 and float64 data, fake tensors (``torch.compile``'s tracing)
+and ``torch.use_deterministic_algorithms`` keep the native kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+# The dense layers' 3x3 convolution in densenet121's third block (batch 8): 128 -> 32
+# channels on 14x14 planes.
+_PROBE_SHAPE = (8, 128, 14, 14)
+_PROBE_OUT = 32
+_PROBE_TRIALS = 3
+
+
+def _time(fn) -> float:
+    fn()  # warm-up: oneDNN builds its primitives on first use
+    best = float("inf")
+    for _ in range(_PROBE_TRIALS):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@cache
+def _float32_is_faster(dtype: torch.dtype, threads: int, mkldnn: bool) -> bool:
+    """Whether a float32 3x3 convolution (forward and backward, casts included) of ``dtype``
+    values beats the native ``dtype`` one on this CPU."""
+    del threads, mkldnn  # part of the cache key: the measurement holds for them only
+    x = torch.randn(_PROBE_SHAPE).to(dtype).requires_grad_()
+    w = torch.randn(_PROBE_OUT, _PROBE_SHAPE[1], 3, 3).to(dtype).requires_grad_()
+
+    def run(upcast: bool):
+        def step():
+            out = conv2d(x, w, padding=(1, 1), upcast=upcast)
+            conv2d_backward(torch.ones_like(out), x, w, (1, 1), (1, 1), (1, 1), 1,
+                            (True, True), upcast=upcast)
+        return step
+
+    with torch.no_grad():
+        return _time(run(True)) < _time(run(False))
+
+
+def runs_in_float32(x: torch.Tensor) -> bool:
+    """Whether convolutions of ``x``'s data run as float32 convolutions of its values."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu":
+        return False
+    if torch.are_deterministic_algorithms_enabled() or _is_fake(x):
+        return False
+    return _float32_is_faster(x.dtype, torch.get_num_threads(),
+                              torch.backends.mkldnn.is_available()
+                              and torch.backends.mkldnn.enabled)
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x)
+
+
+def conv2d(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+           upcast: bool | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight)`` (no bias) in ``x``'s dtype; ``upcast`` (default: measured,
+    :func:`runs_in_float32`) computes it as a float32 convolution rounded to that dtype."""
+    if upcast is None:
+        upcast = runs_in_float32(x)
+    if not upcast:
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    out = F.conv2d(x.float(), weight.float(), None, stride, padding, dilation, groups)
+    return out.to(x.dtype)
+
+
+def conv2d_backward(grad_out, x, weight, stride, padding, dilation, groups, output_mask,
+                    upcast: bool | None = None):
+    """``(grad_x, grad_weight)`` of :func:`conv2d` (None where ``output_mask`` says so), in
+    the dtypes of ``x`` and ``weight``."""
+    if upcast is None:
+        upcast = runs_in_float32(x)
+    mask = [output_mask[0], output_mask[1], False]
+    if not upcast:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, mask)
+        return grad_x, grad_w
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out.float(), x.float(), weight.float(), None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, mask)
+    return (grad_x.to(x.dtype) if grad_x is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None)
