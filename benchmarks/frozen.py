@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ import torchvision
 
 import densenet_fast
 from densenet_fast.benchmark.memory import MMAP_THRESHOLD_BYTES, _reset_peak_rss, _status_kib
+from densenet_fast.benchmark.roofline import describe_cpu
 from densenet_fast.benchmark.steps import make_optimizer, train_step
 from densenet_fast.benchmark.timing import summarize, time_interleaved
 
@@ -73,17 +73,6 @@ def _measure_memory(impl: str, setting: str, args) -> int:
     return int(out.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -106,7 +95,7 @@ def main() -> None:
     gc.collect()
     memory = {f"{impl} | {setting}": _measure_memory(impl, setting, args)
               for impl, setting in rows}
-    report = {"cpu": _cpu_model(), "torch": torch.__version__, "threads": args.threads,
+    report = {"cpu": describe_cpu(), "torch": torch.__version__, "threads": args.threads,
               "batch_size": args.batch_size, "image_size": args.image_size, "rows": []}
     print(f"densenet121 train step, batch {args.batch_size}, {args.image_size}x"
           f"{args.image_size}, float32, {args.threads} threads, {report['cpu']}")

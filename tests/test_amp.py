@@ -98,7 +98,7 @@ def test_float32_convolution_of_low_precision_values(dtype, memory_format):
     assert outs[True].dtype == dtype and outs[True].is_contiguous(memory_format=memory_format)
     assert_close(outs[True], exact, dtype, "float32 execution vs exact")
     assert_close(outs[False], exact, dtype, "native vs exact")
-    for (native, upcast), name in zip(zip(grads[False], grads[True]), ("input", "weight")):
+    for native, upcast, name in zip(grads[False], grads[True], ("input", "weight"), strict=True):
         assert upcast.dtype == dtype
         assert_close(upcast, native.float(), dtype, f"{name} gradient")
 

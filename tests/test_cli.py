@@ -35,14 +35,44 @@ def test_bench_compares_implementations_side_by_side(tmp_path):
     assert "densenet_fast" in proc.stdout and "ratios are to naive" in proc.stdout
     results = json.loads(out.read_text())
     assert results["baseline"] == "naive"
+    # The roofline: the CPU named, the GEMM peak of the dtype in use, each row's rate.
+    assert results["cpu"]["name"] and results["cpu"]["name"] in results["device"]
+    assert "GEMM peak of this machine for float32 math" in proc.stdout
+    peak = results["gemm_peak"]
+    assert peak["dtype"] == "float32" and peak["gflops"] > 0
     for workload in ("train", "inference"):
-        rows = results["workloads"][workload]["rows"]
+        data = results["workloads"][workload]
+        rows = data["rows"]
         assert set(rows) == {"naive", "densenet_fast"}
         assert rows["naive"]["time_ratio"] == 1.0
         for row in rows.values():
             assert row["repeats"] == 2 and row["median_s"] > 0 and row["images_per_s"] > 0
+            assert row["conv_gflops"] == pytest.approx(data["conv_flops"] / row["median_s"] / 1e9)
+            assert row["peak_share"] == pytest.approx(row["conv_gflops"] / peak["gflops"])
+    # Backward: two GEMMs per forward GEMM, but none for the stem's input gradient.
+    train, inference = (results["workloads"][w]["conv_flops"] for w in ("train", "inference"))
+    assert 2 * inference < train < 3 * inference
     for row in results["workloads"]["train"]["rows"].values():
         assert row["peak_bytes"] > 0
+
+
+def test_convolution_flops_of_densenet121_are_torchvisions_figure():
+    """torchvision's model card gives densenet121 2.83 GFLOPS (multiply-adds) per 224x224
+    image; the roofline counts 2 FLOPs per multiply-add."""
+    pytest.importorskip("torchvision")
+    from densenet_fast.benchmark.roofline import convolution_flops
+
+    flops = convolution_flops(ModelConfig.named("densenet121", batch_size=1), "inference")
+    assert flops == pytest.approx(2 * 2.83e9, rel=0.01)
+
+
+def test_cpu_is_named_with_vendor_family_and_model():
+    from densenet_fast.benchmark.roofline import cpu_model, describe_cpu
+
+    info = cpu_model()
+    assert info["name"] and describe_cpu(info).startswith(info["name"])
+    if info["vendor"]:  # Linux x86: /proc/cpuinfo
+        assert info["vendor"] in describe_cpu(info)
 
 
 def test_depth_sweep_writes_plot_and_points(tmp_path):

@@ -1,5 +1,6 @@
 """One comparison run: memory (subprocess per implementation) and interleaved timings,
-reported as absolute figures and as ratios to the baseline measured in the same run."""
+reported as absolute figures and as ratios to the baseline measured in the same run, with
+each row's convolution rate against the machine's GEMM peak (:mod:`.roofline`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ..backends import backend_info
 from .implementations import BASELINE, ModelConfig, available_implementations, describe
 from .memory import MeasurementError, measure_peak_memory
 from .progress import progress_bar
+from .roofline import convolution_flops, cpu_model, gemm_peak, roofline_row
 from .runner import WORKLOADS, Runner, RunSettings
 from .timing import summarize, time_interleaved
 
@@ -26,6 +28,11 @@ def run_comparison(config: ModelConfig, settings: RunSettings | None = None, rep
     results = {"config": config.to_json(), "settings": settings.to_json(),
                "device": settings.device_name(), "torch": torch.__version__,
                "backend": backend_info()["active"], "baseline": baseline, "workloads": {}}
+    if settings.device == "cpu":
+        results["cpu"] = cpu_model()
+    dtype = settings.compute_dtype()
+    results["gemm_peak"] = {"dtype": str(dtype).removeprefix("torch."),
+                            **gemm_peak(dtype, settings.device)}
     for workload in workloads:
         bar = progress_bar(len(names) + repeats + 1, show_progress, f"bench {workload}")
         memory = {}
@@ -41,12 +48,15 @@ def run_comparison(config: ModelConfig, settings: RunSettings | None = None, rep
         times = time_interleaved(steps, repeats, device=settings.device, progress=bar)
         if bar is not None:
             bar.close()
+        flops = convolution_flops(config, workload)
         rows = {}
         for name in names:
             row = {"description": describe(name, settings.device), **memory[name]}
             if name in times:
                 timing = summarize(times[name])
-                row.update(timing, images_per_s=config.batch_size / timing["median_s"])
+                row.update(timing, images_per_s=config.batch_size / timing["median_s"],
+                           **roofline_row(flops, timing["median_s"],
+                                          results["gemm_peak"]["gflops"]))
             rows[name] = row
         base = rows[baseline]
         for row in rows.values():
@@ -56,7 +66,8 @@ def run_comparison(config: ModelConfig, settings: RunSettings | None = None, rep
             if "median_s" in row and "median_s" in base:
                 row["time_ratio"] = row["median_s"] / base["median_s"]
         method = next((m["method"] for m in memory.values() if "method" in m), "")
-        results["workloads"][workload] = {"memory_method": method, "rows": rows}
+        results["workloads"][workload] = {"memory_method": method, "conv_flops": flops,
+                                          "rows": rows}
     return results
 
 
@@ -72,21 +83,30 @@ def format_table(results: dict) -> str:
         + "".join(", " + e for e in extras),
         f"ratios are to {results['baseline']} measured in the same run",
     ]
+    peak = results.get("gemm_peak")
+    if peak:
+        lines.append(f"GEMM peak of this machine for {peak['dtype']} math: "
+                     f"{peak['gflops']:.0f} GFLOP/s ({peak['kernel']}); conv GFLOP/s: the "
+                     "step's convolution FLOPs over its median time")
     width = max([20, *(len(name) for data in results["workloads"].values()
                         for name in data["rows"])])
     for workload, data in results["workloads"].items():
-        lines += ["", f"[{workload}] memory: {data['memory_method']}",
+        flops = data.get("conv_flops")
+        lines += ["", f"[{workload}] memory: {data['memory_method']}"
+                  + (f"; convolutions: {flops / 1e9:.1f} GFLOP per step" if flops else ""),
                   f"{'implementation':{width}s} {'peak MiB':>9s} {'x mem':>6s} {'median ms':>10s} "
-                  f"{'min-max ms':>15s} {'x time':>7s} {'img/s':>8s}  backend/notes"]
+                  f"{'min-max ms':>15s} {'x time':>7s} {'img/s':>8s} {'GFLOP/s':>8s} "
+                  f"{'% peak':>6s}  backend/notes"]
         for name, row in data["rows"].items():
             if "error" in row:
                 lines.append(f"{name:{width}s} {'-':>9s} {'-':>6s} {'-':>10s} {'-':>15s} {'-':>7s} "
-                             f"{'-':>8s}  {row['error']}")
+                             f"{'-':>8s} {'-':>8s} {'-':>6s}  {row['error']}")
                 continue
             spread = f"{row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f}"
             lines.append(
                 f"{name:{width}s} {row['peak_bytes'] / 2**20:9.1f} "
                 f"{row.get('memory_ratio', float('nan')):6.2f} "
                 f"{row['median_s'] * 1e3:10.1f} {spread:>15s} {row.get('time_ratio', 0):7.2f} "
-                f"{row['images_per_s']:8.1f}  {row['description']}")
+                f"{row['images_per_s']:8.1f} {row.get('conv_gflops', float('nan')):8.1f} "
+                f"{100 * (row.get('peak_share') or float('nan')):6.1f}  {row['description']}")
     return "\n".join(lines)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .implementations import IMPLEMENTATIONS, ModelConfig, build, make_batch
+from .roofline import describe_cpu
 from .steps import inference_step, make_optimizer, train_step
 
 WORKLOADS = ("train", "inference")
@@ -31,8 +31,11 @@ class RunSettings:
         """The device as reports name it: the GPU's model, or the CPU and its threads."""
         if self.device.startswith("cuda"):
             return torch.cuda.get_device_name(torch.device(self.device))
-        return (f"cpu ({platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} threads)")
+        return f"cpu ({describe_cpu()}; {torch.get_num_threads()} threads)"
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the convolutions compute in: autocast's, else float32."""
+        return self.autocast_dtype() or torch.float32
 
 
 class Runner:

@@ -1,0 +1,114 @@
+"""The machine a benchmark ran on, and the roofline its rows are judged against.
+
+A training step's time is mostly its convolutions, which are GEMMs; the best a DenseNet step
+can do is its convolution FLOPs at the machine's GEMM rate. :func:`gemm_peak` measures that
+rate for the dtype the model computes in, :func:`convolution_flops` counts the FLOPs of one
+step (what ``torch.utils.flop_counter`` counts for torchvision's model: every implementation
+computes the same convolutions), and each row's achieved rate is their quotient.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+import torch.nn as nn
+
+from .implementations import ModelConfig
+
+# A GEMM large enough to reach the rate of the dense layers' big 1x1 convolutions.
+_PEAK_SIZE = 1536
+_PEAK_TRIALS = 5
+
+
+def cpu_model() -> dict:
+    """``{"vendor": ..., "name": ...}`` of this machine's CPU (``/proc/cpuinfo`` on Linux)."""
+    info = {"vendor": "", "name": ""}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not info["vendor"]:
+                    info["vendor"] = value.strip()
+                elif key == "model name" and not info["name"]:
+                    info["name"] = value.strip()
+                elif key in ("cpu family", "model") and key not in info:
+                    info[key] = value.strip()
+    except OSError:
+        pass
+    info["name"] = info["name"] or platform.processor() or platform.machine()
+    return info
+
+
+def describe_cpu(info: dict | None = None) -> str:
+    """The CPU as reports name it: model name, vendor, family and model numbers."""
+    info = info or cpu_model()
+    numbers = ", ".join(f"{k} {info[k]}" for k in ("cpu family", "model") if k in info)
+    return ", ".join(part for part in (info["name"], info["vendor"], numbers) if part)
+
+
+def _best_time(fn, trials: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_peak(dtype: torch.dtype, device: str = "cpu") -> dict:
+    """The machine's GEMM rate for ``dtype`` math in GFLOP/s: the faster of a native
+    ``dtype`` GEMM and, for bfloat16/float16, a float32 GEMM of such values (which computes
+    the same products, exactly, with float32 accumulation). ``{"gflops", "kernel"}``."""
+    n = _PEAK_SIZE
+    flops = 2 * n ** 3
+    candidates = [dtype] + ([torch.float32] if dtype in (torch.bfloat16, torch.float16)
+                            and device == "cpu" else [])
+    best = {"gflops": 0.0, "kernel": ""}
+    for kernel_dtype in candidates:
+        a = torch.randn(n, n, device=device).to(kernel_dtype)
+        b = torch.randn(n, n, device=device).to(kernel_dtype)
+
+        def run(a=a, b=b):
+            torch.mm(a, b)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        gflops = flops / _best_time(run, _PEAK_TRIALS) / 1e9
+        if gflops > best["gflops"]:
+            best = {"gflops": gflops, "kernel": f"{str(kernel_dtype).removeprefix('torch.')} mm"}
+    return best
+
+
+def convolution_flops(config: ModelConfig, workload: str) -> int:
+    """FLOPs of the convolutions (and the classifier's GEMM) of one ``workload`` step of
+    torchvision's model of ``config``, as ``torch.utils.flop_counter`` counts them, on the
+    meta device (nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torchvision.models import DenseNet as TorchvisionDenseNet
+
+    kwargs = config.model_kwargs()
+    kwargs.pop("in_channels")
+    with torch.device("meta"):
+        model: nn.Module = TorchvisionDenseNet(**kwargs)
+        if config.in_channels != 3:
+            model.features.conv0 = nn.Conv2d(config.in_channels, model.features.conv0.out_channels,
+                                             7, 2, 3, bias=False)
+        x = torch.randn(config.batch_size, config.in_channels, config.image_size,
+                        config.image_size)
+        y = torch.randint(0, config.num_classes, (config.batch_size,))
+    model.train(workload == "train")
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(workload == "train"):
+        logits = model(x)
+        if workload == "train":
+            nn.functional.cross_entropy(logits, y).backward()
+    return counter.get_total_flops()
+
+
+def roofline_row(flops: int, seconds: float, peak_gflops: float) -> dict:
+    """A row's achieved convolution rate and its share of the GEMM peak."""
+    achieved = flops / seconds / 1e9
+    return {"conv_gflops": achieved, "peak_share": achieved / peak_gflops if peak_gflops else None}
