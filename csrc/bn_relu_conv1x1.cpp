@@ -149,21 +149,29 @@ at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t row_stride) {
 // out = a @ b, written into `out` (a view of existing memory).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
-// Which library runs a float32 GEMM of a 1x1 convolution: ATen's BLAS (at::mm) or oneDNN (a
-// 1x1 convolution primitive). Neither wins everywhere: on an AMD EPYC (Zen 5) oneDNN ran the
-// forward's large tiles 1.2-2x as fast as ATen's BLAS, on an Intel Xeon (family 6, model
-// 207) ATen's BLAS (MKL) ran them 1.3-2x as fast as oneDNN. So the engine is measured on
-// the machine, as cuDNN's benchmark mode measures its algorithms (see choose_engine).
-enum class Engine : int { kBlas = 0, kOneDnn = 1 };
+// Which kernel runs a GEMM of a 1x1 convolution. Float32 data: ATen's BLAS (at::mm) or
+// oneDNN (a 1x1 convolution primitive). Neither wins everywhere: on an AMD EPYC (Zen 5)
+// oneDNN ran the forward's large tiles 1.2-2x as fast as ATen's BLAS, on an Intel Xeon
+// (family 6, model 207) ATen's BLAS (MKL) ran them 1.3-2x as fast as oneDNN. bfloat16 and
+// float16 data (autocast's) add at::mm on operands of that dtype (float32 accumulation,
+// kLowPrecision): with AMX or fast AVX512-BF16 it is the fastest; on the Xeon above a
+// bfloat16 GEMM ran at 0.6x the float32 rate, a float16 one at 1.1x. The float32 engines
+// compute the same function on such data (the operands are exactly representable, the
+// products exact in float32). So the engine is measured on the machine, as cuDNN's
+// benchmark mode measures its algorithms (run_fastest).
+enum class Engine : int { kBlas = 0, kOneDnn = 1, kLowPrecision = 2 };
+constexpr int kEngines = 3;
+const char* const kEngineNames[kEngines] = {"blas", "onednn", "lowp"};
 
-// What a measured choice is remembered under: GEMMs of one layout, thread count and
-// magnitude (log2 of the multiply-adds and of the reduction length) behave alike.
+// What a measured choice is remembered under: GEMMs of one data dtype, layout, thread count
+// and magnitude (log2 of the multiply-adds and of the reduction length) behave alike.
 struct EngineKey {
+  int dtype;
   bool pixel_major;
   int64_t threads, log2_macs, log2_inner;
   bool operator<(const EngineKey& o) const {
-    return std::tie(pixel_major, threads, log2_macs, log2_inner) <
-           std::tie(o.pixel_major, o.threads, o.log2_macs, o.log2_inner);
+    return std::tie(dtype, pixel_major, threads, log2_macs, log2_inner) <
+           std::tie(o.dtype, o.pixel_major, o.threads, o.log2_macs, o.log2_inner);
   }
 };
 
@@ -177,14 +185,16 @@ int64_t log2_floor(int64_t v) {
 }
 
 // GEMMs smaller than this many multiply-adds per thread that runs them stay with ATen's
-// BLAS without measuring: oneDNN's fixed cost per call (~50 us) loses below it everywhere.
-constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
+// float32 BLAS without measuring: the other engines' fixed costs (oneDNN's ~50 us per call,
+// the low-precision copy of the operand) lose below it everywhere measured.
+constexpr int64_t kMeasuredMinMacs = int64_t(1) << 22;
 // Timed runs of each engine when a choice is measured (the fastest run counts).
 constexpr int kEngineTrials = 3;
 
-// How run_fastest picks: measure (the default), or always one engine (tests, benchmarks).
-enum class EnginePolicy : int { kMeasure = 0, kBlas = 1, kOneDnn = 2 };
-std::atomic<int> engine_policy{static_cast<int>(EnginePolicy::kMeasure)};
+// How run_fastest picks: measure (the default), or always one engine (tests, benchmarks):
+// policy k > 0 forces Engine(k - 1) where it applies, else BLAS.
+constexpr int kMeasure = 0;
+std::atomic<int> engine_policy{kMeasure};
 
 // Measured choices, and the lock that guards them.
 std::mutex& engines_mutex() {
@@ -198,28 +208,40 @@ std::map<EngineKey, Engine>& chosen_engines() {
 
 bool onednn_usable() { return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(); }
 
-// Runs a GEMM of `macs` multiply-adds with reduction length `inner` through `run(engine)`,
-// with the engine the policy gives. Measuring: BLAS when oneDNN is off
-// (torch.backends.mkldnn) or absent, when the GEMM is small, and under
-// torch.use_deterministic_algorithms (a measured choice could differ between processes, and
-// with it the rounding); else the engine measured faster for GEMMs like it, where the first
-// GEMM of its kind runs with both engines, a few times.
+// Whether `engine` can run GEMMs of `dtype` data here.
+bool applies(Engine engine, at::ScalarType dtype) {
+  switch (engine) {
+    case Engine::kBlas: return true;
+    case Engine::kOneDnn: return dtype != at::kDouble && onednn_usable();
+    case Engine::kLowPrecision: return dtype == at::kBFloat16 || dtype == at::kHalf;
+  }
+  return false;
+}
+
+// Runs a GEMM of `macs` multiply-adds with reduction length `inner` on `dtype` data through
+// `run(engine)`, with the engine the policy gives. Measuring: float32 BLAS for float64 data,
+// small GEMMs, and under torch.use_deterministic_algorithms (a measured choice could differ
+// between processes, and with it the rounding); else the engine measured fastest for GEMMs
+// like it, where the first GEMM of its kind runs with every engine that applies, a few times.
 template <typename F>
-void run_fastest(bool pixel_major, int64_t macs, int64_t inner, const F& run) {
-  const auto policy = static_cast<EnginePolicy>(engine_policy.load());
-  if (policy != EnginePolicy::kMeasure) {
-    run(policy == EnginePolicy::kOneDnn && onednn_usable() ? Engine::kOneDnn : Engine::kBlas);
+void run_fastest(at::ScalarType dtype, bool pixel_major, int64_t macs, int64_t inner,
+                 const F& run) {
+  const int policy = engine_policy.load();
+  if (policy != kMeasure) {
+    const auto forced = static_cast<Engine>(policy - 1);
+    run(applies(forced, dtype) ? forced : Engine::kBlas);
     return;
   }
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // The calling thread's GEMM is shared by every thread, which oneDNN does for one short
   // row of pixels only with twice the work per thread.
-  const int64_t needed = threads == 1 ? kOneDnnMinMacs : 2 * kOneDnnMinMacs * threads;
-  if (macs < needed || !onednn_usable() || at::globalContext().deterministicAlgorithms()) {
+  const int64_t needed = threads == 1 ? kMeasuredMinMacs : 2 * kMeasuredMinMacs * threads;
+  if (dtype == at::kDouble || macs < needed || at::globalContext().deterministicAlgorithms()) {
     run(Engine::kBlas);
     return;
   }
-  const EngineKey key{pixel_major, threads, log2_floor(macs), log2_floor(inner)};
+  const EngineKey key{static_cast<int>(dtype), pixel_major, threads, log2_floor(macs),
+                      log2_floor(inner)};
   std::optional<Engine> known;
   {
     std::lock_guard<std::mutex> lock(engines_mutex());
@@ -230,19 +252,18 @@ void run_fastest(bool pixel_major, int64_t macs, int64_t inner, const F& run) {
     run(*known);
     return;
   }
-  double best[2] = {1e30, 1e30};
+  double best[kEngines] = {1e30, 1e30, 1e30};
   for (int trial = 0; trial <= kEngineTrials; ++trial) {
-    for (const Engine engine : {Engine::kBlas, Engine::kOneDnn}) {
+    for (int e = 0; e < kEngines; ++e) {
+      if (!applies(static_cast<Engine>(e), dtype)) continue;
       const auto start = std::chrono::steady_clock::now();
-      run(engine);
+      run(static_cast<Engine>(e));
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (trial > 0) {  // trial 0 warms each engine up (oneDNN builds its primitive)
-        best[static_cast<int>(engine)] = std::min(best[static_cast<int>(engine)], seconds);
-      }
+      if (trial > 0) best[e] = std::min(best[e], seconds);  // trial 0 warms up
     }
   }
-  const Engine engine = best[1] < best[0] ? Engine::kOneDnn : Engine::kBlas;
+  const auto engine = static_cast<Engine>(std::min_element(best, best + kEngines) - best);
   {
     std::lock_guard<std::mutex> lock(engines_mutex());
     chosen_engines().emplace(key, engine);
@@ -253,39 +274,33 @@ void run_fastest(bool pixel_major, int64_t macs, int64_t inner, const F& run) {
 // The GEMM of a 1x1 convolution over one tile of `len` pixels, dst = K src:
 //   channel-major: dst [rows, len] = K [rows, inner] @ src [inner, len]
 //   pixel-major:   dst [len, rows] = src [len, inner] @ K^T
-// K is dense ([rows, inner], row stride inner); src and dst may be strided views. The
-// forward multiplies by the weight (K = W), the input gradient by its transpose (K = W^T).
-// With oneDNN it runs as a 1x1 convolution of src viewed as one [1, inner, 1, len] image in
-// its own layout, whose result is copied into dst.
-void conv1x1_gemm(bool pixel_major, const at::Tensor& kernel, const at::Tensor& src,
+// K is dense ([rows, inner], row stride inner); src and dst may be strided views, all of one
+// dtype. The forward multiplies by the weight (K = W), the input gradient by its transpose
+// (K = W^T). With `onednn` it runs as a 1x1 convolution of src viewed as one
+// [1, inner, 1, len] image in its own layout, whose result is copied into dst; else at::mm.
+void conv1x1_gemm(bool onednn, bool pixel_major, const at::Tensor& kernel, const at::Tensor& src,
                   const at::Tensor& dst) {
-  const int64_t rows = kernel.size(0), inner = kernel.size(1);
-  const int64_t len = pixel_major ? src.size(0) : src.size(1);
-  if (src.scalar_type() != at::kFloat) {  // float64: BLAS alone
+  if (!onednn) {
     pixel_major ? mm_into(dst, src, kernel.t()) : mm_into(dst, kernel, src);
     return;
   }
-  run_fastest(pixel_major, rows * inner * len, inner, [&](Engine engine) {
-    if (engine == Engine::kBlas) {
-      pixel_major ? mm_into(dst, src, kernel.t()) : mm_into(dst, kernel, src);
-      return;
-    }
-    // [1, inner, 1, len] views: NCHW of a [inner, len] tile, channels-last of a [len, inner]
-    // one; the kernel [rows, inner, 1, 1] is both, and is given the input's strides so that
-    // oneDNN sees one layout throughout.
-    const at::Tensor image =
-        pixel_major ? src.t().unsqueeze(0).unsqueeze(2) : src.unsqueeze(0).unsqueeze(2);
-    const at::Tensor weight =
-        pixel_major ? kernel.as_strided({rows, inner, 1, 1}, {inner, 1, inner, inner})
-                    : kernel.view({rows, inner, 1, 1});
-    const at::Tensor result =
-        at::mkldnn_convolution(image, weight, std::nullopt, {0, 0}, {1, 1}, {1, 1}, 1);
-    const at::Tensor out = result.select(2, 0).select(0, 0);  // [rows, len]
-    dst.copy_(pixel_major ? out.t() : out);
-  });
+  const int64_t rows = kernel.size(0), inner = kernel.size(1);
+  // [1, inner, 1, len] views: NCHW of a [inner, len] tile, channels-last of a [len, inner]
+  // one; the kernel [rows, inner, 1, 1] is both, and is given the input's strides so that
+  // oneDNN sees one layout throughout.
+  const at::Tensor image =
+      pixel_major ? src.t().unsqueeze(0).unsqueeze(2) : src.unsqueeze(0).unsqueeze(2);
+  const at::Tensor weight =
+      pixel_major ? kernel.as_strided({rows, inner, 1, 1}, {inner, 1, inner, inner})
+                  : kernel.view({rows, inner, 1, 1});
+  const at::Tensor result =
+      at::mkldnn_convolution(image, weight, std::nullopt, {0, 0}, {1, 1}, {1, 1}, 1);
+  const at::Tensor out = result.select(2, 0).select(0, 0);  // [rows, len]
+  dst.copy_(pixel_major ? out.t() : out);
 }
 
-// The forward's GEMM of one tile of a = relu(bn(x)) (`act`, dense), written into `dst`:
+// The forward's float32 (or float64) GEMM of one tile of a = relu(bn(x)) (`act`, dense),
+// written into `dst` with the fastest engine that computes in acc_t:
 //   channel-major: dst [C_out, len] (row stride dst_stride) = W [C_out, C] @ a [C, len]
 //   pixel-major:   dst [len, C_out] (row stride C_out)      = a [len, C] @ W^T
 template <typename acc_t, typename out_t>
@@ -295,7 +310,9 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
   const at::Tensor a = pixel_major ? matrix(act, len, channels, channels)
                                    : matrix(act, channels, len, len);
   const at::Tensor out = pixel_major ? matrix(dst, len, co, co) : matrix(dst, co, len, dst_stride);
-  conv1x1_gemm(pixel_major, weight, a, out);
+  run_fastest(a.scalar_type(), pixel_major, co * channels * len, channels, [&](Engine engine) {
+    conv1x1_gemm(engine == Engine::kOneDnn, pixel_major, weight, a, out);
+  });
 }
 
 // The element loops live in functions of their own: GCC honours __restrict__ on parameters
@@ -509,6 +526,28 @@ void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* sc
   }
 }
 
+// The forward's GEMM of one tile for bfloat16/float16 data, into the output tile `dst`
+// (scalar_t, at pixel p0 of the output): with a float32 engine, into `result` (acc_t
+// scratch), then rounded into dst; with the low-precision one, on the tile and the weight
+// in the data's dtype, straight into dst.
+template <typename scalar_t, typename acc_t>
+void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Tensor& weight_lp,
+                       acc_t* act, int64_t len, acc_t* result, scalar_t* dst) {
+  const int64_t channels = g.channels, co = g.out_channels;
+  const bool pm = g.pixel_major;
+  const at::Tensor a = pm ? matrix(act, len, channels, channels) : matrix(act, channels, len, len);
+  const at::Tensor out = pm ? matrix(result, len, co, co) : matrix(result, co, len, len);
+  const at::Tensor target = pm ? matrix(dst, len, co, co) : matrix(dst, co, len, g.hw);
+  run_fastest(target.scalar_type(), pm, co * channels * len, channels, [&](Engine engine) {
+    if (engine == Engine::kLowPrecision) {
+      conv1x1_gemm(false, pm, weight_lp, a.to(target.scalar_type()), target);
+      return;
+    }
+    conv1x1_gemm(engine == Engine::kOneDnn, pm, weight, a, out);
+    target.copy_(out);
+  });
+}
+
 template <typename scalar_t>
 at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& bn_weight,
@@ -521,6 +560,10 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   const acc_t* shift = shift_t.template data_ptr<acc_t>();
   at::Tensor weight =
       conv_weight.detach().reshape({co, channels}).to(scale_t.scalar_type()).contiguous();
+  // The weight in the data's dtype, for the low-precision engine.
+  at::Tensor weight_lp = std::is_same_v<scalar_t, acc_t>
+                             ? at::Tensor()
+                             : conv_weight.detach().reshape({co, channels}).contiguous();
   const auto format = g.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.n, co, buffer.size(2), buffer.size(3)},
                              buffer.options().memory_format(format));
@@ -552,16 +595,7 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
         forward_gemm(g.pixel_major, weight, act, channels, len, out_data + g.offset(p0, 0, co),
                      g.hw);
       } else {
-        forward_gemm(g.pixel_major, weight, act, channels, len, result, len);
-        if (g.pixel_major) {
-          scalar_t* dst = out_data + p0 * co;
-          for (int64_t i = 0; i < len * co; ++i) dst[i] = static_cast<scalar_t>(result[i]);
-        } else {
-          for (int64_t c = 0; c < co; ++c) {
-            scalar_t* dst = out_data + g.offset(p0, c, co);
-            for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<scalar_t>(result[c * len + t]);
-          }
-        }
+        lowp_forward_gemm(g, weight, weight_lp, act, len, result, out_data + g.offset(p0, 0, co));
       }
     }
   });
@@ -625,6 +659,7 @@ struct BackwardData {
   std::vector<acc_t> k_g, k_x, k_0;
   int64_t c0 = 0, cc = 0;
   at::Tensor weight_t_chunk;  // weight[:, c0 : c0 + cc]^T, dense [cc, C_out]
+  at::Tensor weight_lp, weight_t_chunk_lp;  // the same in the data's dtype (bf16/fp16 only)
 
   BackwardData(const Geometry& g_, bool stats_grad, const at::Tensor& grad_out_,
                const at::Tensor& buffer, const at::Tensor& mean_, const at::Tensor& invstd_,
@@ -637,6 +672,9 @@ struct BackwardData {
     invstd_t = invstd_.detach().to(acc_type).contiguous();
     gamma_t = bn_weight.detach().to(acc_type).contiguous();
     weight = conv_weight.detach().reshape({g.out_channels, g.channels}).to(acc_type).contiguous();
+    if (!std::is_same_v<scalar_t, acc_t>) {
+      weight_lp = conv_weight.detach().reshape({g.out_channels, g.channels}).contiguous();
+    }
     scale = scale_t.template data_ptr<acc_t>();
     shift = shift_t.template data_ptr<acc_t>();
     mean = mean_t.template data_ptr<acc_t>();
@@ -655,6 +693,7 @@ struct BackwardData {
     c0 = first;
     cc = count;
     weight_t_chunk = weight.narrow(1, c0, cc).t().contiguous();
+    if (weight_lp.defined()) weight_t_chunk_lp = weight_lp.narrow(1, c0, cc).t().contiguous();
   }
 };
 
@@ -669,6 +708,29 @@ void weight_grad_tile(const Geometry& g, const at::Tensor& dw, const at::Tensor&
   }
 }
 
+// The input gradient's GEMM of one tile, g = W^T grad_out into `gs` (acc_t, [len, cc]
+// pixel-major, [cc, len] channel-major) with the fastest engine: float32 on `go` (the tile's
+// grad_out in acc_t), or, for bfloat16/float16 data, on grad_out read in place in its dtype
+// (g then holds that dtype's rounding, as torchvision's convolution gradient does).
+template <typename scalar_t>
+void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int64_t p0,
+                     int64_t len, const at::Tensor& gs) {
+  const bool pm = d.g.pixel_major;
+  const int64_t co = d.g.out_channels;
+  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  run_fastest(dtype, pm, d.cc * co * len, co, [&](Engine engine) {
+    if (engine != Engine::kLowPrecision) {
+      conv1x1_gemm(engine == Engine::kOneDnn, pm, d.weight_t_chunk, go, gs);
+      return;
+    }
+    auto* base = const_cast<scalar_t*>(d.grad_out) + d.g.offset(p0, 0, co);
+    const at::Tensor go_lp = pm ? matrix(base, len, co, co) : matrix(base, co, len, d.g.hw);
+    const at::Tensor g_lp = at::empty(gs.sizes(), go_lp.options());
+    conv1x1_gemm(false, pm, d.weight_t_chunk_lp, go_lp, g_lp);
+    gs.copy_(g_lp);
+  });
+}
+
 // The input-gradient step of one pixel-major tile: the GEMM g = grad_out W into gs
 // ([len, cc]), then per row the ReLU mask and the per-channel sums (mask_reduce_row), and
 // with one pass the direct term k_g g added to grad_x right away.
@@ -677,7 +739,7 @@ void input_grad_rows(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
                      const at::Tensor& go, const acc_t* act, acc_t* gs, acc_t* tile_sums,
                      double* sum_g, double* sum_gx) {
   const int64_t c0 = d.c0, cc = d.cc;
-  conv1x1_gemm(true, d.weight_t_chunk, go, matrix(gs, len, cc, cc));
+  input_grad_gemm(d, go, p0, len, matrix(gs, len, cc, cc));
   // Per-tile sums in acc_t, vectorised across channels, then folded into doubles.
   acc_t* row_g = tile_sums;
   acc_t* row_gx = tile_sums + cc;
@@ -700,7 +762,7 @@ void input_grad_channels(const BackwardData<scalar_t>& d, int64_t p0, int64_t le
                          const at::Tensor& go, const acc_t* act, acc_t* gs, int64_t stride,
                          double* sum_g, double* sum_gx) {
   const int64_t c0 = d.c0, cc = d.cc;
-  conv1x1_gemm(false, d.weight_t_chunk, go, matrix(gs, cc, len, stride));
+  input_grad_gemm(d, go, p0, len, matrix(gs, cc, len, stride));
   for (int64_t c = 0; c < cc; ++c) {
     const int64_t off = d.g.offset(p0, c0 + c, d.g.total);
     const auto [s, sx] =
@@ -888,24 +950,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   return result;
 }
 
-// The CPU GEMM engine: sets the policy ("measure", "blas" or "onednn"; "" keeps it) and
+// The CPU GEMM engine: sets the policy ("measure", "blas", "onednn" or "lowp"; "" keeps it) and
 // returns the previous one followed by the choices measured so far, one line each.
 std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
-  static const char* names[] = {"measure", "blas", "onednn"};
+  static const char* names[] = {"measure", "blas", "onednn", "lowp"};
   std::vector<std::string> report{names[engine_policy.load()]};
   if (!policy.empty()) {
     const auto found = std::find(std::begin(names), std::end(names), policy);
     TORCH_CHECK_VALUE(found != std::end(names),
-                      "policy must be 'measure', 'blas' or 'onednn', got '", policy, "'");
+                      "policy must be 'measure', 'blas', 'onednn' or 'lowp', got '", policy,
+                      "'");
     engine_policy.store(static_cast<int>(found - std::begin(names)));
   }
   std::lock_guard<std::mutex> lock(engines_mutex());
   for (const auto& [key, engine] : chosen_engines()) {
-    report.push_back(std::string(key.pixel_major ? "pixel-major" : "channel-major") + ", " +
+    report.push_back(std::string(c10::toString(static_cast<at::ScalarType>(key.dtype))) +
+                     ", " + (key.pixel_major ? "pixel-major" : "channel-major") + ", " +
                      std::to_string(key.threads) + " thread(s), 2^" +
                      std::to_string(key.log2_macs) + " multiply-adds, reduction 2^" +
                      std::to_string(key.log2_inner) + ": " +
-                     (engine == Engine::kOneDnn ? "onednn" : "blas"));
+                     kEngineNames[static_cast<int>(engine)]);
   }
   return report;
 }

@@ -234,13 +234,15 @@ def backend_info() -> dict:
 
 
 def cpu_gemm_engine(policy: str | None = None) -> dict:
-    """The C++ kernels' float32 GEMM engine: ``{"policy": ..., "measured": [...]}``.
+    """The C++ kernels' GEMM engine: ``{"policy": ..., "measured": [...]}``.
 
     The fused op's GEMMs (the forward's ``W a`` and the backward's ``W^T g``) run through
-    ATen's BLAS or oneDNN, whichever is faster on this machine: by default (``"measure"``)
-    the first GEMM of each kind (layout, threads, size) runs with both and the faster is kept
-    for the process; ``"blas"`` or ``"onednn"`` forces one engine (where oneDNN is enabled in
-    ``torch.backends.mkldnn``). Under ``torch.use_deterministic_algorithms`` measuring keeps
+    ATen's float32 BLAS, oneDNN, or, for bfloat16/float16 data (autocast's), ATen's GEMM in
+    that dtype ("lowp", float32 accumulation), whichever is fastest on this machine: by
+    default (``"measure"``) the first GEMM of each kind (dtype, layout, threads, size) runs
+    with each and the fastest is kept for the process; ``"blas"``, ``"onednn"`` or ``"lowp"``
+    forces one engine where it applies (oneDNN where ``torch.backends.mkldnn`` enables it;
+    else float32 BLAS). Under ``torch.use_deterministic_algorithms`` measuring keeps float32
     BLAS. ``policy`` sets it; ``"measured"`` lists the choices made so far. Returns the
     settings as they were before the call. RuntimeError without the C++ kernels."""
     if "cpp" not in _loaded:

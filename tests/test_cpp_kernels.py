@@ -69,13 +69,14 @@ def gemm_engine():
 
 @needs_cpp
 @pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("policy", ["measure", "blas", "onednn", "mkldnn-disabled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("policy", ["measure", "blas", "onednn", "lowp", "mkldnn-disabled"])
 def test_cpp_matches_reference_with_each_gemm_engine(memory_format, dtype, policy, gemm_engine,
                                                     monkeypatch):
-    # Forced, every float32 GEMM of the forward and of the input gradient takes that engine
-    # (oneDNN: the strided grad_out of a short tile too); measured, the large ones run with
-    # both; with oneDNN disabled in torch.backends.mkldnn, all go through at::mm.
+    # Forced, every GEMM of the forward and of the input gradient takes that engine where it
+    # applies (oneDNN: the strided grad_out of a short tile too; lowp: bfloat16/float16
+    # operands, else float32 BLAS); measured, the large ones run with each; with oneDNN
+    # disabled in torch.backends.mkldnn, none runs through it.
     if policy == "mkldnn-disabled":
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
         policy = "onednn"
@@ -85,13 +86,16 @@ def test_cpp_matches_reference_with_each_gemm_engine(memory_format, dtype, polic
 
 @needs_cpp
 def test_gemm_engine_policy_is_checked_and_reports_measured_choices(gemm_engine):
-    with pytest.raises(ValueError, match="policy must be 'measure', 'blas' or 'onednn'"):
+    with pytest.raises(ValueError, match="policy must be 'measure', 'blas', 'onednn' or 'lowp'"):
         gemm_engine("mkl")
     gemm_engine("measure")
-    assert_op_matches(op_case(ONEDNN, torch.float32), False, "torch")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert_op_matches(op_case(ONEDNN, dtype), False, "torch")
     measured = gemm_engine()["measured"]
-    if torch.backends.mkldnn.is_available():
-        assert any("2^" in line and line.endswith((": blas", ": onednn")) for line in measured)
+    assert any(line.startswith("Float, ") and line.endswith((": blas", ": onednn"))
+               for line in measured), measured
+    assert any(line.startswith("BFloat16, ") and line.endswith((": blas", ": onednn", ": lowp"))
+               for line in measured), measured
 
 
 @needs_cpp
