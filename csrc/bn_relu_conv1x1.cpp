@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <string>
 #include <chrono>
@@ -318,6 +319,22 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
 // The element loops live in functions of their own: GCC honours __restrict__ on parameters
 // (not on locals), which it needs to vectorise them.
 
+// v stored in the data's dtype, rounded to nearest even. For bfloat16 by the bit trick
+// c10::BFloat16 uses, without its branch on NaN (a select instead), so that the element
+// loops vectorise; NaN stays NaN.
+template <typename scalar_t, typename acc_t>
+inline scalar_t to_data(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const uint16_t out = v != v ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+    return c10::BFloat16(out, c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
 // v rounded to the data's precision: a bfloat16 or float16 buffer is what autocast makes
 // of torchvision's concatenation, whose BN-ReLU output (the 1x1 convolution's input) autocast
 // rounds to that dtype too; the GEMMs then take exact low-precision operands and accumulate
@@ -327,7 +344,7 @@ inline acc_t in_data_precision(acc_t v) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return v;
   } else {
-    return static_cast<acc_t>(static_cast<scalar_t>(v));
+    return static_cast<acc_t>(to_data<scalar_t>(v));
   }
 }
 
@@ -407,7 +424,7 @@ void add_dx_row(const acc_t* __restrict__ grad, const scalar_t* __restrict__ x,
                 const acc_t* __restrict__ k_0, scalar_t* __restrict__ grad_x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t dx = k_g[i] * grad[i] + k_x[i] * static_cast<acc_t>(x[i]) + k_0[i];
-    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + dx);
+    grad_x[i] = to_data<scalar_t>(static_cast<acc_t>(grad_x[i]) + dx);
   }
 }
 
@@ -417,7 +434,7 @@ void add_dx_channel(const acc_t* __restrict__ grad, const scalar_t* __restrict__
                     acc_t k_x, acc_t k_0, scalar_t* __restrict__ grad_x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t dx = k_g * grad[i] + k_x * static_cast<acc_t>(x[i]) + k_0;
-    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + dx);
+    grad_x[i] = to_data<scalar_t>(static_cast<acc_t>(grad_x[i]) + dx);
   }
 }
 
@@ -426,7 +443,7 @@ template <typename scalar_t, typename acc_t>
 void add_scaled_row(const acc_t* __restrict__ grad, const acc_t* __restrict__ k,
                     scalar_t* __restrict__ grad_x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + k[i] * grad[i]);
+    grad_x[i] = to_data<scalar_t>(static_cast<acc_t>(grad_x[i]) + k[i] * grad[i]);
   }
 }
 
@@ -435,7 +452,7 @@ template <typename scalar_t, typename acc_t>
 void add_scaled_channel(const acc_t* __restrict__ grad, acc_t k, scalar_t* __restrict__ grad_x,
                         int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    grad_x[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[i]) + k * grad[i]);
+    grad_x[i] = to_data<scalar_t>(static_cast<acc_t>(grad_x[i]) + k * grad[i]);
   }
 }
 
@@ -519,7 +536,7 @@ void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* sc
         for (int64_t j = 0; j < images; ++j) {
           scalar_t* dst = out_data + g.offset((first + j) * hw, c, co);
           const acc_t* src = result + c * len + j * hw;
-          for (int64_t t = 0; t < hw; ++t) dst[t] = static_cast<scalar_t>(src[t]);
+          for (int64_t t = 0; t < hw; ++t) dst[t] = to_data<scalar_t>(src[t]);
         }
       }
     });
@@ -544,7 +561,16 @@ void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Te
       return;
     }
     conv1x1_gemm(engine == Engine::kOneDnn, pm, weight, a, out);
-    target.copy_(out);
+    // Rounded into the output tile here: at::copy_ of a strided tile is slower.
+    if (pm) {
+      for (int64_t i = 0; i < len * co; ++i) dst[i] = to_data<scalar_t>(result[i]);
+    } else {
+      for (int64_t c = 0; c < co; ++c) {
+        scalar_t* row = dst + c * g.hw;
+        const acc_t* src = result + c * len;
+        for (int64_t t = 0; t < len; ++t) row[t] = to_data<scalar_t>(src[t]);
+      }
+    }
   });
 }
 

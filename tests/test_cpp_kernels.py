@@ -148,3 +148,19 @@ def test_install_without_a_working_compiler_still_installs(tmp_path):
     assert probe.returncode == 0, probe.stderr
     active, reason = probe.stdout.splitlines()
     assert active == "torch" and reason.startswith("not built: the build failed")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_non_finite_values_stay_non_finite_in_low_precision(dtype):
+    """The kernels round to bfloat16 with a branch-free bit trick; NaN and infinity in the
+    buffer give NaN where the reference kernels give NaN, and nowhere else."""
+    case = op_case((2, 9, 7, 5, 4, 3), dtype)
+    buffer = case.args[0]
+    buffer[0, 1, 2, 1] = float("nan")
+    buffer[1, 3, 0, 0] = float("inf")
+    out = torch.ops.densenet_fast.bn_relu_conv1x1(*case.args)
+    with densenet_fast.ops.reference_kernels():
+        expected = densenet_fast.ops.bn_relu_conv1x1(*case.args)
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+    assert torch.equal(out.isinf(), expected.isinf())
