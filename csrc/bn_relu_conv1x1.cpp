@@ -2,9 +2,10 @@
 //
 // The prefix x = buffer[:, :C] is read in place, one pixel tile at a time: a tile of
 // a = relu(x * scale + shift) is built in per-thread scratch (float32, or float64 for
-// float64 data) and multiplied through ATen's BLAS (the forward's large float32 tiles through
-// oneDNN, see forward_gemm), so the prefix is read once per pass and no prefix-sized
-// activation exists. Two buffer layouts are served:
+// float64 data; bfloat16/float16 data rounded to its dtype) and multiplied by the GEMM engine
+// measured fastest on the machine (run_fastest: ATen's BLAS, oneDNN, or a low-precision
+// GEMM), so the prefix is read once per pass and no prefix-sized activation exists. Two
+// buffer layouts are served:
 //   channel-major (NCHW):  per image, x is [C, HW] with row stride HW, out = W a
 //   pixel-major (NHWC):    x is [N*HW, C] with row stride C_total,   out = a W^T
 // Backward, pass 1, per tile: recompute a, accumulate dW += g_out a^T per thread, compute

@@ -1,6 +1,7 @@
 """The ``densenet-fast`` command end to end, and the memory measurement on a known answer."""
 
 import json
+import mmap
 import subprocess
 import sys
 
@@ -127,10 +128,14 @@ def test_memory_measurement_sees_a_known_allocation(monkeypatch):
     size = 64 * 2**20
 
     class Holds64MiB:
+        # Fresh pages from an anonymous mapping, touched so that they are resident: a tensor
+        # from the allocator could reuse memory that earlier tests freed but the process
+        # still holds, and then no resident memory would grow (seen once in a full run).
         def __enter__(self):
-            self.block = torch.ones(size // 4)  # touched, so resident
+            self.mapping = mmap.mmap(-1, size)
+            torch.frombuffer(self.mapping, dtype=torch.uint8).fill_(1)
         def __exit__(self, *exc):
-            del self.block
+            self.mapping.close()
 
     monkeypatch.setitem(implementations.IMPLEMENTATIONS, "holds-64mib", Implementation(
         "naive model plus a 64 MiB tensor inside each step", implementations._naive,

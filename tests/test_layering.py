@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "densenet_fast"
 # Bottom to top. A module may import modules of its own layer or of lower ones; the cycle
 # check keeps imports within one layer honest.
 LAYERS = [
-    ["ops.formats", "ops.triton_kernels", "state_dict", "validation", "architecture"],
+    ["ops.formats", "ops.triton_kernels", "ops.lowp_conv", "state_dict", "validation",
+     "architecture"],
     ["ops.schema", "ops.batchnorm"],
     ["ops.torch_impl"],
     ["ops"],
@@ -24,8 +25,8 @@ LAYERS = [
     ["convert"],
     ["benchmark", "benchmark.steps", "benchmark.timing", "benchmark.progress",
      "benchmark.implementations", "benchmark.runner", "benchmark.memory", "benchmark.report",
-     "benchmark.sweeps", "training", "training.data", "training.checkpoint", "training.recipe",
-     "training.loop"],
+     "benchmark.sweeps", "benchmark.roofline", "training", "training.data",
+     "training.checkpoint", "training.recipe", "training.loop"],
     ["cli"],
     [""],  # the package's __init__
 ]
