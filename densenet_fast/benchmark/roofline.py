@@ -10,11 +10,11 @@ computes the same convolutions), and each row's achieved rate is their quotient.
 from __future__ import annotations
 
 import platform
-import time
 
 import torch
 import torch.nn as nn
 
+from ..ops.measure import best_time
 from .implementations import ModelConfig
 
 # A GEMM large enough to reach the rate of the dense layers' big 1x1 convolutions.
@@ -49,16 +49,6 @@ def describe_cpu(info: dict | None = None) -> str:
     return ", ".join(part for part in (info["name"], info["vendor"], numbers) if part)
 
 
-def _best_time(fn, trials: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def gemm_peak(dtype: torch.dtype, device: str = "cpu") -> dict:
     """The machine's GEMM rate for ``dtype`` math in GFLOP/s: the faster of a native
     ``dtype`` GEMM and, for bfloat16/float16, a float32 GEMM of such values (which computes
@@ -77,7 +67,7 @@ def gemm_peak(dtype: torch.dtype, device: str = "cpu") -> dict:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        gflops = flops / _best_time(run, _PEAK_TRIALS) / 1e9
+        gflops = flops / best_time(run, _PEAK_TRIALS) / 1e9
         if gflops > best["gflops"]:
             best = {"gflops": gflops, "kernel": f"{str(kernel_dtype).removeprefix('torch.')} mm"}
     return best

@@ -15,27 +15,18 @@ and ``torch.use_deterministic_algorithms`` keep the native kernels.
 
 from __future__ import annotations
 
-import time
 from functools import cache
 
 import torch
 import torch.nn.functional as F
+
+from .measure import best_time
 
 # The dense layers' 3x3 convolution in densenet121's third block (batch 8): 128 -> 32
 # channels on 14x14 planes.
 _PROBE_SHAPE = (8, 128, 14, 14)
 _PROBE_OUT = 32
 _PROBE_TRIALS = 3
-
-
-def _time(fn) -> float:
-    fn()  # warm-up: oneDNN builds its primitives on first use
-    best = float("inf")
-    for _ in range(_PROBE_TRIALS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @cache
@@ -54,7 +45,7 @@ def _float32_is_faster(dtype: torch.dtype, threads: int, mkldnn: bool) -> bool:
         return step
 
     with torch.no_grad():
-        return _time(run(True)) < _time(run(False))
+        return best_time(run(True), _PROBE_TRIALS) < best_time(run(False), _PROBE_TRIALS)
 
 
 def runs_in_float32(x: torch.Tensor) -> bool:
