@@ -92,7 +92,11 @@ struct Geometry {
   // capacity: pixels a tile may hold for this width; tile: the pixels one tile does hold.
   int64_t n, channels, total, hw, pixels, out_channels, capacity, tile, tiles_per_image, items;
 
-  Geometry(const at::Tensor& buffer, int64_t channels_, int64_t out_channels_, int64_t width)
+  // whole_images: channel-major tiles of small planes (two or more fit a tile) hold several
+  // whole images side by side, as pixel-major tiles do, instead of one short plane each: the
+  // backward's GEMMs are then a few wide ones instead of one tiny one per image.
+  Geometry(const at::Tensor& buffer, int64_t channels_, int64_t out_channels_, int64_t width,
+           bool whole_images = false)
       : pixel_major(is_pixel_major(buffer)),
         n(buffer.size(0)),
         channels(channels_),
@@ -102,8 +106,8 @@ struct Geometry {
         out_channels(out_channels_) {
     capacity = std::max<int64_t>(16, (kTileElements / std::max<int64_t>(width, 1)) / 16 * 16);
     tile = capacity;
-    if (pixel_major) {
-      tile = std::min(tile, pixels);
+    if (pixel_major || (whole_images && 2 * hw <= capacity)) {
+      tile = pixel_major ? std::min(tile, pixels) : std::min(capacity / hw, n) * hw;
       tiles_per_image = 0;
       items = (pixels + tile - 1) / tile;
     } else {
@@ -115,12 +119,28 @@ struct Geometry {
 
   // First pixel (global index n*HW + hw) and length of work item `item`.
   std::pair<int64_t, int64_t> span(int64_t item) const {
-    if (pixel_major) {
+    if (tiles_per_image == 0) {
       const int64_t start = item * tile;
       return {start, std::min(tile, pixels - start)};
     }
     const int64_t image = item / tiles_per_image, t0 = (item % tiles_per_image) * tile;
     return {image * hw + t0, std::min(tile, hw - t0)};
+  }
+
+  // Whether the tile [p0, p0 + len) lies in one image (always, but for whole-image tiles).
+  bool in_one_image(int64_t p0, int64_t len) const {
+    return pixel_major || p0 % hw + len <= hw;
+  }
+
+  // Channel-major: calls fn(p, at, run) for each run of the tile [p0, p0 + len) that lies in
+  // one image: its first pixel p (global), its position `at` in the tile and its length.
+  template <typename F>
+  void for_each_run(int64_t p0, int64_t len, const F& fn) const {
+    for (int64_t at = 0; at < len;) {
+      const int64_t p = p0 + at, run = std::min(len - at, hw - p % hw);
+      fn(p, at, run);
+      at += run;
+    }
   }
 
   // Offset of (pixel p, channel c) in a dense tensor with `width` channels of this layout.
@@ -468,33 +488,40 @@ void bn_relu_tile(const Geometry& g, const scalar_t* x, const acc_t* scale, cons
     }
   } else {
     for (int64_t c = 0; c < cc; ++c) {
-      bn_relu_channel(x + g.offset(p0, c0 + c, g.total), scale[c0 + c], shift[c0 + c],
-                      act + c * len, len);
+      g.for_each_run(p0, len, [&](int64_t p, int64_t at, int64_t run) {
+        bn_relu_channel(x + g.offset(p, c0 + c, g.total), scale[c0 + c], shift[c0 + c],
+                        act + c * len + at, run);
+      });
     }
   }
 }
 
 // grad_out for pixels [p0, p0 + len) as an acc_t matrix: [C_out, len] or [len, C_out]. A
-// view into grad_out when the types agree, else converted into `scratch`.
+// view into grad_out when the types agree and the tile lies in one image, else converted
+// (gathered) into `scratch`.
 template <typename scalar_t, typename acc_t>
 at::Tensor grad_out_tile(const Geometry& g, const scalar_t* grad_out, int64_t p0, int64_t len,
                          acc_t* scratch) {
   const int64_t co = g.out_channels;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    auto* base = const_cast<acc_t*>(grad_out) + g.offset(p0, 0, co);
-    return g.pixel_major ? matrix(base, len, co, co) : matrix(base, co, len, g.hw);
-  } else {
-    if (g.pixel_major) {
-      const scalar_t* src = grad_out + p0 * co;
-      for (int64_t i = 0; i < len * co; ++i) scratch[i] = static_cast<acc_t>(src[i]);
-      return matrix(scratch, len, co, co);
+    if (g.in_one_image(p0, len)) {
+      auto* base = const_cast<acc_t*>(grad_out) + g.offset(p0, 0, co);
+      return g.pixel_major ? matrix(base, len, co, co) : matrix(base, co, len, g.hw);
     }
-    for (int64_t c = 0; c < co; ++c) {
-      const scalar_t* src = grad_out + g.offset(p0, c, co);
-      for (int64_t t = 0; t < len; ++t) scratch[c * len + t] = static_cast<acc_t>(src[t]);
-    }
-    return matrix(scratch, co, len, len);
   }
+  if (g.pixel_major) {
+    const scalar_t* src = grad_out + p0 * co;
+    for (int64_t i = 0; i < len * co; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+    return matrix(scratch, len, co, co);
+  }
+  for (int64_t c = 0; c < co; ++c) {
+    g.for_each_run(p0, len, [&](int64_t p, int64_t at, int64_t run) {
+      const scalar_t* src = grad_out + g.offset(p, c, co);
+      acc_t* dst = scratch + c * len + at;
+      for (int64_t t = 0; t < run; ++t) dst[t] = static_cast<acc_t>(src[t]);
+    });
+  }
+  return matrix(scratch, co, len, len);
 }
 
 // Mirrors densenet_fast.ops.batchnorm.scale_shift, in acc_t.
@@ -750,8 +777,11 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
       conv1x1_gemm(engine == Engine::kOneDnn, pm, d.weight_t_chunk, go, gs);
       return;
     }
+    // grad_out in its dtype: read in place, or, for a tile of several images, go (which
+    // holds its values exactly) converted back.
     auto* base = const_cast<scalar_t*>(d.grad_out) + d.g.offset(p0, 0, co);
-    const at::Tensor go_lp = pm ? matrix(base, len, co, co) : matrix(base, co, len, d.g.hw);
+    const at::Tensor go_lp = !d.g.in_one_image(p0, len) ? go.to(dtype)
+                             : pm ? matrix(base, len, co, co) : matrix(base, co, len, d.g.hw);
     const at::Tensor g_lp = at::empty(gs.sizes(), go_lp.options());
     conv1x1_gemm(false, pm, d.weight_t_chunk_lp, go_lp, g_lp);
     gs.copy_(g_lp);
@@ -791,12 +821,15 @@ void input_grad_channels(const BackwardData<scalar_t>& d, int64_t p0, int64_t le
   const int64_t c0 = d.c0, cc = d.cc;
   input_grad_gemm(d, go, p0, len, matrix(gs, cc, len, stride));
   for (int64_t c = 0; c < cc; ++c) {
-    const int64_t off = d.g.offset(p0, c0 + c, d.g.total);
-    const auto [s, sx] =
-        mask_reduce_channel(act + c * len, gs + c * stride, d.x + off, d.mean[c0 + c], len);
-    sum_g[c] += s;
-    sum_gx[c] += sx;
-    if (!d.two_pass) add_scaled_channel(gs + c * stride, d.k_g[c0 + c], d.grad_x + off, len);
+    d.g.for_each_run(p0, len, [&](int64_t p, int64_t at, int64_t run) {
+      const int64_t off = d.g.offset(p, c0 + c, d.g.total);
+      acc_t* g_run = gs + c * stride + at;
+      const auto [s, sx] =
+          mask_reduce_channel(act + c * len + at, g_run, d.x + off, d.mean[c0 + c], run);
+      sum_g[c] += s;
+      sum_gx[c] += sx;
+      if (!d.two_pass) add_scaled_channel(g_run, d.k_g[c0 + c], d.grad_x + off, run);
+    });
   }
 }
 
@@ -871,9 +904,11 @@ void add_stored_dx(const BackwardData<scalar_t>& d) {
         }
       } else {
         for (int64_t c = 0; c < cc; ++c) {
-          const int64_t off = g.offset(p0, c0 + c, g.total);
-          add_dx_channel(d.store + c * g.pixels + p0, d.x + off, d.k_g[c0 + c], d.k_x[c0 + c],
-                         d.k_0[c0 + c], d.grad_x + off, len);
+          g.for_each_run(p0, len, [&](int64_t p, int64_t, int64_t run) {
+            const int64_t off = g.offset(p, c0 + c, g.total);
+            add_dx_channel(d.store + c * g.pixels + p, d.x + off, d.k_g[c0 + c],
+                           d.k_x[c0 + c], d.k_0[c0 + c], d.grad_x + off, run);
+          });
         }
       }
     }
@@ -886,7 +921,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& conv_weight, bool stats_grad, const at::Tensor& grad_buffer) {
   const int64_t channels = conv_weight.size(1), co = conv_weight.size(0);
-  const Geometry g(buffer, channels, co, std::max(channels, co));
+  const Geometry g(buffer, channels, co, std::max(channels, co), /*whole_images=*/true);
   BackwardData<scalar_t> d(g, stats_grad, grad_out, buffer, mean, invstd, bn_weight, bn_bias,
                            conv_weight, grad_buffer);
   // With stats_grad, dx needs sums over every pixel first: g is kept in a chunk-sized store

@@ -85,6 +85,18 @@ def test_cpp_matches_reference_with_each_gemm_engine(memory_format, dtype, polic
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("policy", ["blas", "onednn", "lowp"])
+@pytest.mark.parametrize("stats_grad", [True, False], ids=STATS_GRAD_IDS)
+def test_backward_tiles_of_several_whole_images(dtype, policy, stats_grad, gemm_engine):
+    # 3x5 planes of 40 channels: the backward's channel-major tiles hold all 7 images side by
+    # side (grad_out gathered, each channel's runs masked and reduced image by image), with
+    # each engine (lowp: grad_out converted back from the gathered tile).
+    gemm_engine(policy)
+    assert_op_matches(op_case((7, 40, 33, 24, 3, 5), dtype), stats_grad, "torch")
+
+
+@needs_cpp
 def test_gemm_engine_policy_is_checked_and_reports_measured_choices(gemm_engine):
     with pytest.raises(ValueError, match="policy must be 'measure', 'blas', 'onednn' or 'lowp'"):
         gemm_engine("mkl")
