@@ -22,13 +22,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <atomic>
-#include <string>
 #include <chrono>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -535,6 +535,30 @@ std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::
   return {scale.contiguous(), shift.contiguous()};
 }
 
+// Rounds output channels [c0, c1) of the forward's result tile for pixels [p0, p0 + len)
+// (acc_t, dense: [C_out, len] channel-major, [len, C_out] pixel-major) into the output; a
+// channel-major tile may span several whole images.
+template <typename scalar_t, typename acc_t>
+void store_output_tile(const Geometry& g, const acc_t* result, int64_t p0, int64_t len,
+                       int64_t c0, int64_t c1, scalar_t* out) {
+  const int64_t co = g.out_channels;
+  if (g.pixel_major) {
+    for (int64_t r = 0; r < len; ++r) {
+      scalar_t* dst = out + (p0 + r) * co;
+      const acc_t* src = result + r * co;
+      for (int64_t c = c0; c < c1; ++c) dst[c] = to_data<scalar_t>(src[c]);
+    }
+    return;
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    g.for_each_run(p0, len, [&](int64_t p, int64_t at, int64_t run) {
+      scalar_t* dst = out + g.offset(p, c, co);
+      const acc_t* src = result + c * len + at;
+      for (int64_t t = 0; t < run; ++t) dst[t] = to_data<scalar_t>(src[t]);
+    });
+  }
+}
+
 // Forward for channel-major buffers with small planes (2 * H*W <= tile capacity): a tile
 // per image would make each GEMM a few pixels wide, so a work item packs several whole
 // images side by side into the scratch, [C, images * HW], and scatters the
@@ -551,35 +575,26 @@ void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* sc
     const int64_t len = images * hw;
     const int64_t grain = std::max<int64_t>(1, (1 << 15) / len);
     at::parallel_for(0, channels, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t j = 0; j < images; ++j) {
-          bn_relu_channel(x + g.offset((first + j) * hw, c, g.total), scale[c], shift[c],
-                          act + c * len + j * hw, hw);
-        }
-      }
+      bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, first * hw, len, c0, c1 - c0,
+                                    act + c0 * len);
     });
     forward_gemm(false, weight, act, channels, len, result, len);
     at::parallel_for(0, co, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t j = 0; j < images; ++j) {
-          scalar_t* dst = out_data + g.offset((first + j) * hw, c, co);
-          const acc_t* src = result + c * len + j * hw;
-          for (int64_t t = 0; t < hw; ++t) dst[t] = to_data<scalar_t>(src[t]);
-        }
-      }
+      store_output_tile(g, result, first * hw, len, c0, c1, out_data);
     });
   }
 }
 
-// The forward's GEMM of one tile for bfloat16/float16 data, into the output tile `dst`
-// (scalar_t, at pixel p0 of the output): with a float32 engine, into `result` (acc_t
-// scratch), then rounded into dst; with the low-precision one, on the tile and the weight
-// in the data's dtype, straight into dst.
+// The forward's GEMM of the tile of pixels [p0, p0 + len) (one image's) for bfloat16/float16
+// data, into the output `out_data`: with a float32 engine, into `result` (acc_t scratch),
+// then rounded into the output; with the low-precision one, on the tile and the weight in the
+// data's dtype, straight into it.
 template <typename scalar_t, typename acc_t>
 void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Tensor& weight_lp,
-                       acc_t* act, int64_t len, acc_t* result, scalar_t* dst) {
+                       acc_t* act, int64_t p0, int64_t len, acc_t* result, scalar_t* out_data) {
   const int64_t channels = g.channels, co = g.out_channels;
   const bool pm = g.pixel_major;
+  scalar_t* dst = out_data + g.offset(p0, 0, co);
   const at::Tensor a = pm ? matrix(act, len, channels, channels) : matrix(act, channels, len, len);
   const at::Tensor out = pm ? matrix(result, len, co, co) : matrix(result, co, len, len);
   const at::Tensor target = pm ? matrix(dst, len, co, co) : matrix(dst, co, len, g.hw);
@@ -589,16 +604,8 @@ void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Te
       return;
     }
     conv1x1_gemm(engine == Engine::kOneDnn, pm, weight, a, out);
-    // Rounded into the output tile here: at::copy_ of a strided tile is slower.
-    if (pm) {
-      for (int64_t i = 0; i < len * co; ++i) dst[i] = to_data<scalar_t>(result[i]);
-    } else {
-      for (int64_t c = 0; c < co; ++c) {
-        scalar_t* row = dst + c * g.hw;
-        const acc_t* src = result + c * len;
-        for (int64_t t = 0; t < len; ++t) row[t] = to_data<scalar_t>(src[t]);
-      }
-    }
+    // Rounded into the output by a loop of our own: at::copy_ of a strided tile is slower.
+    store_output_tile(g, result, p0, len, 0, co, out_data);
   });
 }
 
@@ -649,7 +656,7 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
         forward_gemm(g.pixel_major, weight, act, channels, len, out_data + g.offset(p0, 0, co),
                      g.hw);
       } else {
-        lowp_forward_gemm(g, weight, weight_lp, act, len, result, out_data + g.offset(p0, 0, co));
+        lowp_forward_gemm(g, weight, weight_lp, act, p0, len, result, out_data);
       }
     }
   });
@@ -1015,14 +1022,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 // The CPU GEMM engine: sets the policy ("measure", "blas", "onednn" or "lowp"; "" keeps it) and
 // returns the previous one followed by the choices measured so far, one line each.
 std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
-  static const char* names[] = {"measure", "blas", "onednn", "lowp"};
-  std::vector<std::string> report{names[engine_policy.load()]};
+  const int current = engine_policy.load();
+  std::vector<std::string> report{current == kMeasure ? "measure" : kEngineNames[current - 1]};
   if (!policy.empty()) {
-    const auto found = std::find(std::begin(names), std::end(names), policy);
-    TORCH_CHECK_VALUE(found != std::end(names),
+    const auto found = std::find(std::begin(kEngineNames), std::end(kEngineNames), policy);
+    TORCH_CHECK_VALUE(policy == "measure" || found != std::end(kEngineNames),
                       "policy must be 'measure', 'blas', 'onednn' or 'lowp', got '", policy,
                       "'");
-    engine_policy.store(static_cast<int>(found - std::begin(names)));
+    engine_policy.store(policy == "measure" ? kMeasure
+                                            : 1 + static_cast<int>(found - std::begin(kEngineNames)));
   }
   std::lock_guard<std::mutex> lock(engines_mutex());
   for (const auto& [key, engine] : chosen_engines()) {
