@@ -23,7 +23,8 @@ _PEAK_TRIALS = 5
 
 
 def cpu_model() -> dict:
-    """``{"vendor": ..., "name": ...}`` of this machine's CPU (``/proc/cpuinfo`` on Linux)."""
+    """``{"vendor", "name"}`` of this machine's CPU, with ``"cpu family"`` and ``"model"``
+    where ``/proc/cpuinfo`` gives them (Linux x86)."""
     info = {"vendor": "", "name": ""}
     try:
         with open("/proc/cpuinfo") as f:

@@ -6,8 +6,9 @@ of the same low-precision values, rounded back to the data's dtype, computes tha
 function; only the summation order differs, as it does between any two kernels. Which one
 is faster depends on the CPU: with AMX or a fast AVX512-BF16 path oneDNN's bfloat16 kernels
 win; on a CPU without them (an Intel Xeon of family 6, model 207, as a guest without AMX)
-bfloat16 3x3 convolutions ran 1.8x slower than float32 ones. So the choice is measured,
-once per process, dtype and thread count, on a convolution shaped like a dense layer's.
+bfloat16 3x3 convolutions (forward and backward) ran 1.2-1.4x slower than float32 ones, and
+float16 ones about 100x slower. So the choice is measured, once per process, dtype and
+thread count, on a convolution shaped like a dense layer's.
 
 CUDA and other devices, float32 and float64 data, fake tensors (``torch.compile``'s tracing)
 and ``torch.use_deterministic_algorithms`` keep the native kernels.
@@ -34,8 +35,8 @@ def _float32_is_faster(dtype: torch.dtype, threads: int, mkldnn: bool) -> bool:
     """Whether a float32 3x3 convolution (forward and backward, casts included) of ``dtype``
     values beats the native ``dtype`` one on this CPU."""
     del threads, mkldnn  # part of the cache key: the measurement holds for them only
-    x = torch.randn(_PROBE_SHAPE).to(dtype).requires_grad_()
-    w = torch.randn(_PROBE_OUT, _PROBE_SHAPE[1], 3, 3).to(dtype).requires_grad_()
+    x = torch.randn(_PROBE_SHAPE).to(dtype)
+    w = torch.randn(_PROBE_OUT, _PROBE_SHAPE[1], 3, 3).to(dtype)
 
     def run(upcast: bool):
         def step():
