@@ -1,7 +1,7 @@
 """Build script: the compiled CPU kernels of densenet_fast.
 
-Package metadata lives in pyproject.toml. ``csrc/bn_relu_conv1x1.cpp`` is compiled once per
-instruction set (``csrc/builds/``) into ``densenet_fast._C_<build>`` with
+Package metadata lives in pyproject.toml. ``csrc/extension.cpp`` (every CPU kernel) is
+compiled once per instruction set (``csrc/builds/``) into ``densenet_fast._C_<build>`` with
 ``torch.utils.cpp_extension`` (ninja when available), which needs torch at build time:
 install with ``pip install --no-build-isolation``. Without torch, without a compiler, or if
 the build fails, the package still installs; the reason is written to
@@ -33,7 +33,9 @@ def _clear_build_error() -> None:
 
 
 def _extension_setup() -> dict:
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # Every kernel file and header: a change to any of them rebuilds each variant.
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) +
+                     glob.glob(os.path.join("csrc", "*.h")))
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:

@@ -18,8 +18,9 @@
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <Python.h>
 #include <torch/library.h>
+
+#include "kernel_common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -43,18 +44,10 @@ constexpr int64_t kChunkElements = 1 << 22;
 // Independent partial sums per reduction, so the compiler can vectorise it.
 constexpr int kLanes = 16;
 
-// Messages and exception types match ops/schema.py's checks (ValueError for shapes,
-// TypeError for dtypes, RuntimeError for devices), whichever backend serves the call.
 void check_forward_args(const at::Tensor& buffer, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& bn_weight,
                         const at::Tensor& bn_bias, const at::Tensor& conv_weight) {
-  TORCH_CHECK_VALUE(buffer.dim() == 4, "buffer must be 4-D [N, C, H, W], got shape ",
-                    buffer.sizes());
-  TORCH_CHECK_TYPE(buffer.scalar_type() == at::kFloat || buffer.scalar_type() == at::kDouble ||
-                       buffer.scalar_type() == at::kBFloat16 ||
-                       buffer.scalar_type() == at::kHalf,
-                   "buffer must be a floating-point tensor (float32, float64, bfloat16 or float16), got ",
-                   buffer.scalar_type());
+  check_data(buffer, "buffer");
   TORCH_CHECK_VALUE(
       conv_weight.dim() == 4 && conv_weight.size(2) == 1 && conv_weight.size(3) == 1,
       "conv_weight must have shape [C_out, C, 1, 1], got ", conv_weight.sizes());
@@ -64,26 +57,9 @@ void check_forward_args(const at::Tensor& buffer, const at::Tensor& mean,
   TORCH_CHECK_TYPE(conv_weight.scalar_type() == buffer.scalar_type(), "conv_weight dtype ",
                    conv_weight.scalar_type(), " differs from buffer dtype ",
                    buffer.scalar_type());
-  const auto stats_type = buffer.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const std::pair<const char*, const at::Tensor*> vectors[] = {
-      {"mean", &mean}, {"invstd", &invstd}, {"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}};
-  for (const auto& [name, t] : vectors) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, name, " must have shape (",
-                      channels, ",), got ", t->sizes());
-    TORCH_CHECK_TYPE(t->is_floating_point(), name, " must be floating point, got ",
-                     t->scalar_type());
-    TORCH_CHECK_TYPE(t == &bn_weight || t == &bn_bias || t->scalar_type() == stats_type, name,
-                     " must be ", stats_type == at::kDouble ? "float64" : "float32", " for ",
-                     buffer.scalar_type(), " data, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == buffer.device(), name, " is on ", t->device(),
-                " but buffer is on ", buffer.device());
-  }
+  check_bn_vectors(buffer, "buffer", channels, mean, invstd, bn_weight, bn_bias);
   TORCH_CHECK(conv_weight.device() == buffer.device(), "conv_weight is on ",
               conv_weight.device(), " but buffer is on ", buffer.device());
-}
-
-bool is_pixel_major(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
 // Where the prefix lives and how it is cut into pixel tiles (work items).
@@ -340,35 +316,6 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
 // The element loops live in functions of their own: GCC honours __restrict__ on parameters
 // (not on locals), which it needs to vectorise them.
 
-// v stored in the data's dtype, rounded to nearest even. For bfloat16 by the bit trick
-// c10::BFloat16 uses, without its branch on NaN (a select instead), so that the element
-// loops vectorise; NaN stays NaN.
-template <typename scalar_t, typename acc_t>
-inline scalar_t to_data(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const uint16_t out = v != v ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
-    return c10::BFloat16(out, c10::BFloat16::from_bits());
-  } else {
-    return static_cast<scalar_t>(v);
-  }
-}
-
-// v rounded to the data's precision: a bfloat16 or float16 buffer is what autocast makes
-// of torchvision's concatenation, whose BN-ReLU output (the 1x1 convolution's input) autocast
-// rounds to that dtype too; the GEMMs then take exact low-precision operands and accumulate
-// in float32, as autocast's convolutions do.
-template <typename scalar_t, typename acc_t>
-inline acc_t in_data_precision(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return v;
-  } else {
-    return static_cast<acc_t>(to_data<scalar_t>(v));
-  }
-}
-
 // a = relu(x * scale + shift) for n contiguous elements with per-element scale and shift.
 template <typename scalar_t, typename acc_t>
 void bn_relu_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
@@ -376,16 +323,6 @@ void bn_relu_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale
   for (int64_t i = 0; i < n; ++i) {
     act[i] = in_data_precision<scalar_t>(
         std::max(static_cast<acc_t>(x[i]) * scale[i] + shift[i], acc_t(0)));
-  }
-}
-
-// a = relu(x * scale + shift) for n contiguous elements of one channel.
-template <typename scalar_t, typename acc_t>
-void bn_relu_channel(const scalar_t* __restrict__ x, acc_t scale, acc_t shift,
-                     acc_t* __restrict__ act, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    act[i] = in_data_precision<scalar_t>(
-        std::max(static_cast<acc_t>(x[i]) * scale + shift, acc_t(0)));
   }
 }
 
@@ -522,17 +459,6 @@ at::Tensor grad_out_tile(const Geometry& g, const scalar_t* grad_out, int64_t p0
     });
   }
   return matrix(scratch, co, len, len);
-}
-
-// Mirrors densenet_fast.ops.batchnorm.scale_shift, in acc_t.
-template <typename acc_t>
-std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& invstd,
-                                              const at::Tensor& weight, const at::Tensor& bias) {
-  const auto type = c10::CppTypeToScalarType<acc_t>::value;
-  at::NoGradGuard no_grad;
-  at::Tensor scale = invstd.detach().to(type) * weight.detach().to(type);
-  at::Tensor shift = bias.detach().to(type) - mean.detach().to(type) * scale;
-  return {scale.contiguous(), shift.contiguous()};
 }
 
 // Rounds output channels [c0, c1) of the forward's result tile for pixels [p0, p0 + len)
@@ -1057,17 +983,3 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
 }
 
 }  // namespace densenet_fast
-
-// Importing the extension (densenet_fast._C_<build>, one per instruction set, see setup.py)
-// runs the registration above; the module itself is empty.
-#define DENSENET_FAST_CONCAT_(a, b) a##b
-#define DENSENET_FAST_CONCAT(a, b) DENSENET_FAST_CONCAT_(a, b)
-#define DENSENET_FAST_STRING_(a) #a
-#define DENSENET_FAST_STRING(a) DENSENET_FAST_STRING_(a)
-
-extern "C" PyObject* DENSENET_FAST_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT,
-                                      DENSENET_FAST_STRING(TORCH_EXTENSION_NAME), nullptr, -1,
-                                      nullptr};
-  return PyModule_Create(&module);
-}

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .ops import bn_relu_conv1x1, bn_relu_conv1x1_backward, lowp_conv
+from .ops import bn_relu, bn_relu_conv1x1, bn_relu_conv1x1_backward, lowp_conv
 from .ops.batchnorm import (
     StatsGradient,
     bn_apply,
@@ -247,7 +247,11 @@ class Forward:
         else:
             self.norm2_batch.append(None)
         mean2, invstd2 = _norm2_stats(norm2, self.norm2_batch[-1], self.stats_dtype)
-        act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
+        if self.keep:
+            self.bottlenecks.append(bottleneck if spec.keeps_bottleneck(layer) else None)
+        act2 = bn_relu(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias,
+                       lowp_conv.compute_dtype(bottleneck))
+        del bottleneck  # kept above if backward needs it; else gone before the convolution
         new = lowp_conv.conv2d(act2, p.conv2_weight, padding=(1, 1))
         del act2
         mask = None
@@ -265,7 +269,6 @@ class Forward:
             self.mean[channels:channels + k], self.var[channels:channels + k] = self._stats(
                 new, f"layer {layer + 1}'s new channels")
         if self.keep:
-            self.bottlenecks.append(bottleneck if spec.keeps_bottleneck(layer) else None)
             self.masks.append(mask if spec.keeps_mask(layer) else None)
 
     def _tail(self) -> torch.Tensor:
@@ -442,12 +445,14 @@ class Backward:
         else:
             bottleneck = saved.bottlenecks[layer]
         mean2, invstd2 = _norm2_stats(norm2, saved.norm2_batch[layer], self.stats_dtype)
-        act2 = bn_apply(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, relu=True)
+        act2 = bn_relu(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias,
+                       lowp_conv.compute_dtype(bottleneck))
         grad_act2, dconv2 = lowp_conv.conv2d_backward(
             grad_new, act2, p.conv2_weight, (1, 1), (1, 1), (1, 1), 1, (True, True))
         del grad_new
         torch.ops.aten.threshold_backward.grad_input(grad_act2, act2, 0, grad_input=grad_act2)
         del act2
+        grad_act2 = grad_act2.to(bottleneck.dtype)  # from a float32 convolution's, rounded
         grad_bottleneck, dnorm2_weight, dnorm2_bias = norm_backward(
             grad_act2, bottleneck, mean2, invstd2, p.norm2_weight,
             batch_stats=norm2.batch_stats, sync=spec.sync, count=self.count)

@@ -1,3 +1,3 @@
 // The kernels compiled for one instruction set (flags in setup.py); picked at import by
 // densenet_fast/backends.py from the running CPU.
-#include "../bn_relu_conv1x1.cpp"
+#include "../extension.cpp"

@@ -1,4 +1,5 @@
-"""The fused BN-ReLU-Conv1x1 op: schema, reference kernels and BatchNorm helpers."""
+"""The fused ops (BN-ReLU-Conv1x1, BN-ReLU, the stem's BN-ReLU-MaxPool): schemas, reference
+kernels and BatchNorm helpers."""
 
 from contextlib import contextmanager
 
@@ -56,4 +57,30 @@ def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
     return torch.ops.densenet_fast.bn_relu_conv1x1_backward(*args)
 
 
-__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_backward", "reference_kernels"]
+def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
+    """``relu(bn(x))`` rounded to ``x``'s dtype, stored as ``dtype`` (contract in
+    ``schema.py``)."""
+    if _inline_reference():
+        return torch_impl.bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype)
+    return torch.ops.densenet_fast.bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype)
+
+
+def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, pool_args):
+    """``max_pool2d(relu(bn(x)), *pool_args)`` (contract in ``schema.py``)."""
+    if _inline_reference():
+        return torch_impl.bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, *pool_args)
+    return torch.ops.densenet_fast.bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias,
+                                                      *pool_args)
+
+
+def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, pool_args):
+    """The gradient at the BN's output of :func:`bn_relu_max_pool2d` (contract in
+    ``schema.py``)."""
+    args = (grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args)
+    if _inline_reference():
+        return torch_impl.bn_relu_max_pool2d_backward(*args)
+    return torch.ops.densenet_fast.bn_relu_max_pool2d_backward(*args)
+
+
+__all__ = ["bn_relu", "bn_relu_conv1x1", "bn_relu_conv1x1_backward", "bn_relu_max_pool2d",
+           "bn_relu_max_pool2d_backward", "reference_kernels"]

@@ -22,18 +22,22 @@ _NO_FUSED_STATS: set[str] = set()  # device types without aten::batch_norm_updat
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, biased variance)`` of ``x`` over N, H, W, in float32 (float64)."""
     stats_dtype = stats_dtype_for(x.dtype)
-    if x.dtype != stats_dtype:
-        x = x.to(stats_dtype)
     # Traced (by dynamo, or with fake tensors), var_mean: batch_norm_update_stats has no
     # shape function. is_compiling() first: dynamo refuses to trace is_fake on torch 2.11.
     traced = torch.compiler.is_compiling() or is_fake(x)
     if x.device.type not in _NO_FUSED_STATS and not traced:
         # BatchNorm's own statistics kernel: several times faster than var_mean on CPU.
+        # Given running statistics of the statistics' dtype (left unchanged: momentum 0), its
+        # mixed-type path reads bfloat16/float16 data as is, accumulates in float32 and
+        # returns float32 statistics: no float32 copy of the data.
+        running = (None, None) if x.dtype == stats_dtype else (
+            torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device),
+            torch.ones(x.shape[1], dtype=stats_dtype, device=x.device))
         try:
-            return torch.batch_norm_update_stats(x, None, None, 0.0)
+            return torch.batch_norm_update_stats(x, *running, 0.0)
         except NotImplementedError:
             _NO_FUSED_STATS.add(x.device.type)
-    var, mean = torch.var_mean(x, dim=_REDUCE_DIMS, correction=0)
+    var, mean = torch.var_mean(x.to(stats_dtype), dim=_REDUCE_DIMS, correction=0)
     return mean, var
 
 

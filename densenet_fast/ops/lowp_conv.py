@@ -66,26 +66,37 @@ def _is_fake(x: torch.Tensor) -> bool:
     return is_fake(x)
 
 
+def compute_dtype(data: torch.Tensor) -> torch.dtype:
+    """The dtype convolutions of ``data``'s values compute in: float32 where
+    :func:`runs_in_float32`, else ``data``'s own. A caller that produces a convolution's
+    input can write it in this dtype directly (``ops.bn_relu``), saving the copy."""
+    return torch.float32 if runs_in_float32(data) else data.dtype
+
+
+def _upcast(x, weight, upcast: bool | None) -> bool:
+    if x.dtype != weight.dtype:  # x is already the float32 copy of weight-dtype values
+        return True
+    return runs_in_float32(x) if upcast is None else upcast
+
+
 def conv2d(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
            upcast: bool | None = None) -> torch.Tensor:
-    """``F.conv2d(x, weight)`` (no bias) in ``x``'s dtype; ``upcast`` (default: measured,
-    :func:`runs_in_float32`) computes it as a float32 convolution rounded to that dtype."""
-    if upcast is None:
-        upcast = runs_in_float32(x)
-    if not upcast:
+    """``F.conv2d(x, weight)`` (no bias) in ``weight``'s dtype, the data's. ``x`` holds data of
+    that dtype, or its float32 copy (from :func:`compute_dtype`); ``upcast`` (default:
+    measured, :func:`runs_in_float32`) computes it as a float32 convolution rounded to that
+    dtype."""
+    if not _upcast(x, weight, upcast):
         return F.conv2d(x, weight, None, stride, padding, dilation, groups)
     out = F.conv2d(x.float(), weight.float(), None, stride, padding, dilation, groups)
-    return out.to(x.dtype)
+    return out.to(weight.dtype)
 
 
 def conv2d_backward(grad_out, x, weight, stride, padding, dilation, groups, output_mask,
                     upcast: bool | None = None):
     """``(grad_x, grad_weight)`` of :func:`conv2d` (None where ``output_mask`` says so), in
     the dtypes of ``x`` and ``weight``."""
-    if upcast is None:
-        upcast = runs_in_float32(x)
     mask = [output_mask[0], output_mask[1], False]
-    if not upcast:
+    if not _upcast(x, weight, upcast):
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, x, weight, None, list(stride), list(padding), list(dilation), False,
             [0, 0], groups, mask)

@@ -1,7 +1,7 @@
-"""The fused per-layer op, declared once with ``torch.library``.
+"""The fused ops, declared once with ``torch.library``.
 
 Every backend (pure PyTorch here, C++ for CPU and Triton for CUDA in their own modules)
-registers kernels against these two schemas; the dispatcher picks one by device, so model
+registers kernels against these schemas; the dispatcher picks one by device, so model
 code never branches on the device.
 
 ``bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) -> out``
@@ -21,6 +21,23 @@ stats_grad, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
     itself: it is affine in ``x`` per channel, so the dense block sums it over every reader
     of a channel and applies it once (see ``block.py``).
 
+``bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None) -> out``
+    ``relu(bn(x))`` rounded to ``x``'s dtype (as ``nn.BatchNorm2d`` and ``nn.ReLU`` return it),
+    stored as ``dtype``: ``x``'s own, or the statistics' (float32 for bfloat16/float16 data,
+    for a convolution that runs in float32, see ``lowp_conv.py``). ``x``'s memory format.
+
+``bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, kernel_size, stride, padding,
+dilation, ceil_mode) -> out``
+    The stem's tail: ``max_pool2d(relu(bn(x)), ...)`` (the BN-ReLU activation rounded to
+    ``x``'s dtype, as ``nn.BatchNorm2d`` and ``nn.ReLU`` would return it).
+
+``bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, kernel_size,
+stride, padding, dilation, ceil_mode) -> grad``
+    The gradient at the BN's output (before the ReLU): ``grad_out`` added at each window's
+    winner, which ``max_pool2d_with_indices`` would pick (the first maximum, NaN first),
+    where the activation there is positive. The winners are found again from ``x``: nothing
+    but ``x`` and the statistics is kept between forward and backward.
+
 Statistics (``mean``, ``invstd``) are float32 (float64 for float64 data); the buffer and the
 conv weight share one dtype; BN parameters may be float32 while the data is lower precision.
 """
@@ -28,6 +45,7 @@ conv weight share one dtype; BN parameters may be float32 while the data is lowe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from .formats import memory_format_of, stats_dtype_for
@@ -35,6 +53,9 @@ from .formats import memory_format_of, stats_dtype_for
 NAMESPACE = "densenet_fast"
 FORWARD = f"{NAMESPACE}::bn_relu_conv1x1"
 BACKWARD = f"{NAMESPACE}::bn_relu_conv1x1_backward"
+BN_RELU = f"{NAMESPACE}::bn_relu"
+POOL_FORWARD = f"{NAMESPACE}::bn_relu_max_pool2d"
+POOL_BACKWARD = f"{NAMESPACE}::bn_relu_max_pool2d_backward"
 
 torch.library.define(
     FORWARD,
@@ -46,6 +67,24 @@ torch.library.define(
     "(Tensor grad_out, Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, "
     "Tensor bn_bias, Tensor conv_weight, bool stats_grad, Tensor(a!) grad_buffer) "
     "-> (Tensor, Tensor, Tensor)",
+)
+
+torch.library.define(
+    BN_RELU,
+    "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+    "ScalarType? dtype=None) -> Tensor",
+)
+_POOL_ARGS = ("int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+              "bool ceil_mode")
+torch.library.define(
+    POOL_FORWARD,
+    "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+    f"{_POOL_ARGS}) -> Tensor",
+)
+torch.library.define(
+    POOL_BACKWARD,
+    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
+    f"Tensor bn_bias, {_POOL_ARGS}) -> Tensor",
 )
 
 
@@ -110,6 +149,41 @@ def check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv
     return channels
 
 
+def check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype=None) -> torch.dtype:
+    """Validate the arguments of the ops that normalise all of ``x``; return the output
+    dtype."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    channels, expected_stats = x.shape[1], stats_dtype_for(x.dtype)
+    for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias)):
+        if t.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
+        if name in ("mean", "invstd") and t.dtype != expected_stats:
+            raise TypeError(f"{name} must be {expected_stats} for {x.dtype} data, got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}")
+    dtype = x.dtype if dtype is None else dtype
+    if dtype not in (x.dtype, expected_stats):
+        raise TypeError(f"dtype must be x's dtype ({x.dtype}) or {expected_stats}, got {dtype}")
+    return dtype
+
+
+def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
+    """Validate the pool op's arguments; return its output shape. Raises before any compute,
+    with ``F.max_pool2d``'s own messages for the pool's settings."""
+    check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias)
+    # The pool's own checks and output size, on a tensor without storage; a ValueError, as
+    # for every other bad shape (and as the C++ kernels raise).
+    try:
+        return tuple(F.max_pool2d(torch.empty(x.shape, device="meta"), *pool_args).shape)
+    except RuntimeError as exc:
+        raise ValueError(f"max pool {pool_args} cannot pool x of shape {tuple(x.shape)}: "
+                         f"{exc}") from None
+
+
 @torch.library.register_fake(FORWARD)
 def _forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
@@ -125,6 +199,24 @@ def _backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weig
     check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
                         grad_buffer)
     return torch.empty_like(conv_weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+
+
+@torch.library.register_fake(BN_RELU)
+def _bn_relu_fake(x, mean, invstd, bn_weight, bn_bias, dtype=None):
+    dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
+    return torch.empty_like(x, dtype=dtype, memory_format=memory_format_of(x))
+
+
+@torch.library.register_fake(POOL_FORWARD)
+def _pool_forward_fake(x, mean, invstd, bn_weight, bn_bias, *pool_args):
+    shape = check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
+    return x.new_empty(shape).contiguous(memory_format=memory_format_of(x))
+
+
+@torch.library.register_fake(POOL_BACKWARD)
+def _pool_backward_fake(grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args):
+    check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
+    return torch.empty_like(x)
 
 
 def _conv1x1_flops(out_shape, conv_weight_shape) -> int:

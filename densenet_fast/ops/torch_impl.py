@@ -1,4 +1,4 @@
-"""Pure-PyTorch kernels of the fused op: the oracle of every parity test and the fallback.
+"""Pure-PyTorch kernels of the fused ops: the oracle of every parity test and the fallback.
 
 They are registered under ``CompositeExplicitAutograd``, so they serve every device that
 has no kernel of its own (MPS, or CPU/CUDA when no compiled backend is active). Compiled
@@ -15,7 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from .batchnorm import bn_apply, bn_backward
-from .schema import BACKWARD, FORWARD, check_backward_args, check_forward_args
+from .schema import (
+    BACKWARD,
+    BN_RELU,
+    FORWARD,
+    POOL_BACKWARD,
+    POOL_FORWARD,
+    check_backward_args,
+    check_bn_relu_args,
+    check_forward_args,
+    check_pool_args,
+)
 
 # Elements per temporary in the backward (4M float32 = 16 MiB); at least one channel.
 BACKWARD_CHUNK_ELEMENTS = 1 << 22
@@ -70,7 +80,32 @@ def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
     return grad_conv_weight, grad_bn_weight, grad_bn_bias
 
 
+def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
+    """Reference: ``relu(bn(x))`` in ``x``'s dtype, then stored as ``dtype``."""
+    dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
+    return bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True).to(dtype)
+
+
+def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, *pool_args):
+    """Reference forward: ``max_pool2d(relu(bn(x)), *pool_args)``."""
+    check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
+    act = bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True)
+    return F.max_pool2d(act, *pool_args)
+
+
+def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args):
+    """Reference backward: the gradient at the BN's output, winners found again from ``x``."""
+    check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
+    act = bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True)
+    _, indices = torch.ops.aten.max_pool2d_with_indices(act, *pool_args)
+    grad = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, act, *pool_args, indices)
+    del indices
+    return torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
+
+
 def register() -> None:
-    """Make these kernels the default implementation of the op for every device."""
-    torch.library.impl(FORWARD, "CompositeExplicitAutograd")(bn_relu_conv1x1)
-    torch.library.impl(BACKWARD, "CompositeExplicitAutograd")(bn_relu_conv1x1_backward)
+    """Make these kernels the default implementation of the ops for every device."""
+    for name, kernel in ((FORWARD, bn_relu_conv1x1), (BACKWARD, bn_relu_conv1x1_backward),
+                         (BN_RELU, bn_relu), (POOL_FORWARD, bn_relu_max_pool2d),
+                         (POOL_BACKWARD, bn_relu_max_pool2d_backward)):
+        torch.library.impl(name, "CompositeExplicitAutograd")(kernel)

@@ -1,0 +1,108 @@
+// Pieces shared by the CPU kernels: argument checks, the data's layout, rounding to the data's
+// dtype, BN-ReLU of one channel's run of elements, and the folded BN parameters.
+//
+// Messages and exception types match ops/schema.py's checks (ValueError for shapes,
+// TypeError for dtypes, RuntimeError for devices), whichever backend serves the call.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+namespace densenet_fast {
+namespace {
+
+// x (called `name` in messages) is 4-D data of a floating dtype the kernels serve.
+inline void check_data(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                       x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   name, " must be a floating-point tensor (float32, float64, bfloat16 or ",
+                   "float16), got ", x.scalar_type());
+}
+
+// The BN arguments of data x that `channels` channels of it are normalised with: (channels,)
+// vectors on x's device, the statistics in float32 (float64 for float64 data), the affine
+// parameters in any floating dtype.
+inline void check_bn_vectors(const at::Tensor& x, const char* name, int64_t channels,
+                             const at::Tensor& mean, const at::Tensor& invstd,
+                             const at::Tensor& weight, const at::Tensor& bias) {
+  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::pair<const char*, const at::Tensor*> vectors[] = {
+      {"mean", &mean}, {"invstd", &invstd}, {"bn_weight", &weight}, {"bn_bias", &bias}};
+  for (const auto& [what, t] : vectors) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, what, " must have shape (",
+                      channels, ",), got ", t->sizes());
+    TORCH_CHECK_TYPE(t->is_floating_point(), what, " must be floating point, got ",
+                     t->scalar_type());
+    TORCH_CHECK_TYPE(t == &weight || t == &bias || t->scalar_type() == stats_type, what,
+                     " must be ", stats_type == at::kDouble ? "float64" : "float32", " for ",
+                     x.scalar_type(), " data, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), what, " is on ", t->device(), " but ", name,
+                " is on ", x.device());
+  }
+}
+
+// A 4-D tensor dense in channels-last order (and not also dense in NCHW order: one pixel, or
+// one channel, is both).
+inline bool is_pixel_major(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// v stored in the data's dtype, rounded to nearest even. For bfloat16 by the bit trick
+// c10::BFloat16 uses, without its branch on NaN (a select instead), so that the element
+// loops vectorise; NaN stays NaN.
+template <typename scalar_t, typename acc_t>
+inline scalar_t to_data(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const uint16_t out = v != v ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+    return c10::BFloat16(out, c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
+// v rounded to the data's precision: a bfloat16 or float16 buffer is what autocast makes
+// of torchvision's concatenation, whose BN-ReLU output (the 1x1 convolution's input) autocast
+// rounds to that dtype too; the GEMMs then take exact low-precision operands and accumulate
+// in float32, as autocast's convolutions do.
+template <typename scalar_t, typename acc_t>
+inline acc_t in_data_precision(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return v;
+  } else {
+    return static_cast<acc_t>(to_data<scalar_t>(v));
+  }
+}
+
+// a = relu(x * scale + shift) for n contiguous elements of one channel.
+template <typename scalar_t, typename acc_t>
+void bn_relu_channel(const scalar_t* __restrict__ x, acc_t scale, acc_t shift,
+                     acc_t* __restrict__ act, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    act[i] = in_data_precision<scalar_t>(
+        std::max(static_cast<acc_t>(x[i]) * scale + shift, acc_t(0)));
+  }
+}
+
+// Mirrors densenet_fast.ops.batchnorm.scale_shift, in acc_t.
+template <typename acc_t>
+std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& invstd,
+                                              const at::Tensor& weight, const at::Tensor& bias) {
+  const auto type = c10::CppTypeToScalarType<acc_t>::value;
+  at::NoGradGuard no_grad;
+  at::Tensor scale = invstd.detach().to(type) * weight.detach().to(type);
+  at::Tensor shift = bias.detach().to(type) - mean.detach().to(type) * scale;
+  return {scale.contiguous(), shift.contiguous()};
+}
+
+}  // namespace
+}  // namespace densenet_fast
