@@ -33,27 +33,6 @@ void check_bn_relu_args(const at::Tensor& x, const at::Tensor& mean, const at::T
                    ", got ", out_type);
 }
 
-// a = relu(x * scale + shift), rounded to scalar_t's precision, stored as out_t; n elements of
-// one channel.
-template <typename scalar_t, typename out_t, typename acc_t>
-void bn_relu_run(const scalar_t* __restrict__ x, acc_t scale, acc_t shift,
-                 out_t* __restrict__ out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t a = std::max(static_cast<acc_t>(x[i]) * scale + shift, acc_t(0));
-    out[i] = to_data<out_t>(in_data_precision<scalar_t>(a));
-  }
-}
-
-// The same for one pixel's channels of channels-last data (per-channel scale and shift).
-template <typename scalar_t, typename out_t, typename acc_t>
-void bn_relu_pixel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
-                   const acc_t* __restrict__ shift, out_t* __restrict__ out, int64_t channels) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const acc_t a = std::max(static_cast<acc_t>(x[c]) * scale[c] + shift[c], acc_t(0));
-    out[c] = to_data<out_t>(in_data_precision<scalar_t>(a));
-  }
-}
-
 template <typename scalar_t, typename out_t>
 void bn_relu_into(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
@@ -70,7 +49,7 @@ void bn_relu_into(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
     const int64_t grain = std::max<int64_t>(1, kBnReluGrain / std::max<int64_t>(channels, 1));
     at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        bn_relu_pixel(src + p * channels, scale, shift, dst + p * channels, channels);
+        bn_relu_row(src + p * channels, scale, shift, dst + p * channels, channels);
       }
     });
     return;
@@ -79,7 +58,7 @@ void bn_relu_into(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
   at::parallel_for(0, x.size(0) * channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c = item % channels;
-      bn_relu_run(src + item * plane, scale[c], shift[c], dst + item * plane, plane);
+      bn_relu_channel(src + item * plane, scale[c], shift[c], dst + item * plane, plane);
     }
   });
 }

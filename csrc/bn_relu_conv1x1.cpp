@@ -313,18 +313,6 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
   });
 }
 
-// The element loops live in functions of their own: GCC honours __restrict__ on parameters
-// (not on locals), which it needs to vectorise them.
-
-// a = relu(x * scale + shift) for n contiguous elements with per-element scale and shift.
-template <typename scalar_t, typename acc_t>
-void bn_relu_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
-                 const acc_t* __restrict__ shift, acc_t* __restrict__ act, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    act[i] = in_data_precision<scalar_t>(
-        std::max(static_cast<acc_t>(x[i]) * scale[i] + shift[i], acc_t(0)));
-  }
-}
 
 // Pixel-major row of n channels: g *= [a > 0]; sum_g += g; sum_gx += g * (x - mean). The mask
 // mirrors the threshold_backward of densenet_fast.ops.torch_impl.bn_relu_conv1x1_backward; the

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "kernel_common.h"
@@ -114,13 +115,12 @@ struct PaddedPlane {
   }
 };
 
-// a = relu(x * scale + shift) for n elements of x `stride` apart, into contiguous `act`.
+// bn_relu_value for n elements of x `stride` apart, into contiguous `act`.
 template <typename scalar_t, typename acc_t>
 void bn_relu_strided(const scalar_t* __restrict__ x, int64_t stride, acc_t scale, acc_t shift,
                      acc_t* __restrict__ act, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    act[i] = in_data_precision<scalar_t>(
-        std::max(static_cast<acc_t>(x[i * stride]) * scale + shift, acc_t(0)));
+    act[i] = bn_relu_value<scalar_t, acc_t, acc_t>(x[i * stride], scale, shift);
   }
 }
 
@@ -254,23 +254,19 @@ at::Tensor backward_planes(const at::Tensor& grad_out, const at::Tensor& x, cons
   return grad;
 }
 
-// Channels-last data: ATen's own kernels, vectorised across channels, with BN-ReLU applied
-// by the eval-mode BN kernel as ops/batchnorm.py's bn_apply does.
+// Channels-last data: ATen's channels-last max pool kernels, vectorised across channels, on
+// the activation of the bn_relu kernel (bn_relu.cpp, in this translation unit: extension.cpp).
 at::Tensor channels_last_activation(const at::Tensor& x, const at::Tensor& mean,
                                     const at::Tensor& invstd, const at::Tensor& weight,
                                     const at::Tensor& bias) {
-  auto [scale, shift] = x.scalar_type() == at::kDouble
-                            ? scale_shift<double>(mean, invstd, weight, bias)
-                            : scale_shift<float>(mean, invstd, weight, bias);
-  return at::batch_norm(x, scale, shift, at::zeros_like(scale), at::ones_like(scale), false, 0.0,
-                        0.0, false)
-      .clamp_min_(0);
+  return bn_relu_cpu(x, mean, invstd, weight, bias, std::nullopt);
 }
 
-at::Tensor pool_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-                       const at::Tensor& weight, const at::Tensor& bias,
-                       c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                       c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
+at::Tensor pool_forward_cpu(const at::Tensor& x, const at::Tensor& mean,
+                            const at::Tensor& invstd, const at::Tensor& weight,
+                            const at::Tensor& bias, c10::IntArrayRef kernel_size,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding,
+                            c10::IntArrayRef dilation, bool ceil_mode) {
   const PoolGeometry g = check_pool_args(x, mean, invstd, weight, bias, kernel_size, stride,
                                          padding, dilation, ceil_mode);
   if (is_pixel_major(x)) {
@@ -285,11 +281,12 @@ at::Tensor pool_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const a
   });
 }
 
-at::Tensor pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                        const at::Tensor& invstd, const at::Tensor& weight,
-                        const at::Tensor& bias, c10::IntArrayRef kernel_size,
-                        c10::IntArrayRef stride, c10::IntArrayRef padding,
-                        c10::IntArrayRef dilation, bool ceil_mode) {
+at::Tensor pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                             const at::Tensor& mean, const at::Tensor& invstd,
+                             const at::Tensor& weight, const at::Tensor& bias,
+                             c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                             c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                             bool ceil_mode) {
   const PoolGeometry g = check_pool_args(x, mean, invstd, weight, bias, kernel_size, stride,
                                          padding, dilation, ceil_mode);
   TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) &&

@@ -83,13 +83,33 @@ inline acc_t in_data_precision(acc_t v) {
   }
 }
 
-// a = relu(x * scale + shift) for n contiguous elements of one channel.
-template <typename scalar_t, typename acc_t>
+// The element loops live in functions of their own: GCC honours __restrict__ on parameters
+// (not on locals), which it needs to vectorise them.
+
+// a = relu(x * scale + shift), rounded to the data's precision and stored as out_t (acc_t
+// scratch, the data's dtype, or float32 for a float32 convolution of low-precision data).
+template <typename scalar_t, typename acc_t, typename out_t>
+inline out_t bn_relu_value(scalar_t x, acc_t scale, acc_t shift) {
+  const acc_t a = std::max(static_cast<acc_t>(x) * scale + shift, acc_t(0));
+  return to_data<out_t>(in_data_precision<scalar_t>(a));
+}
+
+// bn_relu_value for n contiguous elements of one channel.
+template <typename scalar_t, typename acc_t, typename out_t>
 void bn_relu_channel(const scalar_t* __restrict__ x, acc_t scale, acc_t shift,
-                     acc_t* __restrict__ act, int64_t n) {
+                     out_t* __restrict__ act, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    act[i] = in_data_precision<scalar_t>(
-        std::max(static_cast<acc_t>(x[i]) * scale + shift, acc_t(0)));
+    act[i] = bn_relu_value<scalar_t, acc_t, out_t>(x[i], scale, shift);
+  }
+}
+
+// bn_relu_value for n contiguous elements with per-element scale and shift (one pixel's
+// channels of channels-last data).
+template <typename scalar_t, typename acc_t, typename out_t>
+void bn_relu_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
+                 const acc_t* __restrict__ shift, out_t* __restrict__ act, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    act[i] = bn_relu_value<scalar_t, acc_t, out_t>(x[i], scale[i], shift[i]);
   }
 }
 

@@ -88,12 +88,35 @@ torch.library.define(
 )
 
 
+def _check_data(x, name: str) -> None:
+    """``x`` (called ``name`` in messages) is 4-D floating-point data."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_bn_vectors(x, name: str, channels: int, mean, invstd, bn_weight, bn_bias) -> None:
+    """The BN arguments that ``channels`` channels of data ``x`` are normalised with:
+    ``(channels,)`` floating-point vectors on ``x``'s device, the statistics in the
+    statistics' dtype."""
+    expected_stats = stats_dtype_for(x.dtype)
+    for what, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias)):
+        if t.shape != (channels,):
+            raise ValueError(f"{what} must have shape ({channels},), got {tuple(t.shape)}")
+        if what in ("mean", "invstd") and t.dtype != expected_stats:
+            raise TypeError(
+                f"{what} must be {expected_stats} for {x.dtype} data, got {t.dtype}")
+        if not t.is_floating_point():
+            raise TypeError(f"{what} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"{what} is on {t.device} but {name} is on {x.device}")
+
+
 def check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) -> int:
     """Validate the op's arguments; return the prefix width ``C``. Raises before any compute."""
-    if buffer.dim() != 4:
-        raise ValueError(f"buffer must be 4-D [N, C, H, W], got shape {tuple(buffer.shape)}")
-    if not buffer.is_floating_point():
-        raise TypeError(f"buffer must be a floating-point tensor, got dtype {buffer.dtype}")
+    _check_data(buffer, "buffer")
     if conv_weight.dim() != 4 or conv_weight.shape[2:] != (1, 1):
         raise ValueError(
             f"conv_weight must have shape [C_out, C, 1, 1], got {tuple(conv_weight.shape)}"
@@ -107,20 +130,10 @@ def check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) ->
         raise TypeError(
             f"conv_weight dtype {conv_weight.dtype} differs from buffer dtype {buffer.dtype}"
         )
-    expected_stats = stats_dtype_for(buffer.dtype)
-    for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
-                    ("bn_bias", bn_bias)):
-        if t.shape != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
-        if name in ("mean", "invstd") and t.dtype != expected_stats:
-            raise TypeError(
-                f"{name} must be {expected_stats} for {buffer.dtype} data, got {t.dtype}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
-                    ("bn_bias", bn_bias), ("conv_weight", conv_weight)):
-        if t.device != buffer.device:
-            raise RuntimeError(f"{name} is on {t.device} but buffer is on {buffer.device}")
+    _check_bn_vectors(buffer, "buffer", channels, mean, invstd, bn_weight, bn_bias)
+    if conv_weight.device != buffer.device:
+        raise RuntimeError(
+            f"conv_weight is on {conv_weight.device} but buffer is on {buffer.device}")
     return channels
 
 
@@ -152,19 +165,9 @@ def check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv
 def check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype=None) -> torch.dtype:
     """Validate the arguments of the ops that normalise all of ``x``; return the output
     dtype."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    channels, expected_stats = x.shape[1], stats_dtype_for(x.dtype)
-    for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
-                    ("bn_bias", bn_bias)):
-        if t.shape != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
-        if name in ("mean", "invstd") and t.dtype != expected_stats:
-            raise TypeError(f"{name} must be {expected_stats} for {x.dtype} data, got {t.dtype}")
-        if t.device != x.device:
-            raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_data(x, "x")
+    _check_bn_vectors(x, "x", x.shape[1], mean, invstd, bn_weight, bn_bias)
+    expected_stats = stats_dtype_for(x.dtype)
     dtype = x.dtype if dtype is None else dtype
     if dtype not in (x.dtype, expected_stats):
         raise TypeError(f"dtype must be x's dtype ({x.dtype}) or {expected_stats}, got {dtype}")
