@@ -18,15 +18,15 @@ before the previous block's backward runs.
 The tail fuses what reads the whole buffer next: a transition (BN-ReLU-Conv1x1-AvgPool) or
 the final norm, so both reuse the block's statistics and nothing buffer-sized is stored twice.
 
-:class:`Forward` and :class:`Backward` are the computation; :mod:`densenet_fast.graph` runs
-them as one autograd node (and as ops that ``torch.compile`` keeps opaque).
+:class:`BlockForward` and :class:`BlockBackward` are the computation, :class:`BlockSaved` what
+crosses from one to the other; :mod:`densenet_fast.graph` runs them as one autograd node (and
+as ops that ``torch.compile`` keeps opaque). What a call computes is its
+:class:`spec.BlockSpec`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,146 +39,30 @@ from .ops.batchnorm import (
     channel_stats,
 )
 from .ops.formats import memory_format_of, stats_dtype_for
-from .sync import StatsSync, norm_backward, sync_of
+from .spec import (
+    BatchNormSpec,
+    BlockSpec,
+    LayerParams,
+    Tail,
+    TailParams,
+    flat_block_params,
+    split_block_params,
+)
+from .sync import norm_backward
 
 
-class Tail(Enum):
-    """What the block computes after its layers, from the whole buffer."""
-
-    NONE = "none"  # the buffer itself: all channels concatenated
-    TRANSITION = "transition"  # BN-ReLU-Conv1x1-AvgPool2x2
-    NORM = "norm"  # the final BN (norm5)
-
-
-class LayerParams(NamedTuple):
-    """One dense layer's parameters, in the order ``DenseBlockFunction.apply`` takes them."""
-
-    norm1_weight: torch.Tensor
-    norm1_bias: torch.Tensor
-    conv1_weight: torch.Tensor
-    norm2_weight: torch.Tensor
-    norm2_bias: torch.Tensor
-    conv2_weight: torch.Tensor
-
-
-class TailParams(NamedTuple):
-    """The tail's parameters: its BN's, then the transition's 1x1 conv (absent for a norm)."""
-
-    norm_weight: torch.Tensor
-    norm_bias: torch.Tensor
-    conv_weight: torch.Tensor | None = None
-
-
-def split_params(spec: BlockSpec, params) -> tuple[list[LayerParams], TailParams | None]:
-    """The flat parameter list of ``DenseBlockFunction.apply`` as named groups."""
-    size = len(LayerParams._fields)
-    layers = [LayerParams(*params[size * i:size * (i + 1)]) for i in range(spec.num_layers)]
-    rest = params[size * spec.num_layers:]
-    return layers, (TailParams(*rest) if spec.tail is not Tail.NONE else None)
-
-
-def join_grads(layers: list[LayerParams], tail: TailParams | None) -> list:
-    """Named gradient groups back in the flat order of the parameters."""
-    flat = [g for layer in layers for g in layer]
-    if tail is not None:
-        flat += [tail.norm_weight, tail.norm_bias]
-        if tail.conv_weight is not None:
-            flat.append(tail.conv_weight)
-    return flat
-
-
-@dataclass(frozen=True)
-class NormState:
-    """What a BN layer contributes besides its affine parameters, and how it normalises.
-
-    ``batch_stats``: normalise with the batch's statistics (training mode, or a BN that tracks
-    no running statistics); else with the running ones. ``update_running``: fold the batch's
-    statistics into the running ones (training mode with running statistics). ``sync``: the
-    process group whose batch statistics it normalises with (a training ``SyncBatchNorm``).
-    """
-
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    num_batches_tracked: torch.Tensor | None
-    momentum: float | None
-    eps: float
-    batch_stats: bool
-    update_running: bool
-    sync: StatsSync | None = None
-
-    @classmethod
-    def of(cls, bn: torch.nn.BatchNorm2d) -> NormState:
-        tracking = bn.running_mean is not None
-        return cls(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps,
-                   batch_stats=bn.training or not tracking,
-                   update_running=bn.training and tracking, sync=sync_of(bn))
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """Static description of one block call: shapes, modes and the BN states it updates.
-
-    ``params`` passed beside it are each layer's :class:`LayerParams`, then the tail's
-    :class:`TailParams` (flat: ``autograd.Function.apply`` takes tensors one by one).
-    ``drop_rates`` holds each layer's dropout probability, 0 where the layer is in eval mode.
-    ``recompute_bottleneck``: backward recomputes each layer's bottleneck instead of keeping it.
-    ``backward_from``: the first layer whose backward runs. Nothing below it needs a gradient
-    (the block input and those layers' parameters are frozen), so forward keeps nothing for
-    those layers and backward stops above them; ``num_layers``: only the tail's backward runs.
-    ``sync``: the process group every batch statistic of the block is merged over (then
-    every BN that uses batch statistics synchronises over it; see :mod:`densenet_fast.sync`).
-    """
-
-    growth_rate: int
-    layer_norms: tuple[tuple[NormState, NormState], ...]
-    drop_rates: tuple[float, ...]
-    tail: Tail = Tail.NONE
-    tail_norm: NormState | None = None
-    recompute_bottleneck: bool = False
-    sync: StatsSync | None = None
-    backward_from: int = 0
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_norms)
-
-    def keeps_bottleneck(self, layer: int) -> bool:
-        """Whether forward keeps ``layer``'s bottleneck for backward."""
-        return not self.recompute_bottleneck and layer >= self.backward_from
-
-    def keeps_mask(self, layer: int) -> bool:
-        """Whether forward keeps ``layer``'s dropout mask for backward."""
-        return self.drop_rates[layer] > 0 and layer >= self.backward_from
-
-    def prefix_norms(self):
-        """Every BN that reads the buffer: each layer's ``norm1`` and the tail's norm."""
-        norms = [norm1 for norm1, _ in self.layer_norms]
-        if self.tail_norm is not None:
-            norms.append(self.tail_norm)
-        return norms
-
-    def all_norms(self):
-        return self.prefix_norms() + [norm2 for _, norm2 in self.layer_norms]
-
-
-def running_stats(state: NormState, stats_dtype: torch.dtype):
+def running_mean_invstd(state: BatchNormSpec, stats_dtype: torch.dtype):
     """``(mean, invstd)`` of a BN's running statistics."""
     return (state.running_mean.to(stats_dtype),
             torch.rsqrt(state.running_var.to(stats_dtype) + state.eps))
 
 
-def _prefix_stats(state: NormState, mean, var, channels: int, stats_dtype: torch.dtype):
+def _prefix_stats(state: BatchNormSpec, mean, var, channels: int, stats_dtype: torch.dtype):
     """``(mean, invstd)`` a BN reading the first ``channels`` buffer channels normalises
     with: the block's batch statistics of those channels, or its running statistics."""
     if state.batch_stats:
         return mean[:channels], torch.rsqrt(var[:channels] + state.eps)
-    return running_stats(state, stats_dtype)
-
-
-def running_tensors_read(spec: BlockSpec):
-    """Running statistics that an eval-mode BN of this block reads (again in backward)."""
-    return [t for norm in spec.all_norms() if not norm.batch_stats
-            for t in (norm.running_mean, norm.running_var)]
+    return running_mean_invstd(state, stats_dtype)
 
 
 def _avg_pool2x2_backward(grad: torch.Tensor, input_shape) -> torch.Tensor:
@@ -193,13 +77,13 @@ def dropout_scale(mask: torch.Tensor, rate: float, dtype: torch.dtype) -> torch.
     return mask.to(dtype).div_(1 - rate)
 
 
-class Forward:
+class BlockForward:
     """Runs the block forward; keeps what backward needs when asked to."""
 
     def __init__(self, x: torch.Tensor, spec: BlockSpec, params, keep: bool):
         n, c0, h, w = x.shape
         self.spec, self.keep = spec, keep
-        self.layer_params, self.tail_params = split_params(spec, params)
+        self.layer_params, self.tail_params = split_block_params(spec, params)
         self.c0, self.count = c0, n * h * w  # over every rank once statistics are merged
         self.stats_dtype = stats_dtype_for(x.dtype)
         total = c0 + spec.num_layers * spec.growth_rate
@@ -208,7 +92,7 @@ class Forward:
         self.buffer[:, :c0].copy_(x)
         # Batch statistics of every buffer channel, filled as channels are written.
         self.mean = self.var = None
-        if any(norm.batch_stats for norm in spec.prefix_norms()):
+        if spec.buffer_stats():
             self.mean = torch.empty(total, dtype=self.stats_dtype, device=x.device)
             self.var = torch.empty_like(self.mean)
             self.mean[:c0], self.var[:c0] = self._stats(x, "the block's input")
@@ -225,13 +109,14 @@ class Forward:
         return mean, var
 
     def run(self) -> torch.Tensor:
-        """The block's output; the running statistics are left to :meth:`running_updates`."""
+        """The block's output; the running statistics are left to
+        :meth:`running_stats_updates`."""
         for layer in range(self.spec.num_layers):
             self._layer(layer)
         return self._tail()
 
-    def running_updates(self) -> list:
-        return running_updates(self.spec, self.c0, self.mean, self.var, self.norm2_batch)
+    def running_stats_updates(self) -> list:
+        return running_stats_updates(self.spec, self.c0, self.mean, self.var, self.norm2_batch)
 
     def _layer(self, layer: int) -> None:
         spec, k = self.spec, self.spec.growth_rate
@@ -285,33 +170,33 @@ class Forward:
         return bn_apply(self.buffer, mean, invstd, p.norm_weight, p.norm_bias, relu=False)
 
 
-def running_updates(spec: BlockSpec, c0: int, mean, var, norm2_batch) -> list:
-    """``(NormState, batch mean, batch var)`` for every BN of the block that updates running
+def running_stats_updates(spec: BlockSpec, c0: int, mean, var, norm2_batch) -> list:
+    """``(BatchNormSpec, batch mean, batch var)`` for every BN of the block that updates running
     statistics: each ``norm1`` and the tail's norm from the buffer's statistics (of the
     channels they read), each ``norm2`` from its own."""
     updates = []
     for layer, (norm1, norm2) in enumerate(spec.layer_norms):
-        if norm1.update_running:
+        if norm1.update_running_stats:
             channels = c0 + layer * spec.growth_rate
             updates.append((norm1, mean[:channels], var[:channels]))
-        if norm2.update_running:
+        if norm2.update_running_stats:
             updates.append((norm2, *norm2_batch[layer]))
-    if spec.tail_norm is not None and spec.tail_norm.update_running:
+    if spec.tail_norm is not None and spec.tail_norm.update_running_stats:
         updates.append((spec.tail_norm, mean, var))
     return updates
 
 
-def _norm2_stats(norm2: NormState, batch, stats_dtype: torch.dtype):
+def _norm2_stats(norm2: BatchNormSpec, batch, stats_dtype: torch.dtype):
     """``(mean, invstd)`` ``norm2`` normalises with: from its batch ``(mean, var)``, or from
     its running statistics when ``batch`` is None."""
     if batch is None:
-        return running_stats(norm2, stats_dtype)
+        return running_mean_invstd(norm2, stats_dtype)
     mean, var = batch
     return mean, torch.rsqrt(var + norm2.eps)
 
 
 @dataclass
-class Saved:
+class BlockSaved:
     """What forward keeps for backward besides the parameters, described once: ``tensors()``
     is the order in which it crosses to backward, ``load`` reads it back."""
 
@@ -325,7 +210,7 @@ class Saved:
     count: torch.Tensor  # values per channel behind the statistics (every rank's), on the CPU
 
     @classmethod
-    def of(cls, fwd: Forward, count: torch.Tensor) -> Saved:
+    def of(cls, fwd: BlockForward, count: torch.Tensor) -> BlockSaved:
         return cls(fwd.buffer, fwd.bottlenecks, fwd.norm2_batch, fwd.masks, fwd.mean, fwd.var,
                    count)
 
@@ -336,7 +221,7 @@ class Saved:
                 *(m for m in self.masks if m is not None), *stats, self.count]
 
     @classmethod
-    def load(cls, tensors, spec: BlockSpec) -> Saved:
+    def load(cls, tensors, spec: BlockSpec) -> BlockSaved:
         saved = iter(tensors)
         layers = range(spec.num_layers)
         buffer = next(saved)
@@ -344,18 +229,17 @@ class Saved:
         norm2_batch = [(next(saved), next(saved)) if norm2.batch_stats else None
                        for _, norm2 in spec.layer_norms]
         masks = [next(saved) if spec.keeps_mask(layer) else None for layer in layers]
-        has_stats = any(norm.batch_stats for norm in spec.prefix_norms())
-        mean, var = (next(saved), next(saved)) if has_stats else (None, None)
+        mean, var = (next(saved), next(saved)) if spec.buffer_stats() else (None, None)
         return cls(buffer, bottlenecks, norm2_batch, masks, mean, var, next(saved))
 
 
-class Backward:
+class BlockBackward:
     """Runs the block backward from what forward saved: the tail, then the layers in
     reverse, adding each input gradient into one gradient buffer."""
 
-    def __init__(self, saved: Saved, spec: BlockSpec, params):
+    def __init__(self, saved: BlockSaved, spec: BlockSpec, params):
         self.saved, self.spec = saved, spec
-        self.layer_params, self.tail_params = split_params(spec, params)
+        self.layer_params, self.tail_params = split_block_params(spec, params)
         buffer = saved.buffer
         self.stats_dtype = stats_dtype_for(buffer.dtype)
         total = buffer.shape[1]
@@ -386,7 +270,7 @@ class Backward:
             grad_x = self.grad_buffer[:, :self.c0].contiguous(
                 memory_format=memory_format_of(self.saved.buffer))
         self.grad_buffer = None
-        return grad_x, join_grads(layer_grads, tail_grads)
+        return grad_x, flat_block_params(layer_grads, tail_grads)
 
     def _apply_stats_term(self, start: int, stop: int) -> None:
         """Add the statistics' gradient term of channels ``start:stop``; synchronised, their
@@ -397,7 +281,7 @@ class Backward:
                 term.kx[start:stop], term.k0[start:stop])
         term.apply(self.grad_buffer, self.saved.buffer, start, stop)
 
-    def _add_stats_term(self, norm: NormState, mean, invstd, weight, dweight, dbias) -> None:
+    def _add_stats_term(self, norm: BatchNormSpec, mean, invstd, weight, dweight, dbias) -> None:
         if norm.batch_stats:
             self.stats_term.add(mean, invstd, weight, dweight, dbias, self.count)
 

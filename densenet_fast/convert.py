@@ -87,7 +87,8 @@ def convert(model: nn.Module, *, recompute_bottleneck: bool = False) -> DenseNet
     and share the source's hook registries. A block, layer or transition of a custom class
     is kept as it is and runs through its own forward; a model whose ``DenseNet.forward``
     is replaced is refused, since converting it would change what it computes.
-    ``recompute_bottleneck`` is set on every converted block (see :class:`DenseNet`).
+    ``recompute_bottleneck`` is set on every converted block and the stem
+    (:meth:`DenseNet.set_recompute_bottleneck`).
     """
     tv = _torchvision_classes()
     _config_check(model, tv)
@@ -96,10 +97,8 @@ def convert(model: nn.Module, *, recompute_bottleneck: bool = False) -> DenseNet
     for name, child in model.features.named_children():
         if isinstance(child, nn.ModuleDict):
             features._modules[name] = _convert_block(child, tv)
-            if type(features._modules[name]) is _DenseBlock:
-                features._modules[name].recompute_bottleneck = bool(recompute_bottleneck)
         elif _standard(child, tv.get("transition"), Transition, _Transition):
             features._modules[name] = _rehouse(child, _Transition, nn.Sequential)
-    features.recompute_stem = bool(recompute_bottleneck)
     fast._modules["features"] = features
+    fast.set_recompute_bottleneck(recompute_bottleneck)
     return fast

@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .block import BlockSpec, NormState, Tail, dropout_scale, split_params
-from .stem import StemSpec
+from .block import dropout_scale
+from .ops import lowp_conv
+from .spec import BatchNormSpec, BlockSpec, StemParams, StemSpec, Tail, split_block_params
 
 
-def batch_norm(x: torch.Tensor, norm: NormState, weight, bias) -> torch.Tensor:
+def batch_norm(x: torch.Tensor, norm: BatchNormSpec, weight, bias) -> torch.Tensor:
     """``x`` normalised as ``norm`` normalises (batch or running statistics), differentiably
     and without touching the running statistics."""
     if norm.batch_stats:
@@ -38,7 +39,7 @@ def block_forward(first: torch.Tensor, spec: BlockSpec, params, masks) -> torch.
             "densenet_fast: a backward with create_graph=True (or vmap over the backward) "
             "through a block with synchronised BatchNorm is not supported; run that block "
             "unfused (densenet_fast.unfused()) or without SyncBatchNorm")
-    layers, tail = split_params(spec, params)
+    layers, tail = split_block_params(spec, params)
     features = [first]
     for layer in range(spec.backward_from, spec.num_layers):
         p, (norm1, norm2) = layers[layer], spec.layer_norms[layer]
@@ -59,12 +60,12 @@ def block_forward(first: torch.Tensor, spec: BlockSpec, params, masks) -> torch.
     return F.avg_pool2d(F.conv2d(F.relu(out), tail.conv_weight), kernel_size=2, stride=2)
 
 
-def stem_forward(x: torch.Tensor, spec: StemSpec, conv_weight, norm_weight,
-                 norm_bias) -> torch.Tensor:
+def stem_forward(x: torch.Tensor, spec: StemSpec, params: StemParams) -> torch.Tensor:
     """``max_pool(relu(bn(conv(x))))`` as conv0, norm0, relu0 and pool0 compute it."""
-    if spec.norm.sync is not None:
+    if spec.sync is not None:
         raise RuntimeError(
             "densenet_fast: a backward with create_graph=True (or vmap over the backward) "
             "through the stem with a synchronised norm0 is not supported")
-    out = batch_norm(spec.conv(x, conv_weight), spec.norm, norm_weight, norm_bias)
+    conv_out = lowp_conv.conv2d(x, params.conv_weight, *spec.conv_args())
+    out = batch_norm(conv_out, spec.norm, params.norm_weight, params.norm_bias)
     return F.max_pool2d(F.relu(out), *spec.pool_args())

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -38,11 +37,10 @@ import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
 from .architecture import DenseLayer
-from .block import NormState
+from .spec import BatchNormSpec
 from .sync import sync_of
 from .validation import is_type
 
-_LAYER_CHILDREN = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
 _TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
 
 # Depth of nested unfused() contexts.
@@ -183,7 +181,7 @@ def _describe(module: nn.Module | None) -> str:
     return f"{name} ({module!r})" if isinstance(module, (nn.Conv2d, nn.AvgPool2d)) else name
 
 
-def norm_blocker(bn: nn.Module | None, channels: int) -> str | None:
+def norm_problem(bn: nn.Module | None, channels: int) -> str | None:
     """Why ``bn`` is not a BatchNorm the fused path computes exactly over ``channels``."""
     if is_type(bn, nn.BatchNorm2d) or is_type(bn, nn.SyncBatchNorm):
         if not bn.affine:
@@ -198,12 +196,12 @@ def norm_blocker(bn: nn.Module | None, channels: int) -> str | None:
     return None
 
 
-def norm_state(bn: nn.Module) -> NormState:
-    """The fused block's view of a BatchNorm that :func:`norm_blocker` accepted."""
+def norm_state(bn: nn.Module) -> BatchNormSpec:
+    """The fused block's view of a BatchNorm that :func:`norm_problem` accepted."""
     if is_frozen_batchnorm(bn):
-        return NormState(bn.running_mean, bn.running_var, None, None, bn.eps,
-                         batch_stats=False, update_running=False)
-    return NormState.of(bn)
+        return BatchNormSpec(bn.running_mean, bn.running_var, None, None, bn.eps,
+                             batch_stats=False)
+    return BatchNormSpec.of(bn)
 
 
 def _standard_conv(conv: nn.Module | None, kernel: int, in_channels: int) -> bool:
@@ -213,7 +211,7 @@ def _standard_conv(conv: nn.Module | None, kernel: int, in_channels: int) -> boo
             and conv.padding_mode == "zeros" and conv.in_channels == in_channels)
 
 
-def _conv_blocker(conv: nn.Module | None, kernel: int, in_channels: int) -> str | None:
+def _conv_problem(conv: nn.Module | None, kernel: int, in_channels: int) -> str | None:
     if _standard_conv(conv, kernel, in_channels):
         return None
     if is_type(conv, nn.Conv2d) and _standard_conv(conv, kernel, conv.in_channels):
@@ -222,79 +220,47 @@ def _conv_blocker(conv: nn.Module | None, kernel: int, in_channels: int) -> str 
             f"stride 1, padding {kernel // 2}, dilation 1 and groups 1")
 
 
-def _untouched(module: nn.Module) -> bool:
-    """No hooks, and no forward replaced on the instance."""
-    return not has_hooks(module) and "forward" not in module.__dict__
-
-
-def _standard_layer(layer: nn.Module, channels: int, growth: int) -> bool:
-    """The check of one layer, without building a reason: every forward runs it, and
-    :func:`_layer_blocker` says what failed."""
-    if not is_type(layer, DenseLayer) or not _untouched(layer):
-        return False
-    children = layer._modules
-    norm1, relu1, conv1 = children.get("norm1"), children.get("relu1"), children.get("conv1")
-    norm2, relu2, conv2 = children.get("norm2"), children.get("relu2"), children.get("conv2")
-    if not (is_type(relu1, nn.ReLU) and is_type(relu2, nn.ReLU)
-            and _standard_conv(conv1, 1, channels)):
-        return False
-    bottleneck = conv1.out_channels
-    return (_standard_conv(conv2, 3, bottleneck) and conv2.out_channels == growth
-            and norm_blocker(norm1, channels) is None and norm_blocker(norm2, bottleneck) is None
-            and _untouched(norm1) and _untouched(relu1) and _untouched(conv1)
-            and _untouched(norm2) and _untouched(relu2) and _untouched(conv2))
-
-
-def _child_blocker(name: str, module: nn.Module | None, problem: str | None) -> Blocker | None:
-    if problem is not None:
-        return Blocker(f"{name} {problem}", nonstandard=True)
-    if "forward" in module.__dict__:
-        return Blocker(f"{name} has its forward replaced on the instance", nonstandard=True)
-    if has_hooks(module):
-        return Blocker(f"{name} has hooks")
-    return None
-
-
 def _relu_problem(relu: nn.Module | None) -> str | None:
     return None if is_type(relu, nn.ReLU) else f"is {_describe(relu)}, not nn.ReLU"
 
 
-def _first_blocker(problems) -> Blocker | None:
-    """The first of ``(name, child, problem or None)`` that keeps the fusion off."""
-    for name, child, problem in problems:
-        blocker = _child_blocker(name, child, problem)
-        if blocker is not None:
-            return blocker
+def _child_blocker(prefix: str, name: str, child: nn.Module | None,
+                   problem: str | None) -> Blocker | None:
+    """Why child ``prefix + name`` keeps the fusion off, given the ``problem`` of its type
+    or settings (None: standard); built only when something is wrong, as every forward
+    checks every child."""
+    if problem is not None:
+        return Blocker(f"{prefix}{name} {problem}", nonstandard=True)
+    if "forward" in child.__dict__:
+        return Blocker(f"{prefix}{name} has its forward replaced on the instance",
+                       nonstandard=True)
+    if has_hooks(child):
+        return Blocker(f"{prefix}{name} has hooks")
     return None
 
 
-def _layer_problems(layer: DenseLayer, channels: int) -> Iterator[tuple[str, nn.Module, str]]:
-    """``(child name, child, problem or None)`` for each of a standard layer's children."""
-    children = layer._modules
-    norm1, conv1, norm2, conv2 = (children.get(n) for n in ("norm1", "conv1", "norm2", "conv2"))
-    bottleneck = conv1.out_channels if is_type(conv1, nn.Conv2d) else None
-    yield "norm1", norm1, norm_blocker(norm1, channels)
-    yield "conv1", conv1, _conv_blocker(conv1, 1, channels)
-    yield "norm2", norm2, norm_blocker(norm2, bottleneck)
-    yield "conv2", conv2, _conv_blocker(conv2, 3, bottleneck)
-    for name in ("relu1", "relu2"):
-        relu = children.get(name)
-        yield name, relu, _relu_problem(relu)
-
-
-def _layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Blocker:
-    """Why ``layer`` failed :func:`_standard_layer`."""
+def layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Blocker | None:
+    """Why ``layer`` (``name`` in its block) is not a standard dense layer reading
+    ``channels`` channels and adding ``growth``; None when it is."""
     if not is_type(layer, DenseLayer) or "forward" in layer.__dict__:
         return Blocker(f"{name} is {type(layer).__name__} with a forward of its own, "
                        f"not densenet_fast's dense layer", nonstandard=True)
     if has_hooks(layer):
         return Blocker(f"{name} has hooks")
-    for child_name, child, problem in _layer_problems(layer, channels):
-        blocker = _child_blocker(f"{name}.{child_name}", child, problem)
-        if blocker is not None:
-            return blocker
-    return Blocker(f"{name} adds {layer.conv2.out_channels} channels where the block's first "
-                   f"layer adds {growth}", nonstandard=True)
+    children = layer._modules
+    norm1, relu1, conv1 = children.get("norm1"), children.get("relu1"), children.get("conv1")
+    norm2, relu2, conv2 = children.get("norm2"), children.get("relu2"), children.get("conv2")
+    prefix = f"{name}."
+    bottleneck = conv1.out_channels if is_type(conv1, nn.Conv2d) else None
+    return (_child_blocker(prefix, "norm1", norm1, norm_problem(norm1, channels))
+            or _child_blocker(prefix, "conv1", conv1, _conv_problem(conv1, 1, channels))
+            or _child_blocker(prefix, "norm2", norm2, norm_problem(norm2, bottleneck))
+            or _child_blocker(prefix, "conv2", conv2, _conv_problem(conv2, 3, bottleneck))
+            or _child_blocker(prefix, "relu1", relu1, _relu_problem(relu1))
+            or _child_blocker(prefix, "relu2", relu2, _relu_problem(relu2))
+            or (None if conv2.out_channels == growth else Blocker(
+                f"{name} adds {conv2.out_channels} channels where the block's first layer "
+                f"adds {growth}", nonstandard=True)))
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:
@@ -333,8 +299,9 @@ def block_blocker(block: nn.Module) -> Blocker | None:
     channels = getattr(getattr(first, "conv1", None), "in_channels", None)
     growth = getattr(getattr(first, "conv2", None), "out_channels", None)
     for name, layer in layers.items():
-        if not _standard_layer(layer, channels, growth):
-            return _layer_blocker(name, layer, channels, growth)
+        blocker = layer_blocker(name, layer, channels, growth)
+        if blocker is not None:
+            return blocker
         channels += growth
     return _sync_blocker(block)
 
@@ -358,12 +325,11 @@ def transition_blocker(transition: nn.Module, channels: int) -> Blocker | None:
             and not pool.ceil_mode and pool.divisor_override is None):
         pool_problem = f"is {_describe(pool)}, not nn.AvgPool2d(kernel_size=2, stride=2)"
     relu = children["relu"]
-    return _first_blocker((
-        ("norm", children["norm"], norm_blocker(children["norm"], channels)),
-        ("relu", relu, _relu_problem(relu)),
-        ("conv", children["conv"], _conv_blocker(children["conv"], 1, channels)),
-        ("pool", pool, pool_problem),
-    ))
+    return (_child_blocker("", "norm", children["norm"], norm_problem(children["norm"], channels))
+            or _child_blocker("", "relu", relu, _relu_problem(relu))
+            or _child_blocker("", "conv", children["conv"],
+                              _conv_problem(children["conv"], 1, channels))
+            or _child_blocker("", "pool", pool, pool_problem))
 
 
 STEM_NAMES = ("conv0", "norm0", "relu0", "pool0")
@@ -385,12 +351,10 @@ def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
     if not (is_type(pool, nn.MaxPool2d) and not pool.return_indices):
         pool_problem = f"is {_describe(pool)}, not nn.MaxPool2d"
     channels = conv.out_channels if is_type(conv, nn.Conv2d) else None
-    return _first_blocker((
-        ("conv0", conv, conv_problem),
-        ("norm0", norm, norm_blocker(norm, channels)),
-        ("relu0", relu, _relu_problem(relu)),
-        ("pool0", pool, pool_problem),
-    ))
+    return (_child_blocker("", "conv0", conv, conv_problem)
+            or _child_blocker("", "norm0", norm, norm_problem(norm, channels))
+            or _child_blocker("", "relu0", relu, _relu_problem(relu))
+            or _child_blocker("", "pool0", pool, pool_problem))
 
 
 def warn_fallback(where: str, blocker: Blocker) -> None:

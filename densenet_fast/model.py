@@ -15,37 +15,17 @@ Annotations here are objects, not strings, so that TorchScript also compiles the
 import functools
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from . import backends
 from .architecture import CONFIGS, DenseBlock, DenseNetBase, Transition
-from .block import BlockSpec, Tail
-from .fusion import (
-    STEM_NAMES,
-    Blocker,
-    block_blocker,
-    block_channels,
-    block_sync,
-    fsdp_state,
-    fsdp_tail_blocker,
-    has_hooks,
-    norm_blocker,
-    norm_state,
-    runtime_blocker,
-    stem_blocker,
-    transition_blocker,
-    uses_batch_stats,
-    warn_fallback,
-)
-from .graph import dense_block, stem
+from .fusion import Blocker, block_blocker, runtime_blocker, warn_fallback
+from .plan import Step, StepKind, plan_features, run_block, run_stem  # noqa: F401 (run_stem: API)
 from .state_dict import load_torchvision_state_dict
-from .stem import StemSpec
 from .sync import sync_of
-from .validation import check_input_tensor, check_spatial_plan, is_type
+from .validation import check_input_tensor, check_spatial_plan
 
 try:  # the builders' annotations, read by torchvision.models.get_model_weights
     from torchvision.models import (
@@ -60,139 +40,21 @@ except ImportError:  # torchvision is optional: without it, weights are objects 
     _WeightsEnum = None
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype where autocast is on (BN parameters and statistics stay float32),
-    else the parameters' dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
-def _without_autocast(x: torch.Tensor):
-    # The fused Functions compute in one dtype, cast to explicitly; autocast must not recast.
-    return (torch.autocast(x.device.type, enabled=False)
-            if torch.is_autocast_enabled(x.device.type) else nullcontext())
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tensor,
-             recompute_conv: bool = False) -> torch.Tensor:
-    """Run a standard stem (``conv -> norm -> ReLU -> pool``) as one Function that keeps
-    only the conv's output, or with ``recompute_conv`` nothing but its input: the caller has
-    checked the modules (:func:`fusion.stem_blocker`)."""
-    spec = StemSpec(
-        conv_stride=conv.stride, conv_padding=conv.padding, conv_dilation=conv.dilation,
-        conv_groups=conv.groups, pool_kernel=_pair(pool.kernel_size),
-        pool_stride=_pair(pool.stride), pool_padding=_pair(pool.padding),
-        pool_dilation=_pair(pool.dilation), pool_ceil_mode=pool.ceil_mode,
-        norm=norm_state(norm), recompute_conv=recompute_conv)
-    dtype = _compute_dtype(x, conv.weight)
-    with _without_autocast(x):
-        return stem(x.to(dtype), spec, conv.weight.to(dtype), norm.weight, norm.bias)
-
-
-def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
-    """Run a standard ``block`` and, fused with it, ``tail`` (a transition, a final norm or
-    None) from their parameters: the caller has checked them (:mod:`densenet_fast.fusion`)."""
-    backends.active_backend(x.device.type)  # a forced, unavailable backend fails here
-    layers = list(block._modules.values())
-    norms, params = [], []
-    for layer in layers:
-        norms.append((norm_state(layer.norm1), norm_state(layer.norm2)))
-        params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
-                   layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
-    conv_params = {id(layer.conv1.weight) for layer in layers} | {
-        id(layer.conv2.weight) for layer in layers}
-    if tail is None:
-        kind, tail_norm = Tail.NONE, None
-    elif isinstance(tail, Transition):
-        kind, tail_norm = Tail.TRANSITION, norm_state(tail.norm)
-        params += [tail.norm.weight, tail.norm.bias, tail.conv.weight]
-        conv_params.add(id(tail.conv.weight))
-    else:
-        kind, tail_norm = Tail.NORM, norm_state(tail)
-        params += [tail.weight, tail.bias]
-    spec = BlockSpec(
-        growth_rate=layers[0].conv2.out_channels,
-        layer_norms=tuple(norms),
-        drop_rates=tuple(layer.drop_rate if layer.training else 0.0 for layer in layers),
-        tail=kind,
-        tail_norm=tail_norm,
-        recompute_bottleneck=block.recompute_bottleneck,
-        sync=block_sync(block),
-    )
-    dtype = _compute_dtype(x, layers[0].conv1.weight)
-    with _without_autocast(x):
-        # Casts are graph nodes, so gradients reach the float32 master weights under autocast.
-        params = [p.to(dtype) if id(p) in conv_params else p for p in params]
-        return dense_block(x.to(dtype), spec, params)
-
-
-class FusionStep(NamedTuple):
-    """One step of ``features``' forward: ``modules[0]`` called as a module, or (``fused``)
-    ``modules`` run as one fused Function: a standard block (with the transition or norm
-    after it, if any), or the standard stem (conv0, norm0, relu0, pool0). ``called``: the
-    block is hooked by FSDP2 alone and is called as a module with the tail to fuse, so that
-    FSDP's hooks wrap the fused step (:func:`fusion.fsdp_tail_blocker`)."""
-
-    modules: tuple[nn.Module, ...]
-    fused: bool
-    called: bool = False
-
-    @property
-    def module(self) -> nn.Module:
-        return self.modules[0]
-
-    def run(self, x: torch.Tensor, recompute_stem: bool = False) -> torch.Tensor:
-        if not self.fused:
-            return self.module(x)
-        if isinstance(self.module, DenseBlock):
-            tail = self.modules[1] if len(self.modules) > 1 else None
-            if self.called:
-                return self.module(x, tail=tail)
-            return run_block(self.module, x, tail)
-        conv, norm, _, pool = self.modules
-        return run_stem(conv, norm, pool, x, recompute_stem)
-
-
-def _tail_blocker(block: nn.Module, tail: nn.Module | None) -> Blocker | None:
-    """Why ``tail``, the module after a standard ``block``, cannot be fused into it."""
-    if tail is None:
-        return Blocker("the block is last")
-    if has_hooks(block) and (blocker := fsdp_tail_blocker(block, tail)) is not None:
-        return blocker
-    if has_hooks(tail):
-        return Blocker("it has hooks")
-    if tail.training != block.training:
-        return Blocker("it is not in the block's train/eval mode")
-    channels = block_channels(block)
-    tail_norm = getattr(tail, "norm", tail)
-    if uses_batch_stats(tail_norm) and sync_of(tail_norm) != block_sync(block):
-        return Blocker("it does not synchronise its statistics as the block does")
-    if is_type(tail, _Transition):
-        return transition_blocker(tail, channels)
-    problem = norm_blocker(tail, channels)
-    if problem is not None:
-        return Blocker(f"it {problem}, and is not a transition either", nonstandard=True)
-    if "forward" in tail.__dict__:
-        return Blocker("it has its forward replaced on the instance", nonstandard=True)
-    return None
-
-
 class _DenseBlock(DenseBlock):
     """A dense block computed over one shared buffer; returns all its channels.
 
     A block whose module tree is not the standard one, or that is hooked inside, traced or
     transformed (:mod:`densenet_fast.fusion`), runs its modules as torchvision's does.
-    ``recompute_bottleneck``: see :class:`DenseNet`. An empty batch and ``torch.jit.script``
-    also run the modules.
+    ``recompute_bottleneck``: backward recomputes each layer's bottleneck instead of keeping
+    it (see :class:`DenseNet`). An empty batch and ``torch.jit.script`` also run the modules.
     """
 
-    recompute_bottleneck = False
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int,
+                 growth_rate: int, drop_rate: float, memory_efficient: bool = False,
+                 recompute_bottleneck: bool = False) -> None:
+        super().__init__(num_layers, num_input_features, bn_size, growth_rate, drop_rate,
+                         memory_efficient)
+        self.recompute_bottleneck = bool(recompute_bottleneck)
 
     def forward(self, init_features: torch.Tensor, tail: Any = None) -> torch.Tensor:
         """All the block's channels; with ``tail`` (given by ``features`` only, to a block
@@ -213,7 +75,7 @@ class _DenseBlock(DenseBlock):
         if init_features.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
             return self._forward_modules_then(init_features, tail)
-        check_spatial_plan([("block", self)], init_features, _DenseBlock, _Transition)
+        check_spatial_plan([("block", self, "block")], init_features)
         return run_block(self, init_features, tail)
 
     @torch.jit.unused
@@ -229,15 +91,18 @@ class _Transition(Transition):
 class _Features(nn.Sequential):
     """``model.features``: the stem, then each standard block fused with the transition or
     norm after it; everything else is called as a module, as ``nn.Sequential`` does.
-    ``recompute_stem``: the fused stem keeps no conv0 output for backward (recomputes it).
-    An empty batch (after the input checks) and ``torch.jit.script`` call every module."""
+    ``recompute_bottleneck``: the fused stem keeps no conv0 output (the convolution output
+    its BN reads, as a layer's bottleneck is) for backward, and recomputes it. An empty batch
+    (after the input checks) and ``torch.jit.script`` call every module."""
 
-    recompute_stem = False
+    def __init__(self, *args: Any, recompute_bottleneck: bool = False) -> None:
+        super().__init__(*args)
+        self.recompute_bottleneck = bool(recompute_bottleneck)
 
     def __getitem__(self, index):
         item = super().__getitem__(index)
-        if isinstance(item, _Features):  # a slice keeps the setting
-            item.recompute_stem = self.recompute_stem
+        if isinstance(item, _Features):  # nn.Sequential builds a slice from its modules alone
+            item.recompute_bottleneck = self.recompute_bottleneck
         return item
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,13 +120,13 @@ class _Features(nn.Sequential):
         if isinstance(conv0, nn.Conv2d):
             check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
                                where="DenseNet")
-        self.check_spatial_size(x)
+        steps = self.fusion_plan()
+        check_spatial_plan(_named_roles(steps), x, _values_over_ranks())
         if x.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
             return self._forward_modules(x)
-        for step in self.fusion_plan():
-            # A hooked block is called as a module, and is fused inside its own forward.
-            x = step.run(x, self.recompute_stem)
+        for step in steps:
+            x = step.run(x, self.recompute_bottleneck)
         return x
 
     @torch.jit.unused
@@ -275,65 +140,25 @@ class _Features(nn.Sequential):
         """Refuse, before anything runs, an input whose size some stride or pool cannot
         reduce, or that leaves a training BatchNorm one value per channel (``x`` may be on
         the meta device: only its shape is read)."""
-        check_spatial_plan([(f"features.{name}", m) for name, m in self.named_children()], x,
-                           _DenseBlock, _Transition, _values_over_ranks())
+        check_spatial_plan(_named_roles(self.fusion_plan()), x, _values_over_ranks())
 
-    def fusion_plan(self) -> list[FusionStep]:
-        """The forward's steps, decided afresh on every call (the standard-tree check):
-        each standard, unhooked block fused with the module after it where that one is a
-        standard, unhooked transition or norm; every other module called as a module."""
-        modules = list(self._modules.values())
-        steps, i = [], 0
-        if stem_blocker(self._modules) is None:
-            steps.append(FusionStep(tuple(modules[:4]), fused=True))
-            i = 4
-        while i < len(modules):
-            module = modules[i]
-            if not _fusable_block(module):
-                steps.append(FusionStep((module,), fused=False))
-                i += 1
-                continue
-            tail = modules[i + 1] if i + 1 < len(modules) else None
-            called = has_hooks(module)  # FSDP's alone (_fusable_block)
-            if _tail_blocker(module, tail) is None:
-                steps.append(FusionStep((module, tail), fused=True, called=called))
-                i += 2
-            else:
-                steps.append(FusionStep((module,), fused=True, called=called))
-                i += 1
-        return steps
+    def fusion_plan(self, runtime: Blocker | None = None) -> list[Step]:
+        """The forward's steps (:func:`plan.plan_features`), decided afresh on every call
+        from the modules as they are; ``runtime``: what keeps every block on its modules in
+        this call, for the report."""
+        return plan_features(self, _DenseBlock, _Transition, runtime)
 
     def fusion_report(self) -> dict[str, str]:
-        """How each dense block runs in the next forward, and why; see
+        """How the stem and each dense block run in the next forward, and why; see
         :meth:`DenseNet.fusion_report`."""
-        runtime = runtime_blocker(None)
-        named = list(self._modules.items())
-        report = {}
-        if tuple(self._modules)[:4] == STEM_NAMES:
-            blocker = runtime or stem_blocker(self._modules)
-            report["features.stem"] = "fused" if blocker is None else f"modules: {blocker.reason}"
-        for i, (name, module) in enumerate(named):
-            if not isinstance(module, DenseBlock):
-                continue
-            where = f"features.{name}"
-            if not is_type(module, _DenseBlock) or "forward" in module.__dict__:
-                report[where] = (f"modules: it is {type(module).__name__} with a forward of its "
-                                 f"own, not densenet_fast's block")
-                continue
-            blocker = runtime or block_blocker(module)
-            if blocker is not None:
-                report[where] = f"modules: {blocker.reason}"
-                continue
-            tail_name, tail = named[i + 1] if i + 1 < len(named) else (None, None)
-            tail_blocker = _tail_blocker(module, tail)
-            if tail_blocker is None:
-                report[where] = f"fused with features.{tail_name}"
-            elif tail is None:
-                report[where] = "fused"
-            else:
-                report[where] = (f"fused; features.{tail_name} runs as a module: "
-                                 f"{tail_blocker.reason}")
-        return report
+        steps = self.fusion_plan(runtime_blocker(None))
+        return {("features.stem" if step.kind is StepKind.STEM else f"features.{step.names[0]}"):
+                step.report for step in steps if step.report}
+
+
+def _named_roles(steps):
+    return ((f"features.{name}", module, role) for step in steps
+            for name, module, role in step.named_roles())
 
 
 def _values_over_ranks():
@@ -353,12 +178,6 @@ def _values_over_ranks():
         return totals[sync]
 
     return values
-
-
-def _fusable_block(module: nn.Module) -> bool:
-    return is_type(module, _DenseBlock) and "forward" not in module.__dict__ \
-        and (not has_hooks(module) or fsdp_state(module) is not None) \
-        and block_blocker(module) is None
 
 
 class DenseNet(DenseNetBase):
@@ -382,9 +201,9 @@ class DenseNet(DenseNetBase):
         in_channels: image channels (3 for RGB, 1 for MNIST).
         recompute_bottleneck: keep no per-layer bottleneck for backward, recompute it (one
             more BN-ReLU-Conv1x1 per layer in backward), and no conv0 output in the stem:
-            less memory, somewhat more time, same results. Stored on each block
-            (``recompute_bottleneck``) and on ``features`` (``recompute_stem``), so it can be
-            set per block too.
+            less memory, somewhat more time, same results. Stored as ``recompute_bottleneck``
+            on each block and on ``features`` (the stem), so it can be set per block too;
+            :meth:`set_recompute_bottleneck` sets it everywhere.
     """
 
     block_cls = _DenseBlock
@@ -397,10 +216,17 @@ class DenseNet(DenseNetBase):
                  in_channels: int = 3, recompute_bottleneck: bool = False) -> None:
         super().__init__(growth_rate, block_config, num_init_features, bn_size, drop_rate,
                          num_classes, memory_efficient, in_channels)
-        self.features.recompute_stem = bool(recompute_bottleneck)
-        for block in self.features.children():
-            if isinstance(block, _DenseBlock):
-                block.recompute_bottleneck = bool(recompute_bottleneck)
+        self.set_recompute_bottleneck(recompute_bottleneck)
+
+    def set_recompute_bottleneck(self, enable: bool = True) -> None:
+        """Set ``recompute_bottleneck`` (see the class docstring) on every densenet_fast block
+        of ``features`` and on ``features`` itself (the stem), as timm's
+        ``set_grad_checkpointing`` sets its setting everywhere; a block can also be set on its
+        own (``model.features.denseblock1.recompute_bottleneck = True``)."""
+        enable = bool(enable)
+        for module in (self.features, *self.features.children()):
+            if isinstance(module, (_DenseBlock, _Features)):
+                module.recompute_bottleneck = enable
 
     def fusion_report(self) -> dict[str, str]:
         """How each dense block runs in the next forward, and why, keyed by its name.

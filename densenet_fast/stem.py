@@ -7,93 +7,97 @@ graph node (:mod:`densenet_fast.graph`), it keeps only conv0's output and the pe
 statistics; backward recomputes BN-ReLU and the pool's winners from it (the same values, so
 the same winners, ties included), in one fused op (``bn_relu_max_pool2d``, whose CPU kernel
 also runs the forward's pool 8x faster than ATen's NCHW max pool, see ``csrc/``).
-With ``recompute_conv`` it keeps not even conv0's output, only the input the caller holds
+With ``recompute_bottleneck`` it keeps not even conv0's output, only the input the caller holds
 anyway, and backward runs conv0 again (a few percent of a DenseNet step's time).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import torch
 
-from .block import NormState, running_stats
+from .block import running_mean_invstd
 from .ops import bn_relu_max_pool2d, bn_relu_max_pool2d_backward, lowp_conv
 from .ops.batchnorm import channel_stats
 from .ops.formats import stats_dtype_for
+from .spec import StemParams, StemSpec
 from .sync import norm_backward
 
 
-@dataclass(frozen=True)
-class StemSpec:
-    """conv0's and pool0's settings and norm0's state (see :class:`block.NormState`)."""
+@dataclass
+class StemSaved:
+    """What the stem keeps for backward besides its input and parameters; ``tensors()`` is
+    the order in which it crosses to backward, ``load`` reads it back."""
 
-    conv_stride: tuple[int, int]
-    conv_padding: tuple[int, int]
-    conv_dilation: tuple[int, int]
-    conv_groups: int
-    pool_kernel: tuple[int, int]
-    pool_stride: tuple[int, int]
-    pool_padding: tuple[int, int]
-    pool_dilation: tuple[int, int]
-    pool_ceil_mode: bool
-    norm: NormState
-    recompute_conv: bool = False
+    conv_out: torch.Tensor | None  # conv0's output; None where backward recomputes it
+    mean: torch.Tensor | None  # norm0's batch statistics; None with running statistics
+    var: torch.Tensor | None
+    count: torch.Tensor  # values per channel behind the statistics (every rank's), on the CPU
 
-    def conv(self, x, weight):
-        return lowp_conv.conv2d(x, weight, self.conv_stride, self.conv_padding,
-                                self.conv_dilation, self.conv_groups)
+    def tensors(self) -> list:
+        kept = [self.conv_out] if self.conv_out is not None else []
+        stats = [self.mean, self.var] if self.mean is not None else []
+        return [*kept, *stats, self.count]
 
-    def pool_args(self) -> tuple:
-        return (self.pool_kernel, self.pool_stride, self.pool_padding, self.pool_dilation,
-                self.pool_ceil_mode)
+    @classmethod
+    def load(cls, tensors, spec: StemSpec) -> StemSaved:
+        saved = iter(tensors)
+        conv_out = next(saved) if not spec.recompute_bottleneck else None
+        mean, var = (next(saved), next(saved)) if spec.norm.batch_stats else (None, None)
+        return cls(conv_out, mean, var, next(saved))
+
+    def for_backward(self, spec: StemSpec) -> StemSaved:
+        """What backward needs of it: no conv0 output where backward recomputes it."""
+        return replace(self, conv_out=None) if spec.recompute_bottleneck else self
+
+    def running_stats_updates(self, spec: StemSpec) -> list:
+        """``(BatchNormSpec, batch mean, batch var)`` for norm0, if it updates its running
+        statistics."""
+        return [(spec.norm, self.mean, self.var)] if spec.norm.update_running_stats else []
 
 
-def _norm_stats(spec: StemSpec, conv_out: torch.Tensor):
-    """``(mean, invstd, batch var or None, count)`` norm0 normalises with; ``count`` values
-    per channel, over every rank when synchronised."""
+def _conv(spec: StemSpec, x, weight):
+    return lowp_conv.conv2d(x, weight, *spec.conv_args())
+
+
+def _mean_invstd(spec: StemSpec, saved: StemSaved, dtype: torch.dtype):
+    """``(mean, invstd)`` norm0 normalises with, for data of ``dtype``."""
+    if saved.mean is None:
+        return running_mean_invstd(spec.norm, stats_dtype_for(dtype))
+    return saved.mean, torch.rsqrt(saved.var + spec.norm.eps)
+
+
+def forward(x, spec: StemSpec, params: StemParams) -> tuple[torch.Tensor, StemSaved, int]:
+    """``(max_pool(relu(bn(conv(x)))), saved, count)``, ``saved`` holding conv0's output
+    whatever the spec (see :meth:`StemSaved.for_backward`) and a count tensor to be filled
+    by the caller; ``count`` values per channel, over every rank when synchronised. Running
+    statistics are left to the caller."""
+    conv_out = _conv(spec, x, params.conv_weight)
     n, _, h, w = conv_out.shape
-    count = n * h * w
-    if not spec.norm.batch_stats:
-        return (*running_stats(spec.norm, stats_dtype_for(conv_out.dtype)), None, count)
-    mean, var = channel_stats(conv_out)
-    if spec.norm.sync is not None:
-        mean, var, count = spec.norm.sync.merge(mean, var, count, "norm0")
-    return mean, torch.rsqrt(var + spec.norm.eps), var, count
+    count, mean, var = n * h * w, None, None
+    if spec.norm.batch_stats:
+        mean, var = channel_stats(conv_out)
+        if spec.sync is not None:
+            mean, var, count = spec.sync.merge(mean, var, count, "norm0")
+    saved = StemSaved(conv_out, mean, var, None)
+    mean, invstd = _mean_invstd(spec, saved, conv_out.dtype)
+    out = bn_relu_max_pool2d(conv_out, mean, invstd, params.norm_weight, params.norm_bias,
+                             spec.pool_args())
+    return out, saved, count
 
 
-class StemForward(NamedTuple):
-    """The stem's output and what backward and the running statistics need."""
-
-    out: torch.Tensor
-    conv_out: torch.Tensor
-    mean: torch.Tensor
-    invstd: torch.Tensor
-    var: torch.Tensor | None  # norm0's batch variance; None with running statistics
-    count: int  # values per channel behind the statistics, every rank's
-
-
-def forward(x, spec: StemSpec, conv_weight, norm_weight, norm_bias) -> StemForward:
-    """``max_pool(relu(bn(conv(x))))``; running statistics are left to the caller."""
-    conv_out = spec.conv(x, conv_weight)
-    mean, invstd, var, count = _norm_stats(spec, conv_out)
-    out = bn_relu_max_pool2d(conv_out, mean, invstd, norm_weight, norm_bias, spec.pool_args())
-    return StemForward(out, conv_out, mean, invstd, var, count)
-
-
-def backward(grad_out, x, spec: StemSpec, conv_weight, norm_weight, norm_bias, conv_out, mean,
-             invstd, count: int, needs_input_grad: bool):
-    """``(grad_x or None, dconv, dnorm_weight, dnorm_bias)``; ``conv_out`` None: recompute
-    it from ``x``."""
-    if conv_out is None:
-        conv_out = spec.conv(x, conv_weight)
-    grad = bn_relu_max_pool2d_backward(grad_out, conv_out, mean, invstd, norm_weight, norm_bias,
-                                       spec.pool_args())
+def backward(grad_out, x, spec: StemSpec, params: StemParams, saved: StemSaved,
+             input_grad: bool) -> tuple:
+    """``(grad_x or None, dconv, dnorm_weight, dnorm_bias)`` from what forward saved."""
+    conv_out = saved.conv_out if saved.conv_out is not None else \
+        _conv(spec, x, params.conv_weight)
+    mean, invstd = _mean_invstd(spec, saved, conv_out.dtype)
+    grad = bn_relu_max_pool2d_backward(grad_out, conv_out, mean, invstd, params.norm_weight,
+                                       params.norm_bias, spec.pool_args())
     grad, dnorm_weight, dnorm_bias = norm_backward(
-        grad, conv_out, mean, invstd, norm_weight, batch_stats=spec.norm.batch_stats,
-        sync=spec.norm.sync, count=count)
-    grad_x, dconv = lowp_conv.conv2d_backward(
-        grad, x, conv_weight, spec.conv_stride, spec.conv_padding, spec.conv_dilation,
-        spec.conv_groups, (needs_input_grad, True))
+        grad, conv_out, mean, invstd, params.norm_weight, batch_stats=spec.norm.batch_stats,
+        sync=spec.sync, count=int(saved.count))
+    grad_x, dconv = lowp_conv.conv2d_backward(grad, x, params.conv_weight, *spec.conv_args(),
+                                              (input_grad, True))
     return grad_x, dconv, dnorm_weight, dnorm_bias

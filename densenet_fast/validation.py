@@ -94,11 +94,13 @@ def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
             f"{reference.dtype}; convert one of them or run under torch.autocast")
 
 
-def _pooled(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """A convolution's or pool's output size along one axis (floor mode)."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _pair(v) -> tuple[int, int]:
+def as_pair(v) -> tuple[int, int]:
+    """A module's ``int`` or pair setting (``kernel_size``, ``stride``...) as a pair."""
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
@@ -121,14 +123,15 @@ def _check_bn(bn: nn.Module, name: str, n: int, h: int, w: int, c: int,
 
 
 def _is_halving_pool(pool) -> bool:
-    return (isinstance(pool, nn.AvgPool2d) and _pair(pool.kernel_size) == (2, 2)
-            and _pair(pool.stride) == (2, 2) and _pair(pool.padding) == (0, 0)
+    return (isinstance(pool, nn.AvgPool2d) and as_pair(pool.kernel_size) == (2, 2)
+            and as_pair(pool.stride) == (2, 2) and as_pair(pool.padding) == (0, 0)
             and not pool.ceil_mode)
 
 
-def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls,
-                       values_over_ranks=None) -> None:
-    """Walk the feature modules with the input's size and refuse, before running anything,
+def check_spatial_plan(named_roles, x: torch.Tensor, values_over_ranks=None) -> None:
+    """Walk the feature modules (``(name, module, role)`` in order, the role a fusion plan
+    gave: ``"block"``, ``"transition"`` or None) with the input's size and refuse, before
+    running anything,
     a size that some stride/pool cannot reduce or that leaves a training BN one value per
     channel. Stops checking at the first module whose shape it does not know (a swapped or
     custom module: that module's own error, if any, is then raised when it runs).
@@ -136,14 +139,15 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
     ``values_over_ranks(bn, n, area)``: the values per channel a synchronised ``bn`` sees over
     every process, or None for a BN that normalises per process."""
     n, c, h, w = x.shape
-    for name, m in modules:
+    for name, m, role in named_roles:
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
             if isinstance(m.padding, str):
                 return
-            dilation = _pair(getattr(m, "dilation", 1))
-            new_h = _pooled(h, kernel[0], stride[0], padding[0], dilation[0])
-            new_w = _pooled(w, kernel[1], stride[1], padding[1], dilation[1])
+            kernel, stride = as_pair(m.kernel_size), as_pair(m.stride)
+            padding = as_pair(m.padding)
+            dilation = as_pair(getattr(m, "dilation", 1))
+            new_h = output_size(h, kernel[0], stride[0], padding[0], dilation[0])
+            new_w = output_size(w, kernel[1], stride[1], padding[1], dilation[1])
             if new_h < 1 or new_w < 1:
                 raise InputError(
                     f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "
@@ -156,7 +160,7 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             _check_bn(m, name, n, h, w, c, values_over_ranks)
         elif isinstance(m, nn.ReLU | nn.Identity | nn.Dropout):
             continue
-        elif is_type(m, dense_block_cls):
+        elif role == "block":
             for layer_name, layer in m.named_children():
                 for bn_name in ("norm1", "norm2"):
                     bn = getattr(layer, bn_name, None)
@@ -167,7 +171,7 @@ def check_spatial_plan(modules, x: torch.Tensor, dense_block_cls, transition_cls
             last = list(m.children())[-1]
             c = getattr(getattr(last, "norm1", None), "num_features", 0) + getattr(
                 getattr(last, "conv2", None), "out_channels", 0)
-        elif is_type(m, transition_cls) and _is_halving_pool(getattr(m, "pool", None)) \
+        elif role == "transition" and _is_halving_pool(getattr(m, "pool", None)) \
                 and isinstance(getattr(m, "conv", None), nn.Conv2d) \
                 and getattr(m.conv, "stride", None) == (1, 1):
             _check_bn(getattr(m, "norm", None), f"{name}.norm", n, h, w, c, values_over_ranks)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from tolerances import assert_close
 
 from densenet_fast import block
-from densenet_fast.block import BlockSpec, NormState, Tail
+from densenet_fast.spec import BatchNormSpec, BlockSpec, Tail
 
 
 def twins(fast_cls, ref_cls, dtype=torch.float32, **config):
@@ -80,8 +80,9 @@ class FusedOpCounter:
 
 def norm_state_case(c, training, dtype):
     """A BN's state with random running statistics, training or eval."""
-    return NormState(torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5,
-                     torch.tensor(0), 0.1, 1e-5, batch_stats=training, update_running=training)
+    return BatchNormSpec(torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5,
+                         torch.tensor(0), 0.1, 1e-5, batch_stats=training,
+                         update_running_stats=training)
 
 
 def block_case(c0=3, k=2, layers=3, bn_size=2, tail=Tail.NONE, training=True, drop=0.0,

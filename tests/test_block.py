@@ -5,8 +5,8 @@ import torch
 from helpers import block_case as _block
 from tolerances import assert_close, assert_gradcheck
 
-from densenet_fast.block import Tail
 from densenet_fast.graph import DenseBlockFunction
+from densenet_fast.spec import Tail
 
 
 @pytest.mark.parametrize("tail", [Tail.NONE, Tail.TRANSITION, Tail.NORM])

@@ -10,9 +10,8 @@ import torch
 from helpers import block_case, norm_state_case
 
 from densenet_fast import graph
-from densenet_fast.block import Forward, Saved, Tail
-from densenet_fast.graph import block_op_args, stem_op_args
-from densenet_fast.stem import StemSpec
+from densenet_fast.block import BlockForward, BlockSaved
+from densenet_fast.spec import StemSpec, Tail, from_op_arguments, op_arguments
 
 # opcheck's utilities without test_autograd_registration: the ops are called from autograd
 # Functions (densenet_fast.graph), never with gradients recorded through them.
@@ -37,7 +36,7 @@ def test_block_ops(tail, training, channels_last):
     x = _layout(torch.randn(2, 3, 4, 6), channels_last)
     # Everything trainable, a frozen input, the first layer frozen too, only the tail.
     for backward_from, input_grad in ((0, True), (0, False), (1, False), (2, False)):
-        args, running = block_op_args(dataclasses.replace(spec, backward_from=backward_from))
+        running, args = op_arguments(dataclasses.replace(spec, backward_from=backward_from))
         forward_args = (x, params, running, *args)
         torch.library.opcheck(graph.dense_block_forward, forward_args, test_utils=CHECKS)
 
@@ -55,44 +54,69 @@ def test_block_forward_keeps_what_eager_keeps():
         spec, params = block_case(c0=3, k=2, layers=3, drop=0.5, dtype=torch.float32)
         spec = dataclasses.replace(spec, recompute_bottleneck=recompute,
                                    backward_from=backward_from)
-        args, running = block_op_args(spec)
+        running, args = op_arguments(spec)
         _, *saved = graph.dense_block_forward(torch.randn(2, 3, 4, 4), _detached(params),
                                               running, *args)
-        fwd = Forward(torch.randn(2, 3, 4, 4), spec, _detached(params), keep=True)
+        fwd = BlockForward(torch.randn(2, 3, 4, 4), spec, _detached(params), keep=True)
         fwd.run()
-        expected = Saved.of(fwd, torch.tensor(fwd.count)).tensors()
+        expected = BlockSaved.of(fwd, torch.tensor(fwd.count)).tensors()
         assert [t.shape for t in saved] == [t.shape for t in expected]
         kept_layers = 3 - backward_from
         assert len(saved) == 1 + (0 if recompute else kept_layers) + 2 * 3 + kept_layers + 2 + 1
 
 
-def _stem_case(training, recompute_conv):
-    spec = StemSpec(conv_stride=(2, 2), conv_padding=(3, 3), conv_dilation=(1, 1),
-                    conv_groups=1, pool_kernel=(3, 3), pool_stride=(2, 2),
-                    pool_padding=(1, 1), pool_dilation=(1, 1), pool_ceil_mode=False,
-                    norm=norm_state_case(5, training, torch.float32),
-                    recompute_conv=recompute_conv)
+def _stem_case(training, recompute):
+    spec = StemSpec(norm=norm_state_case(5, training, torch.float32), conv_stride=(2, 2),
+                    conv_padding=(3, 3), conv_dilation=(1, 1), conv_groups=1,
+                    pool_kernel=(3, 3), pool_stride=(2, 2), pool_padding=(1, 1),
+                    pool_dilation=(1, 1), pool_ceil_mode=False, recompute_bottleneck=recompute)
     params = [torch.randn(5, 3, 7, 7) / 10, torch.rand(5) + 0.5, torch.randn(5)]
     return spec, params
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
-@pytest.mark.parametrize("recompute_conv", [False, True], ids=["keep-conv", "recompute-conv"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-conv", "recompute-conv"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_stem_ops(training, recompute_conv, channels_last):
-    spec, params = _stem_case(training, recompute_conv)
+def test_stem_ops(training, recompute, channels_last):
+    spec, params = _stem_case(training, recompute)
     x = _layout(torch.randn(2, 3, 16, 12), channels_last)
-    args, running = stem_op_args(spec)
-    forward_args = (x, *params, running, *args)
+    running, args = op_arguments(spec)
+    forward_args = (x, params, running, *args)
     torch.library.opcheck(graph.stem_forward, forward_args, test_utils=CHECKS)
 
-    out, *rest = graph.stem_forward(*forward_args)
-    saved = rest[:-1] if training else rest
+    out, *saved = graph.stem_forward(*forward_args)
+    # conv0's output unless recomputed, the batch mean and variance in training, the count.
+    assert len(saved) == (0 if recompute else 1) + (2 if training else 0) + 1
     grad_out = _layout(torch.randn_like(out), channels_last)
     for input_grad in (False, True):
         torch.library.opcheck(graph.stem_backward,
-                              (grad_out, x, *params, saved, running, *args, input_grad),
+                              (grad_out, x, saved, params, running, *args, input_grad),
                               test_utils=CHECKS)
+
+
+@pytest.mark.parametrize("case", ["block", "stem"])
+def test_a_spec_crosses_the_op_boundary_unchanged(case):
+    """Encoding a spec into op arguments and decoding them gives the spec back, but for what
+    stays with the caller (running statistics to update)."""
+    if case == "block":
+        spec, _ = block_case(c0=3, k=2, layers=3, tail=Tail.TRANSITION, drop=0.25,
+                             dtype=torch.float32)
+        spec = dataclasses.replace(spec, recompute_bottleneck=True, backward_from=1)
+    else:
+        spec, _ = _stem_case(training=False, recompute=True)
+    running, settings = op_arguments(spec)
+    decoded = from_op_arguments(type(spec), running, settings)
+    assert decoded == _without_running_updates(spec)
+    assert op_arguments(decoded)[1] == settings
+
+
+def _without_running_updates(spec):
+    def strip(norm):
+        return dataclasses.replace(norm, num_batches_tracked=None, momentum=None,
+                                   update_running_stats=False, **(
+                                       {"running_mean": None, "running_var": None}
+                                       if norm.batch_stats else {}))
+    return spec.with_norms([strip(norm) for norm in spec.norms()])
 
 
 def test_update_running_stats_op_declares_its_mutations():
@@ -103,9 +127,10 @@ def test_update_running_stats_op_declares_its_mutations():
         tracked = [torch.tensor(0), torch.tensor(4)]
         return means, vars_, tracked, *batch, [0.1, None], torch.tensor(8)
 
-    torch.library.opcheck(graph.update_running_stats_op, op_args(), test_utils=CHECKS)
+    torch.library.opcheck(torch.ops.densenet_fast.update_running_stats, op_args(),
+                          test_utils=CHECKS)
     means, vars_, tracked, *_ = fresh = op_args()
-    graph.update_running_stats_op(*fresh)
+    torch.ops.densenet_fast.update_running_stats(*fresh)
     torch.testing.assert_close(means[0], 0.1 * batch[0][0])
     torch.testing.assert_close(means[1], batch[0][1] / 5)  # momentum None: 1 / batches
     torch.testing.assert_close(vars_[0], 0.9 + 0.1 * batch[1][0] * 8 / 7)

@@ -28,10 +28,7 @@ FUSED_LAYERS = 5  # 4 layers and transition1, per forward
 
 def _models(config=CONFIG, recompute=False, drop_rate=0.0):
     fast, ref = twins(DenseNet, TorchvisionDenseNet, DTYPE, **config, drop_rate=drop_rate)
-    fast.features.recompute_stem = recompute
-    for module in fast.features.children():
-        if hasattr(module, "recompute_bottleneck"):
-            module.recompute_bottleneck = recompute
+    fast.set_recompute_bottleneck(recompute)
     with torch.no_grad():  # statistics that are not the initial ones
         ref(torch.randn(4, 3, 32, 32, dtype=DTYPE))
     fast.load_state_dict(ref.state_dict())

@@ -9,18 +9,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "densenet_fast"
 # Bottom to top. A module may import modules of its own layer or of lower ones; the cycle
 # check keeps imports within one layer honest.
 LAYERS = [
-    ["ops.formats", "ops.triton_kernels", "ops.measure", "ops.lowp_conv", "state_dict",
-     "validation", "architecture"],
+    ["ops.formats", "ops.triton_kernels", "ops.measure", "ops.lowp_conv", "ops.library",
+     "state_dict", "validation", "architecture"],
     ["ops.schema", "ops.batchnorm"],
     ["ops.torch_impl"],
     ["ops"],
     ["ops.triton_impl"],
     ["backends"],
     ["sync"],
+    ["spec"],
     ["block"],
     ["stem", "fusion"],
     ["differentiable"],
     ["graph"],
+    ["plan"],
     ["model", "reference"],
     ["convert"],
     ["benchmark", "benchmark.steps", "benchmark.timing", "benchmark.progress",

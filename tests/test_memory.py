@@ -82,7 +82,7 @@ def test_stem_keeps_only_the_convolution_output(recompute):
     model = DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, num_classes=3,
                      recompute_bottleneck=recompute)
     stem = model.features[:4]
-    assert stem.recompute_stem == recompute
+    assert stem.recompute_bottleneck == recompute
     conv_out_bytes = 2 * 8 * 16 * 16 * 4  # N, channels, 16x16 after the stride-2 conv
     fused = _saved_storages(model, stem)
     kept = 0 if recompute else conv_out_bytes
@@ -122,7 +122,9 @@ def test_gradcam_hooks_keep_a_training_step_below_torchvision_checkpointing():
 
 def test_compiled_step_keeps_eager_memory():
     """Under torch.compile the blocks and the stem are opaque ops, so the compiled step keeps
-    what the eager one keeps (at most 5% more; inductor may save less around them)."""
+    what the eager one keeps (at most 5% more, plus 0.5 MiB of resident pages that a busy
+    machine moves: 3.41 MiB eager against 3.62 MiB compiled was seen under load; a graph
+    break in the block's glue cost 1.06 MiB; inductor may save less around them)."""
     from densenet_fast.benchmark.implementations import ModelConfig
     from densenet_fast.benchmark.memory import measure_peak_memory
 
@@ -130,4 +132,31 @@ def test_compiled_step_keeps_eager_memory():
                          num_classes=10, batch_size=8, image_size=64)
     eager = measure_peak_memory("densenet_fast", config, threads=1)["peak_bytes"]
     compiled = measure_peak_memory("densenet_fast-compiled", config, threads=1)["peak_bytes"]
-    assert compiled <= 1.05 * eager, (compiled / 2**20, eager / 2**20)
+    assert compiled <= 1.05 * eager + 2**19, (compiled / 2**20, eager / 2**20)
+
+
+def test_one_setter_sets_the_memory_setting_everywhere():
+    """``set_recompute_bottleneck`` on the model, the constructor argument and ``convert``'s
+    keep the same bytes: every block and the stem recompute."""
+    from densenet_fast import convert
+
+    def kept(model):
+        return sum(_saved_storages(model, lambda x: model(x).sum()).values())
+
+    def tiny(**kwargs):
+        torch.manual_seed(0)
+        return DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                        num_classes=3, **kwargs)
+
+    constructed = tiny(recompute_bottleneck=True)
+    set_later = tiny()
+    keeping = kept(set_later)
+    set_later.set_recompute_bottleneck(True)
+    assert [m.recompute_bottleneck for m in set_later.modules()
+            if hasattr(m, "recompute_bottleneck")] == [True] * 3  # features and two blocks
+    assert kept(set_later) == kept(constructed) < keeping
+    assert kept(convert(tiny(), recompute_bottleneck=True)) == kept(constructed)
+    set_later.set_recompute_bottleneck(False)
+    assert kept(set_later) == keeping
+    set_later.features.denseblock1.recompute_bottleneck = True  # one block on its own
+    assert kept(constructed) < kept(set_later) < keeping

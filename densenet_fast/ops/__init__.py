@@ -1,85 +1,79 @@
-"""The fused ops (BN-ReLU-Conv1x1, BN-ReLU, the stem's BN-ReLU-MaxPool): schemas, reference
-kernels and BatchNorm helpers."""
+"""The fused kernel ops (BN-ReLU-Conv1x1 and its backward, BN-ReLU, the stem's
+BN-ReLU-MaxPool and its backward): defined here, once, from their contracts
+(``schema.py``) with the pure-PyTorch reference kernels (``torch_impl.py``) as the default for
+every device; the compiled backends add device kernels when the package activates them
+(``densenet_fast/__init__.py``, :mod:`densenet_fast.backends`), and the dispatcher chooses.
+
+The functions below call the ops; ``_run`` is the one place that sends them to the
+reference kernels instead: for side-by-side comparisons in one process
+(:func:`reference_kernels`), and for ``torch.export``.
+"""
 
 from contextlib import contextmanager
 
 import torch
 
-from . import torch_impl
+from . import library, schema, torch_impl
 
-# The reference kernels serve every device; compiled backends register over them when the
-# package activates them (densenet_fast/__init__.py).
-torch_impl.register()
+for _name, _schema in schema.SCHEMAS.items():
+    _fake, _flops = schema.FAKES[_name]
+    library.define(_name, _schema, kernel=getattr(torch_impl, _name), fake=_fake,
+                   flops=_flops)
 
-# Set by reference_kernels(): bypass the dispatcher and run the pure-PyTorch kernels.
-_use_reference = False
-
-
-def _inline_reference() -> bool:
-    # Traced by torch.compile (a block run without gradients, or a block op's fake
-    # implementation), the reference kernels' ATen ops are traced: inductor fuses them, and
-    # it miscompiled the backward op's mutated gradient buffer when it saw that op (README,
-    # "Notes"). Training blocks reach this op only inside the opaque block ops of
-    # densenet_fast.graph, which run eagerly, on the active backend's kernels.
-    return _use_reference or torch.compiler.is_compiling()
+_reference_depth = 0  # nesting of reference_kernels()
 
 
 @contextmanager
 def reference_kernels():
-    """Run the op's pure-PyTorch kernels inside this context, whatever backend is loaded.
+    """Run the ops' pure-PyTorch kernels inside this context, whatever backend is loaded.
 
     For side-by-side comparisons in one process (benchmarks, tests); wrap the backward too.
     """
-    global _use_reference
-    previous, _use_reference = _use_reference, True
+    global _reference_depth
+    _reference_depth += 1
     try:
         yield
     finally:
-        _use_reference = previous
+        _reference_depth -= 1
+
+
+def _run(name: str, *args):
+    """Op ``name`` on ``args``: the dispatcher's kernel; the reference kernel inside
+    :func:`reference_kernels`, and while ``torch.export`` traces (then the exported program,
+    and an ONNX file made from it, holds ATen ops only and runs without densenet_fast)."""
+    if _reference_depth or torch.compiler.is_exporting():
+        return getattr(torch_impl, name)(*args)
+    return getattr(torch.ops.densenet_fast, name)(*args)
 
 
 def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
-    """The fused forward (contract in ``schema.py``), on the active backend's kernel."""
-    if _inline_reference():
-        return torch_impl.bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias,
-                                          conv_weight)
-    return torch.ops.densenet_fast.bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias,
-                                                   conv_weight)
+    """``conv1x1(relu(bn(buffer[:, :C])), conv_weight)`` (contract in ``schema.py``)."""
+    return _run("bn_relu_conv1x1", buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
 
 
 def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
                              stats_grad, grad_buffer):
-    """The fused backward (contract in ``schema.py``); adds into ``grad_buffer``."""
-    args = (grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, stats_grad,
-            grad_buffer)
-    if _inline_reference():
-        return torch_impl.bn_relu_conv1x1_backward(*args)
-    return torch.ops.densenet_fast.bn_relu_conv1x1_backward(*args)
+    """The fused op's backward (contract in ``schema.py``); adds into ``grad_buffer``."""
+    return _run("bn_relu_conv1x1_backward", grad_out, buffer, mean, invstd, bn_weight,
+                bn_bias, conv_weight, stats_grad, grad_buffer)
 
 
 def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     """``relu(bn(x))`` rounded to ``x``'s dtype, stored as ``dtype`` (contract in
     ``schema.py``)."""
-    if _inline_reference():
-        return torch_impl.bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype)
-    return torch.ops.densenet_fast.bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype)
+    return _run("bn_relu", x, mean, invstd, bn_weight, bn_bias, dtype)
 
 
 def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, pool_args):
     """``max_pool2d(relu(bn(x)), *pool_args)`` (contract in ``schema.py``)."""
-    if _inline_reference():
-        return torch_impl.bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, *pool_args)
-    return torch.ops.densenet_fast.bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias,
-                                                      *pool_args)
+    return _run("bn_relu_max_pool2d", x, mean, invstd, bn_weight, bn_bias, *pool_args)
 
 
 def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, pool_args):
     """The gradient at the BN's output of :func:`bn_relu_max_pool2d` (contract in
     ``schema.py``)."""
-    args = (grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args)
-    if _inline_reference():
-        return torch_impl.bn_relu_max_pool2d_backward(*args)
-    return torch.ops.densenet_fast.bn_relu_max_pool2d_backward(*args)
+    return _run("bn_relu_max_pool2d_backward", grad_out, x, mean, invstd, bn_weight, bn_bias,
+                *pool_args)
 
 
 __all__ = ["bn_relu", "bn_relu_conv1x1", "bn_relu_conv1x1_backward", "bn_relu_max_pool2d",

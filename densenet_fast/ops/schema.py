@@ -1,8 +1,9 @@
-"""The fused ops, declared once with ``torch.library``.
+"""The fused kernel ops' contracts: schemas, argument checks, fake implementations, FLOPs.
 
-Every backend (pure PyTorch here, C++ for CPU and Triton for CUDA in their own modules)
-registers kernels against these schemas; the dispatcher picks one by device, so model
-code never branches on the device.
+``ops/__init__.py`` defines each op from these (:func:`library.define`), with the reference
+kernel of ``torch_impl.py`` as the default for every device; the compiled backends (C++ for
+CPU, Triton for CUDA) register device kernels against the same schemas and the dispatcher
+picks one by device, so model code never branches on the device.
 
 ``bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight) -> out``
     Reads the channel prefix ``x = buffer[:, :C]`` with ``C = conv_weight.size(1)`` in place
@@ -46,46 +47,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import register_flop_formula
 
 from .formats import memory_format_of, stats_dtype_for
+from .library import qualified
 
-NAMESPACE = "densenet_fast"
-FORWARD = f"{NAMESPACE}::bn_relu_conv1x1"
-BACKWARD = f"{NAMESPACE}::bn_relu_conv1x1_backward"
-BN_RELU = f"{NAMESPACE}::bn_relu"
-POOL_FORWARD = f"{NAMESPACE}::bn_relu_max_pool2d"
-POOL_BACKWARD = f"{NAMESPACE}::bn_relu_max_pool2d_backward"
-
-torch.library.define(
-    FORWARD,
-    "(Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
-    "Tensor conv_weight) -> Tensor",
-)
-torch.library.define(
-    BACKWARD,
-    "(Tensor grad_out, Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, "
-    "Tensor bn_bias, Tensor conv_weight, bool stats_grad, Tensor(a!) grad_buffer) "
-    "-> (Tensor, Tensor, Tensor)",
-)
-
-torch.library.define(
-    BN_RELU,
-    "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
-    "ScalarType? dtype=None) -> Tensor",
-)
 _POOL_ARGS = ("int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
               "bool ceil_mode")
-torch.library.define(
-    POOL_FORWARD,
-    "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
-    f"{_POOL_ARGS}) -> Tensor",
-)
-torch.library.define(
-    POOL_BACKWARD,
-    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
-    f"Tensor bn_bias, {_POOL_ARGS}) -> Tensor",
-)
+# Op name -> schema.
+SCHEMAS = {
+    "bn_relu_conv1x1": (
+        "(Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor conv_weight) -> Tensor"),
+    "bn_relu_conv1x1_backward": (
+        "(Tensor grad_out, Tensor buffer, Tensor mean, Tensor invstd, Tensor bn_weight, "
+        "Tensor bn_bias, Tensor conv_weight, bool stats_grad, Tensor(a!) grad_buffer) "
+        "-> (Tensor, Tensor, Tensor)"),
+    "bn_relu": (
+        "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+        "ScalarType? dtype=None) -> Tensor"),
+    "bn_relu_max_pool2d": (
+        "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+        f"{_POOL_ARGS}) -> Tensor"),
+    "bn_relu_max_pool2d_backward": (
+        "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
+        f"Tensor bn_bias, {_POOL_ARGS}) -> Tensor"),
+}
+FORWARD, BACKWARD = qualified("bn_relu_conv1x1"), qualified("bn_relu_conv1x1_backward")
 
 
 def _check_data(x, name: str) -> None:
@@ -187,8 +174,7 @@ def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
                          f"{exc}") from None
 
 
-@torch.library.register_fake(FORWARD)
-def _forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
+def forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
     n, _, h, w = buffer.shape
     return buffer.new_empty((n, conv_weight.shape[0], h, w)).contiguous(
@@ -196,28 +182,24 @@ def _forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     )
 
 
-@torch.library.register_fake(BACKWARD)
-def _backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
+def backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
                    stats_grad, grad_buffer):
     check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
                         grad_buffer)
     return torch.empty_like(conv_weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
 
 
-@torch.library.register_fake(BN_RELU)
-def _bn_relu_fake(x, mean, invstd, bn_weight, bn_bias, dtype=None):
+def bn_relu_fake(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
     return torch.empty_like(x, dtype=dtype, memory_format=memory_format_of(x))
 
 
-@torch.library.register_fake(POOL_FORWARD)
-def _pool_forward_fake(x, mean, invstd, bn_weight, bn_bias, *pool_args):
+def pool_forward_fake(x, mean, invstd, bn_weight, bn_bias, *pool_args):
     shape = check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
     return x.new_empty(shape).contiguous(memory_format=memory_format_of(x))
 
 
-@torch.library.register_fake(POOL_BACKWARD)
-def _pool_backward_fake(grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args):
+def pool_backward_fake(grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args):
     check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
     return torch.empty_like(x)
 
@@ -230,15 +212,23 @@ def _conv1x1_flops(out_shape, conv_weight_shape) -> int:
     return 2 * n * h * w * c_out * conv_weight_shape[1]
 
 
-@register_flop_formula(torch.ops.densenet_fast.bn_relu_conv1x1)
-def _forward_flops(buffer, mean, invstd, bn_weight, bn_bias, conv_weight, *args, out_shape=None,
+def forward_flops(buffer, mean, invstd, bn_weight, bn_bias, conv_weight, *args, out_shape=None,
                    **kwargs) -> int:
     return _conv1x1_flops(out_shape, conv_weight)
 
 
-@register_flop_formula(torch.ops.densenet_fast.bn_relu_conv1x1_backward)
-def _backward_flops(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, *args,
+def backward_flops(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, *args,
                     **kwargs) -> int:
     # The input gradient and the weight gradient, each as costly as the forward: what
     # FlopCounterMode counts for aten.convolution_backward with both outputs.
     return 2 * _conv1x1_flops(grad_out, conv_weight)
+
+
+# Op name -> (fake implementation, FLOP formula or None).
+FAKES = {
+    "bn_relu_conv1x1": (forward_fake, forward_flops),
+    "bn_relu_conv1x1_backward": (backward_fake, backward_flops),
+    "bn_relu": (bn_relu_fake, None),
+    "bn_relu_max_pool2d": (pool_forward_fake, None),
+    "bn_relu_max_pool2d_backward": (pool_backward_fake, None),
+}

@@ -1,6 +1,6 @@
 """Pure-PyTorch kernels of the fused ops: the oracle of every parity test and the fallback.
 
-They are registered under ``CompositeExplicitAutograd``, so they serve every device that
+They are each op's default kernel (``ops/__init__.py``), so they serve every device that
 has no kernel of its own (MPS, or CPU/CUDA when no compiled backend is active). Compiled
 backends register device-specific kernels that the dispatcher prefers.
 
@@ -16,11 +16,6 @@ import torch.nn.functional as F
 
 from .batchnorm import bn_apply, bn_backward
 from .schema import (
-    BACKWARD,
-    BN_RELU,
-    FORWARD,
-    POOL_BACKWARD,
-    POOL_FORWARD,
     check_backward_args,
     check_bn_relu_args,
     check_forward_args,
@@ -101,11 +96,3 @@ def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, *
     grad = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, act, *pool_args, indices)
     del indices
     return torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
-
-
-def register() -> None:
-    """Make these kernels the default implementation of the ops for every device."""
-    for name, kernel in ((FORWARD, bn_relu_conv1x1), (BACKWARD, bn_relu_conv1x1_backward),
-                         (BN_RELU, bn_relu), (POOL_FORWARD, bn_relu_max_pool2d),
-                         (POOL_BACKWARD, bn_relu_max_pool2d_backward)):
-        torch.library.impl(name, "CompositeExplicitAutograd")(kernel)

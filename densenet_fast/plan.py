@@ -1,0 +1,241 @@
+"""The fusion plan of ``features``: one walk over its modules, the steps and why each runs
+as it does, and what a fused step runs.
+
+:func:`plan_features` is the only place that decides how ``features`` runs: its forward
+runs the plan's steps, ``fusion_report()`` prints their reasons, and the spatial check
+(:func:`validation.check_spatial_plan`) walks the plan's modules with the roles it gave
+them. The checks of single modules it applies live in :mod:`densenet_fast.fusion`; the
+check of the module after a block (:func:`tail_blocker`) lives here, with the plan.
+
+A fused step builds its spec (:mod:`densenet_fast.spec`) from the modules' parameters,
+buffers and settings (:func:`run_stem`, :func:`run_block`) and runs it as one graph node
+(:mod:`densenet_fast.graph`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from enum import Enum
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from . import backends
+from .architecture import DenseBlock, Transition
+from .fusion import (
+    STEM_NAMES,
+    Blocker,
+    block_blocker,
+    block_channels,
+    block_sync,
+    fsdp_tail_blocker,
+    has_hooks,
+    norm_problem,
+    norm_state,
+    stem_blocker,
+    transition_blocker,
+    uses_batch_stats,
+)
+from .graph import dense_block, stem
+from .spec import (
+    BlockSpec,
+    LayerParams,
+    StemParams,
+    StemSpec,
+    Tail,
+    TailParams,
+    flat_block_params,
+)
+from .sync import sync_of
+from .validation import as_pair, is_type
+
+
+class StepKind(Enum):
+    STEM = "stem"  # conv0, norm0, relu0, pool0
+    BLOCK = "block"  # a dense block, with the transition or norm after it when fused
+    MODULE = "module"  # anything else, called as a module
+
+
+class Step(NamedTuple):
+    """One step of ``features``' forward.
+
+    ``fused``: the stem or block runs as one fused graph node (else its modules run, as
+    torchvision's do). ``called``: a fused block with hooks of its own is called as a module,
+    so that they fire, and fuses inside its own forward (with the tail in ``modules`` when
+    the hooks are FSDP2's alone, see :func:`fusion.fsdp_tail_blocker`). ``report``: how the
+    step runs and why, as :meth:`DenseNet.fusion_report` gives it ("" for plain modules).
+    ``roles``: per module, ``"block"``, ``"transition"`` or None, for the spatial check.
+    """
+
+    kind: StepKind
+    names: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    roles: tuple[str | None, ...]
+    fused: bool = False
+    called: bool = False
+    report: str = ""
+
+    @property
+    def module(self) -> nn.Module:
+        return self.modules[0]
+
+    def named_roles(self):
+        """``(name, module, role)`` of each module of the step."""
+        return zip(self.names, self.modules, self.roles, strict=True)
+
+    def run(self, x: torch.Tensor, recompute_bottleneck: bool = False) -> torch.Tensor:
+        """The step's output; ``recompute_bottleneck`` is ``features``' setting (the stem's)."""
+        if self.fused and self.kind is StepKind.STEM:
+            conv, norm, _, pool = self.modules
+            return run_stem(conv, norm, pool, x, recompute_bottleneck)
+        if self.fused and self.kind is StepKind.BLOCK:
+            tail = self.modules[1] if len(self.modules) > 1 else None
+            if self.called:
+                return self.module(x, tail=tail)
+            return run_block(self.module, x, tail)
+        for module in self.modules:
+            x = module(x)
+        return x
+
+
+def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type,
+                  runtime: Blocker | None = None) -> list[Step]:
+    """``features``' steps, in order, decided from the modules as they are now: the standard
+    stem fused; each densenet_fast block (``block_cls``) that passes the checks fused, with
+    the transition (``transition_cls``) or norm after it where that one passes
+    :func:`tail_blocker`; everything else called as a module. ``runtime``: what keeps every
+    block on its modules in this call (:func:`fusion.runtime_blocker`), for the report."""
+    named = list(features._modules.items())
+    steps, i = [], 0
+    if tuple(features._modules)[:4] == STEM_NAMES:
+        blocker = runtime or stem_blocker(features._modules)
+        names, modules = zip(*named[:4], strict=True)
+        steps.append(Step(StepKind.STEM, names, modules, (None,) * 4, fused=blocker is None,
+                          report="fused" if blocker is None else f"modules: {blocker.reason}"))
+        i = 4
+    while i < len(named):
+        name, module = named[i]
+        if not isinstance(module, DenseBlock):
+            role = "transition" if is_type(module, transition_cls) else None
+            steps.append(Step(StepKind.MODULE, (name,), (module,), (role,)))
+            i += 1
+            continue
+        blocker = _own_block_blocker(module, block_cls) or runtime or block_blocker(module)
+        if blocker is not None:
+            steps.append(Step(StepKind.BLOCK, (name,), (module,), ("block",),
+                              report=f"modules: {blocker.reason}"))
+            i += 1
+            continue
+        tail_name, tail = named[i + 1] if i + 1 < len(named) else (None, None)
+        refused = tail_blocker(module, tail, transition_cls)
+        called = has_hooks(module)
+        if refused is None:
+            role = "transition" if is_type(tail, transition_cls) else None
+            steps.append(Step(StepKind.BLOCK, (name, tail_name), (module, tail),
+                              ("block", role), fused=True, called=called,
+                              report=f"fused with features.{tail_name}"))
+            i += 2
+            continue
+        report = "fused" if tail is None else \
+            f"fused; features.{tail_name} runs as a module: {refused.reason}"
+        steps.append(Step(StepKind.BLOCK, (name,), (module,), ("block",), fused=True,
+                          called=called, report=report))
+        i += 1
+    return steps
+
+
+def _own_block_blocker(block: nn.Module, block_cls: type) -> Blocker | None:
+    """Why a dense block is not densenet_fast's, whose forward fuses."""
+    if is_type(block, block_cls) and "forward" not in block.__dict__:
+        return None
+    return Blocker(f"it is {type(block).__name__} with a forward of its own, not "
+                   f"densenet_fast's block")
+
+
+def tail_blocker(block: nn.Module, tail: nn.Module | None,
+                 transition_cls: type) -> Blocker | None:
+    """Why ``tail``, the module after a standard ``block``, cannot be fused into it."""
+    if tail is None:
+        return Blocker("the block is last")
+    if has_hooks(block) and (blocker := fsdp_tail_blocker(block, tail)) is not None:
+        return blocker
+    if has_hooks(tail):
+        return Blocker("it has hooks")
+    if tail.training != block.training:
+        return Blocker("it is not in the block's train/eval mode")
+    channels = block_channels(block)
+    tail_norm = getattr(tail, "norm", tail)
+    if uses_batch_stats(tail_norm) and sync_of(tail_norm) != block_sync(block):
+        return Blocker("it does not synchronise its statistics as the block does")
+    if is_type(tail, transition_cls):
+        return transition_blocker(tail, channels)
+    problem = norm_problem(tail, channels)
+    if problem is not None:
+        return Blocker(f"it {problem}, and is not a transition either", nonstandard=True)
+    if "forward" in tail.__dict__:
+        return Blocker("it has its forward replaced on the instance", nonstandard=True)
+    return None
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype where autocast is on (BN parameters and statistics stay float32),
+    else the parameters' dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _without_autocast(x: torch.Tensor):
+    # The fused Functions compute in one dtype, cast to explicitly; autocast must not recast.
+    return (torch.autocast(x.device.type, enabled=False)
+            if torch.is_autocast_enabled(x.device.type) else nullcontext())
+
+
+def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tensor,
+             recompute_bottleneck: bool = False) -> torch.Tensor:
+    """Run a standard stem (``conv -> norm -> ReLU -> pool``) as one graph node that keeps
+    only the conv's output, or with ``recompute_bottleneck`` nothing but its input: the
+    caller has checked the modules (:func:`fusion.stem_blocker`)."""
+    spec = StemSpec(
+        norm=norm_state(norm), conv_stride=conv.stride, conv_padding=conv.padding,
+        conv_dilation=conv.dilation, conv_groups=conv.groups,
+        pool_kernel=as_pair(pool.kernel_size), pool_stride=as_pair(pool.stride),
+        pool_padding=as_pair(pool.padding), pool_dilation=as_pair(pool.dilation),
+        pool_ceil_mode=pool.ceil_mode, recompute_bottleneck=recompute_bottleneck,
+        sync=sync_of(norm))
+    dtype = _compute_dtype(x, conv.weight)
+    with _without_autocast(x):
+        return stem(x.to(dtype), spec, StemParams(conv.weight.to(dtype), norm.weight, norm.bias))
+
+
+def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
+    """Run a standard ``block`` and, fused with it, ``tail`` (a transition, a final norm or
+    None) as one graph node: the caller has checked them (:func:`plan_features`)."""
+    backends.active_backend(x.device.type)  # a forced, unavailable backend fails here
+    modules = list(block._modules.values())
+    dtype = _compute_dtype(x, modules[0].conv1.weight)
+    with _without_autocast(x):
+        # Casts are graph nodes, so gradients reach the float32 master weights under autocast.
+        layers = [LayerParams(m.norm1.weight, m.norm1.bias, m.conv1.weight.to(dtype),
+                              m.norm2.weight, m.norm2.bias, m.conv2.weight.to(dtype))
+                  for m in modules]
+        if tail is None:
+            kind, tail_norm, tail_params = Tail.NONE, None, None
+        elif isinstance(tail, Transition):
+            kind, tail_norm = Tail.TRANSITION, norm_state(tail.norm)
+            tail_params = TailParams(tail.norm.weight, tail.norm.bias, tail.conv.weight.to(dtype))
+        else:
+            kind, tail_norm = Tail.NORM, norm_state(tail)
+            tail_params = TailParams(tail.weight, tail.bias)
+        spec = BlockSpec(
+            layer_norms=tuple((norm_state(m.norm1), norm_state(m.norm2)) for m in modules),
+            growth_rate=modules[0].conv2.out_channels,
+            drop_rates=tuple(m.drop_rate if m.training else 0.0 for m in modules),
+            tail=kind,
+            tail_norm=tail_norm,
+            recompute_bottleneck=block.recompute_bottleneck,
+            sync=block_sync(block),
+        )
+        return dense_block(x.to(dtype), spec, flat_block_params(layers, tail_params))
