@@ -33,12 +33,10 @@ _BACKEND_DEVICES = {
 _CPP_BUILDS = {"native": None, "avx512": ("avx512",), "avx2": ("avx512", "avx2"),
                "default": None}
 CPU_BUILD_VAR = "DENSENET_FAST_CPU_BUILD"
-# Which build was loaded, and why; read at import (torch.compile traces backend checks, and
-# dynamo cannot call get_cpu_capability on torch 2.11).
-_loaded_cpp_build: str | None = None
 _BUILD_ERROR_FILE = Path(__file__).with_name("_C_build_error.txt")
 
-_loaded: set[str] = set()
+# name -> how its kernels were loaded; the reference kernels are every op's default.
+_loaded: dict[str, str] = {}
 _load_errors: dict[str, str] = {}
 # DENSENET_FAST_BACKEND as read by activate(): kernels are registered once, at import, so a
 # later change of the variable must not change what is reported.
@@ -114,66 +112,63 @@ def devices_of(name: str) -> tuple[str, ...]:
     return _BACKEND_DEVICES[name]
 
 
-def _load_cpp() -> None:
+def _load_cpp() -> str:
     missing = _cpp_missing_reason()
     if missing is not None:
         raise ImportError(missing)
-    global _loaded_cpp_build
     build, reason = cpp_build()
     module = f"densenet_fast._C_{build}"
     try:
         importlib.import_module(module)
     except (ImportError, OSError) as exc:
         raise ImportError(f"{module} failed to load: {exc}") from exc
-    _loaded_cpp_build = reason
+    return f"compiled ATen kernels (csrc/), {reason}, loaded for torch {torch.__version__}"
 
 
-def _load_triton() -> None:
+def _load_triton() -> str:
     if not torch.cuda.is_available() and not _interpreted_triton():
         raise ImportError("no CUDA device (TRITON_INTERPRET=1 with DENSENET_FAST_BACKEND=triton "
                           "runs the kernels on CPU tensors)")
     try:
+        import triton
+
         from .ops import triton_impl
     except ImportError as exc:
         raise ImportError(f"Triton is not usable: {exc}") from exc
     triton_impl.register(["CUDA", "CPU"] if _interpreted_triton() else ["CUDA"])
+    mode = "interpreter" if _interpreted_triton() else "GPU"
+    return f"Triton {triton.__version__} kernels ({mode}), loaded"
 
 
-_LOADERS = {"cpp": _load_cpp, "triton": _load_triton}
+def _load_torch() -> str:
+    return f"pure PyTorch {torch.__version__}, always available"
+
+
+# name -> (register its kernels and say how, why it cannot be loaded before trying)
+_LOADERS = {"cpp": (_load_cpp, _cpp_missing_reason), "triton": (_load_triton, lambda: None),
+            "torch": (_load_torch, lambda: None)}
 
 
 def _load(name: str) -> None:
     """Register backend ``name``'s kernels with the dispatcher; remember why if it fails."""
-    if name not in _LOADERS or name in _loaded or name in _load_errors:
+    if name in _loaded or name in _load_errors:
         return
     try:
-        _LOADERS[name]()
+        _loaded[name] = _LOADERS[name][0]()
     except ImportError as exc:
         _load_errors[name] = str(exc)
-    else:
-        _loaded.add(name)
 
 
 def _status(name: str) -> tuple[bool, str]:
     """Whether a backend can run here, and a one-line reason."""
-    if name == "torch":
-        return True, f"pure PyTorch {torch.__version__}, always available"
     if name in _loaded:
-        if name == "triton":
-            import triton
-
-            mode = "interpreter" if _interpreted_triton() else "GPU"
-            return True, f"Triton {triton.__version__} kernels ({mode}), loaded"
-        return True, (f"compiled ATen kernels (csrc/), {_loaded_cpp_build}, loaded for torch "
-                      f"{torch.__version__}")
+        return True, _loaded[name]
     if name in _load_errors:
         return False, _load_errors[name]
-    if name == "triton":
-        return True, f"not loaded ({ENV_VAR}={_requested_at_import!r})"
-    missing = _cpp_missing_reason()
+    missing = _LOADERS[name][1]()
     if missing is not None:
         return False, missing
-    return True, f"compiled, not loaded ({ENV_VAR}={_requested_at_import!r})"
+    return True, f"not loaded ({ENV_VAR}={_requested_at_import!r})"
 
 
 def activate() -> None:
@@ -183,6 +178,7 @@ def activate() -> None:
     """
     global _requested_at_import
     _requested_at_import = os.environ.get(ENV_VAR, AUTO)
+    _load("torch")  # the reference kernels: every op's default (ops/__init__.py)
     try:
         requested = requested_backend()
     except ValueError:
@@ -202,7 +198,7 @@ def active_backend(device_type: str) -> str:
     for name in candidates:
         available, reason = _status(name)
         serves = device_type in devices_of(name)
-        if available and serves and (name == "torch" or name in _loaded):
+        if available and serves and name in _loaded:
             return name
         reasons.append(f"{name}: {reason if not available else 'does not serve ' + device_type}")
     raise RuntimeError(
@@ -246,7 +242,6 @@ def cpu_gemm_engine(policy: str | None = None) -> dict:
     BLAS. ``policy`` sets it; ``"measured"`` lists the choices made so far. Returns the
     settings as they were before the call. RuntimeError without the C++ kernels."""
     if "cpp" not in _loaded:
-        raise RuntimeError("the C++ kernels are not loaded: "
-                           f"{_status('cpp')[1]}")
+        raise RuntimeError(f"the C++ kernels are not loaded: {_status('cpp')[1]}")
     previous, *measured = torch.ops.densenet_fast.cpu_gemm_engine(policy or "")
     return {"policy": previous, "measured": measured}
