@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py            # about 5 minutes on an H100, at most 8
     python benchmarks/gpu_check.py --quick    # at most 3 minutes
     python benchmarks/gpu_check.py --dry-run  # on the CPU, tiny shapes, Triton's interpreter
+                                              # (2-3 minutes on 2 cores)
 
 Stages, each in a subprocess of its own with its own timeout (and all within the mode's
 total), so a crash, a hang or an out-of-memory in one still leaves the others' results:
@@ -22,16 +23,21 @@ total), so a crash, a hang or an out-of-memory in one still leaves the others' r
 It prints a table of the goals (the GPU readiness issue) and writes
 ``benchmarks/results/gpu-<device>.json`` (``cpu-dry-run.json`` for a dry run) after every
 stage. ``--dry-run`` runs every stage on the CPU, with the Triton kernels in the interpreter
-and a tiny DenseNet, to prove the script end to end without a GPU.
+and a tiny DenseNet, to prove the script end to end without a GPU: on the smallest shapes
+that run every stage's code, one timed round, one thread per process (tiny shapes gain nothing
+from more, and on a busy machine threads that wait for each other's cores make a step up to
+100x slower), with stage limits that only catch a hang.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,7 +61,8 @@ COMPILED_GOALS = {"memory_vs_eager": 1.05, "time_vs_compiled": 1.0}
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """What one mode measures, and how long each stage may take (seconds)."""
+    """What one mode measures, and how long each stage may take (seconds). ``parity_tests``:
+    the parity stage's pytest arguments."""
 
     device: str = "cuda"
     model: str = "densenet121"
@@ -68,6 +75,7 @@ class Mode:
     max_batch_budget_gib: float = 16.0
     max_batch_cap: int = 1024
     stages: tuple = ("parity", "op", "model", "max_batch", "compile_time")
+    parity_tests: tuple = ("tests/with_triton",)
     timeouts: tuple = (("parity", 150), ("op", 60), ("model", 200), ("max_batch", 120),
                        ("compile_time", 90))
     total: int = 470
@@ -76,7 +84,7 @@ class Mode:
         from densenet_fast.benchmark.implementations import ModelConfig
 
         if self.model == "tiny":
-            return ModelConfig(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
+            return ModelConfig(growth_rate=8, block_config=(2, 2), num_init_features=16,
                                num_classes=10, batch_size=batch or self.batch,
                                image_size=self.image)
         return ModelConfig.named(self.model, num_classes=1000, batch_size=batch or self.batch,
@@ -89,19 +97,27 @@ MODES = {
                   stages=("parity", "op", "model", "compile_time"),
                   timeouts=(("parity", 80), ("op", 30), ("model", 60), ("compile_time", 60)),
                   total=175),
-    "dry-run": Mode(device="cpu", model="tiny", batch=4, image=64, repeats=2,
-                    op_shapes=(("tiny-nchw", 24, 19, 6), ("tiny-odd", 40, 35, 5)), op_batch=2,
-                    compiled_baseline=True, max_batch_budget_gib=0.25, max_batch_cap=2,
-                    timeouts=(("parity", 150), ("op", 60), ("model", 240), ("max_batch", 240),
-                              ("compile_time", 120)),
-                    total=900),
+    # The dry run proves the script, so each stage does the least that runs all of it: the
+    # tiny model (two blocks of two layers, a transition between) at batch 2 and 32x32, whose
+    # last block still sees 4x4 (batch 1 trains, so max_batch's search stops at its cap of 1);
+    # one timed round; the parity stage leaves out the tests/with_triton tests of the tiny
+    # model (the model stage runs it through the interpreter, and tests/test_triton_interpreter
+    # .py runs them all). On the CPU the time depends on the machine's load, so the limits are
+    # there to catch a hang, not to bound a run (2-3 minutes on a quiet 2-core machine).
+    "dry-run": Mode(device="cpu", model="tiny", batch=2, image=32, repeats=1,
+                    op_shapes=(("tiny-nchw", 24, 19, 6), ("tiny-odd", 40, 35, 5)), op_batch=1,
+                    compiled_baseline=True, max_batch_budget_gib=0.25, max_batch_cap=1,
+                    parity_tests=("tests/with_triton", "-k", "not tiny_model"),
+                    timeouts=(("parity", 900), ("op", 600), ("model", 1800), ("max_batch", 900),
+                              ("compile_time", 900)),
+                    total=3600),
 }
 
 
 def _env(mode: Mode, **extra) -> dict:
     env = dict(os.environ, DENSENET_FAST_BACKEND="triton", **extra)
-    if mode.device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
+    if mode.device == "cpu":  # the dry run: see the module's docstring for the one thread
+        env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     else:
         env.pop("TRITON_INTERPRET", None)
     return env
@@ -111,7 +127,7 @@ def _env(mode: Mode, **extra) -> dict:
 
 def stage_parity(mode: Mode, timeout: float) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/with_triton"], cwd=ROOT, env=_env(mode), capture_output=True,
+                           *mode.parity_tests], cwd=ROOT, env=_env(mode), capture_output=True,
                           text=True, timeout=timeout, check=False)
     lines = proc.stdout.strip().splitlines()
     return {"returncode": proc.returncode, "summary": lines[-1] if lines else "",
@@ -265,7 +281,10 @@ def stage_compile_time(mode: Mode, timeout: float) -> dict:
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                                   env=_env(mode, TRITON_CACHE_DIR=cache), capture_output=True,
-                                  text=True, timeout=timeout / 2, check=True)
+                                  text=True, timeout=timeout / 2, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {run} step's process exited with {proc.returncode}:\n"
+                                   + proc.stderr[-1500:])
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["process_s"] = time.perf_counter() - start
             result[run] = row
@@ -278,21 +297,40 @@ STAGES = {"parity": stage_parity, "op": stage_op, "model": stage_model,
 
 # --- the parent: stages in subprocesses, the report ------------------------------------
 
+def _stage_command(name: str, mode_name: str, timeout: float) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--mode", mode_name,
+            "--timeout", str(timeout)]
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """Kill the stage's process group (the stage and the processes it started) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _run_stage(name: str, mode_name: str, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--mode", mode_name,
-           "--timeout", str(timeout)]
+    """One stage in a process of its own, in a process group of its own: a stage that runs
+    past its limit (or a Ctrl-C) ends with every process it started, which would otherwise
+    go on taking the CPU or GPU from the stages after it."""
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(MODES[mode_name]), capture_output=True,
-                              text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s",
-                "seconds": round(time.perf_counter() - start, 1)}
+    with subprocess.Popen(_stage_command(name, mode_name, timeout), cwd=ROOT,
+                          env=_env(MODES[mode_name]), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _end_group(proc)
+            return {"error": f"timed out after {timeout:.0f} s",
+                    "seconds": round(time.perf_counter() - start, 1)}
+        except BaseException:
+            _end_group(proc)
+            raise
     seconds = round(time.perf_counter() - start, 1)
-    lines = proc.stdout.strip().splitlines()
+    lines = stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         return {"error": f"exit code {proc.returncode}", "seconds": seconds,
-                "stderr_tail": proc.stderr[-2000:]}
+                "stderr_tail": stderr[-2000:]}
     return {**json.loads(lines[-1]), "seconds": seconds}
 
 
