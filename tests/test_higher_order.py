@@ -23,6 +23,9 @@ DTYPE = torch.float64
 CONFIG = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
               num_classes=3)
 TINY = dict(growth_rate=2, block_config=(2, 1), num_init_features=4, bn_size=2, num_classes=2)
+# 6x6 inputs: after the stem (7x7 conv, stride 2, then 3x3 max-pool, stride 2) the same 2x2 and
+# 1x1 feature maps as 8x8 inputs, with fewer input elements to differentiate by.
+SMALL_SIDE = 6
 FUSED_LAYERS = 5  # 4 layers and transition1, per forward
 
 
@@ -120,7 +123,7 @@ def test_block_input_is_saved_as_a_view_of_the_buffer():
 def test_gradcheck_and_gradgradcheck(train, recompute):
     fast, _ = _models(TINY, recompute=recompute)
     fast.train(train)
-    x = torch.randn(2, 3, 8, 8, dtype=DTYPE, requires_grad=True)
+    x = torch.randn(2, 3, SMALL_SIDE, SMALL_SIDE, dtype=DTYPE, requires_grad=True)
     weight = fast.features.denseblock1.denselayer2.conv1.weight  # read through the buffer
 
     def logits(x, weight):
@@ -135,7 +138,7 @@ def test_gradcheck_and_gradgradcheck(train, recompute):
 def test_jacobian_and_hessian_match_torchvision(train):
     fast, ref = _models(TINY)
     fast.train(train), ref.train(train)
-    x = torch.randn(2, 3, 8, 8, dtype=DTYPE)
+    x = torch.randn(2, 3, SMALL_SIDE, SMALL_SIDE, dtype=DTYPE)
     for vectorize in (False, True):
         with FusedOpCounter() as counter:
             ours = jacobian(fast, x, vectorize=vectorize)
