@@ -8,6 +8,7 @@ Triton's ``tl.dot`` has no float64: float64 calls (gradcheck) go to the referenc
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -17,7 +18,16 @@ from . import torch_impl
 from .batchnorm import StatsGradient, scale_shift
 from .formats import memory_format_of
 from .schema import BACKWARD, FORWARD, check_backward_args, check_forward_args
-from .triton_kernels import add_dx_kernel, forward_kernel, input_grad_kernel, weight_grad_kernel
+from .triton_kernels import (
+    DIVIDED,
+    FLAT,
+    PER_IMAGE,
+    add_dx_kernel,
+    forward_kernel,
+    input_grad_kernel,
+    weight_grad_kernel,
+)
+from .triton_tuning import Tuner, size_class
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -58,56 +68,84 @@ def _configs(shapes):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); few, so that the first call's compile and
-# tuning stay short. The interpreter (slow) tunes over the first only; the tests run every
-# one of them explicitly (``forced_config``).
+# tuning stay short. The interpreter (slow) runs the first only; the tests run every one of
+# them explicitly (``forced_config``). Deterministic mode pins the second of each list.
 GEMM_CONFIGS = _configs([(32, 32, 32, 4, 2), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)])
 WEIGHT_GRAD_CONFIGS = _configs([(32, 32, 32, 4, 2), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3)])
+# The partial-sum rows of the input-gradient kernel: one per pixel tile of the narrowest config.
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in GEMM_CONFIGS)
 
 
 def _tuned(configs):
     return configs[:1] if INTERPRETED else configs
 
 
-_forward = triton.autotune(_tuned(GEMM_CONFIGS), key=["P", "C", "CO"])(forward_kernel)
-# The input-gradient kernel adds into the gradient buffer: autotuning must restore it after
-# each trial run. Its per-block partial sums have as many rows as the config has blocks, so
-# only the rows of the config that ran last are read (``_launch`` says which).
-_input_grad = triton.autotune(_tuned(GEMM_CONFIGS), key=["P", "C", "CO", "STORE_G"],
-                              restore_value=["gbuf_ptr"])(input_grad_kernel)
-_weight_grad = triton.autotune(_tuned(WEIGHT_GRAD_CONFIGS), key=["P", "C", "CO"])(
-    weight_grad_kernel)
+_forward = Tuner(forward_kernel, _tuned(GEMM_CONFIGS), pinned=GEMM_CONFIGS[1])
+_input_grad = Tuner(input_grad_kernel, _tuned(GEMM_CONFIGS), pinned=GEMM_CONFIGS[1])
+_weight_grad = Tuner(weight_grad_kernel, _tuned(WEIGHT_GRAD_CONFIGS),
+                     pinned=WEIGHT_GRAD_CONFIGS[1])
+TUNERS = (_forward, _input_grad, _weight_grad)
 
-_forced: triton.Config | None = None
+_forced = threading.local()
 
 
 @contextmanager
 def forced_config(config: triton.Config | None):
-    """Launch every kernel with ``config`` instead of the autotuned choice (tests, checks)."""
-    global _forced
-    previous, _forced = _forced, config
+    """Launch every kernel that this thread launches with ``config`` instead of the tuned
+    choice (tests, checks)."""
+    previous = getattr(_forced, "config", None)
+    _forced.config = config
     try:
         yield
     finally:
-        _forced = previous
+        _forced.config = previous
 
 
-def _launch(kernel, grid, *args, **kwargs) -> triton.Config:
-    """Launch an autotuned ``kernel`` on the current device; return the config that ran."""
-    if _forced is None:
-        kernel[grid](*args, **kwargs)
-        return kernel.best_config
-    kernel.fn[grid](*args, **kwargs, **_forced.kwargs, num_warps=_forced.num_warps,
-                    num_stages=_forced.num_stages)
-    return _forced
+def _launch(tuner: Tuner, grid, shape_class: tuple, device: torch.device, args: tuple,
+            options: dict, trial_args=None) -> triton.Config:
+    """Launch ``tuner``'s kernel with the config chosen for ``shape_class`` and return that
+    config (what the launcher reads, e.g. how many partial-sum rows it filled). Tuning trials
+    run on ``trial_args()`` where given (scratch outputs, allocated once), else on ``args``."""
+
+    def run(config, arguments):
+        tuner.kernel[grid](*arguments, **options, **config.kwargs, num_warps=config.num_warps,
+                           num_stages=config.num_stages)
+
+    scratch = []
+
+    def trial(config):
+        if not scratch:
+            scratch.append(trial_args() if trial_args is not None else args)
+        run(config, scratch[0])
+
+    config = getattr(_forced, "config", None) or tuner.choose(shape_class, device, trial)
+    run(config, args)
+    return config
 
 
 _ELEMENTWISE_BLOCK = (32, 32)
 
 
+def conv_uses_tf32() -> bool:
+    """Whether torch runs float32 convolutions on CUDA in TF32, which the kernels follow.
+
+    torch >= 2.9 settles it per operator: ``torch.backends.cudnn.conv.fp32_precision``,
+    falling back to cuDNN's, then the global setting, while any is ``"none"`` (IEEE at the
+    end). Reading the deprecated ``torch.backends.cudnn.allow_tf32`` raises once the new
+    settings of conv and RNN differ, so it is read only on torch versions without them."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision,
+                      torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
 def _precision(dtype: torch.dtype) -> str:
-    # float32 GEMMs follow torch's setting for convolutions (TF32 by default on Ampere+);
-    # the setting only matters for float32 operands.
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED:
+    # The setting only matters for float32 operands; the interpreter has no TF32.
+    if dtype == torch.float32 and not INTERPRETED and conv_uses_tf32():
         return "tf32"
     return "ieee"
 
@@ -124,11 +162,37 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def pixel_tiling(hw: int, *tensors: torch.Tensor) -> int:
+    """How the kernels walk pixels (``triton_kernels``' docstring): ``FLAT`` when every
+    tensor's pixel ``p`` sits at ``p * s_hw`` (channels-last), ``PER_IMAGE`` when whole-image
+    tiles keep pixel-contiguous loads aligned (``HW`` a multiple of 16), else ``DIVIDED``."""
+    if all(t.stride(0) == hw * t.stride(3) for t in tensors):
+        return FLAT.value
+    return PER_IMAGE.value if hw % 16 == 0 else DIVIDED.value
+
+
+def pixel_tiles(tiling: int, n: int, hw: int, block: int) -> int:
+    """Tiles of ``block`` pixels that cover ``n`` images of ``hw`` pixels under ``tiling``."""
+    if tiling == PER_IMAGE.value:
+        return n * triton.cdiv(hw, block)
+    return triton.cdiv(n * hw, block)
+
+
+def _shape_class(dtype: torch.dtype, tiling: int, *sizes: int) -> tuple:
+    return (str(dtype).removeprefix("torch."), tiling, *map(size_class, sizes))
+
+
+# Deterministic mode sizes the weight-gradient split as for this many SMs (an H100's and
+# H200's count) on every device: the summation order then depends on the shape alone.
+REFERENCE_SMS = 132
+
+
 def _num_splits(tiles: int, pixels: int, device: torch.device) -> int:
     """Pixel splits of the weight-gradient reduction: enough programs to fill ``device``."""
     if INTERPRETED or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = (REFERENCE_SMS if torch.are_deterministic_algorithms_enabled()
+           else torch.cuda.get_device_properties(device).multi_processor_count)
     return max(1, min(-(-2 * sms // max(tiles, 1)), pixels // 256 or 1))
 
 
@@ -150,15 +214,20 @@ def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     weight = conv_weight.view(co, channels)
     out = torch.empty((n, co, h, w), dtype=buffer.dtype, device=buffer.device,
                       memory_format=memory_format_of(buffer))
-    pixels = n * h * w
+    tiling = pixel_tiling(h * w, buffer, out)
 
     def grid(meta):
-        return triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"])
+        return (pixel_tiles(tiling, n, h * w, meta["BLOCK_M"]),
+                triton.cdiv(co, meta["BLOCK_N"]))
 
     with _device_guard(buffer.device):
-        _launch(_forward, grid, buffer, weight, scale.contiguous(), shift.contiguous(), out,
-                pixels, channels, co, h * w, *_pixel_strides(buffer), *weight.stride(),
-                *_pixel_strides(out), PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED)
+        # Trials write ``out`` in full; the last launch's values are the result.
+        _launch(_forward, grid, _shape_class(buffer.dtype, tiling, n * h * w, channels, co),
+                buffer.device,
+                (buffer, weight, scale.contiguous(), shift.contiguous(), out, n * h * w,
+                 channels, co, h * w, *_pixel_strides(buffer), *weight.stride(),
+                 *_pixel_strides(out)),
+                dict(PIXELS=tiling, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
     return out
 
 
@@ -166,19 +235,35 @@ def input_grad_pass(grad_out, weight, buffer, scale, shift, mean, k_g, target, s
                     partial_sums, stats_grad: bool) -> torch.Tensor:
     """``g = (W^T grad_out) * [a > 0]``; adds ``k_g * g`` into ``target`` (or, with
     ``stats_grad``, stores ``g`` in ``store``). Returns ``[sum(g), sum(g * (x - mean))]``
-    per channel, float64, from the rows of ``partial_sums`` that the launch wrote: it needs
-    ``ceil(P / 32)`` rows, of which a config with a larger ``BLOCK_M`` fills fewer."""
+    per channel, float64, from the rows of ``partial_sums`` that the launch wrote: one per
+    pixel tile, of which a config with a larger ``BLOCK_M`` has fewer (``partial_rows``)."""
     n, channels, h, w = buffer.shape[0], weight.shape[1], buffer.shape[2], buffer.shape[3]
     co, pixels = weight.shape[0], n * h * w
+    tiling = pixel_tiling(h * w, grad_out, buffer, target)
+
+    def scratch():
+        # Trials add into the target and overwrite the sums: give them their own.
+        return (grad_out, weight, buffer, scale, shift, mean, k_g, torch.zeros_like(target),
+                torch.empty_like(store), torch.empty_like(partial_sums), *sizes)
+
+    sizes = (pixels, channels, co, h * w, *_pixel_strides(grad_out), *weight.stride(),
+             *_pixel_strides(buffer), *_pixel_strides(target))
     config = _launch(
-        _input_grad, lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]),
+        _input_grad, lambda meta: (pixel_tiles(tiling, n, h * w, meta["BLOCK_M"]),
                                    triton.cdiv(channels, meta["BLOCK_N"])),
-        grad_out, weight, buffer, scale, shift, mean, k_g, target, store, partial_sums,
-        pixels, channels, co, h * w, *_pixel_strides(grad_out), *weight.stride(),
-        *_pixel_strides(buffer), *_pixel_strides(target), STORE_G=stats_grad,
-        PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED)
-    rows = triton.cdiv(pixels, config.kwargs["BLOCK_M"])
+        (*_shape_class(buffer.dtype, tiling, pixels, channels, co), stats_grad), buffer.device,
+        (grad_out, weight, buffer, scale, shift, mean, k_g, target, store, partial_sums, *sizes),
+        dict(STORE_G=stats_grad, PIXELS=tiling, PRECISION=_precision(buffer.dtype),
+             UPCAST=INTERPRETED),
+        trial_args=scratch)
+    rows = pixel_tiles(tiling, n, h * w, config.kwargs["BLOCK_M"])
     return partial_sums[:rows].double().sum(0)
+
+
+def partial_rows(buffer: torch.Tensor) -> int:
+    """Rows ``input_grad_pass``'s ``partial_sums`` needs for ``buffer``: any tiling, any config."""
+    n, _, h, w = buffer.shape
+    return max(pixel_tiles(t, n, h * w, _MIN_BLOCK_M) for t in (FLAT.value, PER_IMAGE.value))
 
 
 def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
@@ -206,20 +291,21 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
     # dx's direct term k_g * g: batchnorm.bn_backward's dx without stats_grad.
     k_g = (bn_weight.float() * invstd.float()).contiguous()
 
-    # dW: split-K over pixels, partial sums reduced in a fixed order (deterministic).
+    # dW: split-K over pixel tiles, partial sums reduced in a fixed order (deterministic).
     tiles_mn = triton.cdiv(co, 64) * triton.cdiv(channels, 64)
     splits = _num_splits(tiles_mn, pixels, device)
-    per_split = -(-pixels // splits)
     partial_w = torch.empty((splits, co, channels), dtype=torch.float32, device=device)
+    tiling = pixel_tiling(h * w, grad_out, buffer)
     _launch(_weight_grad, lambda meta: (triton.cdiv(co, meta["BLOCK_M"]),
                                         triton.cdiv(channels, meta["BLOCK_N"]), splits),
-            grad_out, buffer, scale, shift, partial_w, pixels, channels, co, h * w, per_split,
-            *_pixel_strides(grad_out), *_pixel_strides(buffer),
-            PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED)
+            _shape_class(buffer.dtype, tiling, pixels, channels, co), device,
+            (grad_out, buffer, scale, shift, partial_w, pixels, channels, co, h * w, splits,
+             *_pixel_strides(grad_out), *_pixel_strides(buffer)),
+            dict(PIXELS=tiling, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
     grad_weight = partial_w.sum(0).view_as(conv_weight).to(conv_weight.dtype)
 
     # Input gradient, ReLU mask, per-channel partial sums; dx directly or via a store of g.
-    partial_sums = torch.empty((triton.cdiv(pixels, 32), 2, channels), dtype=torch.float32,
+    partial_sums = torch.empty((partial_rows(buffer), 2, channels), dtype=torch.float32,
                                device=device)
     store = torch.empty((pixels, channels) if stats_grad else (0,), dtype=torch.float32,
                         device=device)
@@ -231,12 +317,12 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
         # The statistics' term kx * x + k0, with the block's own coefficient formula.
         term = StatsGradient(channels, torch.float64, device)
         term.add(mean.double(), invstd.double(), bn_weight, grad_scale, grad_bias, pixels)
-        add_dx_kernel[(triton.cdiv(pixels, _ELEMENTWISE_BLOCK[0]),
-                       triton.cdiv(channels, _ELEMENTWISE_BLOCK[1]))](
+        tiling = pixel_tiling(h * w, buffer, target)
+        block_m, block_n = _ELEMENTWISE_BLOCK
+        add_dx_kernel[(pixel_tiles(tiling, n, h * w, block_m), triton.cdiv(channels, block_n))](
             store, buffer, k_g, term.kx.float(), term.k0.float(), target, pixels, channels,
-            h * w,
-            *_pixel_strides(buffer), *_pixel_strides(target),
-            BLOCK_M=_ELEMENTWISE_BLOCK[0], BLOCK_N=_ELEMENTWISE_BLOCK[1])
+            h * w, *_pixel_strides(buffer), *_pixel_strides(target),
+            PIXELS=tiling, BLOCK_M=block_m, BLOCK_N=block_n)
     if target is not grad_buffer:
         grad_buffer[:, :channels].add_(target[:, :channels])
     return grad_weight, grad_scale.to(bn_weight.dtype), grad_bias.to(bn_bias.dtype)

@@ -1,0 +1,235 @@
+"""Launch configs of the Triton kernels: one per shape class, measured once, kept on disk.
+
+``triton.autotune`` keys on exact argument values and remembers in memory only: densenet121
+has 61 distinct ``(P, C, CO)`` per batch size, so every process would tune each of its three
+kernels 61 times (about 70 s on an H200) before its first step ran at speed. Here a shape is
+reduced to its *class*: pixels, channels and output channels rounded up to powers of two,
+with the dtype and the pixel tiling (about ten classes per kernel for densenet121). Each class
+is measured once, with a short timing of each config, and the winner is written to a JSON
+file shared by later processes on the same device, Triton and kernel source.
+
+The config a launch uses is returned to the launcher before the launch, never read back from
+shared state afterwards: two threads (multi-threaded autograd, one worker per GPU) cannot see
+each other's choice. Under ``torch.use_deterministic_algorithms(True)`` no timing is taken:
+each kernel runs its pinned config, the same in every process and on every device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import triton
+
+CACHE_ENV = "DENSENET_FAST_TRITON_CACHE"
+# Each config's trial runs until this much time has passed (after one untimed launch, which
+# compiles it): enough to rank configs whose times differ by more than launch noise.
+TRIAL_SECONDS = 0.002
+MAX_TRIAL_REPEATS = 20
+
+_stats_lock = threading.Lock()
+_stats = {"tunings": 0, "trials": 0, "seconds": 0.0, "from_disk": 0}
+
+
+def cache_file() -> Path:
+    """Where tuned configs persist: ``$DENSENET_FAST_TRITON_CACHE``, else
+    ``$XDG_CACHE_HOME/densenet_fast/triton-tuning.json`` (``~/.cache`` by default)."""
+    path = os.environ.get(CACHE_ENV)
+    if path:
+        return Path(path)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "densenet_fast" / "triton-tuning.json"
+
+
+def tuning_stats() -> dict:
+    """Counts since the process started (or ``reset_tuning_stats``): shape classes tuned,
+    config trials timed, seconds spent tuning (compilation included), classes read from disk."""
+    with _stats_lock:
+        return dict(_stats)
+
+
+def reset_tuning_stats() -> None:
+    with _stats_lock:
+        _stats.update(tunings=0, trials=0, seconds=0.0, from_disk=0)
+
+
+def size_class(n: int) -> int:
+    """The power of two at or above ``n``: sizes in one class share a tuned config."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _describe(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+class _DiskCache:
+    """The JSON file of tuned configs, read once and merged on every write.
+
+    Writes go to a temporary file renamed over the cache (atomic), under an exclusive
+    ``flock`` where the platform has one, so concurrent processes add to each other's entries.
+    A cache that cannot be read starts empty; one that cannot be written is warned about
+    once, and tuning results then last for the process."""
+
+    def __init__(self):
+        self._entries: dict | None = None
+        self._path: Path | None = None
+        self._warned = False
+        self._lock = threading.Lock()  # the kernels' tuners share this cache
+
+    def _load(self) -> dict:
+        path = cache_file()
+        if self._entries is None or path != self._path:
+            self._path, self._entries = path, self._read(path)
+        return self._entries
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            return self._load().get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        with self._lock:
+            self._put(key, value)
+
+    def _put(self, key: str, value: dict) -> None:
+        entries = self._load()
+        entries[key] = value
+        path = cache_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(path.with_suffix(path.suffix + ".lock")):
+                merged = {**self._read(path), key: value}
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            entries.update(merged)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"densenet_fast: cannot write the Triton tuning cache {path} "
+                              f"({exc}); set {CACHE_ENV} to a writable file to keep tuning "
+                              f"results across processes", stacklevel=3)
+
+    def forget(self) -> None:
+        """Drop what was read (the next lookup reads the file again)."""
+        with self._lock:
+            self._entries = None
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the rename alone keeps the file whole
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+DISK = _DiskCache()
+
+
+def _time_trial(run: Callable[[], None], device: torch.device) -> float:
+    """Seconds per call of ``run``: one untimed call (compilation, caches), then calls until
+    ``TRIAL_SECONDS`` have passed, at most ``MAX_TRIAL_REPEATS``; the fastest call counts."""
+    run()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    synchronize(device)
+    best, spent, repeats = float("inf"), 0.0, 0
+    while spent < TRIAL_SECONDS and repeats < MAX_TRIAL_REPEATS:
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        best, spent, repeats = min(best, seconds), spent + seconds, repeats + 1
+    return best
+
+
+class Tuner:
+    """Chooses one of ``configs`` for ``kernel`` per shape class.
+
+    ``pinned`` is the config deterministic mode uses. ``timer(run, device)`` measures one
+    config's trial (``_time_trial``; tests substitute their own)."""
+
+    def __init__(self, kernel, configs: list[triton.Config], pinned: triton.Config,
+                 timer: Callable[[Callable[[], None], torch.device], float] = _time_trial):
+        self.kernel, self.configs, self.pinned, self.timer = kernel, list(configs), pinned, timer
+        self._chosen: dict[str, triton.Config] = {}
+        self._lock = threading.Lock()
+        source = getattr(kernel, "cache_key", None) or repr(kernel)
+        self._prefix = "|".join([kernel.__name__, hashlib.sha256(
+            source.encode()).hexdigest()[:16], f"triton {triton.__version__}"])
+
+    def _key(self, shape_class: tuple, device: torch.device) -> str:
+        name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{device.type} (Triton interpreter)")
+        return "|".join([self._prefix, name, repr(tuple(shape_class))])
+
+    def choose(self, shape_class: tuple, device: torch.device,
+               trial: Callable[[triton.Config], None]) -> triton.Config:
+        """The config for ``shape_class`` on ``device``. The first time a class is met (in
+        any process sharing the cache file), ``trial(config)`` runs each config and the
+        fastest is kept; ``trial`` must leave the op's results untouched (the input-gradient
+        kernel's trials add into a scratch buffer)."""
+        if torch.are_deterministic_algorithms_enabled():
+            return self.pinned
+        if len(self.configs) == 1:
+            return self.configs[0]
+        key = self._key(shape_class, device)
+        chosen = self._chosen.get(key)
+        if chosen is not None:
+            return chosen
+        with self._lock:  # one tuning per class, whichever thread meets it first
+            chosen = self._chosen.get(key) or self._from_disk(key)
+            if chosen is None:
+                chosen = self._tune(key, device, trial)
+            self._chosen[key] = chosen
+        return chosen
+
+    def _from_disk(self, key: str) -> triton.Config | None:
+        stored = DISK.get(key)
+        for config in self.configs:
+            if stored is not None and _describe(config) == stored:
+                with _stats_lock:
+                    _stats["from_disk"] += 1
+                return config
+        return None  # never tuned, or tuned over configs this version no longer has
+
+    def _tune(self, key: str, device: torch.device,
+              trial: Callable[[triton.Config], None]) -> triton.Config:
+        start = time.perf_counter()
+        seconds = [self.timer(lambda c=config: trial(c), device) for config in self.configs]
+        best = self.configs[seconds.index(min(seconds))]
+        DISK.put(key, _describe(best))
+        with _stats_lock:
+            _stats["tunings"] += 1
+            _stats["trials"] += len(self.configs)
+            _stats["seconds"] += time.perf_counter() - start
+        return best
+
+    def forget(self) -> None:
+        """Drop the classes chosen in this process (tests; the disk cache stays)."""
+        with self._lock:
+            self._chosen.clear()
