@@ -315,7 +315,8 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
 
 
 // Pixel-major row of n channels: g *= [a > 0]; sum_g += g; sum_gx += g * (x - mean). The mask
-// mirrors the threshold_backward of densenet_fast.ops.torch_impl.bn_relu_conv1x1_backward; the
+// mirrors the threshold_backward of densenet_fast.ops.torch_impl.bn_relu_conv1x1_backward, NaN
+// included (it zeroes where a <= 0, so a NaN activation passes the gradient); the
 // sums give densenet_fast.ops.batchnorm.bn_backward's dbias and dweight (times invstd).
 template <typename scalar_t, typename acc_t>
 void mask_reduce_row(const acc_t* __restrict__ act, acc_t* __restrict__ grad,
@@ -323,7 +324,7 @@ void mask_reduce_row(const acc_t* __restrict__ act, acc_t* __restrict__ grad,
                      acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = grad[i];
-    const acc_t v = act[i] > acc_t(0) ? gv : acc_t(0);
+    const acc_t v = !(act[i] <= acc_t(0)) ? gv : acc_t(0);
     grad[i] = v;
     sum_g[i] += v;
     sum_gx[i] += v * (static_cast<acc_t>(x[i]) - mean[i]);
@@ -342,7 +343,7 @@ std::pair<acc_t, acc_t> mask_reduce_channel(const acc_t* __restrict__ act,
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const acc_t gv = grad[i + l];
-      const acc_t v = act[i + l] > acc_t(0) ? gv : acc_t(0);
+      const acc_t v = !(act[i + l] <= acc_t(0)) ? gv : acc_t(0);
       grad[i + l] = v;
       s_l[l] += v;
       sx_l[l] += v * (static_cast<acc_t>(x[i + l]) - mean);
@@ -350,7 +351,7 @@ std::pair<acc_t, acc_t> mask_reduce_channel(const acc_t* __restrict__ act,
   }
   for (; i < n; ++i) {
     const acc_t gv = grad[i];
-    const acc_t v = act[i] > acc_t(0) ? gv : acc_t(0);
+    const acc_t v = !(act[i] <= acc_t(0)) ? gv : acc_t(0);
     grad[i] = v;
     s_l[0] += v;
     sx_l[0] += v * (static_cast<acc_t>(x[i]) - mean);

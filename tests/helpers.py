@@ -1,5 +1,7 @@
 """Shared helpers: twin models with identical weights and whole-model comparisons."""
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from tolerances import assert_close
@@ -108,3 +110,27 @@ def block_case(c0=3, k=2, layers=3, bn_size=2, tail=Tail.NONE, training=True, dr
                      drop_rates=(drop if training else 0.0,) * layers, tail=tail,
                      tail_norm=tail_norm)
     return spec, [p.requires_grad_() for p in params]
+
+
+@contextmanager
+def float32_precision(precision: str):
+    """torch's float32 precision of CUDA convolutions and matmuls, ``"ieee"`` or ``"tf32"``,
+    for the ``with`` block: through the per-operator settings where torch has them (>= 2.9;
+    mixing them with the legacy ``allow_tf32`` flags makes reading those raise), else through
+    the legacy flags."""
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(conv, "conv", None), "fp32_precision"):
+        conv = conv.conv
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = precision
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = conv.allow_tf32, matmul.allow_tf32
+    conv.allow_tf32 = matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        conv.allow_tf32, matmul.allow_tf32 = saved

@@ -168,3 +168,19 @@ def assert_op_matches(case: OpCase, stats_grad: bool, reference: str, kernels=AC
         assert grad.dtype == param.dtype, (grad.dtype, param.dtype)
     for g, w, what in zip(got, want, OpResult._fields, strict=True):
         assert_close(g, w, case.buffer.dtype, what)
+
+
+def assert_nan_propagates_as_in_torch(case: OpCase, kernels=ACTIVE_KERNELS):
+    """A NaN in the prefix reaches the results where unfused BatchNorm, ReLU and convolution
+    under autograd send it, and only there: ReLU keeps NaN, and its backward
+    (``threshold_backward``, which zeroes only where ``y <= 0``) lets the gradient through
+    where ``y`` is NaN. So the output's pixel, the conv and BN weight gradients of that
+    channel are NaN, while the input gradient stays finite and is not zeroed there."""
+    buffer = case.buffer.clone()
+    buffer[0, 1, 0, 0] = float("nan")
+    case = replace(case, buffer=buffer, batch_stats=False)
+    got, want = run_kernels(kernels, case, False), _unfused(case, False)
+    assert want.output[0, :, 0, 0].isnan().all() and not want.input_grad.isnan().any()
+    assert want.input_grad[0, 1, 0, 0] != 0
+    for g, w, what in zip(got, want, OpResult._fields, strict=True):
+        assert_close(g, w, case.buffer.dtype, what, equal_nan=True)

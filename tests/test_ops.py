@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from op_cases import FORMATS, TORCH_KERNELS, OpResult, assert_op_matches, op_case, run_kernels
+from op_cases import (
+    ACTIVE_KERNELS,
+    FORMAT_IDS,
+    FORMATS,
+    TORCH_KERNELS,
+    OpResult,
+    assert_nan_propagates_as_in_torch,
+    assert_op_matches,
+    op_case,
+    run_kernels,
+)
 from tolerances import assert_close
 
 from densenet_fast.ops import bn_relu_conv1x1, torch_impl
@@ -46,6 +56,15 @@ def test_channel_chunks_cover_range_without_gaps():
 def test_bfloat16_data_with_float32_statistics():
     assert_op_matches(op_case((2, 9, 7, 5, 4, 4), torch.bfloat16, batch_stats=True), True,
                       "unfused")
+
+
+@pytest.mark.parametrize("kernels", [ACTIVE_KERNELS, TORCH_KERNELS], ids=["active", "torch"])
+@pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_propagates_as_through_torchs_ops(kernels, memory_format, dtype):
+    """The CPU's active kernels (C++ where built) and the reference ones."""
+    assert_nan_propagates_as_in_torch(op_case((2, 13, 11, 8, 5, 4), dtype, memory_format),
+                                      kernels)
 
 
 def _op_case():

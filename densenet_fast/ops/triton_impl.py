@@ -108,8 +108,9 @@ def _launch(tuner: Tuner, grid, shape_class: tuple, device: torch.device, args: 
     run on ``trial_args()`` where given (scratch outputs, allocated once), else on ``args``."""
 
     def run(config, arguments):
-        tuner.kernel[grid](*arguments, **options, **config.kwargs, num_warps=config.num_warps,
-                           num_stages=config.num_stages)
+        with _one_kernel_at_a_time():
+            tuner.kernel[grid](*arguments, **options, **config.kwargs,
+                               num_warps=config.num_warps, num_stages=config.num_stages)
 
     scratch = []
 
@@ -124,6 +125,14 @@ def _launch(tuner: Tuner, grid, shape_class: tuple, device: torch.device, args: 
 
 
 _ELEMENTWISE_BLOCK = (32, 32)
+_interpreter_lock = threading.Lock()
+
+
+def _one_kernel_at_a_time():
+    """Triton's interpreter patches ``triton.language`` module-wide while a kernel runs, so
+    kernels launched from several threads (multi-threaded autograd) take turns; compiled
+    kernels need no such lock."""
+    return _interpreter_lock if INTERPRETED else nullcontext()
 
 
 def conv_uses_tf32() -> bool:
@@ -319,10 +328,12 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
         term.add(mean.double(), invstd.double(), bn_weight, grad_scale, grad_bias, pixels)
         tiling = pixel_tiling(h * w, buffer, target)
         block_m, block_n = _ELEMENTWISE_BLOCK
-        add_dx_kernel[(pixel_tiles(tiling, n, h * w, block_m), triton.cdiv(channels, block_n))](
-            store, buffer, k_g, term.kx.float(), term.k0.float(), target, pixels, channels,
-            h * w, *_pixel_strides(buffer), *_pixel_strides(target),
-            PIXELS=tiling, BLOCK_M=block_m, BLOCK_N=block_n)
+        grid = (pixel_tiles(tiling, n, h * w, block_m), triton.cdiv(channels, block_n))
+        with _one_kernel_at_a_time():
+            add_dx_kernel[grid](store, buffer, k_g, term.kx.float(), term.k0.float(), target,
+                                pixels, channels, h * w, *_pixel_strides(buffer),
+                                *_pixel_strides(target), PIXELS=tiling, BLOCK_M=block_m,
+                                BLOCK_N=block_n)
     if target is not grad_buffer:
         grad_buffer[:, :channels].add_(target[:, :channels])
     return grad_weight, grad_scale.to(bn_weight.dtype), grad_bias.to(bn_bias.dtype)

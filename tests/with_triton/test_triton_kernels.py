@@ -6,22 +6,44 @@ on a GPU with the same tests plus the GPU-only ones (``benchmarks/gpu_check.py``
 """
 
 import copy
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FusedOpCounter, assert_grads_match, assert_models_match, train_steps, twins
-from op_cases import FORMAT_IDS, FORMATS, STATS_GRAD_IDS, assert_op_matches, op_case, shape_id
+from helpers import (
+    FusedOpCounter,
+    assert_grads_match,
+    assert_models_match,
+    float32_precision,
+    train_steps,
+    twins,
+)
+from op_cases import (
+    ACTIVE_KERNELS,
+    FORMAT_IDS,
+    FORMATS,
+    STATS_GRAD_IDS,
+    TORCH_KERNELS,
+    OpResult,
+    assert_nan_propagates_as_in_torch,
+    assert_op_matches,
+    op_case,
+    run_kernels,
+    shape_id,
+)
 from tolerances import assert_close
 
 import densenet_fast
-from densenet_fast.ops import torch_impl, triton_impl
+from densenet_fast.ops import torch_impl, triton_impl, triton_tuning
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 
-# Small shapes (the interpreter is slow): widths off the 32-wide tiles, 1x1 and odd planes.
-SHAPES = [(2, 13, 11, 8, 5, 4), (2, 37, 33, 20, 1, 1), (3, 40, 35, 16, 7, 9)]
+# Small shapes (the interpreter is slow): widths off the 32-wide tiles, 1x1 and odd planes,
+# and an 8x6 plane (48 pixels: NCHW is walked in whole-image tiles, the second one partial).
+SHAPES = [(2, 13, 11, 8, 5, 4), (2, 37, 33, 20, 1, 1), (3, 40, 35, 16, 7, 9),
+          (3, 21, 19, 9, 8, 6)]
 # densenet121's layer shapes at batch 8, 56x56 / 28x28 / 14x14 / 7x7 (GPU only).
 GPU_SHAPES = [(8, 256, 224, 128, 56, 56), (8, 512, 320, 128, 28, 28),
               (8, 1024, 992, 128, 14, 14), (8, 1024, 512, 128, 7, 7)]
@@ -32,19 +54,47 @@ def test_triton_is_the_active_backend():
     assert info["active"][DEVICE] == "triton", info
 
 
+@pytest.fixture
+def ieee():
+    """float32 GEMMs without TF32, so that float32 results meet float32's tolerance."""
+    with float32_precision("ieee"):
+        yield
+
+
 def _compare(shape, memory_format, dtype, stats_grad):
     # The reference computes in float32 from the same (rounded) inputs.
     assert_op_matches(op_case(shape, dtype, memory_format, device=DEVICE), stats_grad,
                       "torch-float32")
 
 
+@pytest.mark.parametrize("memory_format, shape, tiling", [
+    (torch.channels_last, SHAPES[0], "FLAT"), (torch.channels_last, SHAPES[3], "FLAT"),
+    (torch.contiguous_format, SHAPES[3], "PER_IMAGE"),
+    (torch.contiguous_format, SHAPES[0], "DIVIDED")])
+def test_pixel_tiling_follows_the_layout(memory_format, shape, tiling):
+    case = op_case(shape, torch.float32, memory_format, device=DEVICE)
+    hw = shape[4] * shape[5]
+    assert triton_impl.pixel_tiling(hw, case.buffer, case.grad_out) == \
+        getattr(triton_impl, tiling).value
+    # One tensor in the other layout: pixels cannot be walked as one flat range.
+    other = case.grad_out.contiguous(memory_format=FORMATS[memory_format == FORMATS[0]])
+    assert triton_impl.pixel_tiling(hw, case.buffer, other) != triton_impl.FLAT.value
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("stats_grad", [True, False], ids=STATS_GRAD_IDS)
-def test_triton_matches_reference(shape, memory_format, dtype, stats_grad, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_triton_matches_reference(shape, memory_format, dtype, stats_grad, ieee):
     _compare(shape, memory_format, dtype, stats_grad)
+
+
+@pytest.mark.parametrize("memory_format, shape", [
+    (torch.channels_last, SHAPES[0]), (torch.contiguous_format, SHAPES[0]),
+    (torch.contiguous_format, SHAPES[3])], ids=["flat", "divided", "per-image"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_propagates_as_through_torchs_ops(memory_format, shape, dtype, ieee):
+    assert_nan_propagates_as_in_torch(op_case(shape, dtype, memory_format, device=DEVICE))
 
 
 ALL_CONFIGS = {f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}": c
@@ -52,15 +102,15 @@ ALL_CONFIGS = {f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K'
 
 
 @pytest.mark.parametrize("name", list(ALL_CONFIGS))
-def test_every_autotune_config_matches_reference(name, monkeypatch):
-    """The interpreter autotunes over one config only: run each of them explicitly."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_every_autotune_config_matches_reference(name, ieee):
+    """The interpreter runs one config only: run each of them explicitly, in each tiling."""
     with triton_impl.forced_config(ALL_CONFIGS[name]):
         _compare(SHAPES[2], torch.channels_last, torch.float32, stats_grad=True)
         _compare(SHAPES[0], torch.contiguous_format, torch.float32, stats_grad=False)
+        _compare(SHAPES[3], torch.contiguous_format, torch.float32, stats_grad=True)
 
 
-def test_autotune_trials_on_shared_buffers_leave_the_sums_exact():
+def test_autotune_trials_on_shared_buffers_leave_the_sums_exact(ieee):
     """What autotuning does on a first call: one config, then another, on the same
     buffers. A 128-row config fills a quarter of the partial-sum rows a 32-row trial left
     behind; only its own rows may be summed."""
@@ -118,8 +168,7 @@ def test_kernels_launch_on_the_tensors_device(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_second_gpu_while_the_first_is_current(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_second_gpu_while_the_first_is_current(ieee):
     torch.cuda.set_device(0)
     assert_op_matches(op_case(SHAPES[2], torch.float32, torch.channels_last, device="cuda:1"),
                       True, "torch")
@@ -131,8 +180,7 @@ def test_float64_is_served_by_the_reference_kernels():
                        torch_impl.bn_relu_conv1x1(*args))
 
 
-def test_tiny_model_matches_naive_through_triton(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 parity on a GPU
+def test_tiny_model_matches_naive_through_triton(ieee):
     config = dict(growth_rate=5, block_config=(2, 2), num_init_features=7, bn_size=2,
                   num_classes=3)
     fast, ref = twins(densenet_fast.DenseNet, densenet_fast.NaiveDenseNet, torch.float32,
@@ -150,14 +198,13 @@ def test_tiny_model_matches_naive_through_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_tiny_model_under_autocast_matches_torchvision_through_triton(dtype, monkeypatch):
+def test_tiny_model_under_autocast_matches_torchvision_through_triton(dtype, ieee):
     """Under autocast the Triton kernels compute in the autocast dtype (float32
     accumulation): logits, gradients (as close to float32's as torchvision's) and running
     statistics as torchvision's under the same autocast."""
     from tolerances import assert_as_accurate
     from torchvision.models import DenseNet as TorchvisionDenseNet
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     config = dict(growth_rate=5, block_config=(2, 2), num_init_features=7, bn_size=2,
                   num_classes=3)
     ref = TorchvisionDenseNet(**config).to(DEVICE)
@@ -188,30 +235,176 @@ def test_tiny_model_under_autocast_matches_torchvision_through_triton(dtype, mon
 @on_gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_gpu_layer_shapes(shape, dtype, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 without TF32
+def test_gpu_layer_shapes(shape, dtype, ieee):
     _compare(shape, torch.channels_last, dtype, stats_grad=False)
     _compare(shape, torch.contiguous_format, dtype, stats_grad=True)
 
 
 @on_gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES[1::2], ids=shape_id)
+@pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
+def test_gpu_float32_default_is_tf32_within_tf32_tolerance(shape, memory_format):
+    """torch's default for float32 convolutions on a GPU is TF32, and the kernels follow it:
+    judged by TF32's tolerance against the float32 reference."""
+    with float32_precision("tf32"):
+        assert triton_impl._precision(torch.float32) == "tf32"
+        case = op_case(shape, torch.float32, memory_format, device=DEVICE)
+        got = run_kernels(ACTIVE_KERNELS, case, stats_grad=False)
+    with float32_precision("ieee"):
+        want = run_kernels(TORCH_KERNELS, case, stats_grad=False)
+    for g, w, what in zip(got, want, OpResult._fields, strict=True):
+        assert_close(g, w, "tf32", what)
+
+
+@on_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_densenet121_matches_torchvision(dtype, monkeypatch):
+def test_gpu_densenet121_matches_torchvision(dtype, ieee):
+    """float32: every gradient elementwise. bf16 autocast: the logits elementwise, the
+    gradients as close to float32's (relative L2) as torchvision's under the same autocast
+    (``assert_as_accurate``): elementwise bars do not fit low-precision gradients."""
+    from tolerances import assert_as_accurate
     from torchvision.models import densenet121
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ref = densenet121(num_classes=10).to(DEVICE)
+    start = copy.deepcopy(ref.state_dict())
     fast = densenet_fast.convert(copy.deepcopy(ref))  # convert shares; compare two models
     x = torch.randn(8, 3, 128, 128, device=DEVICE).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device=DEVICE)
-    results = []
-    for model in (fast, ref):
+
+    def step(model, autocast):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
             out = model(x)
         F.cross_entropy(out.float(), y).backward()
-        results.append((out.float(), {n: p.grad for n, p in model.named_parameters()}))
-    assert_close(results[0][0], results[1][0], dtype, "logits")
-    assert_grads_match(results[0][1], results[1][1], dtype)
+        return out.float(), {n: p.grad for n, p in model.named_parameters()}
+
+    low = dtype != torch.float32
+    fast_out, fast_grads = step(fast, low)
+    ref_out, ref_grads = step(ref, low)
+    assert_close(fast_out, ref_out, dtype, "logits")
     assert_models_match(fast, ref, dtype, params=False)
+    if not low:
+        assert_grads_match(fast_grads, ref_grads, dtype)
+        return
+    ref.load_state_dict(start)
+    _, exact = step(ref, False)
+    flat = lambda grads: torch.cat([grads[n].flatten().float() for n in exact])  # noqa: E731
+    assert_as_accurate(flat(fast_grads), flat(ref_grads), flat(exact), dtype, "gradients")
+
+
+@pytest.fixture
+def two_configs_untimed(monkeypatch):
+    """The input-gradient kernel chooses between a 32-row and a 128-row config, the first
+    timed fastest, with no disk cache: what a GPU process does on a class's first call."""
+    tuner = triton_impl._input_grad
+    configs = [triton_impl.GEMM_CONFIGS[0], triton_impl.GEMM_CONFIGS[-1]]
+    monkeypatch.setattr(tuner, "configs", configs)
+    timed = []
+
+    def first_is_fastest(run, device):
+        run()
+        timed.append(run)
+        return float(len(timed))
+
+    monkeypatch.setattr(tuner, "timer", first_is_fastest)
+    monkeypatch.setattr(triton_tuning.DISK, "get", lambda key: None)
+    monkeypatch.setattr(triton_tuning.DISK, "put", lambda key, value: None)
+    tuner.forget()
+    yield tuner, configs
+    tuner.forget()
+
+
+def test_concurrent_backwards_sum_the_rows_their_own_launch_filled(two_configs_untimed,
+                                                                  monkeypatch, ieee):
+    """Multi-threaded autograd runs backwards in threads at once, and another thread's
+    tuning can change a class's chosen config while a kernel runs. Each launch must sum the
+    partial-sum rows of the config it ran (a 32-row config fills four times the rows of a
+    128-row one), not read the shared choice after launching: here every launch flips it."""
+    tuner, configs = two_configs_untimed
+    kernel = tuner.kernel
+
+    class FlipsTheChoiceWhileRunning:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kernel[grid](*args, **kwargs)
+                for key, config in list(tuner._chosen.items()):
+                    tuner._chosen[key] = configs[1 - configs.index(config)]
+            return launch
+
+    monkeypatch.setattr(tuner, "kernel", FlipsTheChoiceWhileRunning())
+    case = op_case(SHAPES[2], torch.float32, batch_stats=True, device=DEVICE)
+    want = run_kernels(TORCH_KERNELS, case, True)
+    failures = []
+
+    def backward_passes():
+        for _ in range(3):
+            try:
+                got = run_kernels(ACTIVE_KERNELS, case, True)
+                for g, w, what in zip(got, want, OpResult._fields, strict=True):
+                    assert_close(g, w, torch.float32, what)
+            except Exception as exc:  # noqa: BLE001 (a thread's error must fail the test)
+                failures.append(exc)
+
+    threads = [threading.Thread(target=backward_passes) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+
+
+def test_tuning_trials_leave_the_gradient_buffer_alone(two_configs_untimed, ieee):
+    """On a class's first call the input-gradient kernel's configs are tried on scratch
+    buffers (no copy of the gradient buffer is made or timed); the gradient buffer receives
+    the one launch of the chosen config."""
+    case = op_case(SHAPES[2], torch.float32, batch_stats=True, device=DEVICE)
+    before = triton_tuning.tuning_stats()["trials"]
+    tuned = run_kernels(ACTIVE_KERNELS, case, stats_grad=False)
+    assert triton_tuning.tuning_stats()["trials"] - before == 2
+    with triton_impl.forced_config(triton_impl.GEMM_CONFIGS[0]):
+        single = run_kernels(ACTIVE_KERNELS, case, stats_grad=False)
+    for a, b, what in zip(tuned, single, OpResult._fields, strict=True):
+        assert torch.equal(a, b), what
+
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_deterministic_mode_pins_the_config_and_the_split(deterministic, monkeypatch, ieee):
+    """No timing decides a config, and the split does not follow the device's SM count:
+    the summation order is the shape's alone, in every process and on every device."""
+
+    def no_timing(run, device):
+        raise AssertionError("deterministic mode timed a config")
+
+    for tuner in triton_impl.TUNERS:
+        monkeypatch.setattr(tuner, "timer", no_timing)
+        monkeypatch.setattr(tuner, "configs", triton_impl.GEMM_CONFIGS)  # several to choose
+        assert tuner.choose(("float32", 0, 64, 64, 64), torch.device(DEVICE),
+                            lambda config: None) is tuner.pinned
+
+    class Properties:
+        def __init__(self, sms):
+            self.multi_processor_count = sms
+
+    monkeypatch.setattr(triton_impl, "INTERPRETED", False)
+    splits = set()
+    for sms in (46, 132, 170):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, s=sms: Properties(s))
+        splits.add(triton_impl._num_splits(4, 10**6, torch.device("cuda", 0)))
+    assert len(splits) == 1
+    monkeypatch.setattr(triton_impl, "INTERPRETED", True)
+
+    case = op_case(SHAPES[3], torch.float32, torch.contiguous_format, batch_stats=True,
+                   device=DEVICE)
+    first, second = (run_kernels(ACTIVE_KERNELS, case, True) for _ in range(2))
+    for a, b, what in zip(first, second, OpResult._fields, strict=True):
+        assert torch.equal(a, b), what
+    assert_op_matches(case, True, "torch-float32")
