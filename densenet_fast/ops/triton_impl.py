@@ -18,15 +18,7 @@ from . import torch_impl
 from .batchnorm import StatsGradient, scale_shift
 from .formats import memory_format_of
 from .schema import BACKWARD, FORWARD, check_backward_args, check_forward_args
-from .triton_kernels import (
-    DIVIDED,
-    FLAT,
-    PER_IMAGE,
-    add_dx_kernel,
-    forward_kernel,
-    input_grad_kernel,
-    weight_grad_kernel,
-)
+from .triton_kernels import add_dx_kernel, forward_kernel, input_grad_kernel, weight_grad_kernel
 from .triton_tuning import Tuner, size_class
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -171,24 +163,14 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def pixel_tiling(hw: int, *tensors: torch.Tensor) -> int:
-    """How the kernels walk pixels (``triton_kernels``' docstring): ``FLAT`` when every
-    tensor's pixel ``p`` sits at ``p * s_hw`` (channels-last), ``PER_IMAGE`` when whole-image
-    tiles keep pixel-contiguous loads aligned (``HW`` a multiple of 16), else ``DIVIDED``."""
-    if all(t.stride(0) == hw * t.stride(3) for t in tensors):
-        return FLAT.value
-    return PER_IMAGE.value if hw % 16 == 0 else DIVIDED.value
+def pixels_flat(hw: int, *tensors: torch.Tensor) -> bool:
+    """Whether every tensor's pixel ``p = n * HW + hw`` sits at ``p * s_hw`` (channels-last):
+    the kernels then address pixels without dividing (``FLAT``)."""
+    return all(t.stride(0) == hw * t.stride(3) for t in tensors)
 
 
-def pixel_tiles(tiling: int, n: int, hw: int, block: int) -> int:
-    """Tiles of ``block`` pixels that cover ``n`` images of ``hw`` pixels under ``tiling``."""
-    if tiling == PER_IMAGE.value:
-        return n * triton.cdiv(hw, block)
-    return triton.cdiv(n * hw, block)
-
-
-def _shape_class(dtype: torch.dtype, tiling: int, *sizes: int) -> tuple:
-    return (str(dtype).removeprefix("torch."), tiling, *map(size_class, sizes))
+def _shape_class(dtype: torch.dtype, flat: bool, *sizes: int) -> tuple:
+    return (str(dtype).removeprefix("torch."), flat, *map(size_class, sizes))
 
 
 # Deterministic mode sizes the weight-gradient split as for this many SMs (an H100's and
@@ -223,20 +205,19 @@ def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     weight = conv_weight.view(co, channels)
     out = torch.empty((n, co, h, w), dtype=buffer.dtype, device=buffer.device,
                       memory_format=memory_format_of(buffer))
-    tiling = pixel_tiling(h * w, buffer, out)
+    flat = pixels_flat(h * w, buffer, out)
 
     def grid(meta):
-        return (pixel_tiles(tiling, n, h * w, meta["BLOCK_M"]),
-                triton.cdiv(co, meta["BLOCK_N"]))
+        return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"])
 
     with _device_guard(buffer.device):
         # Trials write ``out`` in full; the last launch's values are the result.
-        _launch(_forward, grid, _shape_class(buffer.dtype, tiling, n * h * w, channels, co),
+        _launch(_forward, grid, _shape_class(buffer.dtype, flat, n * h * w, channels, co),
                 buffer.device,
                 (buffer, weight, scale.contiguous(), shift.contiguous(), out, n * h * w,
                  channels, co, h * w, *_pixel_strides(buffer), *weight.stride(),
                  *_pixel_strides(out)),
-                dict(PIXELS=tiling, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
+                dict(FLAT=flat, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
     return out
 
 
@@ -245,10 +226,10 @@ def input_grad_pass(grad_out, weight, buffer, scale, shift, mean, k_g, target, s
     """``g = (W^T grad_out) * [a > 0]``; adds ``k_g * g`` into ``target`` (or, with
     ``stats_grad``, stores ``g`` in ``store``). Returns ``[sum(g), sum(g * (x - mean))]``
     per channel, float64, from the rows of ``partial_sums`` that the launch wrote: one per
-    pixel tile, of which a config with a larger ``BLOCK_M`` has fewer (``partial_rows``)."""
+    tile of ``BLOCK_M`` pixels, so fewer for a config with a larger ``BLOCK_M``."""
     n, channels, h, w = buffer.shape[0], weight.shape[1], buffer.shape[2], buffer.shape[3]
     co, pixels = weight.shape[0], n * h * w
-    tiling = pixel_tiling(h * w, grad_out, buffer, target)
+    flat = pixels_flat(h * w, grad_out, buffer, target)
 
     def scratch():
         # Trials add into the target and overwrite the sums: give them their own.
@@ -258,21 +239,21 @@ def input_grad_pass(grad_out, weight, buffer, scale, shift, mean, k_g, target, s
     sizes = (pixels, channels, co, h * w, *_pixel_strides(grad_out), *weight.stride(),
              *_pixel_strides(buffer), *_pixel_strides(target))
     config = _launch(
-        _input_grad, lambda meta: (pixel_tiles(tiling, n, h * w, meta["BLOCK_M"]),
+        _input_grad, lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]),
                                    triton.cdiv(channels, meta["BLOCK_N"])),
-        (*_shape_class(buffer.dtype, tiling, pixels, channels, co), stats_grad), buffer.device,
+        (*_shape_class(buffer.dtype, flat, pixels, channels, co), stats_grad), buffer.device,
         (grad_out, weight, buffer, scale, shift, mean, k_g, target, store, partial_sums, *sizes),
-        dict(STORE_G=stats_grad, PIXELS=tiling, PRECISION=_precision(buffer.dtype),
+        dict(STORE_G=stats_grad, FLAT=flat, PRECISION=_precision(buffer.dtype),
              UPCAST=INTERPRETED),
         trial_args=scratch)
-    rows = pixel_tiles(tiling, n, h * w, config.kwargs["BLOCK_M"])
+    rows = triton.cdiv(pixels, config.kwargs["BLOCK_M"])
     return partial_sums[:rows].double().sum(0)
 
 
 def partial_rows(buffer: torch.Tensor) -> int:
-    """Rows ``input_grad_pass``'s ``partial_sums`` needs for ``buffer``: any tiling, any config."""
+    """Rows ``input_grad_pass``'s ``partial_sums`` needs for ``buffer``, whatever the config."""
     n, _, h, w = buffer.shape
-    return max(pixel_tiles(t, n, h * w, _MIN_BLOCK_M) for t in (FLAT.value, PER_IMAGE.value))
+    return triton.cdiv(n * h * w, _MIN_BLOCK_M)
 
 
 def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
@@ -304,13 +285,13 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
     tiles_mn = triton.cdiv(co, 64) * triton.cdiv(channels, 64)
     splits = _num_splits(tiles_mn, pixels, device)
     partial_w = torch.empty((splits, co, channels), dtype=torch.float32, device=device)
-    tiling = pixel_tiling(h * w, grad_out, buffer)
+    flat = pixels_flat(h * w, grad_out, buffer)
     _launch(_weight_grad, lambda meta: (triton.cdiv(co, meta["BLOCK_M"]),
                                         triton.cdiv(channels, meta["BLOCK_N"]), splits),
-            _shape_class(buffer.dtype, tiling, pixels, channels, co), device,
+            _shape_class(buffer.dtype, flat, pixels, channels, co), device,
             (grad_out, buffer, scale, shift, partial_w, pixels, channels, co, h * w, splits,
              *_pixel_strides(grad_out), *_pixel_strides(buffer)),
-            dict(PIXELS=tiling, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
+            dict(FLAT=flat, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
     grad_weight = partial_w.sum(0).view_as(conv_weight).to(conv_weight.dtype)
 
     # Input gradient, ReLU mask, per-channel partial sums; dx directly or via a store of g.
@@ -326,13 +307,13 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
         # The statistics' term kx * x + k0, with the block's own coefficient formula.
         term = StatsGradient(channels, torch.float64, device)
         term.add(mean.double(), invstd.double(), bn_weight, grad_scale, grad_bias, pixels)
-        tiling = pixel_tiling(h * w, buffer, target)
         block_m, block_n = _ELEMENTWISE_BLOCK
-        grid = (pixel_tiles(tiling, n, h * w, block_m), triton.cdiv(channels, block_n))
+        grid = (triton.cdiv(pixels, block_m), triton.cdiv(channels, block_n))
         with _one_kernel_at_a_time():
             add_dx_kernel[grid](store, buffer, k_g, term.kx.float(), term.k0.float(), target,
                                 pixels, channels, h * w, *_pixel_strides(buffer),
-                                *_pixel_strides(target), PIXELS=tiling, BLOCK_M=block_m,
+                                *_pixel_strides(target),
+                                FLAT=pixels_flat(h * w, buffer, target), BLOCK_M=block_m,
                                 BLOCK_N=block_n)
     if target is not grad_buffer:
         grad_buffer[:, :channels].add_(target[:, :channels])

@@ -11,12 +11,11 @@ work through the same strides, with pixel-contiguous loads.
 All accumulation is float32; activations enter ``tl.dot`` in the data's dtype (bf16/fp16,
 or fp32 with the precision torch uses for convolutions).
 
-Pixels are walked in tiles of ``BLOCK`` pixels, in one of three ways (``PIXELS``, chosen by the
-launcher from the strides): ``FLAT`` when every tensor's pixel ``p`` sits at ``p * s_hw``
-(channels-last), ``PER_IMAGE`` tiles that never cross an image, so a tile's pixels are
-``hw0 + [0, BLOCK)`` at stride ``s_hw`` and the compiler can see contiguous, aligned NCHW loads
-(used where ``HW`` is a multiple of 16), and ``DIVIDED``, which finds each pixel's image by
-division (NCHW planes of other sizes, where whole-image tiles would leave lanes idle).
+Pixels are walked in tiles of ``BLOCK`` consecutive pixels. With ``FLAT`` (the launcher
+decides from the strides) every tensor's pixel ``p`` sits at ``p * s_hw``, as in channels-last
+tensors, and no division is needed; otherwise each pixel's image and place in it come from
+``p // HW`` and ``p % HW``. Where ``HW`` is a multiple of 16, Triton specialises on it and
+proves the NCHW loads contiguous all the same (``benchmarks/ptx_check.py`` reads the PTX).
 
 NaN follows torch: ReLU keeps it (``PropagateNan.ALL``; the default drops it on a GPU) and
 the mask ``not (y <= 0)`` of ``threshold_backward`` lets the gradient through where ``y`` is NaN.
@@ -24,11 +23,6 @@ the mask ``not (y <= 0)`` of ``threshold_backward`` lets the gradient through wh
 
 import triton
 import triton.language as tl
-
-# Pixel tilings (the module docstring); the launcher passes one as ``PIXELS``.
-FLAT: tl.constexpr = tl.constexpr(0)
-PER_IMAGE: tl.constexpr = tl.constexpr(1)
-DIVIDED: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -41,43 +35,24 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _pixel_tiles(P, HW, BLOCK: tl.constexpr, PIXELS: tl.constexpr):
-    """How many ``BLOCK``-pixel tiles cover the ``P = N * HW`` pixels."""
-    if PIXELS == PER_IMAGE:  # noqa: SIM108 (a statement: Triton resolves constexpr ifs)
-        tiles = (P // HW) * tl.cdiv(HW, BLOCK)
+def _pixel_tile(t, P, HW, BLOCK: tl.constexpr, FLAT: tl.constexpr):
+    """Tile ``t``'s ``BLOCK`` pixels as ``(image, hw, pixel, mask)``: with ``FLAT`` the image
+    is unused and ``hw`` is the pixel index itself."""
+    pixel = t * BLOCK + tl.arange(0, BLOCK)
+    if FLAT:
+        image = 0
+        hw = pixel
     else:
-        tiles = tl.cdiv(P, BLOCK)
-    return tiles
+        image = pixel // HW
+        hw = pixel % HW
+    return image, hw, pixel, pixel < P
 
 
 @triton.jit
-def _pixel_tile(t, P, HW, BLOCK: tl.constexpr, PIXELS: tl.constexpr):
-    """Tile ``t``'s pixels as ``(image, hw, pixel, mask)``: the image (a scalar with
-    ``PER_IMAGE``, unused with ``FLAT``), the pixel in the image (with ``FLAT``, the pixel),
-    and the pixel's index ``image * HW + hw``, for each of the ``BLOCK`` lanes."""
-    if PIXELS == PER_IMAGE:
-        per_image = tl.cdiv(HW, BLOCK)
-        image = t // per_image
-        hw = (t - image * per_image) * BLOCK + tl.arange(0, BLOCK)
-        pixel = image * HW + hw
-        mask = hw < HW
-    else:
-        pixel = t * BLOCK + tl.arange(0, BLOCK)
-        mask = pixel < P
-        if PIXELS == DIVIDED:
-            image = pixel // HW
-            hw = pixel % HW
-        else:
-            image = 0
-            hw = pixel
-    return image, hw, pixel, mask
-
-
-@triton.jit
-def _pixel_offsets(image, hw, s_n, s_hw, PIXELS: tl.constexpr):
+def _pixel_offsets(image, hw, s_n, s_hw, FLAT: tl.constexpr):
     """Element offsets of ``_pixel_tile``'s pixels in a tensor with image and pixel strides
     ``s_n``, ``s_hw`` (64-bit: buffers exceed 2^31 elements)."""
-    if PIXELS == FLAT:
+    if FLAT:  # noqa: SIM108 (a statement: Triton compiles only the branch a constexpr takes)
         offsets = hw.to(tl.int64) * s_hw
     else:
         offsets = image.to(tl.int64) * s_n + hw.to(tl.int64) * s_hw
@@ -139,13 +114,13 @@ def forward_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
     P, C, CO, HW,
     sx_n, sx_c, sx_hw, sw_o, sw_c, so_n, so_c, so_hw,
-    PIXELS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FLAT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[p, o] = sum_c relu(x[p, c] * scale[c] + shift[c]) * w[o, c]."""
-    image, hw, _, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, PIXELS)
+    image, hw, _, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, CO, BLOCK_N)
-    x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, PIXELS)
+    x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, FLAT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k, mask_k = _block(k0, C, BLOCK_K)
@@ -154,7 +129,7 @@ def forward_kernel(
         w = _load_tile(w_ptr, offs_k * sw_c, offs_n * sw_o, mask_k, mask_n)
         a = _bn_relu(x, scale, shift).to(w.dtype)
         acc += _dot(a, w, PRECISION, UPCAST)
-    out_rows = _pixel_offsets(image, hw, so_n, so_hw, PIXELS)
+    out_rows = _pixel_offsets(image, hw, so_n, so_hw, FLAT)
     tl.store(out_ptr + out_rows[:, None] + offs_n[None, :] * so_c,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -165,7 +140,7 @@ def input_grad_kernel(
     partial_ptr,
     P, C, CO, HW,
     sg_n, sg_c, sg_hw, sw_o, sw_c, sx_n, sx_c, sx_hw, sb_n, sb_c, sb_hw,
-    STORE_G: tl.constexpr, PIXELS: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_G: tl.constexpr, FLAT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """g[p, c] = (sum_o grad_out[p, o] w[o, c]) * [a[p, c] > 0], with per-block partial sums
@@ -173,9 +148,9 @@ def input_grad_kernel(
     or g is stored for a second pass (``STORE_G``). The mask and sums mirror the
     ``threshold_backward`` of ``torch_impl.bn_relu_conv1x1_backward`` and the ``dbias``,
     ``dweight`` (times invstd) of ``batchnorm.bn_backward``."""
-    image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, PIXELS)
+    image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)
-    g_rows = _pixel_offsets(image, hw, sg_n, sg_hw, PIXELS)
+    g_rows = _pixel_offsets(image, hw, sg_n, sg_hw, FLAT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CO, BLOCK_K):
         offs_k, mask_k = _block(k0, CO, BLOCK_K)
@@ -183,7 +158,7 @@ def input_grad_kernel(
         w = _load_tile(w_ptr, offs_k * sw_o, offs_n * sw_c, mask_k, mask_n)
         acc += _dot(go, w, PRECISION, UPCAST)
     mask = mask_m[:, None] & mask_n[None, :]
-    x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, PIXELS)
+    x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, FLAT)
     x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_m, mask_n).to(tl.float32)
     scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
     mean = _channel_vector(mean_ptr, offs_n, mask_n)
@@ -196,7 +171,7 @@ def input_grad_kernel(
         tl.store(gstore_ptr + pixel.to(tl.int64)[:, None] * C + offs_n[None, :], g, mask=mask)
     else:
         kg = _channel_vector(kg_ptr, offs_n, mask_n)
-        _add_to_buffer(gbuf_ptr, _pixel_offsets(image, hw, sb_n, sb_hw, PIXELS), offs_n, sb_c,
+        _add_to_buffer(gbuf_ptr, _pixel_offsets(image, hw, sb_n, sb_hw, FLAT), offs_n, sb_c,
                        mask, kg[None, :] * g)
 
 
@@ -205,7 +180,7 @@ def weight_grad_kernel(
     go_ptr, x_ptr, scale_ptr, shift_ptr, partial_ptr,
     P, C, CO, HW, SPLITS,
     sg_n, sg_c, sg_hw, sx_n, sx_c, sx_hw,
-    PIXELS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FLAT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, o, c] = sum over split s's pixel tiles of grad_out[p, o] * a[p, c]."""
@@ -213,14 +188,14 @@ def weight_grad_kernel(
     pid_s = tl.program_id(2)
     scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    tiles = _pixel_tiles(P, HW, BLOCK_K, PIXELS)
+    tiles = tl.cdiv(P, BLOCK_K)
     per_split = tl.cdiv(tiles, SPLITS)
     start = pid_s * per_split
     for t in range(start, tl.minimum(start + per_split, tiles)):
-        image, hw, _, mask_k = _pixel_tile(t, P, HW, BLOCK_K, PIXELS)
-        go_t = _load_tile(go_ptr, offs_m * sg_c, _pixel_offsets(image, hw, sg_n, sg_hw, PIXELS),
+        image, hw, _, mask_k = _pixel_tile(t, P, HW, BLOCK_K, FLAT)
+        go_t = _load_tile(go_ptr, offs_m * sg_c, _pixel_offsets(image, hw, sg_n, sg_hw, FLAT),
                           mask_m, mask_k)
-        x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, PIXELS)
+        x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, FLAT)
         x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_k, mask_n).to(tl.float32)
         a = tl.where(mask_k[:, None], _bn_relu(x, scale, shift), 0.0).to(go_t.dtype)
         acc += _dot(go_t, a, PRECISION, UPCAST)
@@ -233,20 +208,20 @@ def add_dx_kernel(
     gstore_ptr, x_ptr, kg_ptr, kx_ptr, k0_ptr, gbuf_ptr,
     P, C, HW,
     sx_n, sx_c, sx_hw, sb_n, sb_c, sb_hw,
-    PIXELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """grad_buffer[p, c] += kg[c] * g[p, c] + kx[c] * x[p, c] + k0[c]: the direct term and
     ``batchnorm.StatsGradient.apply``'s, with ``g`` stored by ``input_grad_kernel``."""
-    image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, PIXELS)
+    image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
     g = tl.load(gstore_ptr + pixel.to(tl.int64)[:, None] * C + offs_n[None, :], mask=mask,
                 other=0.0)
-    x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, PIXELS)
+    x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, FLAT)
     x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_m, mask_n).to(tl.float32)
     kg = _channel_vector(kg_ptr, offs_n, mask_n)
     kx = _channel_vector(kx_ptr, offs_n, mask_n)
     k0 = _channel_vector(k0_ptr, offs_n, mask_n)
     dx = kg[None, :] * g + kx[None, :] * x + k0[None, :]
-    _add_to_buffer(gbuf_ptr, _pixel_offsets(image, hw, sb_n, sb_hw, PIXELS), offs_n, sb_c, mask,
+    _add_to_buffer(gbuf_ptr, _pixel_offsets(image, hw, sb_n, sb_hw, FLAT), offs_n, sb_c, mask,
                    dx)

@@ -41,7 +41,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 
 # Small shapes (the interpreter is slow): widths off the 32-wide tiles, 1x1 and odd planes,
-# and an 8x6 plane (48 pixels: NCHW is walked in whole-image tiles, the second one partial).
+# and an 8x6 plane (48 pixels, a multiple of 16: Triton specialises on such planes).
 SHAPES = [(2, 13, 11, 8, 5, 4), (2, 37, 33, 20, 1, 1), (3, 40, 35, 16, 7, 9),
           (3, 21, 19, 9, 8, 6)]
 # densenet121's layer shapes at batch 8, 56x56 / 28x28 / 14x14 / 7x7 (GPU only).
@@ -67,18 +67,16 @@ def _compare(shape, memory_format, dtype, stats_grad):
                       "torch-float32")
 
 
-@pytest.mark.parametrize("memory_format, shape, tiling", [
-    (torch.channels_last, SHAPES[0], "FLAT"), (torch.channels_last, SHAPES[3], "FLAT"),
-    (torch.contiguous_format, SHAPES[3], "PER_IMAGE"),
-    (torch.contiguous_format, SHAPES[0], "DIVIDED")])
-def test_pixel_tiling_follows_the_layout(memory_format, shape, tiling):
+@pytest.mark.parametrize("memory_format, shape, flat", [
+    (torch.channels_last, SHAPES[0], True), (torch.channels_last, SHAPES[3], True),
+    (torch.contiguous_format, SHAPES[3], False)])
+def test_pixels_are_flat_in_channels_last(memory_format, shape, flat):
+    """Channels-last tensors are flat, NCHW ones and mixed layouts are not."""
     case = op_case(shape, torch.float32, memory_format, device=DEVICE)
     hw = shape[4] * shape[5]
-    assert triton_impl.pixel_tiling(hw, case.buffer, case.grad_out) == \
-        getattr(triton_impl, tiling).value
-    # One tensor in the other layout: pixels cannot be walked as one flat range.
+    assert triton_impl.pixels_flat(hw, case.buffer, case.grad_out) == flat
     other = case.grad_out.contiguous(memory_format=FORMATS[memory_format == FORMATS[0]])
-    assert triton_impl.pixel_tiling(hw, case.buffer, other) != triton_impl.FLAT.value
+    assert not triton_impl.pixels_flat(hw, case.buffer, other)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -91,7 +89,7 @@ def test_triton_matches_reference(shape, memory_format, dtype, stats_grad, ieee)
 
 @pytest.mark.parametrize("memory_format, shape", [
     (torch.channels_last, SHAPES[0]), (torch.contiguous_format, SHAPES[0]),
-    (torch.contiguous_format, SHAPES[3])], ids=["flat", "divided", "per-image"])
+    (torch.contiguous_format, SHAPES[3])], ids=["flat", "nchw", "nchw-48-pixels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nan_propagates_as_through_torchs_ops(memory_format, shape, dtype, ieee):
     assert_nan_propagates_as_in_torch(op_case(shape, dtype, memory_format, device=DEVICE))
@@ -103,7 +101,7 @@ ALL_CONFIGS = {f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K'
 
 @pytest.mark.parametrize("name", list(ALL_CONFIGS))
 def test_every_autotune_config_matches_reference(name, ieee):
-    """The interpreter runs one config only: run each of them explicitly, in each tiling."""
+    """The interpreter runs one config only: run each of them explicitly."""
     with triton_impl.forced_config(ALL_CONFIGS[name]):
         _compare(SHAPES[2], torch.channels_last, torch.float32, stats_grad=True)
         _compare(SHAPES[0], torch.contiguous_format, torch.float32, stats_grad=False)
