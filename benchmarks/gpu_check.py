@@ -1,24 +1,42 @@
 """GPU check: everything the first GPU run must prove, in one call.
 
-    python benchmarks/gpu_check.py            # about 5 minutes on an H100, at most 8
-    python benchmarks/gpu_check.py --quick    # at most 3 minutes
+    python benchmarks/gpu_check.py            # stage limits: 620 s + the tuning estimate
+    python benchmarks/gpu_check.py --quick    # stage limits: 230 s + the tuning estimate
     python benchmarks/gpu_check.py --dry-run  # on the CPU, tiny shapes, Triton's interpreter
-                                              # (2-3 minutes on 2 cores)
+                                              # (3-4 minutes on 2 cores)
 
-Stages, each in a subprocess of its own with its own timeout (and all within the mode's
-total), so a crash, a hang or an out-of-memory in one still leaves the others' results:
+Stages, each in a subprocess of its own with its own time limit, so a crash, a hang or an
+out-of-memory in one still leaves the others' results:
 
 - ``parity``: the Triton tests (``tests/with_triton``), GPU-only ones included: densenet121's
   layer shapes in float32, float16 and bfloat16, and ``cuda:1`` where there is one.
-- ``op``: the fused op against eager BatchNorm2d -> ReLU -> Conv2d(1x1), bf16 autocast,
-  channels-last, forward + backward, on densenet121's layer shapes.
+- ``op``: the fused op against eager BatchNorm2d -> ReLU -> Conv2d(1x1) on densenet121's layer
+  shapes, bf16 autocast, channels-last and NCHW. First the results: the forward output and
+  the gradients of the input, the conv weight and the BN weight and bias, each within a
+  relative L2 error of the eager ones (``REL_L2_BOUNDS``, per dtype); a shape out of bounds
+  fails the stage. Then forward + backward, timed.
 - ``model``: one densenet121 training step (bf16 autocast, channels-last) per implementation
   (densenet_fast in both memory settings, and compiled), peak memory
   (``max_memory_allocated``) and time, against torchvision eager, ``memory_efficient=True``
   and ``torch.compile`` of torchvision, measured in the same run.
 - ``max_batch``: the largest training batch within a fixed memory budget, per implementation.
-- ``compile_time``: the first training step's time (Triton compilation and autotuning) in a
-  fresh process with an empty Triton cache, then in a second process with that cache warm.
+- ``compile_time``: a densenet_fast densenet121 training process with an empty tuning cache
+  (``DENSENET_FAST_TRITON_CACHE``) and an empty Triton cache (``TRITON_CACHE_DIR``), then a
+  second with both as the first left them: the time to the first finished step, and each
+  process's ``tuning_stats()`` (shape classes tuned, configs timed, seconds spent).
+
+Time limits. A stage's limit is its base limit (``Mode.timeouts``) plus an estimate of the
+Triton tuning it will do (``tuning_estimate``): the shape classes of its fused-op launches
+that the tuning cache does not hold yet, each timed over every config of each kernel, and
+the kernel variants those trials compile. The budget, the sum of the limits, is printed
+before the first stage and kept in the results. With an empty tuning cache the estimate
+adds 646 s to the full check's 620 s and 551 s to the quick check's 230 s (most of it the
+parity stage's: three dtypes, two memory formats); with every class in the cache, nothing.
+
+Output. Each stage's stdout and stderr go to a log as they come
+(``benchmarks/results/<results>-logs/<stage>.log``): a stage that runs out of time still
+leaves what it printed, and what it had measured so far (``partial``). The results name each
+stage's log and keep the tail of a failed or timed-out stage's.
 
 It prints a table of the goals (the GPU readiness issue) and writes
 ``benchmarks/results/gpu-<device>.json`` (``cpu-dry-run.json`` for a dry run) after every
@@ -26,7 +44,8 @@ stage. ``--dry-run`` runs every stage on the CPU, with the Triton kernels in the
 and a tiny DenseNet, to prove the script end to end without a GPU: on the smallest shapes
 that run every stage's code, one timed round, one thread per process (tiny shapes gain nothing
 from more, and on a busy machine threads that wait for each other's cores make a step up to
-100x slower), with stage limits that only catch a hang.
+100x slower), with stage limits that only catch a hang. The interpreter runs one config per
+kernel, so a dry run tunes nothing (its estimate is 0 s).
 """
 
 from __future__ import annotations
@@ -35,6 +54,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -42,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,17 +73,34 @@ sys.path.insert(0, str(ROOT))
 OP_SHAPES = [("block1-last", 256, 224, 56), ("block2-last", 512, 480, 28),
              ("block3-mid", 1024, 640, 14), ("block3-last", 1024, 992, 14),
              ("block4-last", 1024, 992, 7), ("transition1", 256, 256, 56)]
+OP_OUT_CHANNELS = 128  # bn_size * growth_rate of densenet121's bottlenecks
+FORMATS = ("channels_last", "contiguous")  # torch.channels_last, torch.contiguous_format (NCHW)
 GOALS = {"op_speedup": 1.3, "time_vs_torchvision": 0.9, "time_vs_compiled": 1.0,
          "memory_vs_memeff": 0.4}
 # Issue 12's goals: recompute_bottleneck=True, and densenet_fast under torch.compile.
 RECOMPUTE_GOALS = {"time_vs_torchvision": 1.15, "memory_vs_memeff": 0.3}
 COMPILED_GOALS = {"memory_vs_eager": 1.05, "time_vs_compiled": 1.0}
 
+# The op stage's bound on ||fused - eager|| / ||eager|| per tensor. Both round to the dtype,
+# in different places (eager rounds the BN-ReLU activation and the conv's input gradient to
+# it; the fused kernels keep more in float32): about one unit in the last place apart,
+# relative L2 7e-3 in bfloat16 through the interpreter. The bounds are four of the dtype's
+# eps: 2^-7 for bfloat16, 2^-10 for float16 and for float32 convolutions in TF32 (torch's
+# default on a GPU, which the kernels follow). A wrong kernel is off by order 1 (without the
+# gradient through the batch statistics, the input gradient is 40% off).
+REL_L2_BOUNDS = {"bfloat16": 4 * 2**-7, "float16": 4 * 2**-10, "float32": 4 * 2**-10}
+
+# The tuning estimate: seconds to compile one config of a kernel variant with an empty Triton
+# cache (an upper figure: a warm cache only loads it), and to time one config on one class
+# (an untimed launch, then launches for 2 ms: triton_tuning.TRIAL_SECONDS, plus the syncs).
+COMPILE_SECONDS = 2.0
+TRIAL_SECONDS = 0.05
+
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """What one mode measures, and how long each stage may take (seconds). ``parity_tests``:
-    the parity stage's pytest arguments."""
+    """What one mode measures, and each stage's base time limit in seconds (``timeouts``; the
+    tuning estimate is added to it). ``parity_tests``: the parity stage's pytest arguments."""
 
     device: str = "cuda"
     model: str = "densenet121"
@@ -71,6 +109,7 @@ class Mode:
     repeats: int = 10
     op_shapes: tuple = tuple(OP_SHAPES)
     op_batch: int = 64
+    op_dtype: str = "bfloat16"
     compiled_baseline: bool = True
     max_batch_budget_gib: float = 16.0
     max_batch_cap: int = 1024
@@ -78,7 +117,11 @@ class Mode:
     parity_tests: tuple = ("tests/with_triton",)
     timeouts: tuple = (("parity", 150), ("op", 60), ("model", 200), ("max_batch", 120),
                        ("compile_time", 90))
-    total: int = 470
+
+    @property
+    def interpreted(self) -> bool:
+        """Whether the stages run Triton's interpreter (the CPU dry run)."""
+        return self.device == "cpu"
 
     def config(self, batch: int | None = None):
         from densenet_fast.benchmark.implementations import ModelConfig
@@ -95,66 +138,408 @@ MODES = {
     "full": Mode(),
     "quick": Mode(batch=32, repeats=5, compiled_baseline=False,
                   stages=("parity", "op", "model", "compile_time"),
-                  timeouts=(("parity", 80), ("op", 30), ("model", 60), ("compile_time", 60)),
-                  total=175),
+                  timeouts=(("parity", 80), ("op", 30), ("model", 60), ("compile_time", 60))),
     # The dry run proves the script, so each stage does the least that runs all of it: the
     # tiny model (two blocks of two layers, a transition between) at batch 2 and 32x32, whose
     # last block still sees 4x4 (batch 1 trains, so max_batch's search stops at its cap of 1);
-    # one timed round; the parity stage leaves out the tests/with_triton tests of the tiny
-    # model (the model stage runs it through the interpreter, and tests/test_triton_interpreter
-    # .py runs them all). On the CPU the time depends on the machine's load, so the limits are
-    # there to catch a hang, not to bound a run (2-3 minutes on a quiet 2-core machine).
+    # one timed round; op shapes whose NCHW planes take both non-flat pixel tilings (4x4:
+    # whole-image tiles, 5x5: divided); the parity stage leaves out the tests/with_triton
+    # tests of the tiny model (the model stage runs it through the interpreter, and
+    # tests/test_triton_interpreter.py runs them all). On the CPU the time depends on the
+    # machine's load, so the limits are there to catch a hang, not to bound a run.
     "dry-run": Mode(device="cpu", model="tiny", batch=2, image=32, repeats=1,
-                    op_shapes=(("tiny-nchw", 24, 19, 6), ("tiny-odd", 40, 35, 5)), op_batch=1,
+                    op_shapes=(("tiny-4x4", 24, 19, 4), ("tiny-odd", 40, 35, 5)), op_batch=1,
                     compiled_baseline=True, max_batch_budget_gib=0.25, max_batch_cap=1,
                     parity_tests=("tests/with_triton", "-k", "not tiny_model"),
                     timeouts=(("parity", 900), ("op", 600), ("model", 1800), ("max_batch", 900),
-                              ("compile_time", 900)),
-                    total=3600),
+                              ("compile_time", 900))),
 }
 
 
+def _memory_format(name: str):
+    """The torch memory format of one of ``FORMATS``."""
+    import torch
+
+    return {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[name]
+
+
 def _env(mode: Mode, **extra) -> dict:
-    env = dict(os.environ, DENSENET_FAST_BACKEND="triton", **extra)
-    if mode.device == "cpu":  # the dry run: see the module's docstring for the one thread
+    # Unbuffered: a stage's output reaches its log as it is printed, not when it exits.
+    env = dict(os.environ, DENSENET_FAST_BACKEND="triton", PYTHONUNBUFFERED="1", **extra)
+    if mode.interpreted:  # the dry run: see the module's docstring for the one thread
         env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     else:
         env.pop("TRITON_INTERPRET", None)
     return env
 
 
+# --- the tuning estimate -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Conv1x1:
+    """One BN-ReLU-Conv1x1 launch shape: ``batch`` images of ``size`` x ``size`` pixels, the
+    first ``channels`` of a ``total``-channel buffer in, ``out_channels`` out."""
+
+    batch: int
+    size: int
+    channels: int
+    out_channels: int
+    total: int
+
+    @property
+    def hw(self) -> int:
+        return self.size * self.size
+
+    @property
+    def pixels(self) -> int:
+        return self.batch * self.hw
+
+
+@dataclasses.dataclass(frozen=True)
+class Launches:
+    """Fused-op launches a stage makes: ``layers`` in ``dtype`` and ``memory_format`` (one of
+    ``FORMATS``), the backward with each of ``stats_grad``."""
+
+    layers: tuple
+    dtype: str
+    memory_format: str = "channels_last"
+    stats_grad: tuple = (False,)
+
+
+def conv1x1_layers(config) -> tuple[Conv1x1, ...]:
+    """The BN-ReLU-Conv1x1 of a DenseNet-BC ``config``'s training step, at its batch and image
+    size: each dense layer's bottleneck (the buffer's prefix in, ``bn_size * growth_rate``
+    out) and each transition (the block's channels in, half out; at the block's resolution,
+    before its 2x2 pooling)."""
+    size = (config.image_size - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
+    size = (size - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
+    channels, layers = config.num_init_features, []
+    for index, depth in enumerate(config.block_config):
+        total = channels + depth * config.growth_rate
+        layers += [Conv1x1(config.batch_size, size, channels + layer * config.growth_rate,
+                           config.bn_size * config.growth_rate, total) for layer in range(depth)]
+        channels = total
+        if index < len(config.block_config) - 1:
+            layers.append(Conv1x1(config.batch_size, size, channels, channels // 2, channels))
+            channels, size = channels // 2, size // 2
+    return tuple(layers)
+
+
+def _model_launches(mode: Mode, batches, image: int | None = None, dtype: str = "bfloat16",
+                    memory_format: str = "channels_last", stats_grad=(False,)) -> Launches:
+    """``mode``'s model trained at each of ``batches``: the block backward passes the
+    statistics' gradient itself (``stats_grad=False``)."""
+    config = mode.config()
+    if image is not None:
+        config = dataclasses.replace(config, image_size=image)
+    layers = [layer for batch in batches
+              for layer in conv1x1_layers(dataclasses.replace(config, batch_size=batch))]
+    return Launches(tuple(layers), dtype, memory_format, tuple(stats_grad))
+
+
+def _distinct_batches(mode: Mode, cap: int) -> list[int]:
+    """The smallest batch in ``[1, cap]`` of each distinct set of launches: a batch changes
+    only the pixel counts, so batches whose pixel counts share size classes and multiples
+    of 16 on every plane launch the same shape classes and compile the same variants."""
+    from densenet_fast.ops.triton_tuning import size_class
+
+    planes = sorted({layer.hw for layer in conv1x1_layers(mode.config(batch=1))})
+    batches, seen = [], set()
+    for batch in range(1, cap + 1):
+        key = tuple((size_class(batch * hw), batch * hw % 16 == 0) for hw in planes)
+        if key not in seen:
+            seen.add(key)
+            batches.append(batch)
+    return batches
+
+
+def stage_launches(mode: Mode, name: str) -> list[Launches]:
+    """The fused-op launches that stage ``name`` tunes for, as ``tuning_estimate`` counts them."""
+    if name == "parity":
+        if mode.interpreted:  # the GPU-only tests are skipped, and nothing else is large
+            return []
+        # test_gpu_densenet121_matches_torchvision: densenet121 at batch 8, 128x128, float32
+        # and bf16 autocast, channels-last; test_gpu_layer_shapes: four of its layers at
+        # 224x224 in three dtypes, channels-last and NCHW (counted as all of them: an upper
+        # figure). The interpreter's small shapes and the tiny models are left to the base.
+        d121 = dataclasses.replace(mode, model="densenet121")
+        return ([_model_launches(d121, [8], 128, dtype) for dtype in ("float32", "bfloat16")]
+                + [_model_launches(d121, [8], 224, dtype, fmt, [stats])
+                   for dtype in ("float32", "float16", "bfloat16")
+                   for fmt, stats in (("channels_last", False), ("contiguous", True))])
+    if name == "op":
+        layers = tuple(Conv1x1(mode.op_batch, size, prefix, OP_OUT_CHANNELS, total)
+                       for _, total, prefix, size in mode.op_shapes)
+        return [Launches(layers, mode.op_dtype, fmt, (False, True)) for fmt in FORMATS]
+    if name == "model":
+        return [_model_launches(mode, [mode.batch])]
+    if name == "max_batch":  # any batch the search may try: an upper figure
+        return [_model_launches(mode, _distinct_batches(mode, mode.max_batch_cap))]
+    if name == "compile_time":
+        return [_model_launches(mode, [_compile_time_batch(mode)])]
+    raise ValueError(f"unknown stage {name!r}; choose one of {list(STAGES)}")
+
+
+def _launch_classes(launches: Launches):
+    """``(tuner index, shape class, compile variant)`` of each kernel launch: the tuners'
+    order and shape classes are triton_impl's own; the variant is what Triton compiles once
+    for (dtype, pixel tiling, the input gradient's stats_grad, and which sizes are multiples
+    of 16, on which Triton specializes)."""
+    import torch
+
+    from densenet_fast.ops import triton_impl
+
+    dtype, memory_format = getattr(torch, launches.dtype), _memory_format(launches.memory_format)
+    tilings = {}
+    for layer in set(launches.layers):
+        if layer.size not in tilings:  # the strides of a tensor of that plane, not its data
+            probe = torch.empty((1, 2, layer.size, layer.size), device="meta",
+                                memory_format=memory_format)
+            tilings[layer.size] = triton_impl.pixel_tiling(layer.hw, probe)
+        tiling = tilings[layer.size]
+        shape_class = triton_impl._shape_class(dtype, tiling, layer.pixels, layer.channels,
+                                               layer.out_channels)
+        divisible = tuple(n % 16 == 0 for n in (layer.pixels, layer.hw, layer.channels,
+                                                layer.out_channels, layer.total))
+        variant = (launches.dtype, tiling, divisible)
+        yield 0, shape_class, variant
+        for stats_grad in launches.stats_grad:
+            yield 1, (*shape_class, stats_grad), (*variant, stats_grad)
+        yield 2, shape_class, variant
+
+
+def tuning_estimate(launches: list[Launches], device: str, interpreted: bool,
+                    cold: bool = False) -> dict:
+    """How much Triton tuning ``launches`` cost on ``device``: ``classes``, the distinct
+    (kernel, shape class) pairs; ``to_tune``, those not in the tuning cache file (all with
+    ``cold``: a process given an empty one); ``trials``, one per config of each to tune;
+    ``compiles``, every config of each kernel variant those trials run; ``seconds``,
+    ``compiles * COMPILE_SECONDS + trials * TRIAL_SECONDS``. The interpreter runs one config
+    per kernel and so tunes nothing."""
+    import torch
+
+    from densenet_fast.ops import triton_impl, triton_tuning
+
+    found = {(kernel, shape_class): variant for group in launches
+             for kernel, shape_class, variant in _launch_classes(group)}
+    tuners = triton_impl.TUNERS
+    configs = [1 if interpreted else len(tuner.configs) for tuner in tuners]
+    where = torch.device(device)
+
+    def cached(kernel: int, shape_class: tuple) -> bool:
+        # The tuner's own key: the estimate sees what the stage's lookup will find.
+        return not cold and triton_tuning.DISK.get(
+            tuners[kernel]._key(shape_class, where)) is not None
+
+    to_tune = [(kernel, shape_class) for kernel, shape_class in found
+               if configs[kernel] > 1 and not cached(kernel, shape_class)]
+    variants = {(kernel, found[kernel, shape_class]) for kernel, shape_class in to_tune}
+    trials = sum(configs[kernel] for kernel, _ in to_tune)
+    compiles = sum(configs[kernel] for kernel, _ in variants)
+    return {"classes": len(found), "to_tune": len(to_tune), "trials": trials,
+            "compiles": compiles,
+            "seconds": round(compiles * COMPILE_SECONDS + trials * TRIAL_SECONDS, 1)}
+
+
+def plan_limits(mode: Mode, names: list[str], device: str) -> dict[str, dict]:
+    """Each of stage ``names``' base limit, tuning estimate and limit (their sum, whole
+    seconds). Every stage is estimated against the tuning cache as it is now, without the
+    classes the stages before it will add: an upper figure where stages share classes."""
+    plan = {}
+    base = dict(mode.timeouts)
+    for name in names:
+        estimate = tuning_estimate(stage_launches(mode, name), device, mode.interpreted,
+                                   cold=name == "compile_time")  # its first process: empty
+        plan[name] = {"base_s": base[name], "estimate": estimate,
+                      "limit_s": base[name] + math.ceil(estimate["seconds"])}
+    return plan
+
+
+def format_plan(plan: dict[str, dict], cache: Path) -> str:
+    lines = [f"stage limits: base + tuning estimate (classes not in {cache}; compile_time: "
+             f"an empty cache)"]
+    for name, row in plan.items():
+        e = row["estimate"]
+        lines.append(f"  {name:12s} {row['base_s']:5d} s + {e['seconds']:7.1f} s = "
+                     f"{row['limit_s']:5d} s  ({e['classes']} classes, {e['to_tune']} to tune: "
+                     f"{e['trials']} trials, {e['compiles']} compiles)")
+    lines.append(f"  budget: {sum(row['limit_s'] for row in plan.values())} s")
+    return "\n".join(lines)
+
+
+# --- a stage's output ------------------------------------------------------------------
+
+_RESULT: Path | None = None  # in a stage's process: where its result goes
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` whole or not at all (the parent may read it while the stage is killed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _partial_path(result: Path) -> Path:
+    return result.with_name(result.name + ".partial")
+
+
+def _progress(message: str, partial: dict | None = None) -> None:
+    """Print how far the stage got (its log) and keep ``partial``, its result so far, where
+    the parent finds it if the stage runs out of time."""
+    print(message, flush=True)
+    if partial is not None and _RESULT is not None:
+        _write_json(_partial_path(_RESULT), partial)
+
+
+def _run_logged(command: list[str], env: dict, timeout: float) -> tuple[int | None, str]:
+    """Run ``command`` with its stdout and stderr copied line by line to this process's
+    stdout (the stage's log) as they come; return its exit code (None when it ran past
+    ``timeout`` and was killed) and its output. It stays in this stage's process group, so
+    it ends with the stage if the parent ends the stage."""
+    lines: list[str] = []
+
+    def copy(stream) -> None:
+        for line in stream:
+            lines.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        reader = threading.Thread(target=copy, args=(proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        reader.join(timeout=10)  # a process it started may still hold the pipe
+    return code, "".join(lines)
+
+
+def _child_timeout(timeout: float) -> float:
+    """A stage's own subprocess ends before the stage does, so the stage can say why."""
+    return max(timeout - 15, 0.9 * timeout)
+
+
 # --- stages (each runs in its own process) ---------------------------------------------
 
 def stage_parity(mode: Mode, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           *mode.parity_tests], cwd=ROOT, env=_env(mode), capture_output=True,
-                          text=True, timeout=timeout, check=False)
-    lines = proc.stdout.strip().splitlines()
-    return {"returncode": proc.returncode, "summary": lines[-1] if lines else "",
-            "failures": re.findall(r"^FAILED .*$", proc.stdout, flags=re.M)[:20],
-            "passed": proc.returncode == 0, "tail": proc.stdout[-3000:] if proc.returncode else ""}
+    code, output = _run_logged([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                *mode.parity_tests], _env(mode), _child_timeout(timeout))
+    lines = output.strip().splitlines()
+    result = {"returncode": code, "summary": lines[-1] if lines else "",
+              "failures": re.findall(r"^FAILED .*$", output, flags=re.M)[:20],
+              "passed": code == 0}
+    if code is None:
+        result["error"] = f"pytest timed out after {_child_timeout(timeout):.0f} s"
+    elif code != 0:
+        result["error"] = f"tests failed: {result['summary']}"
+    return result
 
 
-def _op_row(mode: Mode, name: str, total: int, prefix: int, size: int) -> dict:
-    """The fused op against eager BN-ReLU-Conv1x1 on one layer shape, forward + backward.
-    ``in_block``: statistics given, their gradient left to the block (as the dense block
-    calls it); ``standalone``: statistics computed and the full BN backward."""
+def relative_l2(got, want) -> float:
+    """``||got - want|| / ||want||`` in float64 (0 when both are zero)."""
+    got, want = got.detach().double(), want.detach().double()
+    diff, norm = (got - want).norm().item(), want.norm().item()
+    return diff / norm if norm else (0.0 if diff == 0 else math.inf)
+
+
+def _op_inputs(mode: Mode, total: int, prefix: int, size: int, memory_format: str) -> dict:
+    """One layer's inputs, seeded: data and output gradient with a mean (so the normalisation
+    and the gradient through the batch statistics both count), BN parameters off 1 and 0."""
+    import torch
+
+    fmt = _memory_format(memory_format)
+    dtype, device = getattr(torch, mode.op_dtype), mode.device
+    generator = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device)
+
+    buffer = (randn(mode.op_batch, total, size, size) + 0.5).to(dtype)
+    grad_out = (randn(mode.op_batch, OP_OUT_CHANNELS, size, size) + 0.5).to(dtype)
+    return {"buffer": buffer.contiguous(memory_format=fmt),
+            "grad_out": grad_out.contiguous(memory_format=fmt),
+            "gamma": 1 + 0.2 * randn(prefix), "beta": 0.2 * randn(prefix),
+            "weight": (randn(OP_OUT_CHANNELS, prefix, 1, 1) / prefix ** 0.5).to(dtype),
+            "prefix": prefix, "format": fmt, "dtype": dtype}
+
+
+def _eager_layer(t: dict):
+    """BatchNorm2d -> ReLU -> Conv2d(1x1) with ``t``'s parameters, in training mode."""
     import torch
     import torch.nn as nn
+
+    prefix = t["prefix"]
+    layer = nn.Sequential(nn.BatchNorm2d(prefix), nn.ReLU(inplace=True),
+                          nn.Conv2d(prefix, OP_OUT_CHANNELS, 1, bias=False))
+    layer = layer.to(t["buffer"].device).to(memory_format=t["format"])
+    with torch.no_grad():
+        layer[0].weight.copy_(t["gamma"])
+        layer[0].bias.copy_(t["beta"])
+        layer[2].weight.copy_(t["weight"].float())  # autocast rounds it back: the same values
+    return layer
+
+
+def _eager_results(t: dict) -> dict:
+    import torch
+
+    layer = _eager_layer(t)
+    x = t["buffer"][:, :t["prefix"]].contiguous(memory_format=t["format"]).requires_grad_()
+    with torch.autocast(x.device.type, dtype=t["dtype"]):
+        out = layer(x)
+    out.backward(t["grad_out"])
+    return {"out": out, "grad_input": x.grad, "grad_conv_weight": layer[2].weight.grad,
+            "grad_bn_weight": layer[0].weight.grad, "grad_bn_bias": layer[0].bias.grad}
+
+
+def _fused_results(t: dict) -> dict:
+    """The fused op as a standalone layer: statistics of this batch, full BN backward."""
+    import torch
+
+    from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
+    from densenet_fast.ops.batchnorm import channel_stats
+
+    buffer, prefix = t["buffer"], t["prefix"]
+    mean, var = channel_stats(buffer[:, :prefix])
+    invstd = torch.rsqrt(var + 1e-5)  # BatchNorm2d's eps
+    out = bn_relu_conv1x1(buffer, mean, invstd, t["gamma"], t["beta"], t["weight"])
+    grad_buffer = torch.zeros_like(buffer)
+    grad_weight, grad_gamma, grad_beta = bn_relu_conv1x1_backward(
+        t["grad_out"], buffer, mean, invstd, t["gamma"], t["beta"], t["weight"], True,
+        grad_buffer)
+    return {"out": out, "grad_input": grad_buffer[:, :prefix], "grad_conv_weight": grad_weight,
+            "grad_bn_weight": grad_gamma, "grad_bn_bias": grad_beta}
+
+
+def check_op(t: dict, dtype: str) -> dict:
+    """The fused op's forward output and gradients against the eager layer's on the inputs
+    ``t``: relative L2 error of each, and whether all are within ``REL_L2_BOUNDS[dtype]``."""
+    fused, eager = _fused_results(t), _eager_results(t)
+    errors = {name: relative_l2(fused[name], eager[name]) for name in eager}
+    bound = REL_L2_BOUNDS[dtype]
+    return {"passed": all(error <= bound for error in errors.values()), "bound": bound,
+            "errors": errors}  # NaN is never <= bound: it fails
+
+
+def _op_row(mode: Mode, name: str, total: int, prefix: int, size: int,
+            memory_format: str) -> dict:
+    """The fused op against eager BN-ReLU-Conv1x1 on one layer shape in one memory format:
+    the results checked (``check_op``), then forward + backward timed. ``in_block``:
+    statistics given, their gradient left to the block (as the dense block calls it);
+    ``standalone``: statistics computed and the full BN backward."""
+    import torch
 
     from densenet_fast.benchmark.timing import time_interleaved
     from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
     from densenet_fast.ops.batchnorm import channel_stats
 
-    device, co, fmt = mode.device, 128, torch.channels_last
-    dtype = torch.bfloat16
-    make = dict(device=device)
-    buffer = torch.randn(mode.op_batch, total, size, size, **make).to(dtype)
-    buffer = buffer.contiguous(memory_format=fmt)
-    grad_out = torch.randn(mode.op_batch, co, size, size, **make).to(dtype).contiguous(
-        memory_format=fmt)
-    gamma, beta = torch.ones(prefix, **make), torch.zeros(prefix, **make)
-    weight = (torch.randn(co, prefix, 1, 1, **make) / prefix ** 0.5).to(dtype)
+    t = _op_inputs(mode, total, prefix, size, memory_format)
+    check = check_op(t, mode.op_dtype)
+    buffer, grad_out, weight = t["buffer"], t["grad_out"], t["weight"]
+    gamma, beta = t["gamma"], t["beta"]
     stats = channel_stats(buffer[:, :prefix])
     grad_buffer = torch.zeros_like(buffer)
 
@@ -165,31 +550,54 @@ def _op_row(mode: Mode, name: str, total: int, prefix: int, size: int) -> dict:
         bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, gamma, beta, weight,
                                  standalone, grad_buffer)
 
-    layer = nn.Sequential(nn.BatchNorm2d(prefix), nn.ReLU(inplace=True),
-                          nn.Conv2d(prefix, co, 1, bias=False)).to(device).to(
-        memory_format=fmt)
-    x = buffer[:, :prefix].contiguous(memory_format=fmt).requires_grad_()
+    layer = _eager_layer(t)
+    x = buffer[:, :prefix].contiguous(memory_format=t["format"]).requires_grad_()
 
     def eager():
-        with torch.autocast(device, dtype=dtype):
+        with torch.autocast(mode.device, dtype=t["dtype"]):
             out = layer(x)
         out.backward(grad_out)
 
     times = time_interleaved({"eager": eager, "in_block": lambda: fused(False),
                               "standalone": lambda: fused(True)}, mode.repeats, warmup=2,
-                             device=device)
+                             device=mode.device)
     median = {key: statistics.median(seconds) for key, seconds in times.items()}
-    return {"shape": name, "batch": mode.op_batch, "prefix": prefix, "size": size,
+    return {"shape": name, "memory_format": memory_format, "batch": mode.op_batch,
+            "prefix": prefix, "size": size, "check": check,
             **{f"{k}_ms": v * 1e3 for k, v in median.items()},
             "speedup_in_block": median["eager"] / median["in_block"],
             "speedup_standalone": median["eager"] / median["standalone"]}
 
 
 def stage_op(mode: Mode, timeout: float) -> dict:
-    rows = [_op_row(mode, *shape) for shape in mode.op_shapes]
-    total = {k: sum(r[f"{k}_ms"] for r in rows) for k in ("eager", "in_block", "standalone")}
-    return {"rows": rows, "speedup_in_block": total["eager"] / total["in_block"],
+    """Every op shape in every memory format; speedups summed per format; an error naming
+    the shapes whose results are out of bounds."""
+    from densenet_fast.ops.triton_tuning import tuning_stats
+
+    rows = []
+    result = {"dtype": mode.op_dtype, "rows": rows}
+    for memory_format in FORMATS:
+        for shape in mode.op_shapes:
+            rows.append(_op_row(mode, *shape, memory_format))
+            row = rows[-1]
+            worst = max(row["check"]["errors"].items(), key=lambda item: item[1])
+            _progress(f"op {row['shape']} {memory_format}: check "
+                      f"{'passed' if row['check']['passed'] else 'FAILED'} (worst {worst[0]} "
+                      f"{worst[1]:.2e}), speedup in block {row['speedup_in_block']:.2f}x",
+                      result)
+    result["formats"] = {}
+    for memory_format in FORMATS:
+        own = [r for r in rows if r["memory_format"] == memory_format]
+        total = {k: sum(r[f"{k}_ms"] for r in own) for k in ("eager", "in_block", "standalone")}
+        result["formats"][memory_format] = {
+            "speedup_in_block": total["eager"] / total["in_block"],
             "speedup_standalone": total["eager"] / total["standalone"]}
+    result["tuning"] = tuning_stats()
+    failed = [f"{r['shape']} {r['memory_format']}" for r in rows if not r["check"]["passed"]]
+    if failed:
+        result["error"] = (f"fused results differ from eager beyond the relative L2 bound "
+                           f"{REL_L2_BOUNDS[mode.op_dtype]}: {', '.join(failed)}")
+    return result
 
 
 def stage_model(mode: Mode, timeout: float) -> dict:
@@ -198,6 +606,7 @@ def stage_model(mode: Mode, timeout: float) -> dict:
     from densenet_fast.benchmark.memory import measure_in_process
     from densenet_fast.benchmark.runner import Runner, RunSettings
     from densenet_fast.benchmark.timing import summarize, time_interleaved
+    from densenet_fast.ops.triton_tuning import tuning_stats
 
     config = mode.config()
     settings = RunSettings(device=mode.device, autocast="bfloat16", channels_last=True)
@@ -206,6 +615,8 @@ def stage_model(mode: Mode, timeout: float) -> dict:
     if mode.compiled_baseline:
         names += ["torchvision-compiled", "densenet_fast-compiled"]
     rows = {}
+    result = {"config": config.to_json(), "autocast": "bfloat16",
+              "memory_format": "channels_last", "rows": rows}
     for name in names:
         runner = None
         try:
@@ -220,6 +631,7 @@ def stage_model(mode: Mode, timeout: float) -> dict:
         del runner
         if mode.device.startswith("cuda"):
             torch.cuda.empty_cache()
+        _progress(f"model {name}: {json.dumps(rows[name])}", result)
     base, memeff = rows.get("torchvision", {}), rows.get("torchvision-memeff", {})
     for row in rows.values():
         if "median_s" in row and "median_s" in base:
@@ -233,8 +645,8 @@ def stage_model(mode: Mode, timeout: float) -> dict:
             row["time_vs_compiled"] = row["median_s"] / compiled["median_s"]
     if "peak_bytes" in fast_compiled and fast.get("peak_bytes"):
         fast_compiled["memory_vs_eager"] = fast_compiled["peak_bytes"] / fast["peak_bytes"]
-    return {"config": config.to_json(), "autocast": "bfloat16",
-            "memory_format": "channels_last", "rows": rows}
+    result["tuning"] = tuning_stats()
+    return result
 
 
 def stage_max_batch(mode: Mode, timeout: float) -> dict:
@@ -243,51 +655,95 @@ def stage_max_batch(mode: Mode, timeout: float) -> dict:
 
     settings = RunSettings(device=mode.device, autocast="bfloat16", channels_last=True)
     budget = int(mode.max_batch_budget_gib * 2**30)
-    result = sweep_batch(mode.config(), ["torchvision", "torchvision-memeff", "densenet_fast",
-                                         "densenet_fast-recompute"],
-                         budget, settings, max_batch=mode.max_batch_cap, show_progress=False)
-    return {"budget_bytes": budget, "cap": mode.max_batch_cap,
-            "max_batch": {name: row["max_batch"] for name, row in result["rows"].items()}}
+    result = {"budget_bytes": budget, "cap": mode.max_batch_cap, "max_batch": {}}
+
+    def on_row(sweep: dict) -> None:
+        for name, row in sweep["rows"].items():
+            result["max_batch"][name] = row["max_batch"]
+        _progress(f"max_batch: {result['max_batch']}", result)
+
+    sweep_batch(mode.config(), ["torchvision", "torchvision-memeff", "densenet_fast",
+                                "densenet_fast-recompute"],
+                budget, settings, max_batch=mode.max_batch_cap, show_progress=False,
+                on_row=on_row)
+    return result
 
 
+# Run as ``python -c _FIRST_STEP RESULT_PATH``: the result goes to a file, the output to the
+# stage's log.
 _FIRST_STEP = """
-import json, sys, time, torch
+import time
+start = time.perf_counter()
+import json, sys, torch
 sys.path.insert(0, {root!r})
 from densenet_fast.benchmark.runner import Runner, RunSettings
 from densenet_fast.benchmark.implementations import ModelConfig
+from densenet_fast.ops.triton_tuning import tuning_stats
+
+def sync():
+    if {device!r}.startswith("cuda"):
+        torch.cuda.synchronize()
+
 config = ModelConfig.from_json(json.loads({config!r}))
 settings = RunSettings(device={device!r}, autocast="bfloat16", channels_last=True)
 runner = Runner("densenet_fast", config, settings)
-start = time.perf_counter()
+step_start = time.perf_counter()
 runner.step("train")
-if {device!r}.startswith("cuda"):
-    torch.cuda.synchronize()
-first = time.perf_counter() - start
-start = time.perf_counter()
+sync()
+first = time.perf_counter() - step_start
+to_first = time.perf_counter() - start
+tuning = tuning_stats()
+print(f"first step finished {{to_first:.1f}} s after the start (the step: {{first:.1f}} s); "
+      f"tuning: {{tuning}}", flush=True)
+step_start = time.perf_counter()
 runner.step("train")
-if {device!r}.startswith("cuda"):
-    torch.cuda.synchronize()
-print(json.dumps({{"first_step_s": first, "second_step_s": time.perf_counter() - start}}))
+sync()
+with open(sys.argv[1], "w") as f:
+    json.dump({{"to_first_step_s": to_first, "first_step_s": first,
+               "second_step_s": time.perf_counter() - step_start, "tuning": tuning}}, f)
 """
 
 
+def _compile_time_batch(mode: Mode) -> int:
+    return min(mode.batch, 16)
+
+
+def _cache_state(tuning_file: Path, triton_dir: Path) -> dict:
+    """What the two caches hold: tuned classes in the file, files in Triton's cache."""
+    try:
+        entries = len(json.loads(tuning_file.read_text()))
+    except (OSError, ValueError):
+        entries = 0
+    files = sum(len(names) for _, _, names in os.walk(triton_dir))
+    return {"tuning_cache_entries": entries, "triton_cache_files": files}
+
+
 def stage_compile_time(mode: Mode, timeout: float) -> dict:
-    config = mode.config(batch=min(mode.batch, 16))
+    """The cold process (both caches empty) gets what the warm one does not need: the warm
+    one gets half the base limit, the cold one the rest (the other half and the estimate)."""
+    config = mode.config(batch=_compile_time_batch(mode))
     code = _FIRST_STEP.format(root=str(ROOT), config=json.dumps(config.to_json()),
                               device=mode.device)
+    warm_limit = dict(mode.timeouts)["compile_time"] / 2
     result = {"batch": config.batch_size}
-    with tempfile.TemporaryDirectory() as cache:
-        for run in ("cold_cache", "warm_cache"):
+    with tempfile.TemporaryDirectory() as tmp:
+        tuning_file, triton_dir = Path(tmp) / "triton-tuning.json", Path(tmp) / "triton-cache"
+        triton_dir.mkdir()
+        env = _env(mode, TRITON_CACHE_DIR=str(triton_dir),
+                   DENSENET_FAST_TRITON_CACHE=str(tuning_file))
+        for run, limit in (("cold_cache", _child_timeout(timeout - warm_limit)),
+                           ("warm_cache", _child_timeout(warm_limit))):
+            before = _cache_state(tuning_file, triton_dir)
+            out = Path(tmp) / f"{run}.json"
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
-                                  env=_env(mode, TRITON_CACHE_DIR=cache), capture_output=True,
-                                  text=True, timeout=timeout / 2, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the {run} step's process exited with {proc.returncode}:\n"
-                                   + proc.stderr[-1500:])
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["process_s"] = time.perf_counter() - start
-            result[run] = row
+            returncode, _ = _run_logged([sys.executable, "-c", code, str(out)], env, limit)
+            if returncode != 0:
+                why = f"timed out after {limit:.0f} s" if returncode is None \
+                    else f"exited with {returncode}"
+                raise RuntimeError(f"the {run} process {why} (its output is in this log)")
+            result[run] = {**json.loads(out.read_text()), "caches_before": before,
+                           "process_s": time.perf_counter() - start}
+            _progress(f"compile_time {run}: {json.dumps(result[run])}", result)
     return result
 
 
@@ -297,9 +753,9 @@ STAGES = {"parity": stage_parity, "op": stage_op, "model": stage_model,
 
 # --- the parent: stages in subprocesses, the report ------------------------------------
 
-def _stage_command(name: str, mode_name: str, timeout: float) -> list[str]:
+def _stage_command(name: str, mode_name: str, timeout: float, result: Path) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--mode", mode_name,
-            "--timeout", str(timeout)]
+            "--timeout", str(timeout), "--result", str(result)]
 
 
 def _end_group(proc: subprocess.Popen) -> None:
@@ -309,29 +765,55 @@ def _end_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_stage(name: str, mode_name: str, timeout: float) -> dict:
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-chars:]
+
+
+def _run_stage(name: str, mode_name: str, timeout: float, log: Path) -> dict:
     """One stage in a process of its own, in a process group of its own: a stage that runs
     past its limit (or a Ctrl-C) ends with every process it started, which would otherwise
-    go on taking the CPU or GPU from the stages after it."""
+    go on taking the CPU or GPU from the stages after it. Its stdout and stderr go straight
+    to ``log``; a stage that failed or ran out of time keeps the log's tail and, where it
+    saved one, its partial result."""
     start = time.perf_counter()
-    with subprocess.Popen(_stage_command(name, mode_name, timeout), cwd=ROOT,
-                          env=_env(MODES[mode_name]), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _end_group(proc)
-            return {"error": f"timed out after {timeout:.0f} s",
-                    "seconds": round(time.perf_counter() - start, 1)}
-        except BaseException:
-            _end_group(proc)
-            raise
-    seconds = round(time.perf_counter() - start, 1)
-    lines = stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"error": f"exit code {proc.returncode}", "seconds": seconds,
-                "stderr_tail": stderr[-2000:]}
-    return {**json.loads(lines[-1]), "seconds": seconds}
+    timed_out = False
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / f"{name}.json"
+        with open(log, "w") as out, subprocess.Popen(
+                _stage_command(name, mode_name, timeout, result_path), cwd=ROOT,
+                env=_env(MODES[mode_name]), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True) as proc:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _end_group(proc)
+            except BaseException:
+                _end_group(proc)
+                raise
+        result = None if timed_out or proc.returncode else _read_json(result_path)
+        if result is None:
+            result = {"error": f"timed out after {timeout:.0f} s" if timed_out
+                      else f"exit code {proc.returncode}" if proc.returncode
+                      else "exited without writing its result"}
+            partial = _read_json(_partial_path(result_path))
+            if partial is not None:
+                result["partial"] = partial
+    result.update(seconds=round(time.perf_counter() - start, 1), log=str(log))
+    if "error" in result:
+        result["output_tail"] = _tail(log)
+    return result
 
 
 def goals(report: dict) -> list[tuple[str, str, bool | None]]:
@@ -342,9 +824,13 @@ def goals(report: dict) -> list[tuple[str, str, bool | None]]:
     rows.append(("parity tests pass", parity.get("summary", parity.get("error", "-")),
                  parity.get("passed") if "passed" in parity else None))
     op = stages.get("op", {})
-    speed = op.get("speedup_in_block")
-    rows.append((f"fused op >= {GOALS['op_speedup']}x eager (in block, summed)",
-                 f"{speed:.2f}x" if speed else op.get("error", "-"),
+    checked = [row["check"]["passed"] for row in op.get("rows", [])]
+    rows.append(("fused op results within the relative L2 bound of eager",
+                 f"{sum(checked)}/{len(checked)} shapes" if checked else op.get("error", "-"),
+                 all(checked) if checked else None))
+    speed = op.get("formats", {}).get("channels_last", {}).get("speedup_in_block")
+    rows.append((f"fused op >= {GOALS['op_speedup']}x eager (in block, summed, channels-last)",
+                 op.get("error", "-")[:14] if speed is None else f"{speed:.2f}x",
                  None if speed is None else speed >= GOALS["op_speedup"]))
     model_rows = stages.get("model", {}).get("rows", {})
     texts = {"time_vs_torchvision": "step time vs torchvision eager",
@@ -360,22 +846,46 @@ def goals(report: dict) -> list[tuple[str, str, bool | None]]:
                 continue
             value = row.get(key)
             label = "" if name == "densenet_fast" else f"{name.split('-', 1)[1]}: "
-            rows.append((f"{label}{texts[key]} <= {limit}", f"{value:.2f}x" if value else "-",
+            rows.append((f"{label}{texts[key]} <= {limit}",
+                         "-" if value is None else f"{value:.2f}x",
                          None if value is None else value <= limit))
     return rows
+
+
+def _format_tuning(report: dict) -> list[str]:
+    """Each stage's tuning estimate beside what its process reports having tuned."""
+    lines = []
+    for name, row in report.get("budget", {}).get("stages", {}).items():
+        stage = report["stages"].get(name, {})
+        measured = stage.get("tuning") or stage.get("cold_cache", {}).get("tuning")
+        got = (f"tuned {measured['tunings']}, {measured['trials']} trials, "
+               f"{measured['seconds']:.1f} s" if measured else "its process does not report")
+        e = row["estimate"]
+        lines.append(f"  tuning {name:12s} estimated {e['to_tune']} of {e['classes']} classes "
+                     f"to tune, {e['trials']} trials, {e['seconds']:.1f} s; {got}")
+    return lines
 
 
 def format_report(report: dict) -> str:
     lines = [f"gpu_check {report['mode']}: {report['device']}, torch {report['torch']}, "
              f"Triton {report['triton']}"]
+    limits = report.get("budget", {}).get("stages", {})
     for name, stage in report["stages"].items():
         status = stage.get("error", "ok")
-        lines.append(f"  stage {name:12s} {stage.get('seconds', 0):7.1f} s  {status}")
-    model = report["stages"].get("model", {}).get("rows", {})
-    if model:
+        limit = limits.get(name, {}).get("limit_s", 0)
+        where = f"  (log: {stage['log']})" if "log" in stage and "error" in stage else ""
+        lines.append(f"  stage {name:12s} {stage.get('seconds', 0):7.1f} s of {limit:5d} s  "
+                     f"{status}{where}")
+    lines += _format_tuning(report)
+    for memory_format, speed in report["stages"].get("op", {}).get("formats", {}).items():
+        lines.append(f"  op {memory_format:14s} speedup in block {speed['speedup_in_block']:.2f}x, "
+                     f"standalone {speed['speedup_standalone']:.2f}x")
+    model = report["stages"].get("model", {})
+    if model.get("rows"):
         lines.append(f"  {'implementation':22s} {'peak MiB':>9s} {'median ms':>10s} "
-                     f"{'x tv time':>9s} {'x memeff mem':>12s}")
-        for name, row in model.items():
+                     f"{'x tv time':>9s} {'x memeff mem':>12s}  ({model['autocast']}, "
+                     f"{model['memory_format']})")
+        for name, row in model["rows"].items():
             if "error" in row:
                 lines.append(f"  {name:22s} {row['error']}")
                 continue
@@ -384,15 +894,24 @@ def format_report(report: dict) -> str:
                          f" {row.get('memory_vs_memeff', 0):12.2f}")
     for goal, measured, met in goals(report):
         mark = {True: "met", False: "NOT MET", None: "no figure"}[met]
-        lines.append(f"  goal: {goal:55s} {measured:>14s}  {mark}")
+        lines.append(f"  goal: {goal:60s} {measured:>14s}  {mark}")
     return "\n".join(lines)
+
+
+def _run_one_stage(args) -> int:
+    """Inside a stage's own process: run it, write its result where the parent reads it."""
+    global _RESULT
+    _RESULT = Path(args.result)
+    result = STAGES[args.stage](MODES[args.mode], args.timeout)
+    _write_json(_RESULT, result)
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="at most 3 minutes")
+    group.add_argument("--quick", action="store_true", help="fewer stages, smaller batch")
     group.add_argument("--dry-run", action="store_true",
                        help="every stage on the CPU: tiny model, Triton's interpreter")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -400,11 +919,11 @@ def main() -> int:
     parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.stage:  # inside a stage's own process
-        print(json.dumps(STAGES[args.stage](MODES[args.mode], args.timeout)))
-        return 0
+    if args.stage:
+        return _run_one_stage(args)
 
     mode_name = "dry-run" if args.dry_run else "quick" if args.quick else "full"
     mode = MODES[mode_name]
@@ -415,23 +934,35 @@ def main() -> int:
         print("gpu_check: no CUDA device (use --dry-run to exercise the script on the CPU)",
               file=sys.stderr)
         return 2
+    from densenet_fast.ops.triton_tuning import cache_file
+
     device = torch.cuda.get_device_name() if mode.device == "cuda" else "cpu (dry run)"
     slug = "cpu-dry-run" if mode.device == "cpu" else \
         "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     out = Path(args.out) / f"{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    logs = Path(args.out) / f"{slug}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    names = [name for name, _ in mode.timeouts
+             if name in mode.stages and (not args.only or name in args.only)]
+    plan = plan_limits(mode, names, mode.device)
+    total = sum(row["limit_s"] for row in plan.values())
+    print(format_plan(plan, cache_file()), flush=True)
     report = {"mode": mode_name, "device": device, "torch": torch.__version__,
               "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "goals": GOALS, "stages": {}}
-    deadline = time.monotonic() + mode.total
-    for name, limit in mode.timeouts:
-        if name not in mode.stages or (args.only and name not in args.only):
-            continue
+              "goals": GOALS, "rel_l2_bounds": REL_L2_BOUNDS,
+              "budget": {"total_s": total, "tuning_cache": str(cache_file()),
+                         "compile_s": COMPILE_SECONDS, "trial_s": TRIAL_SECONDS,
+                         "stages": plan},
+              "stages": {}}
+    deadline = time.monotonic() + total
+    for name in names:
         left = deadline - time.monotonic()
         if left < 10:
-            report["stages"][name] = {"error": "skipped: the mode's total time is spent"}
+            report["stages"][name] = {"error": "skipped: the budget is spent"}
         else:
-            report["stages"][name] = _run_stage(name, mode_name, min(limit, left))
+            report["stages"][name] = _run_stage(name, mode_name,
+                                                min(plan[name]["limit_s"], left),
+                                                logs / f"{name}.log")
         print(f"stage {name}: {report['stages'][name].get('error', 'ok')} "
               f"({report['stages'][name].get('seconds', 0)} s)", flush=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # after every stage
