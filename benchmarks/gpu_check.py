@@ -30,7 +30,7 @@ Triton tuning it will do (``tuning_estimate``): the shape classes of its fused-o
 that the tuning cache does not hold yet, each timed over every config of each kernel, and
 the kernel variants those trials compile. The budget, the sum of the limits, is printed
 before the first stage and kept in the results. With an empty tuning cache the estimate
-adds 646 s to the full check's 620 s and 551 s to the quick check's 230 s (most of it the
+adds 771 s to the full check's 620 s and 637 s to the quick check's 230 s (most of it the
 parity stage's: three dtypes, two memory formats); with every class in the cache, nothing.
 
 Output. Each stage's stdout and stderr go to a log as they come
@@ -178,13 +178,15 @@ def _env(mode: Mode, **extra) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Conv1x1:
     """One BN-ReLU-Conv1x1 launch shape: ``batch`` images of ``size`` x ``size`` pixels, the
-    first ``channels`` of a ``total``-channel buffer in, ``out_channels`` out."""
+    first ``channels`` of a ``total``-channel buffer in, ``out_channels`` out. ``nchw_grad``:
+    its backward gets an NCHW output gradient whatever the buffer's format."""
 
     batch: int
     size: int
     channels: int
     out_channels: int
     total: int
+    nchw_grad: bool = False
 
     @property
     def hw(self) -> int:
@@ -210,7 +212,9 @@ def conv1x1_layers(config) -> tuple[Conv1x1, ...]:
     """The BN-ReLU-Conv1x1 of a DenseNet-BC ``config``'s training step, at its batch and image
     size: each dense layer's bottleneck (the buffer's prefix in, ``bn_size * growth_rate``
     out) and each transition (the block's channels in, half out; at the block's resolution,
-    before its 2x2 pooling)."""
+    before its 2x2 pooling). A transition's backward gets its gradient from the pooling's
+    backward (block.py's ``_avg_pool2x2_backward``), which returns it in NCHW: in a
+    channels-last model its kernels walk pixels per image or divided, not flat."""
     size = (config.image_size - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
     size = (size - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
     channels, layers = config.num_init_features, []
@@ -220,7 +224,8 @@ def conv1x1_layers(config) -> tuple[Conv1x1, ...]:
                            config.bn_size * config.growth_rate, total) for layer in range(depth)]
         channels = total
         if index < len(config.block_config) - 1:
-            layers.append(Conv1x1(config.batch_size, size, channels, channels // 2, channels))
+            layers.append(Conv1x1(config.batch_size, size, channels, channels // 2, channels,
+                                  nchw_grad=True))
             channels, size = channels // 2, size // 2
     return tuple(layers)
 
@@ -290,22 +295,27 @@ def _launch_classes(launches: Launches):
     from densenet_fast.ops import triton_impl
 
     dtype, memory_format = getattr(torch, launches.dtype), _memory_format(launches.memory_format)
-    tilings = {}
-    for layer in set(launches.layers):
-        if layer.size not in tilings:  # the strides of a tensor of that plane, not its data
-            probe = torch.empty((1, 2, layer.size, layer.size), device="meta",
-                                memory_format=memory_format)
-            tilings[layer.size] = triton_impl.pixel_tiling(layer.hw, probe)
-        tiling = tilings[layer.size]
+
+    def probe(size: int, fmt):  # the strides of a tensor of that plane, not its data
+        return torch.empty((1, 2, size, size), device="meta", memory_format=fmt)
+
+    def launch(kernel: int, tiling: int, layer: Conv1x1, stats_grad=()):
         shape_class = triton_impl._shape_class(dtype, tiling, layer.pixels, layer.channels,
                                                layer.out_channels)
         divisible = tuple(n % 16 == 0 for n in (layer.pixels, layer.hw, layer.channels,
                                                 layer.out_channels, layer.total))
-        variant = (launches.dtype, tiling, divisible)
-        yield 0, shape_class, variant
+        return kernel, (*shape_class, *stats_grad), (launches.dtype, tiling, divisible,
+                                                     *stats_grad)
+
+    for layer in set(launches.layers):
+        data = probe(layer.size, memory_format)
+        grad = probe(layer.size, torch.contiguous_format) if layer.nchw_grad else data
+        forward = triton_impl.pixel_tiling(layer.hw, data, data)
+        backward = triton_impl.pixel_tiling(layer.hw, grad, data)
+        yield launch(0, forward, layer)
         for stats_grad in launches.stats_grad:
-            yield 1, (*shape_class, stats_grad), (*variant, stats_grad)
-        yield 2, shape_class, variant
+            yield launch(1, backward, layer, (stats_grad,))
+        yield launch(2, backward, layer)
 
 
 def tuning_estimate(launches: list[Launches], device: str, interpreted: bool,

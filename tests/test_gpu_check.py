@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -156,10 +157,12 @@ def test_without_a_gpu_the_full_check_refuses_clearly(gpu_check, monkeypatch, ca
 D121_BLOCKS = [(6, 64, 56), (12, 128, 28), (24, 256, 14), (16, 512, 7)]
 
 
-def _d121_shapes(batch):
-    """(pixels, channels, out_channels) of densenet121's 1x1 convolutions at ``batch``."""
-    layers = [(batch * s * s, c0 + 32 * i, 128) for n, c0, s in D121_BLOCKS for i in range(n)]
-    transitions = [(batch * s * s, c0 + 32 * n, (c0 + 32 * n) // 2)
+def _d121_layers(batch):
+    """(pixels, channels, out_channels, plane, is a transition) of densenet121's 1x1
+    convolutions at ``batch``."""
+    layers = [(batch * s * s, c0 + 32 * i, 128, s, False)
+              for n, c0, s in D121_BLOCKS for i in range(n)]
+    transitions = [(batch * s * s, c0 + 32 * n, (c0 + 32 * n) // 2, s, True)
                    for n, c0, s in D121_BLOCKS[:-1]]
     return layers + transitions
 
@@ -175,26 +178,78 @@ def empty_tuning_cache(monkeypatch, tmp_path):
 def test_conv1x1_layers_are_densenet121s(gpu_check):
     layers = gpu_check.conv1x1_layers(gpu_check.MODES["full"].config(batch=64))
     assert len(layers) == 61  # 58 dense layers, 3 transitions
-    assert sorted((layer.pixels, layer.channels, layer.out_channels) for layer in layers) == \
-        sorted(_d121_shapes(64))
+    assert sorted((layer.pixels, layer.channels, layer.out_channels, layer.size,
+                   layer.nchw_grad) for layer in layers) == sorted(_d121_layers(64))
 
 
 @pytest.mark.parametrize("batch", [64, 16, 7])
 def test_the_estimate_counts_densenet121s_shape_classes(gpu_check, empty_tuning_cache, batch):
+    """Channels-last: the forward walks pixels flat; the backward too, but in the transitions,
+    whose output gradient comes in NCHW (per image where the plane is a multiple of 16 pixels,
+    else divided)."""
     from densenet_fast.ops.triton_tuning import size_class
 
-    classes = {(size_class(p), size_class(c), size_class(co)) for p, c, co in _d121_shapes(batch)}
+    def tiling_of(plane, transition):
+        if not transition:
+            return "flat"
+        return "per-image" if plane * plane % 16 == 0 else "divided"
+
+    layers = _d121_layers(batch)
+    forward = {(size_class(p), size_class(c), size_class(co)) for p, c, co, _, _ in layers}
+    backward = {(tiling_of(s, t), size_class(p), size_class(c), size_class(co))
+                for p, c, co, s, t in layers}
     launches = [gpu_check._model_launches(gpu_check.MODES["full"], [batch])]
     estimate = gpu_check.tuning_estimate(launches, "cpu", interpreted=False)
-    # Three kernels (the input gradient's only with stats_grad=False), each class new.
-    assert estimate["classes"] == estimate["to_tune"] == 3 * len(classes)
-    assert estimate["trials"] == 3 * 3 * len(classes)  # three configs per kernel
-    # Compiled once per kernel, config and pattern of sizes that are multiples of 16.
-    patterns = {(batch * s * s % 16 == 0, s * s % 16 == 0) for _, _, s in D121_BLOCKS}
-    assert estimate["compiles"] == 3 * 3 * len(patterns)
+    # The input gradient's kernel only with stats_grad=False; every class new.
+    assert estimate["classes"] == estimate["to_tune"] == len(forward) + 2 * len(backward)
+    assert estimate["trials"] == 3 * estimate["classes"]  # three configs per kernel
+    # Compiled once per kernel, config, tiling and pattern of sizes that are multiples of 16.
+    forward_variants = {(p % 16 == 0, s * s % 16 == 0) for p, _, _, s, _ in layers}
+    backward_variants = {(tiling_of(s, t), p % 16 == 0, s * s % 16 == 0)
+                         for p, _, _, s, t in layers}
+    assert estimate["compiles"] == 3 * (len(forward_variants) + 2 * len(backward_variants))
     assert estimate["seconds"] == pytest.approx(
         estimate["compiles"] * gpu_check.COMPILE_SECONDS
         + estimate["trials"] * gpu_check.TRIAL_SECONDS, abs=0.05)
+
+
+# Records the (tuner, shape class) pairs a densenet_fast training step of the dry run's tiny
+# model meets (channels-last, bf16 autocast), through the interpreter.
+MET_CLASSES = """
+import json, sys
+from densenet_fast.benchmark.runner import Runner, RunSettings
+from densenet_fast.benchmark.implementations import ModelConfig
+from densenet_fast.ops import triton_impl, triton_tuning
+
+met, choose = set(), triton_tuning.Tuner.choose
+
+def recording(self, shape_class, device, trial):
+    met.add((triton_impl.TUNERS.index(self), tuple(shape_class)))
+    return choose(self, shape_class, device, trial)
+
+triton_tuning.Tuner.choose = recording
+config = ModelConfig.from_json(json.loads(sys.argv[1]))
+settings = RunSettings(device="cpu", autocast="bfloat16", channels_last=True)
+Runner("densenet_fast", config, settings).step("train")
+print(json.dumps(sorted(met)))
+"""
+
+
+def test_the_estimate_counts_the_classes_a_training_step_meets(gpu_check):
+    """The estimate's (kernel, shape class) pairs are the ones the tuners are asked for."""
+    pytest.importorskip("triton")
+    mode = gpu_check.MODES["dry-run"]
+    env = dict(os.environ, DENSENET_FAST_BACKEND="triton", TRITON_INTERPRET="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", MET_CLASSES, json.dumps(
+        mode.config().to_json())], cwd=SCRIPT.parent.parent, env=env, capture_output=True,
+        text=True, timeout=HOUR, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    met = {(kernel, tuple(shape_class))
+           for kernel, shape_class in json.loads(proc.stdout.splitlines()[-1])}
+    launches = gpu_check._model_launches(mode, [mode.batch])
+    assert met == {(kernel, shape_class)
+                   for kernel, shape_class, _ in gpu_check._launch_classes(launches)}
 
 
 def test_the_estimate_leaves_out_classes_in_the_cache(gpu_check, empty_tuning_cache):
