@@ -142,8 +142,8 @@ MODES = {
     # The dry run proves the script, so each stage does the least that runs all of it: the
     # tiny model (two blocks of two layers, a transition between) at batch 2 and 32x32, whose
     # last block still sees 4x4 (batch 1 trains, so max_batch's search stops at its cap of 1);
-    # one timed round; op shapes whose NCHW planes take both non-flat pixel tilings (4x4:
-    # whole-image tiles, 5x5: divided); the parity stage leaves out the tests/with_triton
+    # one timed round; op shapes with NCHW planes of a multiple of 16 pixels (4x4) and not
+    # (5x5); the parity stage leaves out the tests/with_triton
     # tests of the tiny model (the model stage runs it through the interpreter, and
     # tests/test_triton_interpreter.py runs them all). On the CPU the time depends on the
     # machine's load, so the limits are there to catch a hang, not to bound a run.
@@ -288,8 +288,8 @@ def stage_launches(mode: Mode, name: str) -> list[Launches]:
 def _launch_classes(launches: Launches):
     """``(tuner index, shape class, compile variant)`` of each kernel launch: the tuners'
     order and shape classes are triton_impl's own; the variant is what Triton compiles once
-    for (dtype, pixel tiling, the input gradient's stats_grad, and which sizes are multiples
-    of 16, on which Triton specializes)."""
+    for (dtype, whether pixels are flat, the input gradient's stats_grad, and which sizes are
+    multiples of 16, on which Triton specializes)."""
     import torch
 
     from densenet_fast.ops import triton_impl
@@ -299,19 +299,19 @@ def _launch_classes(launches: Launches):
     def probe(size: int, fmt):  # the strides of a tensor of that plane, not its data
         return torch.empty((1, 2, size, size), device="meta", memory_format=fmt)
 
-    def launch(kernel: int, tiling: int, layer: Conv1x1, stats_grad=()):
-        shape_class = triton_impl._shape_class(dtype, tiling, layer.pixels, layer.channels,
+    def launch(kernel: int, flat: bool, layer: Conv1x1, stats_grad=()):
+        shape_class = triton_impl._shape_class(dtype, flat, layer.pixels, layer.channels,
                                                layer.out_channels)
         divisible = tuple(n % 16 == 0 for n in (layer.pixels, layer.hw, layer.channels,
                                                 layer.out_channels, layer.total))
-        return kernel, (*shape_class, *stats_grad), (launches.dtype, tiling, divisible,
+        return kernel, (*shape_class, *stats_grad), (launches.dtype, flat, divisible,
                                                      *stats_grad)
 
     for layer in set(launches.layers):
         data = probe(layer.size, memory_format)
         grad = probe(layer.size, torch.contiguous_format) if layer.nchw_grad else data
-        forward = triton_impl.pixel_tiling(layer.hw, data, data)
-        backward = triton_impl.pixel_tiling(layer.hw, grad, data)
+        forward = triton_impl.pixels_flat(layer.hw, data, data)
+        backward = triton_impl.pixels_flat(layer.hw, grad, data)
         yield launch(0, forward, layer)
         for stats_grad in launches.stats_grad:
             yield launch(1, backward, layer, (stats_grad,))

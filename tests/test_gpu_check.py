@@ -185,27 +185,24 @@ def test_conv1x1_layers_are_densenet121s(gpu_check):
 @pytest.mark.parametrize("batch", [64, 16, 7])
 def test_the_estimate_counts_densenet121s_shape_classes(gpu_check, empty_tuning_cache, batch):
     """Channels-last: the forward walks pixels flat; the backward too, but in the transitions,
-    whose output gradient comes in NCHW (per image where the plane is a multiple of 16 pixels,
-    else divided)."""
+    whose output gradient comes in NCHW."""
     from densenet_fast.ops.triton_tuning import size_class
 
-    def tiling_of(plane, transition):
-        if not transition:
-            return "flat"
-        return "per-image" if plane * plane % 16 == 0 else "divided"
+    def flat_pixels(plane, transition):
+        return not transition  # flat
 
     layers = _d121_layers(batch)
     forward = {(size_class(p), size_class(c), size_class(co)) for p, c, co, _, _ in layers}
-    backward = {(tiling_of(s, t), size_class(p), size_class(c), size_class(co))
+    backward = {(flat_pixels(s, t), size_class(p), size_class(c), size_class(co))
                 for p, c, co, s, t in layers}
     launches = [gpu_check._model_launches(gpu_check.MODES["full"], [batch])]
     estimate = gpu_check.tuning_estimate(launches, "cpu", interpreted=False)
     # The input gradient's kernel only with stats_grad=False; every class new.
     assert estimate["classes"] == estimate["to_tune"] == len(forward) + 2 * len(backward)
     assert estimate["trials"] == 3 * estimate["classes"]  # three configs per kernel
-    # Compiled once per kernel, config, tiling and pattern of sizes that are multiples of 16.
+    # Compiled once per kernel, config, flatness and pattern of sizes that are multiples of 16.
     forward_variants = {(p % 16 == 0, s * s % 16 == 0) for p, _, _, s, _ in layers}
-    backward_variants = {(tiling_of(s, t), p % 16 == 0, s * s % 16 == 0)
+    backward_variants = {(flat_pixels(s, t), p % 16 == 0, s * s % 16 == 0)
                          for p, _, _, s, t in layers}
     assert estimate["compiles"] == 3 * (len(forward_variants) + 2 * len(backward_variants))
     assert estimate["seconds"] == pytest.approx(
