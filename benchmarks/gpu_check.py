@@ -178,15 +178,13 @@ def _env(mode: Mode, **extra) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Conv1x1:
     """One BN-ReLU-Conv1x1 launch shape: ``batch`` images of ``size`` x ``size`` pixels, the
-    first ``channels`` of a ``total``-channel buffer in, ``out_channels`` out. ``nchw_grad``:
-    its backward gets an NCHW output gradient whatever the buffer's format."""
+    first ``channels`` of a ``total``-channel buffer in, ``out_channels`` out."""
 
     batch: int
     size: int
     channels: int
     out_channels: int
     total: int
-    nchw_grad: bool = False
 
     @property
     def hw(self) -> int:
@@ -212,9 +210,7 @@ def conv1x1_layers(config) -> tuple[Conv1x1, ...]:
     """The BN-ReLU-Conv1x1 of a DenseNet-BC ``config``'s training step, at its batch and image
     size: each dense layer's bottleneck (the buffer's prefix in, ``bn_size * growth_rate``
     out) and each transition (the block's channels in, half out; at the block's resolution,
-    before its 2x2 pooling). A transition's backward gets its gradient from the pooling's
-    backward (block.py's ``_avg_pool2x2_backward``), which returns it in NCHW: in a
-    channels-last model its kernels walk pixels per image or divided, not flat."""
+    before its 2x2 pooling)."""
     size = (config.image_size - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
     size = (size - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
     channels, layers = config.num_init_features, []
@@ -224,8 +220,7 @@ def conv1x1_layers(config) -> tuple[Conv1x1, ...]:
                            config.bn_size * config.growth_rate, total) for layer in range(depth)]
         channels = total
         if index < len(config.block_config) - 1:
-            layers.append(Conv1x1(config.batch_size, size, channels, channels // 2, channels,
-                                  nchw_grad=True))
+            layers.append(Conv1x1(config.batch_size, size, channels, channels // 2, channels))
             channels, size = channels // 2, size // 2
     return tuple(layers)
 
@@ -308,14 +303,12 @@ def _launch_classes(launches: Launches):
                                                      *stats_grad)
 
     for layer in set(launches.layers):
-        data = probe(layer.size, memory_format)
-        grad = probe(layer.size, torch.contiguous_format) if layer.nchw_grad else data
-        forward = triton_impl.pixels_flat(layer.hw, data, data)
-        backward = triton_impl.pixels_flat(layer.hw, grad, data)
-        yield launch(0, forward, layer)
+        # The op's gradients come in the buffer's layout (block.py makes the transitions' so).
+        flat = triton_impl.pixels_flat(layer.hw, probe(layer.size, memory_format))
+        yield launch(0, flat, layer)
         for stats_grad in launches.stats_grad:
-            yield launch(1, backward, layer, (stats_grad,))
-        yield launch(2, backward, layer)
+            yield launch(1, flat, layer, (stats_grad,))
+        yield launch(2, flat, layer)
 
 
 def tuning_estimate(launches: list[Launches], device: str, interpreted: bool,

@@ -65,11 +65,22 @@ def _prefix_stats(state: BatchNormSpec, mean, var, channels: int, stats_dtype: t
     return running_mean_invstd(state, stats_dtype)
 
 
-def _avg_pool2x2_backward(grad: torch.Tensor, input_shape) -> torch.Tensor:
-    # avg_pool2d_backward reads only the input's shape; a zero-stride view stands in for it.
-    shape_only = grad.new_empty(()).expand(input_shape)
-    return torch.ops.aten.avg_pool2d_backward(grad, shape_only, [2, 2], [2, 2], [0, 0], False,
-                                              True, None)
+def _avg_pool2x2_backward(grad: torch.Tensor, input_shape,
+                          memory_format: torch.memory_format) -> torch.Tensor:
+    """Gradient of ``avg_pool2d(x, 2)`` (floor mode) at ``x`` of ``input_shape``, laid out in
+    ``memory_format``: each input pixel of a 2x2 window gets a quarter of the window's
+    gradient (exact, as ``avg_pool2d_backward``'s division by 4), a last odd row or column
+    none. Written here
+    because ``avg_pool2d_backward`` lays its result out as NCHW unless given an input in
+    channels-last, which the block does not keep, and the fused backward reads it fastest in
+    the buffer's layout (the Triton kernels without a division per pixel)."""
+    n, c, h, w = input_shape
+    out = torch.empty(input_shape, dtype=grad.dtype, device=grad.device,
+                      memory_format=memory_format).zero_()
+    ho, wo = h // 2, w // 2
+    windows = out[:, :, :2 * ho, :2 * wo].unflatten(3, (wo, 2)).unflatten(2, (ho, 2))
+    windows.copy_((grad * 0.25)[:, :, :, None, :, None].expand_as(windows))
+    return out
 
 
 def dropout_scale(mask: torch.Tensor, rate: float, dtype: torch.dtype) -> torch.Tensor:
@@ -294,7 +305,8 @@ class BlockBackward:
         mean, invstd = _prefix_stats(spec.tail_norm, self.saved.mean, self.saved.var, total,
                                      self.stats_dtype)
         if spec.tail is Tail.TRANSITION:
-            grad_reduced = _avg_pool2x2_backward(grad_out, (n, p.conv_weight.shape[0], h, w))
+            grad_reduced = _avg_pool2x2_backward(grad_out, (n, p.conv_weight.shape[0], h, w),
+                                                 memory_format_of(buffer))
             self.grad_buffer = torch.zeros_like(buffer)
             dconv, dweight, dbias = bn_relu_conv1x1_backward(
                 grad_reduced, buffer, mean, invstd, p.norm_weight, p.norm_bias, p.conv_weight,

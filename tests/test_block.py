@@ -5,7 +5,9 @@ import torch
 from helpers import block_case as _block
 from tolerances import assert_close, assert_gradcheck
 
+from densenet_fast import block
 from densenet_fast.graph import DenseBlockFunction
+from densenet_fast.ops.formats import memory_format_of
 from densenet_fast.spec import Tail
 
 # gradcheck's cost grows with the number of input and output elements: the smallest block that
@@ -33,6 +35,26 @@ def test_gradcheck_with_dropout_under_fixed_masks():
             return DenseBlockFunction.apply(x, spec, *p)
 
     assert_gradcheck(seeded, (x, *params))
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_transition_backward_gets_its_gradient_in_the_buffers_layout(memory_format,
+                                                                     monkeypatch):
+    """The pooling's backward hands the fused backward a gradient laid out as the buffer (the
+    layout its kernels read fastest: the Triton ones without a division per pixel)."""
+    spec, params = _block(tail=Tail.TRANSITION)
+    layouts = []
+    original = block.bn_relu_conv1x1_backward
+
+    def recorded(grad_out, buffer, *args):
+        layouts.append((memory_format_of(grad_out), memory_format_of(buffer)))
+        return original(grad_out, buffer, *args)
+
+    monkeypatch.setattr(block, "bn_relu_conv1x1_backward", recorded)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(memory_format=memory_format)
+    x.requires_grad_()
+    DenseBlockFunction.apply(x, spec, *params).sum().backward()
+    assert layouts and all(g == b == memory_format for g, b in layouts), layouts
 
 
 def test_channels_last_and_contiguous_agree():

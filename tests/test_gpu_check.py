@@ -158,11 +158,11 @@ D121_BLOCKS = [(6, 64, 56), (12, 128, 28), (24, 256, 14), (16, 512, 7)]
 
 
 def _d121_layers(batch):
-    """(pixels, channels, out_channels, plane, is a transition) of densenet121's 1x1
-    convolutions at ``batch``."""
-    layers = [(batch * s * s, c0 + 32 * i, 128, s, False)
+    """(pixels, channels, out_channels, plane) of densenet121's 1x1 convolutions at
+    ``batch``."""
+    layers = [(batch * s * s, c0 + 32 * i, 128, s)
               for n, c0, s in D121_BLOCKS for i in range(n)]
-    transitions = [(batch * s * s, c0 + 32 * n, (c0 + 32 * n) // 2, s, True)
+    transitions = [(batch * s * s, c0 + 32 * n, (c0 + 32 * n) // 2, s)
                    for n, c0, s in D121_BLOCKS[:-1]]
     return layers + transitions
 
@@ -178,33 +178,28 @@ def empty_tuning_cache(monkeypatch, tmp_path):
 def test_conv1x1_layers_are_densenet121s(gpu_check):
     layers = gpu_check.conv1x1_layers(gpu_check.MODES["full"].config(batch=64))
     assert len(layers) == 61  # 58 dense layers, 3 transitions
-    assert sorted((layer.pixels, layer.channels, layer.out_channels, layer.size,
-                   layer.nchw_grad) for layer in layers) == sorted(_d121_layers(64))
+    assert sorted((layer.pixels, layer.channels, layer.out_channels, layer.size)
+                  for layer in layers) == sorted(_d121_layers(64))
 
 
 @pytest.mark.parametrize("batch", [64, 16, 7])
 def test_the_estimate_counts_densenet121s_shape_classes(gpu_check, empty_tuning_cache, batch):
-    """Channels-last: the forward walks pixels flat; the backward too, but in the transitions,
-    whose output gradient comes in NCHW."""
+    """Channels-last: every kernel walks pixels flat, the transitions' backward too."""
     from densenet_fast.ops.triton_tuning import size_class
 
-    def flat_pixels(plane, transition):
-        return not transition  # flat
-
     layers = _d121_layers(batch)
-    forward = {(size_class(p), size_class(c), size_class(co)) for p, c, co, _, _ in layers}
-    backward = {(flat_pixels(s, t), size_class(p), size_class(c), size_class(co))
-                for p, c, co, s, t in layers}
+    classes = {(size_class(p), size_class(c), size_class(co)) for p, c, co, _ in layers}
     launches = [gpu_check._model_launches(gpu_check.MODES["full"], [batch])]
     estimate = gpu_check.tuning_estimate(launches, "cpu", interpreted=False)
-    # The input gradient's kernel only with stats_grad=False; every class new.
-    assert estimate["classes"] == estimate["to_tune"] == len(forward) + 2 * len(backward)
+    # Three kernels (the input gradient's only with stats_grad=False); every class new.
+    assert estimate["classes"] == estimate["to_tune"] == 3 * len(classes)
     assert estimate["trials"] == 3 * estimate["classes"]  # three configs per kernel
-    # Compiled once per kernel, config, flatness and pattern of sizes that are multiples of 16.
-    forward_variants = {(p % 16 == 0, s * s % 16 == 0) for p, _, _, s, _ in layers}
-    backward_variants = {(flat_pixels(s, t), p % 16 == 0, s * s % 16 == 0)
-                         for p, _, _, s, t in layers}
-    assert estimate["compiles"] == 3 * (len(forward_variants) + 2 * len(backward_variants))
+    # Compiled once per kernel, config and pattern of sizes that are multiples of 16 (pixels,
+    # plane, channels, out channels, the buffer's channels: a block's, or the transition's).
+    totals = {s: c0 + 32 * n for n, c0, s in D121_BLOCKS}
+    variants = {tuple(v % 16 == 0 for v in (p, s * s, c, co, totals[s] if co == 128 else c))
+                for p, c, co, s in layers}
+    assert estimate["compiles"] == 3 * 3 * len(variants)
     assert estimate["seconds"] == pytest.approx(
         estimate["compiles"] * gpu_check.COMPILE_SECONDS
         + estimate["trials"] * gpu_check.TRIAL_SECONDS, abs=0.05)
