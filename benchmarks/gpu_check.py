@@ -29,9 +29,13 @@ Time limits. A stage's limit is its base limit (``Mode.timeouts``) plus an estim
 Triton tuning it will do (``tuning_estimate``): the shape classes of its fused-op launches
 that the tuning cache does not hold yet, each timed over every config of each kernel, and
 the kernel variants those trials compile. The budget, the sum of the limits, is printed
-before the first stage and kept in the results. With an empty tuning cache the estimate
-adds 771 s to the full check's 620 s and 637 s to the quick check's 230 s (most of it the
-parity stage's: three dtypes, two memory formats); with every class in the cache, nothing.
+before the first stage and kept in the results. ``parity`` and ``max_batch`` check numbers
+and memory, not speed: their kernels run the pinned configs (``DENSENET_FAST_TRITON_TUNING=off``),
+so only their compiles count. With an empty tuning cache the estimate adds 311 s to the full
+check's 620 s and 293 s to the quick check's 230 s; with every class in the cache, only
+the compiles of the untuned stages. A GPU session whose commands may run 10 minutes runs
+``--quick`` in one command, the full check as ``--only parity op model`` and
+``--only max_batch compile_time``.
 
 Output. Each stage's stdout and stderr go to a log as they come
 (``benchmarks/results/<results>-logs/<stage>.log``): a stage that runs out of time still
@@ -114,6 +118,9 @@ class Mode:
     max_batch_budget_gib: float = 16.0
     max_batch_cap: int = 1024
     stages: tuple = ("parity", "op", "model", "max_batch", "compile_time")
+    # Stages that check numbers or memory, not speed: their kernels run the pinned configs
+    # (DENSENET_FAST_TRITON_TUNING=off) instead of tuning hundreds of shape classes.
+    untuned: tuple = ("parity", "max_batch")
     parity_tests: tuple = ("tests/with_triton",)
     timeouts: tuple = (("parity", 150), ("op", 60), ("model", 200), ("max_batch", 120),
                        ("compile_time", 90))
@@ -312,13 +319,14 @@ def _launch_classes(launches: Launches):
 
 
 def tuning_estimate(launches: list[Launches], device: str, interpreted: bool,
-                    cold: bool = False) -> dict:
+                    cold: bool = False, tuned: bool = True) -> dict:
     """How much Triton tuning ``launches`` cost on ``device``: ``classes``, the distinct
     (kernel, shape class) pairs; ``to_tune``, those not in the tuning cache file (all with
     ``cold``: a process given an empty one); ``trials``, one per config of each to tune;
     ``compiles``, every config of each kernel variant those trials run; ``seconds``,
     ``compiles * COMPILE_SECONDS + trials * TRIAL_SECONDS``. The interpreter runs one config
-    per kernel and so tunes nothing."""
+    per kernel and so tunes nothing. Without ``tuned`` (``DENSENET_FAST_TRITON_TUNING=off``)
+    nothing is timed and each kernel variant compiles its pinned config only."""
     import torch
 
     from densenet_fast.ops import triton_impl, triton_tuning
@@ -334,9 +342,14 @@ def tuning_estimate(launches: list[Launches], device: str, interpreted: bool,
         return not cold and triton_tuning.DISK.get(
             tuners[kernel]._key(shape_class, where)) is not None
 
-    to_tune = [(kernel, shape_class) for kernel, shape_class in found
-               if configs[kernel] > 1 and not cached(kernel, shape_class)]
-    variants = {(kernel, found[kernel, shape_class]) for kernel, shape_class in to_tune}
+    if tuned:
+        to_tune = [(kernel, shape_class) for kernel, shape_class in found
+                   if configs[kernel] > 1 and not cached(kernel, shape_class)]
+        variants = {(kernel, found[kernel, shape_class]) for kernel, shape_class in to_tune}
+    else:
+        to_tune, configs = [], [1] * len(tuners)
+        variants = set() if interpreted else {(kernel, variant)
+                                              for (kernel, _), variant in found.items()}
     trials = sum(configs[kernel] for kernel, _ in to_tune)
     compiles = sum(configs[kernel] for kernel, _ in variants)
     return {"classes": len(found), "to_tune": len(to_tune), "trials": trials,
@@ -352,8 +365,10 @@ def plan_limits(mode: Mode, names: list[str], device: str) -> dict[str, dict]:
     base = dict(mode.timeouts)
     for name in names:
         estimate = tuning_estimate(stage_launches(mode, name), device, mode.interpreted,
-                                   cold=name == "compile_time")  # its first process: empty
+                                   cold=name == "compile_time",  # its first process: empty
+                                   tuned=name not in mode.untuned)
         plan[name] = {"base_s": base[name], "estimate": estimate,
+                      "tuned": name not in mode.untuned,
                       "limit_s": base[name] + math.ceil(estimate["seconds"])}
     return plan
 
@@ -364,8 +379,9 @@ def format_plan(plan: dict[str, dict], cache: Path) -> str:
     for name, row in plan.items():
         e = row["estimate"]
         lines.append(f"  {name:12s} {row['base_s']:5d} s + {e['seconds']:7.1f} s = "
-                     f"{row['limit_s']:5d} s  ({e['classes']} classes, {e['to_tune']} to tune: "
-                     f"{e['trials']} trials, {e['compiles']} compiles)")
+                     f"{row['limit_s']:5d} s  ({e['classes']} classes, "
+                     + (f"{e['to_tune']} to tune: {e['trials']} trials, " if row["tuned"]
+                        else "pinned configs: ") + f"{e['compiles']} compiles)")
     lines.append(f"  budget: {sum(row['limit_s'] for row in plan.values())} s")
     return "\n".join(lines)
 
@@ -783,6 +799,12 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return text[-chars:]
 
 
+def _stage_env(name: str, mode: Mode) -> dict:
+    from densenet_fast.ops.triton_tuning import TUNING_ENV
+
+    return _env(mode, **{TUNING_ENV: "off"} if name in mode.untuned else {})
+
+
 def _run_stage(name: str, mode_name: str, timeout: float, log: Path) -> dict:
     """One stage in a process of its own, in a process group of its own: a stage that runs
     past its limit (or a Ctrl-C) ends with every process it started, which would otherwise
@@ -795,7 +817,7 @@ def _run_stage(name: str, mode_name: str, timeout: float, log: Path) -> dict:
         result_path = Path(tmp) / f"{name}.json"
         with open(log, "w") as out, subprocess.Popen(
                 _stage_command(name, mode_name, timeout, result_path), cwd=ROOT,
-                env=_env(MODES[mode_name]), stdout=out, stderr=subprocess.STDOUT,
+                env=_stage_env(name, MODES[mode_name]), stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True) as proc:
             try:
                 proc.wait(timeout=timeout)
@@ -910,6 +932,17 @@ def _run_one_stage(args) -> int:
     return 0
 
 
+def _earlier_stages(out: Path, mode_name: str, device: str, names: list[str]) -> dict:
+    """The stages an earlier run of the same mode on the same device left in ``out`` and
+    this ``--only`` run does not repeat, each marked with that run's date: a check split
+    over several commands ends with one report."""
+    earlier = _read_json(out)
+    if not earlier or earlier.get("mode") != mode_name or earlier.get("device") != device:
+        return {}
+    return {name: {**stage, "run": stage.get("run", earlier.get("date"))}
+            for name, stage in earlier.get("stages", {}).items() if name not in names}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -956,7 +989,7 @@ def main() -> int:
               "budget": {"total_s": total, "tuning_cache": str(cache_file()),
                          "compile_s": COMPILE_SECONDS, "trial_s": TRIAL_SECONDS,
                          "stages": plan},
-              "stages": {}}
+              "stages": _earlier_stages(out, mode_name, device, names) if args.only else {}}
     for name in names:  # each within its limit, so all within the budget
         report["stages"][name] = _run_stage(name, mode_name, plan[name]["limit_s"],
                                             logs / f"{name}.log")

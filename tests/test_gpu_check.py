@@ -306,3 +306,33 @@ def test_the_op_stage_fails_when_the_fused_result_is_off(gpu_check, monkeypatch,
         assert not any(row["check"]["passed"] for row in result["rows"])
         assert all(e["out"] == pytest.approx(0.1, rel=0.1) for e in errors)
         assert all(e["grad_input"] <= bound for e in errors)  # the backward is untouched
+
+
+def test_untuned_stages_run_pinned_configs_and_count_only_compiles(gpu_check,
+                                                                   empty_tuning_cache):
+    from densenet_fast.ops.triton_tuning import TUNING_ENV
+
+    mode = gpu_check.MODES["full"]
+    assert gpu_check._stage_env("parity", mode)[TUNING_ENV] == "off"
+    assert gpu_check._stage_env("max_batch", mode)[TUNING_ENV] == "off"
+    assert gpu_check._stage_env("op", mode).get(TUNING_ENV) == os.environ.get(TUNING_ENV)
+    launches = gpu_check.stage_launches(mode, "parity")
+    tuned = gpu_check.tuning_estimate(launches, "cpu", interpreted=False)
+    pinned = gpu_check.tuning_estimate(launches, "cpu", interpreted=False, tuned=False)
+    assert pinned["classes"] == tuned["classes"] and pinned["to_tune"] == pinned["trials"] == 0
+    # One compile per kernel variant instead of one per config of it.
+    assert 0 < pinned["compiles"] == tuned["compiles"] // 3
+    plan = gpu_check.plan_limits(mode, ["parity", "op"], "cpu")
+    assert not plan["parity"]["tuned"] and plan["op"]["tuned"]
+    assert "pinned configs" in gpu_check.format_plan(plan, empty_tuning_cache)
+
+
+def test_an_only_run_keeps_the_other_stages_of_the_same_check(gpu_check, tmp_path):
+    out = tmp_path / "gpu-x.json"
+    out.write_text(json.dumps({"mode": "full", "device": "X", "date": "then",
+                               "stages": {"parity": {"seconds": 1}, "op": {"seconds": 2}}}))
+    kept = gpu_check._earlier_stages(out, "full", "X", ["op"])
+    assert kept == {"parity": {"seconds": 1, "run": "then"}}
+    assert gpu_check._earlier_stages(out, "quick", "X", ["op"]) == {}
+    assert gpu_check._earlier_stages(out, "full", "Y", ["op"]) == {}
+    assert gpu_check._earlier_stages(tmp_path / "none.json", "full", "X", ["op"]) == {}

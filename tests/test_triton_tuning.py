@@ -181,6 +181,17 @@ def test_deterministic_mode_uses_the_pinned_config_without_timing(cache):
         torch.use_deterministic_algorithms(previous)
 
 
+def test_tuning_off_runs_the_pinned_config_and_a_bad_value_is_named(cache, monkeypatch):
+    def never(run, device):
+        raise AssertionError("timed")
+
+    monkeypatch.setenv(triton_tuning.TUNING_ENV, "off")
+    assert _tuner(never).choose(CLASS, CPU, _trial) is CONFIGS[0]
+    monkeypatch.setenv(triton_tuning.TUNING_ENV, "fast")
+    with pytest.raises(ValueError, match="DENSENET_FAST_TRITON_TUNING must be 'on' or 'off'"):
+        _tuner(never).choose(CLASS, CPU, _trial)
+
+
 def test_a_trial_is_timed_after_an_untimed_first_call():
     calls = []
     seconds = triton_tuning._time_trial(lambda: calls.append(1), CPU)

@@ -10,8 +10,9 @@ file shared by later processes on the same device, Triton and kernel source.
 
 The config a launch uses is returned to the launcher before the launch, never read back from
 shared state afterwards: two threads (multi-threaded autograd, one worker per GPU) cannot see
-each other's choice. Under ``torch.use_deterministic_algorithms(True)`` no timing is taken:
-each kernel runs its pinned config, the same in every process and on every device.
+each other's choice. Under ``torch.use_deterministic_algorithms(True)``, or with
+``DENSENET_FAST_TRITON_TUNING=off`` (jobs too short to repay tuning, numerical checks), no
+timing is taken: each kernel runs its pinned config, the same in every process and device.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import triton
 
 CACHE_ENV = "DENSENET_FAST_TRITON_CACHE"
+TUNING_ENV = "DENSENET_FAST_TRITON_TUNING"
 # Each config's trial runs until this much time has passed (after one untimed launch, which
 # compiles it): enough to rank configs whose times differ by more than launch noise.
 TRIAL_SECONDS = 0.002
@@ -48,6 +50,15 @@ def cache_file() -> Path:
         return Path(path)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "densenet_fast" / "triton-tuning.json"
+
+
+def tuning_enabled() -> bool:
+    """``$DENSENET_FAST_TRITON_TUNING``: ``on`` (the default) times configs per shape class,
+    ``off`` runs every kernel's pinned config."""
+    value = os.environ.get(TUNING_ENV, "on")
+    if value not in ("on", "off"):
+        raise ValueError(f"{TUNING_ENV} must be 'on' or 'off', got {value!r}")
+    return value == "on"
 
 
 def tuning_stats() -> dict:
@@ -193,7 +204,7 @@ class Tuner:
         any process sharing the cache file), ``trial(config)`` runs each config and the
         fastest is kept; ``trial`` must leave the op's results untouched (the input-gradient
         kernel's trials add into a scratch buffer)."""
-        if torch.are_deterministic_algorithms_enabled():
+        if torch.are_deterministic_algorithms_enabled() or not tuning_enabled():
             return self.pinned
         if len(self.configs) == 1:
             return self.configs[0]
