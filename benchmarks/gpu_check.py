@@ -662,8 +662,11 @@ def stage_model(mode: Mode, timeout: float) -> dict:
     for row in (fast, fast_compiled):
         if "median_s" in row and "median_s" in compiled:
             row["time_vs_compiled"] = row["median_s"] / compiled["median_s"]
-    if "peak_bytes" in fast_compiled and fast.get("peak_bytes"):
-        fast_compiled["memory_vs_eager"] = fast_compiled["peak_bytes"] / fast["peak_bytes"]
+    if "peak_bytes" in fast_compiled:
+        # No ratio where the eager peak reads 0: on the CPU (the dry run) a tiny model's step
+        # can run in memory the process already holds.
+        fast_compiled["memory_vs_eager"] = (fast_compiled["peak_bytes"] / fast["peak_bytes"]
+                                            if fast.get("peak_bytes") else None)
     result["tuning"] = tuning_stats()
     return result
 
