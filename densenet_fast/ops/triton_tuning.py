@@ -187,7 +187,9 @@ class Tuner:
     def __init__(self, kernel, configs: list[triton.Config], pinned: triton.Config,
                  timer: Callable[[Callable[[], None], torch.device], float] = _time_trial):
         self.kernel, self.configs, self.pinned, self.timer = kernel, list(configs), pinned, timer
-        self._chosen: dict[str, triton.Config] = {}
+        # What this process chose, by (shape class, device): looked up on every launch, so
+        # kept apart from the disk cache's string keys, which only a first meeting builds.
+        self._chosen: dict[tuple, triton.Config] = {}
         self._lock = threading.Lock()
         source = getattr(kernel, "cache_key", None) or repr(kernel)
         self._prefix = "|".join([kernel.__name__, hashlib.sha256(
@@ -208,21 +210,22 @@ class Tuner:
             return self.pinned
         if len(self.configs) == 1:
             return self.configs[0]
-        key = self._key(shape_class, device)
-        chosen = self._chosen.get(key)
+        met = (tuple(shape_class), device)
+        chosen = self._chosen.get(met)
         if chosen is not None:
             return chosen
         with self._lock:  # one tuning per class, whichever thread meets it first
-            chosen = self._chosen.get(key) or self._from_disk(key)
+            chosen = self._chosen.get(met)
             if chosen is None:
-                chosen = self._tune(key, device, trial)
-            self._chosen[key] = chosen
+                key = self._key(shape_class, device)
+                chosen = self._from_disk(key) or self._tune(key, device, trial)
+                self._chosen[met] = chosen
         return chosen
 
     def _from_disk(self, key: str) -> triton.Config | None:
         stored = DISK.get(key)
         for config in self.configs:
-            if stored is not None and _describe(config) == stored:
+            if _describe(config) == stored:
                 with _stats_lock:
                     _stats["from_disk"] += 1
                 return config
