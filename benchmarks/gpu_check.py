@@ -218,8 +218,10 @@ def conv1x1_layers(config) -> tuple[Conv1x1, ...]:
     size: each dense layer's bottleneck (the buffer's prefix in, ``bn_size * growth_rate``
     out) and each transition (the block's channels in, half out; at the block's resolution,
     before its 2x2 pooling)."""
-    size = (config.image_size - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
-    size = (size - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
+    from densenet_fast.validation import output_size
+
+    size = output_size(config.image_size, 7, 2, 3)  # conv0
+    size = output_size(size, 3, 2, 1)  # pool0
     channels, layers = config.num_init_features, []
     for index, depth in enumerate(config.block_config):
         total = channels + depth * config.growth_rate
@@ -228,7 +230,7 @@ def conv1x1_layers(config) -> tuple[Conv1x1, ...]:
         channels = total
         if index < len(config.block_config) - 1:
             layers.append(Conv1x1(config.batch_size, size, channels, channels // 2, channels))
-            channels, size = channels // 2, size // 2
+            channels, size = channels // 2, output_size(size, 2, 2, 0)
     return tuple(layers)
 
 

@@ -70,10 +70,10 @@ def _avg_pool2x2_backward(grad: torch.Tensor, input_shape,
     """Gradient of ``avg_pool2d(x, 2)`` (floor mode) at ``x`` of ``input_shape``, laid out in
     ``memory_format``: each input pixel of a 2x2 window gets a quarter of the window's
     gradient (exact, as ``avg_pool2d_backward``'s division by 4), a last odd row or column
-    none. Written here
-    because ``avg_pool2d_backward`` lays its result out as NCHW unless given an input in
-    channels-last, which the block does not keep, and the fused backward reads it fastest in
-    the buffer's layout (the Triton kernels without a division per pixel)."""
+    none. Written here because ``avg_pool2d_backward`` lays its result out as NCHW unless
+    given an input in channels-last, which the block does not keep, and the fused backward
+    reads it fastest in the buffer's layout (the Triton kernels without a division per
+    pixel)."""
     n, c, h, w = input_shape
     out = torch.empty(input_shape, dtype=grad.dtype, device=grad.device,
                       memory_format=memory_format).zero_()
