@@ -36,12 +36,15 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
+from . import timm_parts
 from .architecture import DenseLayer
 from .spec import BatchNormSpec
 from .sync import sync_of
 from .validation import is_type
 
+# A transition's children: torchvision's, and timm's (whose norm applies the ReLU itself).
 _TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
+_NORM_ACT_TRANSITION_CHILDREN = ("norm", "conv", "pool")
 
 # Depth of nested unfused() contexts.
 _unfused_depth = 0
@@ -166,10 +169,22 @@ def runtime_blocker(x) -> Blocker | None:
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """torchvision's ``FrozenBatchNorm2d``, looked up only if torchvision is loaded."""
+    """torchvision's ``FrozenBatchNorm2d`` or timm's ``FrozenBatchNormAct2d``, looked up only
+    if torchvision or timm is loaded."""
     misc = sys.modules.get("torchvision.ops.misc")
     frozen = getattr(misc, "FrozenBatchNorm2d", None) if misc is not None else None
-    return frozen is not None and is_type(module, frozen)
+    frozen_act = timm_parts.frozen_batchnorm_act_class()
+    return (frozen is not None and is_type(module, frozen)) or (
+        frozen_act is not None and is_type(module, frozen_act))
+
+
+def is_norm_act(module: nn.Module | None) -> bool:
+    """Whether ``module`` is one of timm's BatchNorm-with-activation modules
+    (``BatchNormAct2d``, ``SyncBatchNormAct``, ``FrozenBatchNormAct2d``): the BatchNorm, then
+    its ``drop`` child, then its ``act`` child."""
+    return any(cls is not None and is_type(module, cls) for cls in (
+        timm_parts.batchnorm_act_class(), timm_parts.sync_batchnorm_act_class(),
+        timm_parts.frozen_batchnorm_act_class()))
 
 
 def _describe(module: nn.Module | None) -> str:
@@ -181,14 +196,21 @@ def _describe(module: nn.Module | None) -> str:
     return f"{name} ({module!r})" if isinstance(module, (nn.Conv2d, nn.AvgPool2d)) else name
 
 
-def norm_problem(bn: nn.Module | None, channels: int) -> str | None:
-    """Why ``bn`` is not a BatchNorm the fused path computes exactly over ``channels``."""
-    if is_type(bn, nn.BatchNorm2d) or is_type(bn, nn.SyncBatchNorm):
+def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> str | None:
+    """Why ``bn`` is not a BatchNorm the fused path computes exactly over ``channels``.
+    ``act``: ``bn`` is to be one of timm's norm-act modules (:func:`is_norm_act`), whose
+    BatchNorm part this checks; the caller checks its ``drop`` and ``act``."""
+    if act and not is_norm_act(bn):
+        return f"is {_describe(bn)}, not timm's BatchNormAct2d"
+    if not act and is_norm_act(bn):
+        return f"is {_describe(bn)}, not nn.BatchNorm2d (it applies an activation itself)"
+    if is_frozen_batchnorm(bn):
+        width = bn.weight.shape[0]
+    elif isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) and (
+            act or is_type(bn, nn.BatchNorm2d) or is_type(bn, nn.SyncBatchNorm)):
         if not bn.affine:
             return "has affine=False"
         width = bn.num_features
-    elif is_frozen_batchnorm(bn):
-        width = bn.weight.shape[0]
     else:
         return f"is {_describe(bn)}, not nn.BatchNorm2d"
     if width != channels:
@@ -224,6 +246,10 @@ def _relu_problem(relu: nn.Module | None) -> str | None:
     return None if is_type(relu, nn.ReLU) else f"is {_describe(relu)}, not nn.ReLU"
 
 
+def _identity_problem(module: nn.Module | None) -> str | None:
+    return None if is_type(module, nn.Identity) else f"is {_describe(module)}, not nn.Identity"
+
+
 def _child_blocker(prefix: str, name: str, child: nn.Module | None,
                    problem: str | None) -> Blocker | None:
     """Why child ``prefix + name`` keeps the fusion off, given the ``problem`` of its type
@@ -239,12 +265,40 @@ def _child_blocker(prefix: str, name: str, child: nn.Module | None,
     return None
 
 
+def bn_relu_blocker(prefix: str, norm_name: str, norm: nn.Module | None, relu_name: str,
+                    relu: nn.Module | None, channels: int, *, norm_act: bool) -> Blocker | None:
+    """Why child ``norm_name`` and the ReLU after it are not BN-ReLU over ``channels``.
+    Torchvision's layout (``norm_act`` False): a BatchNorm, then the ``relu_name`` child
+    ``relu``. timm's: one norm-act module (:func:`is_norm_act`) whose ``drop`` is
+    ``nn.Identity`` and whose ``act`` is ``nn.ReLU`` (``relu`` is not used)."""
+    if not norm_act:
+        return (_child_blocker(prefix, norm_name, norm, norm_problem(norm, channels))
+                or _child_blocker(prefix, relu_name, relu, _relu_problem(relu)))
+    blocker = _child_blocker(prefix, norm_name, norm, norm_problem(norm, channels, act=True))
+    if blocker is not None:
+        return blocker
+    inner = f"{prefix}{norm_name}."
+    drop, act = norm._modules.get("drop"), norm._modules.get("act")
+    return (_child_blocker(inner, "drop", drop, _identity_problem(drop))
+            or _child_blocker(inner, "act", act, _relu_problem(act)))
+
+
+def is_timm_layer(layer: nn.Module) -> bool:
+    """Whether ``layer`` is timm's ``DenseLayer`` (norm-act modules, no ReLU children)."""
+    timm_layer = timm_parts.densenet_class("layer")
+    return timm_layer is not None and is_type(layer, timm_layer)
+
+
 def layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Blocker | None:
     """Why ``layer`` (``name`` in its block) is not a standard dense layer reading
-    ``channels`` channels and adding ``growth``; None when it is."""
-    if not is_type(layer, DenseLayer) or "forward" in layer.__dict__:
+    ``channels`` channels and adding ``growth``; None when it is. Standard: densenet_fast's
+    (torchvision's) ``DenseLayer`` with its BatchNorms and ReLUs, or timm's ``DenseLayer``
+    with ReLU norm-act modules (its ``grad_checkpointing`` changes memory, not results)."""
+    timm_layer = is_timm_layer(layer)
+    if not (timm_layer or is_type(layer, DenseLayer)) or "forward" in layer.__dict__:
         return Blocker(f"{name} is {type(layer).__name__} with a forward of its own, "
-                       f"not densenet_fast's dense layer", nonstandard=True)
+                       f"not densenet_fast's (torchvision's) or timm's dense layer",
+                       nonstandard=True)
     if has_hooks(layer):
         return Blocker(f"{name} has hooks")
     children = layer._modules
@@ -252,12 +306,12 @@ def layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Bl
     norm2, relu2, conv2 = children.get("norm2"), children.get("relu2"), children.get("conv2")
     prefix = f"{name}."
     bottleneck = conv1.out_channels if is_type(conv1, nn.Conv2d) else None
-    return (_child_blocker(prefix, "norm1", norm1, norm_problem(norm1, channels))
+    return (bn_relu_blocker(prefix, "norm1", norm1, "relu1", relu1, channels,
+                            norm_act=timm_layer)
             or _child_blocker(prefix, "conv1", conv1, _conv_problem(conv1, 1, channels))
-            or _child_blocker(prefix, "norm2", norm2, norm_problem(norm2, bottleneck))
+            or bn_relu_blocker(prefix, "norm2", norm2, "relu2", relu2, bottleneck,
+                               norm_act=timm_layer)
             or _child_blocker(prefix, "conv2", conv2, _conv_problem(conv2, 3, bottleneck))
-            or _child_blocker(prefix, "relu1", relu1, _relu_problem(relu1))
-            or _child_blocker(prefix, "relu2", relu2, _relu_problem(relu2))
             or (None if conv2.out_channels == growth else Blocker(
                 f"{name} adds {conv2.out_channels} channels where the block's first layer "
                 f"adds {growth}", nonstandard=True)))
@@ -313,36 +367,58 @@ def block_channels(block: nn.Module) -> int:
 
 
 def transition_blocker(transition: nn.Module, channels: int) -> Blocker | None:
-    """Why a standard transition type cannot be fused after a block of ``channels``."""
+    """Why a standard transition type cannot be fused after a block of ``channels``: its
+    children are torchvision's (``norm``, ``relu``, ``conv``, ``pool``) or timm's (``norm``, a
+    norm-act module, then ``conv``, ``pool``)."""
     children = transition._modules
-    if "forward" in transition.__dict__ or tuple(children) != _TRANSITION_CHILDREN:
-        return Blocker(f"has children {tuple(children)} or a forward of its own, not "
-                       f"torchvision's {_TRANSITION_CHILDREN}", nonstandard=True)
+    names = tuple(children)
+    if "forward" in transition.__dict__ or names not in (
+            _TRANSITION_CHILDREN, _NORM_ACT_TRANSITION_CHILDREN):
+        return Blocker(f"has children {names} or a forward of its own, not torchvision's "
+                       f"{_TRANSITION_CHILDREN} or timm's {_NORM_ACT_TRANSITION_CHILDREN}",
+                       nonstandard=True)
     pool = children["pool"]
     pool_problem = None
     if not (is_type(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2))
             and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
             and not pool.ceil_mode and pool.divisor_override is None):
         pool_problem = f"is {_describe(pool)}, not nn.AvgPool2d(kernel_size=2, stride=2)"
-    relu = children["relu"]
-    return (_child_blocker("", "norm", children["norm"], norm_problem(children["norm"], channels))
-            or _child_blocker("", "relu", relu, _relu_problem(relu))
+    return (bn_relu_blocker("", "norm", children["norm"], "relu", children.get("relu"),
+                            channels, norm_act="relu" not in children)
             or _child_blocker("", "conv", children["conv"],
                               _conv_problem(children["conv"], 1, channels))
             or _child_blocker("", "pool", pool, pool_problem))
 
 
+# The stems the fused stem computes: torchvision's, and timm's (whose norm0 applies the ReLU).
 STEM_NAMES = ("conv0", "norm0", "relu0", "pool0")
+NORM_ACT_STEM_NAMES = ("conv0", "norm0", "pool0")
+
+
+def stem_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of the stem that ``features`` (whose module names are ``names``) starts with:
+    torchvision's or timm's four or three modules, else every module before the first
+    ``denseblock`` when ``features`` starts with ``conv0`` (a stem of another kind, such as
+    timm's deep stem, which runs as modules), else none."""
+    for layout in (STEM_NAMES, NORM_ACT_STEM_NAMES):
+        if names[:len(layout)] == layout:
+            return layout
+    if names[:1] != ("conv0",):
+        return ()
+    blocks = [i for i, name in enumerate(names) if name.startswith("denseblock")]
+    return names[:blocks[0] if blocks else len(names)]
 
 
 def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
-    """Why the first four modules of ``features`` (``modules``, by name) cannot run as the
-    fused stem: a bias-free ``nn.Conv2d`` (any stride, padding, dilation, groups), a
-    BatchNorm of its channels, ``nn.ReLU`` and an ``nn.MaxPool2d``, none hooked."""
-    names = tuple(modules)[:4]
-    if names != STEM_NAMES:
-        return Blocker(f"features starts with {names}, not {STEM_NAMES}")
-    conv, norm, relu, pool = (modules[name] for name in STEM_NAMES)
+    """Why the stem (:func:`stem_names`) of ``features`` (``modules``, by name) cannot run
+    fused: a bias-free ``nn.Conv2d`` (any stride, padding, dilation, groups), a BatchNorm of
+    its channels and ``nn.ReLU`` (or a ReLU norm-act module), and an ``nn.MaxPool2d``, none
+    hooked."""
+    names = stem_names(tuple(modules))
+    if names not in (STEM_NAMES, NORM_ACT_STEM_NAMES):
+        return Blocker(f"the stem has modules {names}; the fused stem is torchvision's "
+                       f"{STEM_NAMES} or timm's {NORM_ACT_STEM_NAMES}")
+    conv, norm, pool = modules["conv0"], modules["norm0"], modules["pool0"]
     conv_problem = None
     if not (is_type(conv, nn.Conv2d) and conv.bias is None and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)):
@@ -352,8 +428,8 @@ def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
         pool_problem = f"is {_describe(pool)}, not nn.MaxPool2d"
     channels = conv.out_channels if is_type(conv, nn.Conv2d) else None
     return (_child_blocker("", "conv0", conv, conv_problem)
-            or _child_blocker("", "norm0", norm, norm_problem(norm, channels))
-            or _child_blocker("", "relu0", relu, _relu_problem(relu))
+            or bn_relu_blocker("", "norm0", norm, "relu0", modules.get("relu0"), channels,
+                               norm_act=names == NORM_ACT_STEM_NAMES)
             or _child_blocker("", "pool0", pool, pool_problem))
 
 

@@ -156,6 +156,15 @@ class _Features(nn.Sequential):
                 step.report for step in steps if step.report}
 
 
+def set_recompute_bottleneck(features: nn.Module, enable: bool = True) -> None:
+    """Set ``recompute_bottleneck`` on ``features`` (when it is densenet_fast's) and on each
+    of densenet_fast's blocks in it (see :class:`DenseNet`)."""
+    enable = bool(enable)
+    for module in (features, *features.children()):
+        if isinstance(module, (_DenseBlock, _Features)):
+            module.recompute_bottleneck = enable
+
+
 def _named_roles(steps):
     return ((f"features.{name}", module, role) for step in steps
             for name, module, role in step.named_roles())
@@ -223,10 +232,7 @@ class DenseNet(DenseNetBase):
         of ``features`` and on ``features`` itself (the stem), as timm's
         ``set_grad_checkpointing`` sets its setting everywhere; a block can also be set on its
         own (``model.features.denseblock1.recompute_bottleneck = True``)."""
-        enable = bool(enable)
-        for module in (self.features, *self.features.children()):
-            if isinstance(module, (_DenseBlock, _Features)):
-                module.recompute_bottleneck = enable
+        set_recompute_bottleneck(self.features, enable)
 
     def fusion_report(self) -> dict[str, str]:
         """How each dense block runs in the next forward, and why, keyed by its name.

@@ -24,16 +24,17 @@ import torch.nn as nn
 from . import backends
 from .architecture import DenseBlock, Transition
 from .fusion import (
-    STEM_NAMES,
     Blocker,
     block_blocker,
     block_channels,
     block_sync,
     fsdp_tail_blocker,
     has_hooks,
+    is_norm_act,
     norm_problem,
     norm_state,
     stem_blocker,
+    stem_names,
     transition_blocker,
     uses_batch_stats,
 )
@@ -52,7 +53,7 @@ from .validation import as_pair, is_type
 
 
 class StepKind(Enum):
-    STEM = "stem"  # conv0, norm0, relu0, pool0
+    STEM = "stem"  # conv0, norm0, relu0, pool0 (timm: conv0, norm0, pool0), or another stem
     BLOCK = "block"  # a dense block, with the transition or norm after it when fused
     MODULE = "module"  # anything else, called as a module
 
@@ -87,7 +88,7 @@ class Step(NamedTuple):
     def run(self, x: torch.Tensor, recompute_bottleneck: bool = False) -> torch.Tensor:
         """The step's output; ``recompute_bottleneck`` is ``features``' setting (the stem's)."""
         if self.fused and self.kind is StepKind.STEM:
-            conv, norm, _, pool = self.modules
+            conv, norm, pool = self.modules[0], self.modules[1], self.modules[-1]
             return run_stem(conv, norm, pool, x, recompute_bottleneck)
         if self.fused and self.kind is StepKind.BLOCK:
             tail = self.modules[1] if len(self.modules) > 1 else None
@@ -108,12 +109,14 @@ def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type
     block on its modules in this call (:func:`fusion.runtime_blocker`), for the report."""
     named = list(features._modules.items())
     steps, i = [], 0
-    if tuple(features._modules)[:4] == STEM_NAMES:
+    stem_length = len(stem_names(tuple(features._modules)))
+    if stem_length:
         blocker = runtime or stem_blocker(features._modules)
-        names, modules = zip(*named[:4], strict=True)
-        steps.append(Step(StepKind.STEM, names, modules, (None,) * 4, fused=blocker is None,
+        names, modules = zip(*named[:stem_length], strict=True)
+        steps.append(Step(StepKind.STEM, names, modules, (None,) * stem_length,
+                          fused=blocker is None,
                           report="fused" if blocker is None else f"modules: {blocker.reason}"))
-        i = 4
+        i = stem_length
     while i < len(named):
         name, module = named[i]
         if not isinstance(module, DenseBlock):
@@ -170,7 +173,7 @@ def tail_blocker(block: nn.Module, tail: nn.Module | None,
         return Blocker("it does not synchronise its statistics as the block does")
     if is_type(tail, transition_cls):
         return transition_blocker(tail, channels)
-    problem = norm_problem(tail, channels)
+    problem = norm_problem(tail, channels, act=is_norm_act(tail))
     if problem is not None:
         return Blocker(f"it {problem}, and is not a transition either", nonstandard=True)
     if "forward" in tail.__dict__:
@@ -212,7 +215,12 @@ def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tens
 
 def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
     """Run a standard ``block`` and, fused with it, ``tail`` (a transition, a final norm or
-    None) as one graph node: the caller has checked them (:func:`plan_features`)."""
+    None) as one graph node: the caller has checked them (:func:`plan_features`). A final
+    norm that is one of timm's norm-act modules has its BatchNorm fused and its ``drop`` and
+    ``act`` called after, as its forward calls them. The block recomputes its bottlenecks
+    where ``block.recompute_bottleneck`` or a timm layer's ``grad_checkpointing`` asks to
+    (timm's ``set_grad_checkpointing``): the same results, the memory setting closest to
+    timm's checkpointing of each layer's concatenation, BN-ReLU and 1x1 convolution."""
     backends.active_backend(x.device.type)  # a forced, unavailable backend fails here
     modules = list(block._modules.values())
     dtype = _compute_dtype(x, modules[0].conv1.weight)
@@ -235,7 +243,11 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
             drop_rates=tuple(m.drop_rate if m.training else 0.0 for m in modules),
             tail=kind,
             tail_norm=tail_norm,
-            recompute_bottleneck=block.recompute_bottleneck,
+            recompute_bottleneck=block.recompute_bottleneck or any(
+                getattr(m, "grad_checkpointing", False) for m in modules),
             sync=block_sync(block),
         )
-        return dense_block(x.to(dtype), spec, flat_block_params(layers, tail_params))
+        out = dense_block(x.to(dtype), spec, flat_block_params(layers, tail_params))
+    if kind is Tail.NORM and is_norm_act(tail):
+        out = tail.act(tail.drop(out))
+    return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import timm_parts
 from .ops.batchnorm import bn_backward
 from .validation import is_type
 
@@ -132,9 +133,11 @@ class StatsSync:
 
 def sync_of(bn: torch.nn.Module) -> StatsSync | None:
     """The synchronisation ``bn`` asks for in this forward: a training ``nn.SyncBatchNorm``
-    with an initialised process group of more than one rank (else None: it behaves as
-    ``BatchNorm2d``, as PyTorch's does)."""
-    if not is_type(bn, torch.nn.SyncBatchNorm) or not bn.training:
+    (or timm's ``SyncBatchNormAct``) with an initialised process group of more than one rank
+    (else None: it behaves as ``BatchNorm2d``, as PyTorch's does)."""
+    sync_act = timm_parts.sync_batchnorm_act_class()
+    if not (is_type(bn, torch.nn.SyncBatchNorm) or (sync_act is not None and is_type(
+            bn, sync_act))) or not bn.training:
         return None
     if not (dist.is_available() and dist.is_initialized()):
         return None

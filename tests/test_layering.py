@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "densenet_fast"
 # check keeps imports within one layer honest.
 LAYERS = [
     ["ops.formats", "ops.triton_kernels", "ops.triton_tuning", "ops.measure", "ops.lowp_conv",
-     "ops.library", "state_dict", "validation", "architecture"],
+     "ops.library", "state_dict", "validation", "architecture", "timm_parts"],
     ["ops.schema", "ops.batchnorm"],
     ["ops.torch_impl"],
     ["ops"],
