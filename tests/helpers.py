@@ -55,6 +55,26 @@ def assert_grads_match(fast_grads, ref_grads, dtype, what=""):
         assert_close(g, ref_grads[name], dtype, f"{what} grad {name}")
 
 
+def saved_storages(model, run) -> dict[int, int]:
+    """``{storage address: bytes}`` of what autograd saves while ``run()`` builds a graph,
+    the model's parameters and ``run``'s input excluded (they exist anyway)."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(2, 3, 32, 32)
+    own.add(x.untyped_storage().data_ptr())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(x)
+    out.sum().backward()
+    return seen
+
+
 class FusedOpCounter:
     """Counts the dense block's calls of the fused BN-ReLU-Conv1x1 forward (or, with
     ``name="bn_relu_conv1x1_backward"``, of its backward: one per layer and transition whose

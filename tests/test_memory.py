@@ -3,30 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import saved_storages
 
 from densenet_fast import DenseNet, NaiveDenseNet
 
 DEPTHS = (2, 4, 6, 8, 10)
-
-
-def _saved_storages(model, run) -> dict[int, int]:
-    """``{storage address: bytes}`` of what autograd saves while ``run()`` builds a graph,
-    the model's parameters and ``run``'s input excluded (they exist anyway)."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    x = torch.randn(2, 3, 32, 32)
-    own.add(x.untyped_storage().data_ptr())
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run(x)
-    out.sum().backward()
-    return seen
 
 
 def saved_bytes(model_cls, layers: int, **kwargs) -> int:
@@ -35,7 +16,7 @@ def saved_bytes(model_cls, layers: int, **kwargs) -> int:
     torch.manual_seed(0)
     model = model_cls(growth_rate=4, block_config=(layers,), num_init_features=8, bn_size=2,
                       num_classes=3, **kwargs)
-    storages = _saved_storages(
+    storages = saved_storages(
         model, lambda x: F.cross_entropy(model(x), torch.tensor([0, 1]), reduction="none"))
     return sum(storages.values())
 
@@ -84,11 +65,11 @@ def test_stem_keeps_only_the_convolution_output(recompute):
     stem = model.features[:4]
     assert stem.recompute_bottleneck == recompute
     conv_out_bytes = 2 * 8 * 16 * 16 * 4  # N, channels, 16x16 after the stride-2 conv
-    fused = _saved_storages(model, stem)
+    fused = saved_storages(model, stem)
     kept = 0 if recompute else conv_out_bytes
     assert kept <= sum(fused.values()) < kept + 1024, fused  # and statistics
     stem.pool0.register_forward_hook(lambda *args: None)  # now it runs as modules
-    modules = _saved_storages(model, stem)
+    modules = saved_storages(model, stem)
     # conv0's output, norm0's (relu0 in place) and the pool's int64 indices.
     assert sum(modules.values()) >= 2.5 * conv_out_bytes, modules
 
@@ -141,7 +122,7 @@ def test_one_setter_sets_the_memory_setting_everywhere():
     from densenet_fast import convert
 
     def kept(model):
-        return sum(_saved_storages(model, lambda x: model(x).sum()).values())
+        return sum(saved_storages(model, lambda x: model(x).sum()).values())
 
     def tiny(**kwargs):
         torch.manual_seed(0)

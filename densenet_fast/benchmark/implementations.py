@@ -81,6 +81,31 @@ def _fast_recompute(config: ModelConfig) -> nn.Module:
     return _fast(config, recompute_bottleneck=True)
 
 
+def _timm(grad_checkpointing: bool = False, convert: bool = False,
+          recompute_bottleneck: bool = False) -> Callable[[ModelConfig], nn.Module]:
+    """timm's DenseNet of ``config`` (timm ties the stem's width to twice the growth rate),
+    with ``set_grad_checkpointing``, or converted by :func:`densenet_fast.convert`."""
+    def build(config: ModelConfig) -> nn.Module:
+        from timm.models.densenet import DenseNet as TimmDenseNet
+
+        if config.num_init_features != 2 * config.growth_rate:
+            raise ValueError(
+                f"timm's DenseNet has 2 * growth_rate = {2 * config.growth_rate} stem "
+                f"channels; this configuration has num_init_features="
+                f"{config.num_init_features}")
+        model = TimmDenseNet(growth_rate=config.growth_rate, block_config=config.block_config,
+                             bn_size=config.bn_size, num_classes=config.num_classes,
+                             in_chans=config.in_channels)
+        model.set_grad_checkpointing(grad_checkpointing)
+        if convert:
+            from ..convert import convert as to_fast
+
+            model = to_fast(model, recompute_bottleneck=recompute_bottleneck)
+        return model
+
+    return build
+
+
 LAST_BLOCK = "last dense block"
 
 
@@ -151,6 +176,16 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "densenet_fast-gradcam-norm5": Implementation(
         "densenet_fast.DenseNet, Grad-CAM hooks on features.norm5",
         _fast_with_gradcam_hook("features.norm5"), optional=True),
+    "timm": Implementation("timm DenseNet", _timm(), optional=True),
+    "timm-checkpointing": Implementation(
+        "timm DenseNet, set_grad_checkpointing(True)", _timm(grad_checkpointing=True),
+        optional=True),
+    "densenet_fast-timm": Implementation(
+        "densenet_fast.convert(timm DenseNet), active backend", _timm(convert=True),
+        optional=True),
+    "densenet_fast-timm-recompute": Implementation(
+        "densenet_fast.convert(timm DenseNet, recompute_bottleneck=True), active backend",
+        _timm(convert=True, recompute_bottleneck=True), optional=True),
 }
 BASELINE = "torchvision"
 
@@ -180,6 +215,8 @@ def available_implementations(device: str = "cpu", optional: bool = False) -> li
         if (impl.optional or cpu_compile) and not optional:
             continue
         if name.startswith("torchvision") and not have_torchvision:
+            continue
+        if "timm" in name and importlib.util.find_spec("timm") is None:
             continue
         if name == "densenet_fast-torch" and active_backend(device.split(":")[0]) == "torch":
             continue
