@@ -25,11 +25,12 @@ LAYERS = [
     ["plan"],
     ["model", "reference"],
     ["convert"],
+    ["timm"],
     ["benchmark", "benchmark.steps", "benchmark.timing", "benchmark.progress",
      "benchmark.implementations", "benchmark.runner", "benchmark.memory", "benchmark.report",
      "benchmark.sweeps", "benchmark.roofline", "training", "training.data",
      "training.checkpoint", "training.recipe", "training.loop"],
-    ["cli"],
+    ["cli", "timm_train"],
     [""],  # the package's __init__
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
