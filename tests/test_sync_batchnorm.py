@@ -33,6 +33,29 @@ def _model(**options):
     return DenseNet(**CONFIG, **options).to(DTYPE)
 
 
+def _models(kind, recompute):
+    """``(reference, synchronised)``: the fused model of one process, and its twin with
+    synchronised BatchNorms (``nn.SyncBatchNorm``; for timm's DenseNet of the same
+    configuration, timm's ``SyncBatchNormAct``), the same weights."""
+    if kind == "torchvision":
+        return (_model(recompute_bottleneck=recompute),
+                nn.SyncBatchNorm.convert_sync_batchnorm(_model(recompute_bottleneck=recompute)))
+    import timm
+
+    from densenet_fast import convert
+
+    def timm_model():
+        torch.manual_seed(0)
+        assert CONFIG["num_init_features"] == 2 * CONFIG["growth_rate"]  # timm ties them
+        return timm.models.densenet.DenseNet(
+            growth_rate=CONFIG["growth_rate"], block_config=CONFIG["block_config"],
+            bn_size=CONFIG["bn_size"], num_classes=CONFIG["num_classes"]).to(DTYPE)
+
+    return (convert(timm_model(), recompute_bottleneck=recompute),
+            convert(timm.layers.convert_sync_batchnorm(timm_model()),
+                    recompute_bottleneck=recompute))
+
+
 def _batch(shards, size):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(sum(shards), 3, size, size, dtype=DTYPE, generator=generator)
@@ -71,14 +94,13 @@ def expected_collectives(config=CONFIG, one_pixel_planes=False) -> list[tuple[st
     return [("all_reduce", 1)] * one_pixel_planes + forward + backward
 
 
-def _worker(rank, world, init_file, case, recompute, failures):
+def _worker(rank, world, init_file, case, recompute, kind, failures):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         shards, size = CASES[case]
         x, y = _batch(shards, size)
-        reference = _model(recompute_bottleneck=recompute)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(_model(recompute_bottleneck=recompute))
+        reference, model = _models(kind, recompute)
         assert isinstance(model.features.denseblock2.denselayer3.norm2, nn.SyncBatchNorm)
         ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
         start = sum(shards[:rank])
@@ -90,8 +112,9 @@ def _worker(rank, world, init_file, case, recompute, failures):
         layers = sum(CONFIG["block_config"])
         # Every layer's norm1-conv1 and the transition, plus each bottleneck recomputed.
         assert ops.calls == layers + 1 + (layers if recompute else 0), ops.calls
-        assert model.fusion_report()["features.stem"] == "fused"
-        assert all(v.startswith("fused") for v in model.fusion_report().values())
+        report = model.features.fusion_report()
+        assert report["features.stem"] == "fused"
+        assert all(v.startswith("fused") for v in report.values()), report
         assert_close(logits, ref_logits[shard], DTYPE, f"rank {rank} logits")
         assert_close(dx, ref_dx[shard], DTYPE, f"rank {rank} input gradient")
         ref_params = dict(reference.named_parameters())
@@ -109,15 +132,16 @@ def _worker(rank, world, init_file, case, recompute, failures):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_match_one_process_on_the_global_batch(case, recompute):
+@pytest.mark.parametrize(("case", "recompute", "kind"), [
+    (case, recompute, "torchvision") for case in CASES for recompute in (False, True)
+] + [("uneven-shards", False, "timm")])
+def test_two_processes_match_one_process_on_the_global_batch(case, recompute, kind):
     ctx = mp.get_context("spawn")
     failures = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         try:
-            mp.spawn(_worker, args=(2, init_file, case, recompute, failures), nprocs=2)
+            mp.spawn(_worker, args=(2, init_file, case, recompute, kind, failures), nprocs=2)
         except Exception:
             messages = []
             while not failures.empty():
