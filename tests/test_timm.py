@@ -384,3 +384,22 @@ def test_benchmark_rows_build_timms_model_with_the_same_weights():
         assert_close(model(x), expected, torch.float32, name)
     with pytest.raises(ValueError, match="2 \\* growth_rate"):
         build("timm", ModelConfig(growth_rate=4, block_config=(2,), num_init_features=6))
+
+
+def test_compiled_fullgraph_training_step_matches_timm():
+    """``torch.compile(fullgraph=True)`` of a converted timm model: the plan's timm checks
+    trace without a graph break, and a training step gives timm's logits and gradients."""
+    ref = _timm_model("densenet121", growth_rate=4, block_config=(2, 2), num_classes=5)
+    fast = densenet_fast.convert(copy.deepcopy(ref))
+    compiled = torch.compile(fast, fullgraph=True)
+    x, labels = _batch()
+    records = []
+    for model, params in ((compiled, fast), (ref, ref)):
+        logits = model(x)
+        F.cross_entropy(logits, labels).backward()
+        records.append((logits.detach(), {n: p.grad for n, p in params.named_parameters()}))
+    (logits, grads), (ref_logits, ref_grads) = records
+    assert_close(logits, ref_logits, DTYPE, "compiled logits")
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], DTYPE, f"compiled grad {name}")
+    _assert_same_state(fast, ref, "compiled")
