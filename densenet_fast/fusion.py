@@ -40,7 +40,7 @@ from . import timm_parts
 from .architecture import DenseLayer
 from .spec import BatchNormSpec
 from .sync import sync_of
-from .validation import is_type
+from .validation import is_named_type, is_type
 
 # A transition's children: torchvision's, and timm's (whose norm applies the ReLU itself).
 _TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
@@ -169,22 +169,17 @@ def runtime_blocker(x) -> Blocker | None:
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """torchvision's ``FrozenBatchNorm2d`` or timm's ``FrozenBatchNormAct2d``, looked up only
-    if torchvision or timm is loaded."""
-    misc = sys.modules.get("torchvision.ops.misc")
-    frozen = getattr(misc, "FrozenBatchNorm2d", None) if misc is not None else None
-    frozen_act = timm_parts.frozen_batchnorm_act_class()
-    return (frozen is not None and is_type(module, frozen)) or (
-        frozen_act is not None and is_type(module, frozen_act))
+    """torchvision's ``FrozenBatchNorm2d`` or timm's ``FrozenBatchNormAct2d`` (recognised by
+    name: neither library need be imported, see :mod:`densenet_fast.timm_parts`)."""
+    return (is_named_type(module, "torchvision.ops.misc.FrozenBatchNorm2d")
+            or is_named_type(module, timm_parts.FROZEN_BATCHNORM_ACT))
 
 
 def is_norm_act(module: nn.Module | None) -> bool:
     """Whether ``module`` is one of timm's BatchNorm-with-activation modules
     (``BatchNormAct2d``, ``SyncBatchNormAct``, ``FrozenBatchNormAct2d``): the BatchNorm, then
     its ``drop`` child, then its ``act`` child."""
-    return any(cls is not None and is_type(module, cls) for cls in (
-        timm_parts.batchnorm_act_class(), timm_parts.sync_batchnorm_act_class(),
-        timm_parts.frozen_batchnorm_act_class()))
+    return any(is_named_type(module, name) for name in timm_parts.NORM_ACT)
 
 
 def _describe(module: nn.Module | None) -> str:
@@ -285,8 +280,7 @@ def bn_relu_blocker(prefix: str, norm_name: str, norm: nn.Module | None, relu_na
 
 def is_timm_layer(layer: nn.Module) -> bool:
     """Whether ``layer`` is timm's ``DenseLayer`` (norm-act modules, no ReLU children)."""
-    timm_layer = timm_parts.densenet_class("layer")
-    return timm_layer is not None and is_type(layer, timm_layer)
+    return is_named_type(layer, timm_parts.DENSE_LAYER)
 
 
 def layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Blocker | None:

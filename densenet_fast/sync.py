@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import timm_parts
 from .ops.batchnorm import bn_backward
-from .validation import is_type
+from .validation import is_named_type, is_type
 
 _recorders: list[list] = []
 
@@ -135,9 +135,8 @@ def sync_of(bn: torch.nn.Module) -> StatsSync | None:
     """The synchronisation ``bn`` asks for in this forward: a training ``nn.SyncBatchNorm``
     (or timm's ``SyncBatchNormAct``) with an initialised process group of more than one rank
     (else None: it behaves as ``BatchNorm2d``, as PyTorch's does)."""
-    sync_act = timm_parts.sync_batchnorm_act_class()
-    if not (is_type(bn, torch.nn.SyncBatchNorm) or (sync_act is not None and is_type(
-            bn, sync_act))) or not bn.training:
+    if not (is_type(bn, torch.nn.SyncBatchNorm)
+            or is_named_type(bn, timm_parts.SYNC_BATCHNORM_ACT)) or not bn.training:
         return None
     if not (dist.is_available() and dist.is_initialized()):
         return None

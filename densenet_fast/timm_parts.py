@@ -1,41 +1,34 @@
 """timm's DenseNet parts, recognised without importing timm.
 
-The fused path checks module types on every forward; a timm model exists only once timm has
-been imported, so its classes are looked up in ``sys.modules`` (None while timm is not
-loaded) rather than imported, which would cost every densenet_fast user timm's import time.
+The fused path checks module types on every forward, also while ``torch.compile`` traces it.
+timm (or torchvision) need not be imported, and importing it would cost every densenet_fast
+user its import time; looking its module up in ``sys.modules`` would make dynamo guard on
+the number of loaded modules (a missing key is guarded by the dict's length), which the
+first compilation itself changes, so every step would recompile. A module's class is
+instead recognised by name among its own type's bases (:func:`validation.is_named_type`):
+such a module exists only where its library is loaded.
 """
 
 from __future__ import annotations
 
 import sys
 
-_NORM_ACT = "timm.layers.norm_act"
+# timm's BatchNorm-with-activation modules: the BatchNorm, then their `drop` and `act` children
+BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
+SYNC_BATCHNORM_ACT = "timm.layers.norm_act.SyncBatchNormAct"
+FROZEN_BATCHNORM_ACT = "timm.layers.norm_act.FrozenBatchNormAct2d"
+NORM_ACT = (BATCHNORM_ACT, SYNC_BATCHNORM_ACT, FROZEN_BATCHNORM_ACT)
+
+DENSE_LAYER = "timm.models.densenet.DenseLayer"
+
 _DENSENET = "timm.models.densenet"
-
-
-def _lookup(module_name: str, name: str) -> type | None:
-    module = sys.modules.get(module_name)
-    return getattr(module, name, None) if module is not None else None
-
-
-def batchnorm_act_class() -> type | None:
-    """``timm.layers.BatchNormAct2d``: ``nn.BatchNorm2d``, then ``drop``, then ``act``."""
-    return _lookup(_NORM_ACT, "BatchNormAct2d")
-
-
-def sync_batchnorm_act_class() -> type | None:
-    """``timm.layers.SyncBatchNormAct``: ``nn.SyncBatchNorm``, then ``drop``, then ``act``."""
-    return _lookup(_NORM_ACT, "SyncBatchNormAct")
-
-
-def frozen_batchnorm_act_class() -> type | None:
-    """``timm.layers.FrozenBatchNormAct2d``: running statistics only, then ``drop`` and ``act``."""
-    return _lookup(_NORM_ACT, "FrozenBatchNormAct2d")
+_ROLES = {"model": "DenseNet", "block": "DenseBlock", "layer": "DenseLayer",
+          "transition": "DenseTransition"}
 
 
 def densenet_class(role: str) -> type | None:
-    """timm's DenseNet class for ``role``: ``"model"``, ``"block"``, ``"layer"`` or
-    ``"transition"``."""
-    names = {"model": "DenseNet", "block": "DenseBlock", "layer": "DenseLayer",
-             "transition": "DenseTransition"}
-    return _lookup(_DENSENET, names[role])
+    """timm's DenseNet class for ``role`` (``"model"``, ``"block"``, ``"layer"``,
+    ``"transition"``), or None while timm's DenseNet module is not loaded. For
+    :func:`densenet_fast.convert`, which is not traced."""
+    module = sys.modules.get(_DENSENET)
+    return getattr(module, _ROLES[role], None) if module is not None else None

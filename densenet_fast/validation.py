@@ -45,6 +45,17 @@ def is_type(module, cls: type) -> bool:
     return known
 
 
+def is_named_type(module, qualified_name: str) -> bool:
+    """:func:`is_type` for the class named ``qualified_name`` (``"package.module.Class"``)
+    found among the bases of ``module``'s type: a class of a library that need not be
+    imported (a module of that class exists only where it is), recognised without looking the
+    library up."""
+    for cls in type(module).__mro__:
+        if f"{cls.__module__}.{cls.__qualname__}" == qualified_name:
+            return is_type(module, cls)
+    return False
+
+
 def _only_wraps(kind: type, cls: type) -> bool:
     """For a subclass ``kind`` of ``cls``: see :func:`is_type`."""
     defined = set().union(*(vars(base) for base in cls.__mro__))

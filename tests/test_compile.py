@@ -1,6 +1,9 @@
 """torch.compile traces the whole model, fused blocks included, with no graph break, and
 matches eager: outputs, every gradient and the BatchNorm running statistics."""
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +35,11 @@ def test_compiled_model_matches_eager_without_graph_breaks(backend):
     for step in range(2):
         # The compiled graph calls the opaque block ops, which run the fused op per layer and
         # per transition at run time (5 calls). Were the blocks traced instead, the counter's
-        # patch would make the second step recompile, which is an error here.
+        # patch would make the second step recompile, which is an error here. So would a
+        # guard on the loaded modules (a sys.modules lookup of a library that is not loaded
+        # is guarded by the number of modules): one more module is loaded before step 2.
+        if step:
+            sys.modules["_densenet_fast_test_one_more_module"] = types.ModuleType("marker")
         with FusedOpCounter() as ops, torch._dynamo.config.patch(error_on_recompile=step > 0):
             logits = _step(compiled, x, y)
         # (The first step also runs them on fake tensors while tracing, several times.)
@@ -42,6 +49,7 @@ def test_compiled_model_matches_eager_without_graph_breaks(backend):
                            {n: p.grad for n, p in eager.named_parameters()}, torch.float32)
     assert_models_match(compiled_base, eager, torch.float32, "after two compiled steps",
                         params=False)
+    del sys.modules["_densenet_fast_test_one_more_module"]
 
 
 def test_compiled_eval_mode_step_matches_eager():
