@@ -194,28 +194,36 @@ def _describe(module: nn.Module | None) -> str:
 def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> str | None:
     """Why ``bn`` is not a BatchNorm the fused path computes exactly over ``channels``.
     ``act``: ``bn`` is to be one of timm's norm-act modules (:func:`is_norm_act`), whose
-    BatchNorm part this checks; the caller checks its ``drop`` and ``act``."""
-    if act and not is_norm_act(bn):
-        return f"is {_describe(bn)}, not timm's BatchNormAct2d"
-    if not act and is_norm_act(bn):
-        return f"is {_describe(bn)}, not nn.BatchNorm2d (it applies an activation itself)"
-    if is_frozen_batchnorm(bn):
+    BatchNorm part this checks; the caller checks its ``drop`` and ``act``. (Plain BatchNorms,
+    the common case on every forward, are answered by their exact type first.)"""
+    wanted = "timm's BatchNormAct2d" if act else "nn.BatchNorm2d"
+    if is_type(bn, nn.BatchNorm2d) or is_type(bn, nn.SyncBatchNorm):
+        frozen = False
+        if act:
+            return f"is {_describe(bn)}, not {wanted}"
+    elif is_norm_act(bn):
+        frozen = is_named_type(bn, timm_parts.FROZEN_BATCHNORM_ACT)
+        if not act:
+            return f"is {_describe(bn)}, not {wanted} (it applies an activation itself)"
+    elif not act and is_frozen_batchnorm(bn):
+        frozen = True
+    else:
+        return f"is {_describe(bn)}, not {wanted}"
+    if frozen:
         width = bn.weight.shape[0]
-    elif isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) and (
-            act or is_type(bn, nn.BatchNorm2d) or is_type(bn, nn.SyncBatchNorm)):
+    else:
         if not bn.affine:
             return "has affine=False"
         width = bn.num_features
-    else:
-        return f"is {_describe(bn)}, not nn.BatchNorm2d"
     if width != channels:
         return f"normalises {width} channels where {channels} arrive"
     return None
 
 
 def norm_state(bn: nn.Module) -> BatchNormSpec:
-    """The fused block's view of a BatchNorm that :func:`norm_problem` accepted."""
-    if is_frozen_batchnorm(bn):
+    """The fused block's view of a BatchNorm that :func:`norm_problem` accepted: every such
+    module but the frozen ones is an ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm``."""
+    if not isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm):
         return BatchNormSpec(bn.running_mean, bn.running_var, None, None, bn.eps,
                              batch_stats=False)
     return BatchNormSpec.of(bn)

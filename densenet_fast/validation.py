@@ -24,6 +24,8 @@ _WRAPPER_NAMES = frozenset({
     "__annotations__", "__annotate_func__", "__annotations_cache__", "__firstlineno__",
     "__static_attributes__", "__orig_bases__", "__parameters__", "_apply"})
 _wrappers: dict[tuple[type, type], bool] = {}
+# (type, qualified class name) -> the base of that type with that name, or None
+_named_classes: dict[tuple[type, str], type | None] = {}
 
 
 def is_type(module, cls: type) -> bool:
@@ -49,11 +51,23 @@ def is_named_type(module, qualified_name: str) -> bool:
     """:func:`is_type` for the class named ``qualified_name`` (``"package.module.Class"``)
     found among the bases of ``module``'s type: a class of a library that need not be
     imported (a module of that class exists only where it is), recognised without looking the
-    library up."""
-    for cls in type(module).__mro__:
+    library up. Eager calls read the answer per type from a cache (the fusion check asks it
+    of every BatchNorm on every forward); dynamo traces the walk itself, once."""
+    kind = type(module)
+    if torch.compiler.is_compiling():
+        cls = _class_named(kind, qualified_name)
+    else:
+        key = (kind, qualified_name)
+        cls = _named_classes[key] if key in _named_classes else _named_classes.setdefault(
+            key, _class_named(kind, qualified_name))
+    return cls is not None and is_type(module, cls)
+
+
+def _class_named(kind: type, qualified_name: str) -> type | None:
+    for cls in kind.__mro__:
         if f"{cls.__module__}.{cls.__qualname__}" == qualified_name:
-            return is_type(module, cls)
-    return False
+            return cls
+    return None
 
 
 def _only_wraps(kind: type, cls: type) -> bool:
