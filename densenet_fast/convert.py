@@ -101,8 +101,11 @@ def _config_check(model: nn.Module, tv: dict[str, type]) -> None:
     if not isinstance(features, nn.Sequential) or not any(
             name.startswith("denseblock") for name, _ in features.named_children()):
         raise TypeError(
-            f"convert() expects a torchvision DenseNet (features.denseblock1, ...), "
-            f"got {type(model).__name__}")
+            f"convert() expects a torchvision or timm DenseNet (features.denseblock1, ...), "
+            f"got {type(model).__name__}" + (
+                "; for timm's features_only models, create them fused: import "
+                "densenet_fast.timm, then timm.create_model('densenet121_fast', "
+                "features_only=True)" if type(model).__name__.startswith("Feature") else ""))
     standard_forwards = (DenseNetBase.forward, getattr(tv.get("model"), "forward", None))
     if type(model).forward not in standard_forwards or "forward" in model.__dict__:
         raise TypeError(

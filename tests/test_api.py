@@ -91,5 +91,5 @@ def test_convert_a_torchvision_model():
     assert_models_match(fast, source, torch.float64)
     with torch.no_grad():
         assert_close(fast(x), source(x), torch.float64, "converted model output")
-    with pytest.raises(TypeError, match="expects a torchvision DenseNet"):
+    with pytest.raises(TypeError, match="expects a torchvision or timm DenseNet"):
         densenet_fast.convert(torch.nn.Linear(2, 2))

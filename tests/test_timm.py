@@ -158,6 +158,8 @@ def test_features_only_models_match_timm():
         assert_close(a, b, DTYPE, "feature map")
     assert_close(maps[0][1], maps[1][1], DTYPE, "features_only input gradient")
     assert (maps[0][2], maps[1][2]) == (6, 0)  # every fused layer's 1x1 conv, one call each
+    with pytest.raises(TypeError, match="create them fused"):
+        densenet_fast.convert(ref)
 
 
 @pytest.mark.parametrize("name", sorted(fused_timm.VARIANTS))
