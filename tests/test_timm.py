@@ -271,16 +271,21 @@ def _frozen(model):
     return timm.layers.freeze_batch_norm_2d(model)
 
 
-@pytest.mark.parametrize("variant", ["sync", "frozen", "channels_last", "eval_batch_1"])
+@pytest.mark.parametrize("variant", ["sync", "sync_after_convert", "frozen", "channels_last",
+                                     "eval_batch_1"])
 def test_norm_act_variants_stay_fused_and_exact(variant):
-    """timm's SyncBatchNormAct (no process group: per-process statistics) and
-    FrozenBatchNormAct2d fuse like BatchNormAct2d; channels_last and eval at batch 1 too."""
+    """timm's SyncBatchNormAct (no process group: per-process statistics), before or after
+    convert (as train.py's --sync-bn does it to a fused model), and FrozenBatchNormAct2d fuse
+    like BatchNormAct2d; channels_last and eval at batch 1 too."""
     ref = _timm_model("densenet121", **TINY)
     if variant == "sync":
         ref = _sync_batchnorm_act(ref)
     elif variant == "frozen":
         ref = _frozen(ref)
     fast = densenet_fast.convert(copy.deepcopy(ref))
+    if variant == "sync_after_convert":
+        fast = _sync_batchnorm_act(fast)
+        assert type(fast.features.denseblock1.denselayer1.norm1).__name__ == "SyncBatchNormAct"
     assert set(fast.features.fusion_report().values()) - {"fused"} <= set(
         REPORT_OF_THREE_BLOCKS.values())
     x, labels = _batch()
