@@ -9,7 +9,14 @@ from . import backends, ops  # noqa: F401  (ops: the fused op and its reference 
 from .backends import backend_info
 from .convert import convert
 from .fusion import unfused
-from .model import DenseNet, densenet121, densenet161, densenet169, densenet201
+from .model import (
+    DenseNet,
+    densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    fusion_report,
+)
 from .reference import NaiveDenseNet
 from .state_dict import load_torchvision_state_dict, upgrade_legacy_state_dict
 
@@ -26,6 +33,7 @@ __all__ = [
     "densenet161",
     "densenet169",
     "densenet201",
+    "fusion_report",
     "load_torchvision_state_dict",
     "unfused",
     "upgrade_legacy_state_dict",

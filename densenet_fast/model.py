@@ -156,6 +156,23 @@ class _Features(nn.Sequential):
                 step.report for step in steps if step.report}
 
 
+def fusion_report(model: nn.Module) -> dict[str, str]:
+    """:meth:`DenseNet.fusion_report` for any model that holds densenet_fast's ``features``
+    (a converted timm DenseNet, a model of one's own around a DenseNet): the report of each
+    such ``features``, keyed by the names of its stem and blocks in ``model``. A model with
+    none (not converted) is refused rather than reported empty."""
+    report = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _Features):
+            for key, value in module.fusion_report().items():
+                report[name + key[len("features"):] if name else key] = value
+    if not any(isinstance(m, _Features) for m in model.modules()):
+        raise TypeError(f"{type(model).__name__} holds no densenet_fast features to report "
+                        f"on; densenet_fast.convert(model) converts a torchvision or timm "
+                        f"DenseNet")
+    return report
+
+
 def set_recompute_bottleneck(features: nn.Module, enable: bool = True) -> None:
     """Set ``recompute_bottleneck`` on ``features`` (when it is densenet_fast's) and on each
     of densenet_fast's blocks in it (see :class:`DenseNet`)."""

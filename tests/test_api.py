@@ -93,3 +93,16 @@ def test_convert_a_torchvision_model():
         assert_close(fast(x), source(x), torch.float64, "converted model output")
     with pytest.raises(TypeError, match="expects a torchvision or timm DenseNet"):
         densenet_fast.convert(torch.nn.Linear(2, 2))
+
+
+def test_fusion_report_of_any_model_holding_converted_features():
+    """``densenet_fast.fusion_report(model)``: the model's own report for a DenseNet, the
+    names in the outer model for one wrapped in another; an unconverted model is refused."""
+    model = densenet_fast.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8,
+                                   num_classes=3)
+    assert densenet_fast.fusion_report(model) == model.fusion_report()
+    wrapper = torch.nn.Sequential(model)
+    assert densenet_fast.fusion_report(wrapper) == {
+        f"0.{key}": value for key, value in model.fusion_report().items()}
+    with pytest.raises(TypeError, match="holds no densenet_fast features"):
+        densenet_fast.fusion_report(torch.nn.Linear(2, 2))

@@ -97,6 +97,7 @@ def test_convert_trains_as_timm(name):
     report = fast.features.fusion_report()
     assert report.pop("features.stem").startswith(stem), report
     assert report == REPORT_OF_THREE_BLOCKS
+    assert densenet_fast.fusion_report(fast) == fast.features.fusion_report()
     _assert_same_training(fast, ref, *_batch(), name)
 
 
