@@ -411,3 +411,12 @@ def test_compiled_fullgraph_training_step_matches_timm():
     for name, grad in grads.items():
         assert_close(grad, ref_grads[name], DTYPE, f"compiled grad {name}")
     _assert_same_state(fast, ref, "compiled")
+
+
+def test_jit_script_of_a_converted_model_computes_timms():
+    """``torch.jit.script`` compiles a converted timm model, as it does timm's (the fused
+    step is ``torch.jit.unused``: the scripted model runs the modules)."""
+    ref = _timm_model("densenet121", **TINY).eval()
+    scripted = torch.jit.script(densenet_fast.convert(copy.deepcopy(ref)))
+    x, _ = _batch()
+    assert_close(scripted(x), ref(x), DTYPE, "scripted logits")
