@@ -140,14 +140,15 @@ def convert(model: nn.Module, *, recompute_bottleneck: bool = False) -> nn.Modul
     What the fused path does not compute (another activation, blur pooling, the deep stem)
     runs as modules, with the reason in ``model.features.fusion_report()``.
     """
-    classes = _container_classes(_torchvision_classes())
+    tv = _torchvision_classes()
+    classes = _container_classes(tv)
     timm_model = timm_parts.densenet_class("model")
     if timm_model is not None and isinstance(model, timm_model):
         fast = _share(model)
         fast._modules["features"] = _convert_features(model.features, classes)
         set_recompute_bottleneck(fast.features, recompute_bottleneck)
         return fast
-    _config_check(model, _torchvision_classes())
+    _config_check(model, tv)
     fast = _rehouse(model, DenseNet, nn.Module)
     fast._modules["features"] = _convert_features(model.features, classes)
     fast.set_recompute_bottleneck(recompute_bottleneck)

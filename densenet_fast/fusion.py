@@ -169,10 +169,9 @@ def runtime_blocker(x) -> Blocker | None:
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """torchvision's ``FrozenBatchNorm2d`` or timm's ``FrozenBatchNormAct2d`` (recognised by
-    name: neither library need be imported, see :mod:`densenet_fast.timm_parts`)."""
-    return (is_named_type(module, "torchvision.ops.misc.FrozenBatchNorm2d")
-            or is_named_type(module, timm_parts.FROZEN_BATCHNORM_ACT))
+    """torchvision's ``FrozenBatchNorm2d`` (recognised by name: torchvision need not be
+    imported, see :mod:`densenet_fast.timm_parts`)."""
+    return is_named_type(module, "torchvision.ops.misc.FrozenBatchNorm2d")
 
 
 def is_norm_act(module: nn.Module | None) -> bool:
@@ -198,18 +197,14 @@ def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> s
     the common case on every forward, are answered by their exact type first.)"""
     wanted = "timm's BatchNormAct2d" if act else "nn.BatchNorm2d"
     if is_type(bn, nn.BatchNorm2d) or is_type(bn, nn.SyncBatchNorm):
-        frozen = False
         if act:
             return f"is {_describe(bn)}, not {wanted}"
     elif is_norm_act(bn):
-        frozen = is_named_type(bn, timm_parts.FROZEN_BATCHNORM_ACT)
         if not act:
             return f"is {_describe(bn)}, not {wanted} (it applies an activation itself)"
-    elif not act and is_frozen_batchnorm(bn):
-        frozen = True
-    else:
+    elif act or not is_frozen_batchnorm(bn):
         return f"is {_describe(bn)}, not {wanted}"
-    if frozen:
+    if _is_frozen(bn):
         width = bn.weight.shape[0]
     else:
         if not bn.affine:
@@ -220,10 +215,17 @@ def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> s
     return None
 
 
+def _is_frozen(bn: nn.Module) -> bool:
+    """Of the modules :func:`norm_problem` accepts, the frozen ones (torchvision's
+    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``: running statistics and affine
+    parameters as buffers): the only ones that are not ``nn.BatchNorm2d`` or
+    ``nn.SyncBatchNorm``."""
+    return not isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm)
+
+
 def norm_state(bn: nn.Module) -> BatchNormSpec:
-    """The fused block's view of a BatchNorm that :func:`norm_problem` accepted: every such
-    module but the frozen ones is an ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm``."""
-    if not isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm):
+    """The fused block's view of a BatchNorm that :func:`norm_problem` accepted."""
+    if _is_frozen(bn):
         return BatchNormSpec(bn.running_mean, bn.running_var, None, None, bn.eps,
                              batch_stats=False)
     return BatchNormSpec.of(bn)

@@ -161,16 +161,13 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     (a converted timm DenseNet, a model of one's own around a DenseNet): the report of each
     such ``features``, keyed by the names of its stem and blocks in ``model``. A model with
     none (not converted) is refused rather than reported empty."""
-    report = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _Features):
-            for key, value in module.fusion_report().items():
-                report[name + key[len("features"):] if name else key] = value
-    if not any(isinstance(m, _Features) for m in model.modules()):
+    held = [(name, m) for name, m in model.named_modules() if isinstance(m, _Features)]
+    if not held:
         raise TypeError(f"{type(model).__name__} holds no densenet_fast features to report "
                         f"on; densenet_fast.convert(model) converts a torchvision or timm "
                         f"DenseNet")
-    return report
+    return {(name + key[len("features"):] if name else key): value
+            for name, features in held for key, value in features.fusion_report().items()}
 
 
 def set_recompute_bottleneck(features: nn.Module, enable: bool = True) -> None:

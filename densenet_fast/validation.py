@@ -58,8 +58,9 @@ def is_named_type(module, qualified_name: str) -> bool:
         cls = _class_named(kind, qualified_name)
     else:
         key = (kind, qualified_name)
-        cls = _named_classes[key] if key in _named_classes else _named_classes.setdefault(
-            key, _class_named(kind, qualified_name))
+        if key not in _named_classes:
+            _named_classes[key] = _class_named(kind, qualified_name)
+        cls = _named_classes[key]
     return cls is not None and is_type(module, cls)
 
 
