@@ -18,12 +18,15 @@ def twins(fast_cls, ref_cls, dtype=torch.float32, **config):
     return fast, ref
 
 
-def train_steps(model, inputs, labels, steps=2, lr=0.01):
+def train_steps(model, inputs, labels, steps=2, lr=0.01, momentum=0.0, seed=None):
     """``steps`` SGD steps; returns the logits, input gradients and parameter gradients of
-    every step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    every step. ``seed``: the random streams (dropout) are seeded with ``seed + step`` before
+    each step, so that models compared step by step draw the same masks."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     outputs, input_grads, param_grads = [], [], []
-    for _ in range(steps):
+    for step in range(steps):
+        if seed is not None:
+            torch.manual_seed(seed + step)
         x = inputs.detach().clone().requires_grad_()
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)

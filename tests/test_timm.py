@@ -11,7 +11,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import FusedOpCounter, saved_storages
+from helpers import (
+    FusedOpCounter,
+    assert_grads_match,
+    assert_models_match,
+    saved_storages,
+    train_steps,
+)
 from timm.layers import BlurPool2d
 from tolerances import assert_close
 
@@ -40,43 +46,28 @@ def _timm_model(name, **kwargs):
     return timm.create_model(name, **kwargs).to(DTYPE)
 
 
-def _steps(model, x, labels, steps=2, seed=1):
-    """Two SGD steps, the random streams (dropout) seeded alike for every model: logits,
-    input gradient and every parameter gradient of each step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    record = []
-    for step in range(steps):
-        torch.manual_seed(seed + step)
-        x_ = x.detach().clone().requires_grad_()
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(x_)
-        F.cross_entropy(logits, labels).backward()
-        record.append((logits.detach(), x_.grad,
-                       {n: p.grad.clone() for n, p in model.named_parameters()}))
-        optimizer.step()
-    return record
+def _assert_same_steps(fast, ref, x, labels, what):
+    """Two SGD steps with momentum, dropout masks drawn alike: each step's logits, input
+    gradient and every parameter gradient agree."""
+    (outputs, input_grads, grads), (ref_outputs, ref_input_grads, ref_grads) = (
+        train_steps(model, x, labels, lr=0.05, momentum=0.9, seed=1) for model in (fast, ref))
+    for step in range(len(ref_outputs)):
+        assert_close(outputs[step], ref_outputs[step], DTYPE, f"{what} step {step} logits")
+        assert_close(input_grads[step], ref_input_grads[step], DTYPE,
+                     f"{what} step {step} input gradient")
+        assert_grads_match(grads[step], ref_grads[step], DTYPE, f"{what} step {step}")
 
 
 def _assert_same_training(fast, ref, x, labels, what):
-    for step, ((logits, dx, grads), (ref_logits, ref_dx, ref_grads)) in enumerate(zip(
-            _steps(fast, x, labels), _steps(ref, x, labels), strict=True)):
-        assert_close(logits, ref_logits, DTYPE, f"{what} step {step} logits")
-        assert_close(dx, ref_dx, DTYPE, f"{what} step {step} input gradient")
-        assert grads.keys() == ref_grads.keys()
-        for name, grad in grads.items():
-            assert_close(grad, ref_grads[name], DTYPE, f"{what} step {step} grad {name}")
+    _assert_same_steps(fast, ref, x, labels, what)
     _assert_same_state(fast, ref, what)
 
 
 def _assert_same_state(fast, ref, what):
-    ref_state = ref.state_dict()
-    state = fast.state_dict()
-    assert list(state) == list(ref_state), what
-    for name, value in state.items():
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(value, ref_state[name]), f"{what} {name}"
-        else:
-            assert_close(value, ref_state[name], DTYPE, f"{what} {name}")
+    """The same state_dict keys in the same order, and every parameter and buffer equal
+    (``num_batches_tracked`` exactly)."""
+    assert list(fast.state_dict()) == list(ref.state_dict()), what
+    assert_models_match(fast, ref, DTYPE, what)
 
 
 def _batch(n=3, size=32, classes=5):
@@ -251,25 +242,9 @@ def test_grad_checkpointing_is_the_recompute_setting():
     fast.set_grad_checkpointing(True)
     _assert_same_training(densenet_fast.convert(copy.deepcopy(checkpointed)), ref, *_batch(),
                           "grad checkpointing")
-    for step, (record, ref_record) in enumerate(zip(
-            _steps(fast, *_batch()), _steps(checkpointed, *_batch()), strict=True)):
-        for name, value in _flat(record).items():
-            assert_close(value, _flat(ref_record)[name], DTYPE, f"step {step} {name}")
+    _assert_same_steps(fast, checkpointed, *_batch(), "against timm's checkpointing")
     norm1 = "features.denseblock1.denselayer1.norm1.num_batches_tracked"
     assert (fast.state_dict()[norm1], checkpointed.state_dict()[norm1]) == (2, 4)
-
-
-def _flat(record):
-    logits, dx, grads = record
-    return {"logits": logits, "input gradient": dx, **grads}
-
-
-def _sync_batchnorm_act(model):
-    return timm.layers.convert_sync_batchnorm(model)
-
-
-def _frozen(model):
-    return timm.layers.freeze_batch_norm_2d(model)
 
 
 @pytest.mark.parametrize("variant", ["sync", "sync_after_convert", "frozen", "channels_last",
@@ -280,12 +255,12 @@ def test_norm_act_variants_stay_fused_and_exact(variant):
     like BatchNormAct2d; channels_last and eval at batch 1 too."""
     ref = _timm_model("densenet121", **TINY)
     if variant == "sync":
-        ref = _sync_batchnorm_act(ref)
+        ref = timm.layers.convert_sync_batchnorm(ref)
     elif variant == "frozen":
-        ref = _frozen(ref)
+        ref = timm.layers.freeze_batch_norm_2d(ref)
     fast = densenet_fast.convert(copy.deepcopy(ref))
     if variant == "sync_after_convert":
-        fast = _sync_batchnorm_act(fast)
+        fast = timm.layers.convert_sync_batchnorm(fast)
         assert type(fast.features.denseblock1.denselayer1.norm1).__name__ == "SyncBatchNormAct"
     assert set(fast.features.fusion_report().values()) - {"fused"} <= set(
         REPORT_OF_THREE_BLOCKS.values())
