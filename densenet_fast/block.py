@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ops import bn_relu, bn_relu_conv1x1, bn_relu_conv1x1_backward, lowp_conv
+from .ops import add_stats_term, bn_relu, bn_relu_conv1x1, bn_relu_conv1x1_backward, lowp_conv
 from .ops.batchnorm import (
     StatsGradient,
     bn_apply,
@@ -272,25 +272,26 @@ class BlockBackward:
         layer_grads = [skipped] * self.spec.num_layers
         for layer in reversed(range(self.spec.backward_from, self.spec.num_layers)):
             layer_grads[layer] = self._layer(layer)
-        grad_x = None
-        if input_grad:
-            if self.stats_term is not None:
-                self._apply_stats_term(0, self.c0)
-            # A copy, not a view: a view would keep the whole gradient buffer alive through
-            # the previous block's backward.
-            grad_x = self.grad_buffer[:, :self.c0].contiguous(
-                memory_format=memory_format_of(self.saved.buffer))
+        # A copy, not a view: a view would keep the whole gradient buffer alive through the
+        # previous block's backward.
+        grad_x = self._channel_grad(0, self.c0) if input_grad else None
         self.grad_buffer = None
         return grad_x, flat_block_params(layer_grads, tail_grads)
 
-    def _apply_stats_term(self, start: int, stop: int) -> None:
-        """Add the statistics' gradient term of channels ``start:stop``; synchronised, their
-        coefficients are first summed over the ranks (the global term is linear in them)."""
+    def _channel_grad(self, start: int, stop: int) -> torch.Tensor:
+        """The whole gradient of channels ``start:stop``, whose readers are all done: the
+        gradient buffer's, plus the statistics' term summed for them (synchronised, its
+        coefficients are first summed over the ranks: the global term is linear in them), as
+        a dense tensor in the buffer's layout."""
+        grad, buffer = self.grad_buffer[:, start:stop], self.saved.buffer
         term = self.stats_term
+        if term is None:
+            return grad.contiguous(memory_format=memory_format_of(buffer))
         if self.spec.sync is not None:
             term.kx[start:stop], term.k0[start:stop] = self.spec.sync.all_reduce(
                 term.kx[start:stop], term.k0[start:stop])
-        term.apply(self.grad_buffer, self.saved.buffer, start, stop)
+        return add_stats_term(grad, buffer[:, start:stop], term.kx[start:stop],
+                              term.k0[start:stop])
 
     def _add_stats_term(self, norm: BatchNormSpec, mean, invstd, weight, dweight, dbias) -> None:
         if norm.batch_stats:
@@ -325,12 +326,8 @@ class BlockBackward:
         channels = self.c0 + layer * k
         p = self.layer_params[layer]
         norm1, norm2 = spec.layer_norms[layer]
-        if self.stats_term is not None:
-            self._apply_stats_term(channels, channels + k)
-        # A dense copy of the k-channel slice: convolution backward is markedly slower on a
-        # strided gradient.
-        grad_new = grad_buffer[:, channels:channels + k].contiguous(
-            memory_format=memory_format_of(buffer))
+        # Dense: convolution backward is markedly slower on a strided gradient.
+        grad_new = self._channel_grad(channels, channels + k)
         if saved.masks[layer] is not None:
             grad_new = grad_new * dropout_scale(saved.masks[layer], spec.drop_rates[layer],
                                                  grad_new.dtype)

@@ -1,5 +1,5 @@
-"""The fused kernel ops (BN-ReLU-Conv1x1 and its backward, BN-ReLU, the stem's
-BN-ReLU-MaxPool and its backward): defined here, once, from their contracts
+"""The fused kernel ops (BN-ReLU-Conv1x1 and its backward, BN-ReLU, the statistics' gradient
+term, the stem's BN-ReLU-MaxPool and its backward): defined here, once, from their contracts
 (``schema.py``) with the pure-PyTorch reference kernels (``torch_impl.py``) as the default for
 every device; the compiled backends add device kernels when the package activates them
 (``densenet_fast/__init__.py``, :mod:`densenet_fast.backends`), and the dispatcher chooses.
@@ -64,6 +64,12 @@ def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     return _run("bn_relu", x, mean, invstd, bn_weight, bn_bias, dtype)
 
 
+def add_stats_term(grad, x, kx, k0):
+    """``grad + kx * x + k0`` per channel, dense in ``x``'s memory format (contract in
+    ``schema.py``)."""
+    return _run("add_stats_term", grad, x, kx, k0)
+
+
 def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, pool_args):
     """``max_pool2d(relu(bn(x)), *pool_args)`` (contract in ``schema.py``)."""
     return _run("bn_relu_max_pool2d", x, mean, invstd, bn_weight, bn_bias, *pool_args)
@@ -76,5 +82,5 @@ def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, p
                 *pool_args)
 
 
-__all__ = ["bn_relu", "bn_relu_conv1x1", "bn_relu_conv1x1_backward", "bn_relu_max_pool2d",
-           "bn_relu_max_pool2d_backward", "reference_kernels"]
+__all__ = ["add_stats_term", "bn_relu", "bn_relu_conv1x1", "bn_relu_conv1x1_backward",
+           "bn_relu_max_pool2d", "bn_relu_max_pool2d_backward", "reference_kernels"]

@@ -94,8 +94,9 @@ class StatsGradient:
     For a training-mode BN with statistics computed from ``x``, the part of ``dx`` that flows
     through the mean and variance is ``-weight * invstd / n * (dbias + xhat * dweight)``:
     per channel an affine map ``kx * x + k0`` of the data. Every BN that reads a channel of
-    the block buffer adds its coefficients here; :meth:`apply` adds the summed map once per
-    channel, instead of one full pass over the prefix per reading layer.
+    the block buffer adds its coefficients here; the block adds the summed map once per
+    channel (the ``add_stats_term`` op), instead of one full pass over the prefix per reading
+    layer.
     """
 
     def __init__(self, channels: int, dtype: torch.dtype, device: torch.device):
@@ -109,13 +110,6 @@ class StatsGradient:
         dweight, dbias = dweight.to(invstd.dtype), dbias.to(invstd.dtype)
         self.kx[:channels].sub_(scale * invstd * dweight)
         self.k0[:channels].add_(scale * (mean * invstd * dweight - dbias))
-
-    def apply(self, grad: torch.Tensor, x: torch.Tensor, start: int, stop: int) -> None:
-        """``grad[:, start:stop] += kx * x + k0`` for those channels of ``x``."""
-        shape = (1, -1, 1, 1)
-        term = torch.addcmul(self.k0[start:stop].view(shape), x[:, start:stop],
-                             self.kx[start:stop].view(shape))
-        grad[:, start:stop].add_(term)
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, momentum,

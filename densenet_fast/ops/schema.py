@@ -27,6 +27,13 @@ stats_grad, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
     stored as ``dtype``: ``x``'s own, or the statistics' (float32 for bfloat16/float16 data,
     for a convolution that runs in float32, see ``lowp_conv.py``). ``x``'s memory format.
 
+``add_stats_term(grad, x, kx, k0) -> out``
+    ``grad + kx * x + k0`` per channel (``kx``, ``k0``: ``(C,)`` in the statistics' dtype),
+    computed in that dtype and rounded to the data's, returned dense in ``x``'s memory format.
+    ``grad`` and ``x`` (one shape, one dtype) may be strided views: the block's backward reads
+    a layer's new channels out of its gradient buffer with the gradient through the batch
+    statistics (``kx * x + k0``, summed over every BN that read them) added, see ``block.py``.
+
 ``bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, kernel_size, stride, padding,
 dilation, ceil_mode) -> out``
     The stem's tail: ``max_pool2d(relu(bn(x)), ...)`` (the BN-ReLU activation rounded to
@@ -65,6 +72,7 @@ SCHEMAS = {
     "bn_relu": (
         "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         "ScalarType? dtype=None) -> Tensor"),
+    "add_stats_term": "(Tensor grad, Tensor x, Tensor kx, Tensor k0) -> Tensor",
     "bn_relu_max_pool2d": (
         "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         f"{_POOL_ARGS}) -> Tensor"),
@@ -161,6 +169,25 @@ def check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype=None) -> torch
     return dtype
 
 
+def check_stats_term_args(grad, x, kx, k0) -> None:
+    """Validate :func:`add_stats_term`'s arguments."""
+    _check_data(x, "x")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+    if grad.dtype != x.dtype:
+        raise TypeError(f"grad dtype {grad.dtype} differs from x dtype {x.dtype}")
+    if grad.device != x.device:
+        raise RuntimeError(f"grad is on {grad.device} but x is on {x.device}")
+    expected_stats = stats_dtype_for(x.dtype)
+    for what, t in (("kx", kx), ("k0", k0)):
+        if t.shape != (x.shape[1],):
+            raise ValueError(f"{what} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
+        if t.dtype != expected_stats:
+            raise TypeError(f"{what} must be {expected_stats} for {x.dtype} data, got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"{what} is on {t.device} but x is on {x.device}")
+
+
 def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
     """Validate the pool op's arguments; return its output shape. Raises before any compute,
     with ``F.max_pool2d``'s own messages for the pool's settings."""
@@ -192,6 +219,11 @@ def backward_fake(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weigh
 def bn_relu_fake(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
     return torch.empty_like(x, dtype=dtype, memory_format=memory_format_of(x))
+
+
+def stats_term_fake(grad, x, kx, k0):
+    check_stats_term_args(grad, x, kx, k0)
+    return torch.empty_like(x)  # preserve_format: dense in the format x's strides suggest
 
 
 def pool_forward_fake(x, mean, invstd, bn_weight, bn_bias, *pool_args):
@@ -229,6 +261,7 @@ FAKES = {
     "bn_relu_conv1x1": (forward_fake, forward_flops),
     "bn_relu_conv1x1_backward": (backward_fake, backward_flops),
     "bn_relu": (bn_relu_fake, None),
+    "add_stats_term": (stats_term_fake, None),
     "bn_relu_max_pool2d": (pool_forward_fake, None),
     "bn_relu_max_pool2d_backward": (pool_backward_fake, None),
 }

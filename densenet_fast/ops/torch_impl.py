@@ -20,6 +20,7 @@ from .schema import (
     check_bn_relu_args,
     check_forward_args,
     check_pool_args,
+    check_stats_term_args,
 )
 
 # Elements per temporary in the backward (4M float32 = 16 MiB); at least one channel.
@@ -79,6 +80,15 @@ def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     """Reference: ``relu(bn(x))`` in ``x``'s dtype, then stored as ``dtype``."""
     dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
     return bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True).to(dtype)
+
+
+def add_stats_term(grad, x, kx, k0):
+    """Reference: ``grad + (kx * x + k0)`` per channel in the statistics' dtype, rounded to
+    the data's, dense in ``x``'s memory format."""
+    check_stats_term_args(grad, x, kx, k0)
+    shape = (1, -1, 1, 1)
+    term = torch.addcmul(k0.view(shape), x, kx.view(shape))
+    return torch.empty_like(x).copy_(term.add_(grad))
 
 
 def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, *pool_args):

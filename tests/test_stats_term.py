@@ -1,0 +1,131 @@
+"""``add_stats_term``: a layer's new channels' gradient out of the block's gradient buffer,
+with the gradient through the batch statistics added. The compiled CPU kernel against the
+reference kernel (``ops/torch_impl.py``) on channel slices of both buffer layouts, strided and
+dense inputs, every dtype; the result's layout; errors; the op's registration."""
+
+import pytest
+import torch
+from tolerances import assert_close
+
+import densenet_fast
+from densenet_fast.ops import torch_impl
+
+cpp_active = densenet_fast.backend_info()["active"].get("cpu") == "cpp"
+KERNELS = ["compiled", "reference"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (N, C_total, H, W, start, stop): a slice inside the buffer, odd sizes; the whole buffer;
+# one image with 1x1 planes; a single channel.
+CASES = [(2, 13, 5, 7, 4, 9), (3, 6, 4, 4, 0, 6), (1, 9, 1, 1, 2, 7), (2, 5, 3, 2, 4, 5)]
+CASE_IDS = ["slice", "whole", "1x1-planes", "one-channel"]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _op(kernels: str):
+    if kernels == "compiled":
+        if not cpp_active:
+            pytest.skip("C++ backend not active here (test_backends.py fails where it should be)")
+        return torch.ops.densenet_fast.add_stats_term
+    return torch_impl.add_stats_term
+
+
+def _buffer(shape, dtype, layout):
+    t = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor
+        wide = torch.zeros(*shape[:3], 2 * shape[3], dtype=dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+def _case(case, dtype, layout, seed=0):
+    n, total, h, w, start, stop = case
+    torch.manual_seed(seed)
+    grad = _buffer((n, total, h, w), dtype, layout)[:, start:stop]
+    x = _buffer((n, total, h, w), dtype, layout)[:, start:stop]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    kx, k0 = torch.randn(stop - start, dtype=stats), torch.randn(stop - start, dtype=stats)
+    return grad, x, kx, k0
+
+
+def test_compiled_kernel_serves_the_op_on_cpu():
+    if not cpp_active:
+        pytest.skip("C++ backend not active here (test_backends.py fails where it should be)")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("densenet_fast::add_stats_term", "CPU")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compiled_matches_float64_formula(case, layout, dtype):
+    grad, x, kx, k0 = _case(case, dtype, layout)
+    out = _op("compiled")(grad, x, kx, k0)
+    expected = grad.double() + kx.double().view(1, -1, 1, 1) * x.double() \
+        + k0.double().view(1, -1, 1, 1)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, expected, dtype, "grad + kx * x + k0")
+    assert_close(out, torch_impl.add_stats_term(grad, x, kx, k0), dtype, "against reference")
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_result_is_dense_in_the_buffers_layout_and_inputs_untouched(kernels, layout):
+    grad, x, kx, k0 = _case(CASES[0], torch.bfloat16, layout)
+    before = grad.clone(), x.clone()
+    out = _op(kernels)(grad, x, kx, k0)
+    kept = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=kept)
+    assert torch.equal(grad, before[0]) and torch.equal(x, before[1])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_low_precision_is_computed_in_float32_and_rounded_once(kernels):
+    # 1 + 2^-8 is a tie between two bfloat16 values that rounds to 1: rounding after adding
+    # each addend would return 1, one rounding of the float32 sum 1 + 2^-7 returns that.
+    grad = torch.ones(1, 1, 1, 2, dtype=torch.bfloat16)
+    x = torch.ones(1, 1, 1, 2, dtype=torch.bfloat16)
+    kx, k0 = torch.tensor([2.0 ** -8]), torch.tensor([2.0 ** -8])
+    out = _op(kernels)(grad, x, kx, k0)
+    assert torch.equal(out, torch.full_like(out, 1 + 2.0 ** -7))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_nan_and_inf_propagate(kernels):
+    grad, x, kx, k0 = _case(CASES[0], torch.float32, "channels_last")
+    grad[0, 1, 2, 3], x[1, 0, 0, 0] = float("nan"), float("inf")
+    out = _op(kernels)(grad, x, kx, k0)
+    assert out[0, 1, 2, 3].isnan()
+    assert out[1, 0, 0, 0].isinf() or kx[0] == 0
+    assert out.isfinite().sum() == out.numel() - 2
+
+
+BAD_ARGS = [
+    # (what is wrong, change to the arguments, exception, message)
+    ("3-D x", lambda a: {"x": a["x"][0], "grad": a["grad"][0]}, ValueError, "4-D"),
+    ("integer x", lambda a: {"x": a["x"].long(), "grad": a["grad"].long()}, TypeError,
+     "floating-point"),
+    ("grad of another shape", lambda a: {"grad": a["grad"][:, :2]}, ValueError, "grad must have"),
+    ("grad of another dtype", lambda a: {"grad": a["grad"].double()}, TypeError, "grad dtype"),
+    ("kx of the wrong length", lambda a: {"kx": a["kx"][:2]}, ValueError, "kx must have shape"),
+    ("float64 k0 for float32 data", lambda a: {"k0": a["k0"].double()}, TypeError,
+     "k0 must be (torch.)?float32"),
+    ("k0 on another device", lambda a: {"k0": a["k0"].to("meta")}, RuntimeError, "k0 is on meta"),
+]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("bad", BAD_ARGS, ids=[b[0] for b in BAD_ARGS])
+def test_rejects_bad_arguments_before_computing(bad, kernels):
+    op = _op(kernels)
+    _, change, error, message = bad
+    grad, x, kx, k0 = _case(CASES[0], torch.float32, "contiguous")
+    args = dict(grad=grad, x=x, kx=kx, k0=k0)
+    args.update(change(args))
+    with pytest.raises(error, match=message):
+        op(*args.values())
+
+
+def test_opcheck():
+    grad, x, kx, k0 = _case(CASES[0], torch.float32, "channels_last")
+    torch.library.opcheck(torch.ops.densenet_fast.add_stats_term.default, (grad, x, kx, k0))
