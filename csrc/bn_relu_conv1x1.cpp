@@ -156,20 +156,29 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 // bfloat16 GEMM ran at 0.6x the float32 rate, a float16 one at 1.1x. The float32 engines
 // compute the same function on such data (the operands are exactly representable, the
 // products exact in float32). So the engine is measured on the machine, as cuDNN's
-// benchmark mode measures its algorithms (run_fastest).
+// benchmark mode measures its algorithms (run_fastest). On an Intel Xeon with AMX (family 6,
+// model 167) the low-precision engine won nearly every GEMM, the weight gradient's included
+// (whose tile results it rounds to the data's dtype); a tile whose GEMMs are all settled on
+// it builds its activation (and gathers grad_out) in the data's dtype, not in float32 and
+// converted per GEMM (densenet121's bf16 channels-last step: 1.08x -> 0.99x torchvision's).
 enum class Engine : int { kBlas = 0, kOneDnn = 1, kLowPrecision = 2 };
 constexpr int kEngines = 3;
 const char* const kEngineNames[kEngines] = {"blas", "onednn", "lowp"};
 
-// What a measured choice is remembered under: GEMMs of one data dtype, layout, thread count
-// and magnitude (log2 of the multiply-adds and of the reduction length) behave alike.
+// The three GEMMs of a 1x1 convolution: their operands' shapes and layouts differ, and so
+// may the fastest engine.
+enum class GemmKind : int { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
+const char* const kGemmKindNames[3] = {"forward", "input gradient", "weight gradient"};
+
+// What a measured choice is remembered under: GEMMs of one kind, data dtype, layout, thread
+// count and magnitude (log2 of the multiply-adds and of the reduction length) behave alike.
 struct EngineKey {
-  int dtype;
+  int kind, dtype;
   bool pixel_major;
   int64_t threads, log2_macs, log2_inner;
   bool operator<(const EngineKey& o) const {
-    return std::tie(dtype, pixel_major, threads, log2_macs, log2_inner) <
-           std::tie(o.dtype, o.pixel_major, o.threads, o.log2_macs, o.log2_inner);
+    return std::tie(kind, dtype, pixel_major, threads, log2_macs, log2_inner) <
+           std::tie(o.kind, o.dtype, o.pixel_major, o.threads, o.log2_macs, o.log2_inner);
   }
 };
 
@@ -216,44 +225,69 @@ bool applies(Engine engine, at::ScalarType dtype) {
   return false;
 }
 
-// Runs a GEMM of `macs` multiply-adds with reduction length `inner` on `dtype` data through
-// `run(engine)`, with the engine the policy gives. Measuring: float32 BLAS for float64 data,
-// small GEMMs, and under torch.use_deterministic_algorithms (a measured choice could differ
-// between processes, and with it the rounding); else the engine measured fastest for GEMMs
-// like it, where the first GEMM of its kind runs with every engine that applies, a few times.
-template <typename F>
-void run_fastest(at::ScalarType dtype, bool pixel_major, int64_t macs, int64_t inner,
-                 const F& run) {
+// Runs a GEMM of kind `kind`, `macs` multiply-adds with reduction length `inner`, on `dtype`
+// data through `run(engine)`, with the engine the policy gives among those that apply and
+// `run` offers (`with_onednn`). Measuring: float32 BLAS for float64 data, small GEMMs, and
+// under torch.use_deterministic_algorithms (a measured choice could differ between
+// processes, and with it the rounding); else the engine measured fastest for GEMMs like it,
+// where the first GEMM of its kind runs with every engine that applies, a few times: `run`
+// must give the same result however often it runs.
+// Where the engine of a GEMM stands: settled (`engine`), or to be measured under `key`.
+struct EnginePlan {
+  std::optional<Engine> engine;
+  EngineKey key;
+};
+
+// The plan for a GEMM (the arguments are run_fastest's): the forced engine, float32 BLAS
+// where nothing is measured, the choice measured for GEMMs like it, or none yet.
+EnginePlan plan_engine(GemmKind kind, at::ScalarType dtype, bool pixel_major, int64_t macs,
+                       int64_t inner, bool with_onednn) {
   const int policy = engine_policy.load();
   if (policy != kMeasure) {
     const auto forced = static_cast<Engine>(policy - 1);
-    run(applies(forced, dtype) ? forced : Engine::kBlas);
-    return;
+    const bool usable =
+        applies(forced, dtype) && (with_onednn || forced != Engine::kOneDnn);
+    return {usable ? forced : Engine::kBlas, {}};
   }
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // The calling thread's GEMM is shared by every thread, which oneDNN does for one short
   // row of pixels only with twice the work per thread.
   const int64_t needed = threads == 1 ? kMeasuredMinMacs : 2 * kMeasuredMinMacs * threads;
   if (dtype == at::kDouble || macs < needed || at::globalContext().deterministicAlgorithms()) {
-    run(Engine::kBlas);
+    return {Engine::kBlas, {}};
+  }
+  const EngineKey key{static_cast<int>(kind), static_cast<int>(dtype), pixel_major, threads,
+                      log2_floor(macs), log2_floor(inner)};
+  std::lock_guard<std::mutex> lock(engines_mutex());
+  const auto found = chosen_engines().find(key);
+  if (found != chosen_engines().end()) return {found->second, key};
+  return {std::nullopt, key};
+}
+
+// Whether a GEMM like this is settled on the low-precision engine: then its operands can be
+// built in the data's dtype to begin with, instead of in float32 and converted.
+bool settled_on_low_precision(GemmKind kind, at::ScalarType dtype, bool pixel_major,
+                              int64_t macs, int64_t inner, bool with_onednn = true) {
+  return plan_engine(kind, dtype, pixel_major, macs, inner, with_onednn).engine ==
+         Engine::kLowPrecision;
+}
+
+template <typename F>
+void run_fastest(GemmKind kind, at::ScalarType dtype, bool pixel_major, int64_t macs,
+                 int64_t inner, const F& run, bool with_onednn = true) {
+  const EnginePlan plan = plan_engine(kind, dtype, pixel_major, macs, inner, with_onednn);
+  if (plan.engine) {
+    run(*plan.engine);
     return;
   }
-  const EngineKey key{static_cast<int>(dtype), pixel_major, threads, log2_floor(macs),
-                      log2_floor(inner)};
-  std::optional<Engine> known;
-  {
-    std::lock_guard<std::mutex> lock(engines_mutex());
-    const auto found = chosen_engines().find(key);
-    if (found != chosen_engines().end()) known = found->second;
-  }
-  if (known) {
-    run(*known);
-    return;
-  }
+  const auto usable = [&](Engine engine) {
+    return applies(engine, dtype) && (with_onednn || engine != Engine::kOneDnn);
+  };
+  const EngineKey& key = plan.key;
   double best[kEngines] = {1e30, 1e30, 1e30};
   for (int trial = 0; trial <= kEngineTrials; ++trial) {
     for (int e = 0; e < kEngines; ++e) {
-      if (!applies(static_cast<Engine>(e), dtype)) continue;
+      if (!usable(static_cast<Engine>(e))) continue;
       const auto start = std::chrono::steady_clock::now();
       run(static_cast<Engine>(e));
       const double seconds =
@@ -308,7 +342,8 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
   const at::Tensor a = pixel_major ? matrix(act, len, channels, channels)
                                    : matrix(act, channels, len, len);
   const at::Tensor out = pixel_major ? matrix(dst, len, co, co) : matrix(dst, co, len, dst_stride);
-  run_fastest(a.scalar_type(), pixel_major, co * channels * len, channels, [&](Engine engine) {
+  run_fastest(GemmKind::kForward, a.scalar_type(), pixel_major, co * channels * len, channels,
+              [&](Engine engine) {
     conv1x1_gemm(engine == Engine::kOneDnn, pixel_major, weight, a, out);
   });
 }
@@ -318,13 +353,13 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
 // mirrors the threshold_backward of densenet_fast.ops.torch_impl.bn_relu_conv1x1_backward, NaN
 // included (it zeroes where a <= 0, so a NaN activation passes the gradient); the
 // sums give densenet_fast.ops.batchnorm.bn_backward's dbias and dweight (times invstd).
-template <typename scalar_t, typename acc_t>
-void mask_reduce_row(const acc_t* __restrict__ act, acc_t* __restrict__ grad,
+template <typename scalar_t, typename acc_t, typename act_t>
+void mask_reduce_row(const act_t* __restrict__ act, acc_t* __restrict__ grad,
                      const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
                      acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = grad[i];
-    const acc_t v = !(act[i] <= acc_t(0)) ? gv : acc_t(0);
+    const acc_t v = !(static_cast<acc_t>(act[i]) <= acc_t(0)) ? gv : acc_t(0);
     grad[i] = v;
     sum_g[i] += v;
     sum_gx[i] += v * (static_cast<acc_t>(x[i]) - mean[i]);
@@ -333,8 +368,8 @@ void mask_reduce_row(const acc_t* __restrict__ act, acc_t* __restrict__ grad,
 
 // Channel-major run of n pixels of one channel: as above, returning (sum g, sum g (x - m)).
 // kLanes independent partial sums let the reduction vectorise without reassociation.
-template <typename scalar_t, typename acc_t>
-std::pair<acc_t, acc_t> mask_reduce_channel(const acc_t* __restrict__ act,
+template <typename scalar_t, typename acc_t, typename act_t>
+std::pair<acc_t, acc_t> mask_reduce_channel(const act_t* __restrict__ act,
                                             acc_t* __restrict__ grad,
                                             const scalar_t* __restrict__ x, acc_t mean,
                                             int64_t n) {
@@ -343,7 +378,7 @@ std::pair<acc_t, acc_t> mask_reduce_channel(const acc_t* __restrict__ act,
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const acc_t gv = grad[i + l];
-      const acc_t v = !(act[i + l] <= acc_t(0)) ? gv : acc_t(0);
+      const acc_t v = !(static_cast<acc_t>(act[i + l]) <= acc_t(0)) ? gv : acc_t(0);
       grad[i + l] = v;
       s_l[l] += v;
       sx_l[l] += v * (static_cast<acc_t>(x[i + l]) - mean);
@@ -351,7 +386,7 @@ std::pair<acc_t, acc_t> mask_reduce_channel(const acc_t* __restrict__ act,
   }
   for (; i < n; ++i) {
     const acc_t gv = grad[i];
-    const acc_t v = !(act[i] <= acc_t(0)) ? gv : acc_t(0);
+    const acc_t v = !(static_cast<acc_t>(act[i]) <= acc_t(0)) ? gv : acc_t(0);
     grad[i] = v;
     s_l[0] += v;
     sx_l[0] += v * (static_cast<acc_t>(x[i]) - mean);
@@ -404,10 +439,11 @@ void add_scaled_channel(const acc_t* __restrict__ grad, acc_t k, scalar_t* __res
 }
 
 // a = relu(x * scale + shift) for channels [c0, c0 + cc) of the pixels [p0, p0 + len), into
-// `act`: [cc, len] (channel-major) or [len, cc] (pixel-major), both dense.
-template <typename scalar_t, typename acc_t>
+// `act`: [cc, len] (channel-major) or [len, cc] (pixel-major), both dense, in acc_t or, for a
+// low-precision GEMM, in the data's dtype.
+template <typename scalar_t, typename acc_t, typename out_t = acc_t>
 void bn_relu_tile(const Geometry& g, const scalar_t* x, const acc_t* scale, const acc_t* shift,
-                  int64_t p0, int64_t len, int64_t c0, int64_t cc, acc_t* act) {
+                  int64_t p0, int64_t len, int64_t c0, int64_t cc, out_t* act) {
   if (g.pixel_major) {
     for (int64_t r = 0; r < len; ++r) {
       bn_relu_row(x + (p0 + r) * g.total + c0, scale + c0, shift + c0, act + r * cc, cc);
@@ -500,6 +536,15 @@ void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* sc
   }
 }
 
+// The forward's output for the pixels [p0, p0 + len) of one image, as a matrix: [len, C_out]
+// (pixel-major) or [C_out, len] (channel-major, row stride H*W).
+template <typename scalar_t>
+at::Tensor output_tile(const Geometry& g, scalar_t* out_data, int64_t p0, int64_t len) {
+  const int64_t co = g.out_channels;
+  scalar_t* dst = out_data + g.offset(p0, 0, co);
+  return g.pixel_major ? matrix(dst, len, co, co) : matrix(dst, co, len, g.hw);
+}
+
 // The forward's GEMM of the tile of pixels [p0, p0 + len) (one image's) for bfloat16/float16
 // data, into the output `out_data`: with a float32 engine, into `result` (acc_t scratch),
 // then rounded into the output; with the low-precision one, on the tile and the weight in the
@@ -509,11 +554,11 @@ void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Te
                        acc_t* act, int64_t p0, int64_t len, acc_t* result, scalar_t* out_data) {
   const int64_t channels = g.channels, co = g.out_channels;
   const bool pm = g.pixel_major;
-  scalar_t* dst = out_data + g.offset(p0, 0, co);
   const at::Tensor a = pm ? matrix(act, len, channels, channels) : matrix(act, channels, len, len);
   const at::Tensor out = pm ? matrix(result, len, co, co) : matrix(result, co, len, len);
-  const at::Tensor target = pm ? matrix(dst, len, co, co) : matrix(dst, co, len, g.hw);
-  run_fastest(target.scalar_type(), pm, co * channels * len, channels, [&](Engine engine) {
+  const at::Tensor target = output_tile(g, out_data, p0, len);
+  run_fastest(GemmKind::kForward, target.scalar_type(), pm, co * channels * len, channels,
+              [&](Engine engine) {
     if (engine == Engine::kLowPrecision) {
       conv1x1_gemm(false, pm, weight_lp, a.to(target.scalar_type()), target);
       return;
@@ -566,11 +611,21 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
     acc_t* result = act + g.tile * channels;
     for (int64_t item = begin; item < end; ++item) {
       const auto [p0, len] = g.span(item);
-      bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
         forward_gemm(g.pixel_major, weight, act, channels, len, out_data + g.offset(p0, 0, co),
                      g.hw);
+      } else if (settled_on_low_precision(GemmKind::kForward, buffer.scalar_type(),
+                                          g.pixel_major, co * channels * len, channels)) {
+        // The activation built in the data's dtype, multiplied straight into the output.
+        auto* act_lp = reinterpret_cast<scalar_t*>(act);
+        bn_relu_tile<scalar_t, acc_t, scalar_t>(g, x, scale, shift, p0, len, 0, channels,
+                                                act_lp);
+        const at::Tensor a = g.pixel_major ? matrix(act_lp, len, channels, channels)
+                                           : matrix(act_lp, channels, len, len);
+        conv1x1_gemm(false, g.pixel_major, weight_lp, a, output_tile(g, out_data, p0, len));
       } else {
+        bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
         lowp_forward_gemm(g, weight, weight_lp, act, p0, len, result, out_data);
       }
     }
@@ -665,6 +720,21 @@ struct BackwardData {
     for (int64_t c = 0; c < g.channels; ++c) k_g[c] = gamma[c] * invstd[c];
   }
 
+  // Whether a tile of `len` pixels has both its GEMMs (weight and input gradient) settled on
+  // the low-precision engine: bfloat16/float16 data only.
+  bool low_precision_tile(int64_t len) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return false;
+    } else {
+      const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+      const int64_t co = g.out_channels;
+      return settled_on_low_precision(GemmKind::kWeightGrad, dtype, g.pixel_major, co * cc * len,
+                                      len, /*with_onednn=*/false) &&
+             settled_on_low_precision(GemmKind::kInputGrad, dtype, g.pixel_major, cc * co * len,
+                                      co);
+    }
+  }
+
   void select_chunk(int64_t first, int64_t count) {
     c0 = first;
     cc = count;
@@ -673,14 +743,48 @@ struct BackwardData {
   }
 };
 
-// The weight-gradient GEMM of one tile: dw += grad_out a^T.
-template <typename acc_t>
-void weight_grad_tile(const Geometry& g, const at::Tensor& dw, const at::Tensor& go, acc_t* act,
-                      int64_t len, int64_t cc) {
-  if (g.pixel_major) {
-    dw.addmm_(go.t(), matrix(act, len, cc, cc));
+// The tile's grad_out in the data's dtype (bfloat16/float16): read in place, or, for a tile
+// of several images, go (which holds its values exactly) converted back.
+template <typename scalar_t>
+at::Tensor grad_out_in_data_dtype(const BackwardData<scalar_t>& d, const at::Tensor& go,
+                                  int64_t p0, int64_t len) {
+  const int64_t co = d.g.out_channels;
+  if (!d.g.in_one_image(p0, len)) return go.to(c10::CppTypeToScalarType<scalar_t>::value);
+  auto* base = const_cast<scalar_t*>(d.grad_out) + d.g.offset(p0, 0, co);
+  return d.g.pixel_major ? matrix(base, len, co, co) : matrix(base, co, len, d.g.hw);
+}
+
+// The weight-gradient GEMM of one tile, dw += grad_out a^T ([C_out, cc]). Float32/float64
+// data: ATen's BLAS on the acc_t operands. bfloat16/float16 data: the fastest engine, into
+// the thread's `tile` scratch, then added: float32 BLAS (exact products, as ever), or a GEMM
+// in the data's dtype (float32 accumulation) on grad_out read in place and the tile's
+// activation, whose result is rounded to that dtype before it is added, as autocast's
+// convolution rounds its weight gradient (once; here once per tile).
+template <typename scalar_t, typename acc_t, typename act_t>
+void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, const at::Tensor& go,
+                      act_t* act, int64_t p0, int64_t len, const at::Tensor& tile) {
+  const bool pm = d.g.pixel_major;
+  const int64_t cc = d.cc;
+  const at::Tensor a = pm ? matrix(act, len, cc, cc) : matrix(act, cc, len, len);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    pm ? dw.addmm_(go.t(), a) : dw.addmm_(go, a.t());
+  } else if constexpr (std::is_same_v<act_t, scalar_t>) {
+    // A tile built for the low-precision engines: a and go are in the data's dtype.
+    dw.add_(pm ? at::mm(go.t(), a) : at::mm(go, a.t()));
   } else {
-    dw.addmm_(go, matrix(act, cc, len, len).t());
+    const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+    const at::Tensor& out = tile;
+    run_fastest(GemmKind::kWeightGrad, dtype, pm, d.g.out_channels * cc * len, len,
+                [&](Engine engine) {
+      if (engine != Engine::kLowPrecision) {
+        pm ? mm_into(out, go.t(), a) : mm_into(out, go, a.t());
+        return;
+      }
+      const at::Tensor go_lp = grad_out_in_data_dtype(d, go, p0, len);
+      const at::Tensor a_lp = a.to(dtype);
+      out.copy_(pm ? at::mm(go_lp.t(), a_lp) : at::mm(go_lp, a_lp.t()));
+    }, /*with_onednn=*/false);
+    dw.add_(out);
   }
 }
 
@@ -694,28 +798,34 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
   const bool pm = d.g.pixel_major;
   const int64_t co = d.g.out_channels;
   const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  run_fastest(dtype, pm, d.cc * co * len, co, [&](Engine engine) {
+  // go in the data's dtype: the tile was built for the low-precision engines.
+  const bool low_precision_tile =
+      !std::is_same_v<scalar_t, at::opmath_type<scalar_t>> && go.scalar_type() == dtype;
+  const auto low_precision = [&] {
+    const at::Tensor go_lp = low_precision_tile ? go : grad_out_in_data_dtype(d, go, p0, len);
+    const at::Tensor g_lp = at::empty(gs.sizes(), go_lp.options());
+    conv1x1_gemm(false, pm, d.weight_t_chunk_lp, go_lp, g_lp);
+    gs.copy_(g_lp);
+  };
+  if (low_precision_tile) {
+    low_precision();
+    return;
+  }
+  run_fastest(GemmKind::kInputGrad, dtype, pm, d.cc * co * len, co, [&](Engine engine) {
     if (engine != Engine::kLowPrecision) {
       conv1x1_gemm(engine == Engine::kOneDnn, pm, d.weight_t_chunk, go, gs);
       return;
     }
-    // grad_out in its dtype: read in place, or, for a tile of several images, go (which
-    // holds its values exactly) converted back.
-    auto* base = const_cast<scalar_t*>(d.grad_out) + d.g.offset(p0, 0, co);
-    const at::Tensor go_lp = !d.g.in_one_image(p0, len) ? go.to(dtype)
-                             : pm ? matrix(base, len, co, co) : matrix(base, co, len, d.g.hw);
-    const at::Tensor g_lp = at::empty(gs.sizes(), go_lp.options());
-    conv1x1_gemm(false, pm, d.weight_t_chunk_lp, go_lp, g_lp);
-    gs.copy_(g_lp);
+    low_precision();
   });
 }
 
 // The input-gradient step of one pixel-major tile: the GEMM g = grad_out W into gs
 // ([len, cc]), then per row the ReLU mask and the per-channel sums (mask_reduce_row), and
 // with one pass the direct term k_g g added to grad_x right away.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename act_t>
 void input_grad_rows(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
-                     const at::Tensor& go, const acc_t* act, acc_t* gs, acc_t* tile_sums,
+                     const at::Tensor& go, const act_t* act, acc_t* gs, acc_t* tile_sums,
                      double* sum_g, double* sum_gx) {
   const int64_t c0 = d.c0, cc = d.cc;
   input_grad_gemm(d, go, p0, len, matrix(gs, len, cc, cc));
@@ -736,9 +846,9 @@ void input_grad_rows(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
 
 // The same for a channel-major tile: g = W^T grad_out into rows of gs ([cc, len], row
 // stride `stride`), masked and reduced one channel at a time (mask_reduce_channel).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename act_t>
 void input_grad_channels(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
-                         const at::Tensor& go, const acc_t* act, acc_t* gs, int64_t stride,
+                         const at::Tensor& go, const act_t* act, acc_t* gs, int64_t stride,
                          double* sum_g, double* sum_gx) {
   const int64_t c0 = d.c0, cc = d.cc;
   input_grad_gemm(d, go, p0, len, matrix(gs, cc, len, stride));
@@ -770,23 +880,43 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
     acc_t* mine = scratch.template mutable_data_ptr<acc_t>() + tid * layout.per_thread;
     acc_t* act = mine + layout.act;
     const at::Tensor dw = dweight_parts[tid].narrow(1, d.c0, d.cc);
+    // The weight gradient's tile result before it is added (bfloat16/float16 data only).
+    const at::Tensor tile = std::is_same_v<scalar_t, acc_t>
+                                ? at::Tensor()
+                                : at::empty({g.out_channels, d.cc}, d.scale_t.options());
     double* sum_g = sums.sum_g(tid);
     double* sum_gx = sums.sum_gx(tid);
-    for (int64_t item = begin; item < end; ++item) {
-      const auto [p0, len] = g.span(item);
-      bn_relu_tile<scalar_t, acc_t>(g, d.x, d.scale, d.shift, p0, len, d.c0, d.cc, act);
-      at::Tensor go =
-          grad_out_tile<scalar_t, acc_t>(g, d.grad_out, p0, len, mine + layout.grad_out);
-      weight_grad_tile(g, dw, go, act, len, d.cc);
+    // The input-gradient step of a tile whose activation is `a` (acc_t or the data's dtype).
+    const auto input_grad = [&](int64_t p0, int64_t len, const at::Tensor& go, const auto* a) {
       if (g.pixel_major) {
         acc_t* gs = d.two_pass ? d.store + p0 * d.cc : mine + layout.tile_g;
-        input_grad_rows(d, p0, len, go, act, gs, mine + layout.tile_sums, sum_g, sum_gx);
+        input_grad_rows(d, p0, len, go, a, gs, mine + layout.tile_sums, sum_g, sum_gx);
       } else {
         // Rows of the store (row stride = pixels) or of the tile scratch.
         acc_t* gs = d.two_pass ? d.store + p0 : mine + layout.tile_g;
         const int64_t stride = d.two_pass ? g.pixels : len;
-        input_grad_channels(d, p0, len, go, act, gs, stride, sum_g, sum_gx);
+        input_grad_channels(d, p0, len, go, a, gs, stride, sum_g, sum_gx);
       }
+    };
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [p0, len] = g.span(item);
+      if (d.low_precision_tile(len)) {
+        // Both GEMMs settled on the low-precision engine: the activation and grad_out are
+        // built in the data's dtype (grad_out read in place where it can be).
+        auto* act_lp = reinterpret_cast<scalar_t*>(act);
+        bn_relu_tile<scalar_t, acc_t, scalar_t>(g, d.x, d.scale, d.shift, p0, len, d.c0, d.cc,
+                                                act_lp);
+        const at::Tensor go = grad_out_tile<scalar_t, scalar_t>(
+            g, d.grad_out, p0, len, reinterpret_cast<scalar_t*>(mine + layout.grad_out));
+        weight_grad_tile<scalar_t, acc_t>(d, dw, go, act_lp, p0, len, tile);
+        input_grad(p0, len, go, act_lp);
+        continue;
+      }
+      bn_relu_tile<scalar_t, acc_t>(g, d.x, d.scale, d.shift, p0, len, d.c0, d.cc, act);
+      const at::Tensor go =
+          grad_out_tile<scalar_t, acc_t>(g, d.grad_out, p0, len, mine + layout.grad_out);
+      weight_grad_tile<scalar_t, acc_t>(d, dw, go, act, p0, len, tile);
+      input_grad(p0, len, go, act);
     }
   });
 }
@@ -951,6 +1081,7 @@ std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
   for (const auto& [key, engine] : chosen_engines()) {
     report.push_back(std::string(c10::toString(static_cast<at::ScalarType>(key.dtype))) +
                      ", " + (key.pixel_major ? "pixel-major" : "channel-major") + ", " +
+                     kGemmKindNames[key.kind] + ", " +
                      std::to_string(key.threads) + " thread(s), 2^" +
                      std::to_string(key.log2_macs) + " multiply-adds, reduction 2^" +
                      std::to_string(key.log2_inner) + ": " +

@@ -232,11 +232,14 @@ def backend_info() -> dict:
 def cpu_gemm_engine(policy: str | None = None) -> dict:
     """The C++ kernels' GEMM engine: ``{"policy": ..., "measured": [...]}``.
 
-    The fused op's GEMMs (the forward's ``W a`` and the backward's ``W^T g``) run through
-    ATen's float32 BLAS, oneDNN, or, for bfloat16/float16 data (autocast's), ATen's GEMM in
-    that dtype ("lowp", float32 accumulation), whichever is fastest on this machine: by
-    default (``"measure"``) the first GEMM of each kind (dtype, layout, threads, size) runs
-    with each and the fastest is kept for the process; ``"blas"``, ``"onednn"`` or ``"lowp"``
+    The fused op's GEMMs (the forward's ``W a``, the backward's ``W^T g`` and ``g a^T``) run
+    through ATen's float32 BLAS, oneDNN (not the weight gradient's), or, for bfloat16/float16
+    data (autocast's), ATen's GEMM in that dtype ("lowp", float32 accumulation; the weight
+    gradient's tile results rounded to that dtype, as autocast's convolution rounds its
+    weight gradient), whichever is fastest on this machine: by default (``"measure"``) the
+    first GEMM of each kind (which GEMM, dtype, layout, threads, size) runs with each and the
+    fastest is kept for the process; a tile whose GEMMs are all settled on "lowp" builds its
+    operands in the data's dtype, without float32 copies; ``"blas"``, ``"onednn"`` or ``"lowp"``
     forces one engine where it applies (oneDNN where ``torch.backends.mkldnn`` enables it;
     else float32 BLAS). Under ``torch.use_deterministic_algorithms`` measuring keeps float32
     BLAS. ``policy`` sets it; ``"measured"`` lists the choices made so far. Returns the

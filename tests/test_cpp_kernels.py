@@ -75,8 +75,9 @@ def test_cpp_matches_reference_with_each_gemm_engine(memory_format, dtype, polic
                                                     monkeypatch):
     # Forced, every GEMM of the forward and of the input gradient takes that engine where it
     # applies (oneDNN: the strided grad_out of a short tile too; lowp: bfloat16/float16
-    # operands, else float32 BLAS); measured, the large ones run with each; with oneDNN
-    # disabled in torch.backends.mkldnn, none runs through it.
+    # operands, else float32 BLAS), and the weight gradient's too but oneDNN (lowp: the
+    # tiles then built in the data's dtype); measured, the large ones run with each; with
+    # oneDNN disabled in torch.backends.mkldnn, none runs through it.
     if policy == "mkldnn-disabled":
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
         policy = "onednn"
