@@ -225,13 +225,12 @@ bool applies(Engine engine, at::ScalarType dtype) {
   return false;
 }
 
-// Runs a GEMM of kind `kind`, `macs` multiply-adds with reduction length `inner`, on `dtype`
-// data through `run(engine)`, with the engine the policy gives among those that apply and
-// `run` offers (`with_onednn`). Measuring: float32 BLAS for float64 data, small GEMMs, and
-// under torch.use_deterministic_algorithms (a measured choice could differ between
-// processes, and with it the rounding); else the engine measured fastest for GEMMs like it,
-// where the first GEMM of its kind runs with every engine that applies, a few times: `run`
-// must give the same result however often it runs.
+// Whether a GEMM of `dtype` data may run with `engine`: it applies, and oneDNN only where the
+// GEMM offers it (`with_onednn`).
+bool usable(Engine engine, at::ScalarType dtype, bool with_onednn) {
+  return applies(engine, dtype) && (with_onednn || engine != Engine::kOneDnn);
+}
+
 // Where the engine of a GEMM stands: settled (`engine`), or to be measured under `key`.
 struct EnginePlan {
   std::optional<Engine> engine;
@@ -245,9 +244,7 @@ EnginePlan plan_engine(GemmKind kind, at::ScalarType dtype, bool pixel_major, in
   const int policy = engine_policy.load();
   if (policy != kMeasure) {
     const auto forced = static_cast<Engine>(policy - 1);
-    const bool usable =
-        applies(forced, dtype) && (with_onednn || forced != Engine::kOneDnn);
-    return {usable ? forced : Engine::kBlas, {}};
+    return {usable(forced, dtype, with_onednn) ? forced : Engine::kBlas, {}};
   }
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // The calling thread's GEMM is shared by every thread, which oneDNN does for one short
@@ -272,6 +269,13 @@ bool settled_on_low_precision(GemmKind kind, at::ScalarType dtype, bool pixel_ma
          Engine::kLowPrecision;
 }
 
+// Runs a GEMM of kind `kind`, `macs` multiply-adds with reduction length `inner`, on `dtype`
+// data through `run(engine)`, with the engine the policy gives among those that apply and
+// `run` offers (`with_onednn`). Measuring: float32 BLAS for float64 data, small GEMMs, and
+// under torch.use_deterministic_algorithms (a measured choice could differ between
+// processes, and with it the rounding); else the engine measured fastest for GEMMs like it,
+// where the first GEMM of its kind runs with every engine that applies, a few times: `run`
+// must give the same result however often it runs.
 template <typename F>
 void run_fastest(GemmKind kind, at::ScalarType dtype, bool pixel_major, int64_t macs,
                  int64_t inner, const F& run, bool with_onednn = true) {
@@ -280,14 +284,11 @@ void run_fastest(GemmKind kind, at::ScalarType dtype, bool pixel_major, int64_t 
     run(*plan.engine);
     return;
   }
-  const auto usable = [&](Engine engine) {
-    return applies(engine, dtype) && (with_onednn || engine != Engine::kOneDnn);
-  };
   const EngineKey& key = plan.key;
   double best[kEngines] = {1e30, 1e30, 1e30};
   for (int trial = 0; trial <= kEngineTrials; ++trial) {
     for (int e = 0; e < kEngines; ++e) {
-      if (!usable(static_cast<Engine>(e))) continue;
+      if (!usable(static_cast<Engine>(e), dtype, with_onednn)) continue;
       const auto start = std::chrono::steady_clock::now();
       run(static_cast<Engine>(e));
       const double seconds =
@@ -773,18 +774,17 @@ void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, con
     dw.add_(pm ? at::mm(go.t(), a) : at::mm(go, a.t()));
   } else {
     const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
-    const at::Tensor& out = tile;
     run_fastest(GemmKind::kWeightGrad, dtype, pm, d.g.out_channels * cc * len, len,
                 [&](Engine engine) {
       if (engine != Engine::kLowPrecision) {
-        pm ? mm_into(out, go.t(), a) : mm_into(out, go, a.t());
+        pm ? mm_into(tile, go.t(), a) : mm_into(tile, go, a.t());
         return;
       }
       const at::Tensor go_lp = grad_out_in_data_dtype(d, go, p0, len);
       const at::Tensor a_lp = a.to(dtype);
-      out.copy_(pm ? at::mm(go_lp.t(), a_lp) : at::mm(go_lp, a_lp.t()));
+      tile.copy_(pm ? at::mm(go_lp.t(), a_lp) : at::mm(go_lp, a_lp.t()));
     }, /*with_onednn=*/false);
-    dw.add_(out);
+    dw.add_(tile);
   }
 }
 
