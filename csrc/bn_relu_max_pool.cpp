@@ -7,8 +7,10 @@
 // channel plane at a time is BN-ReLU'd into per-thread scratch (PaddedPlane), and each
 // output row's windows are reduced tap by tap, vectorised across the row; backward finds the
 // same winners and adds the output gradient where threshold_backward would let it through,
-// so neither the activation nor the indices ever exist at full size. Channels-last data is
-// left to ATen's channels-last kernels, which are already vectorised across channels.
+// so neither the activation nor the indices ever exist at full size. Channels-last data gets
+// kernels of its own, vectorised across channels, for the same reason: ATen's channels-last
+// pool needs the full-size activation and int64 indices (bfloat16 densenet121 inference on
+// a Xeon peaked in the stem, above torchvision's peak, on them).
 //
 // Winners follow ATen's max pool: the first maximum in window order (rows, then columns),
 // except that NaN always wins (the last NaN of the window), so the gradient reaches the same
@@ -21,6 +23,7 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "kernel_common.h"
@@ -254,12 +257,127 @@ at::Tensor backward_planes(const at::Tensor& grad_out, const at::Tensor& x, cons
   return grad;
 }
 
-// Channels-last data: ATen's channels-last max pool kernels, vectorised across channels, on
-// the activation of the bn_relu kernel (bn_relu.cpp, in this translation unit: extension.cpp).
-at::Tensor channels_last_activation(const at::Tensor& x, const at::Tensor& mean,
-                                    const at::Tensor& invstd, const at::Tensor& weight,
-                                    const at::Tensor& bias) {
-  return bn_relu_cpu(x, mean, invstd, weight, bias, std::nullopt);
+// Channels-last data: one work item per (image, block of up to kChannelBlock channels), the
+// block's channels the vector axis. Each window recomputes relu(bn(x)) for its taps (a 3x3
+// stride-2 pool reads each element 2.25 times, cheaper than writing and re-reading a
+// full-size activation), so neither the activation nor int64 indices ever exist at full size.
+constexpr int64_t kChannelBlock = 32;
+
+struct ChannelBlock {
+  int64_t image, first, count;
+};
+
+// fn(block, per-thread scratch of scratch_size acc_t) for every channel block of x.
+template <typename acc_t, typename F>
+void for_each_channel_block(const at::Tensor& x, int64_t scratch_size, const F& fn) {
+  const int64_t channels = x.size(1);
+  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, x.size(0) * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(scratch_size);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t first = (item % blocks) * kChannelBlock;
+      fn(ChannelBlock{item / blocks, first, std::min(kChannelBlock, channels - first)},
+         scratch.data());
+    }
+  });
+}
+
+// Window (oh, ow)'s best value and winning tap for each channel of a block; x_block points
+// at the block's first channel of its image's [H, W, C] data. Taps in the padding are
+// skipped, as ATen's pool skips them.
+template <typename scalar_t, typename acc_t>
+void pixel_window_maxima(const scalar_t* x_block, int64_t channels, const acc_t* scale,
+                         const acc_t* shift, const PoolGeometry& g, int64_t oh, int64_t ow,
+                         int64_t count, acc_t* best, int32_t* winner) {
+  std::fill(best, best + count, -std::numeric_limits<acc_t>::infinity());
+  std::fill(winner, winner + count, 0);
+  acc_t values[kChannelBlock];
+  for (int64_t i = 0; i < g.h.kernel; ++i) {
+    const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
+    if (ih < 0 || ih >= g.h.in) continue;
+    for (int64_t j = 0; j < g.w.kernel; ++j) {
+      const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
+      if (iw < 0 || iw >= g.w.in) continue;
+      bn_relu_row(x_block + (ih * g.w.in + iw) * channels, scale, shift, values, count);
+      take_tap(values, static_cast<int32_t>(i * g.w.kernel + j), best, winner, count);
+    }
+  }
+}
+
+template <typename scalar_t>
+at::Tensor forward_channels_last(const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const at::Tensor& weight,
+                                 const at::Tensor& bias, const PoolGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor scale_t, shift_t;
+  std::tie(scale_t, shift_t) = scale_shift<acc_t>(mean, invstd, weight, bias);
+  const acc_t* scale = scale_t.const_data_ptr<acc_t>();
+  const acc_t* shift = shift_t.const_data_ptr<acc_t>();
+  const int64_t channels = x.size(1);
+  at::Tensor out = at::empty({x.size(0), channels, g.h.out, g.w.out},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  for_each_channel_block<acc_t>(x, kChannelBlock, [&](const ChannelBlock& b, acc_t* best) {
+    int32_t winner[kChannelBlock];
+    const scalar_t* x_block = x_data + b.image * g.h.in * g.w.in * channels + b.first;
+    for (int64_t oh = 0; oh < g.h.out; ++oh) {
+      for (int64_t ow = 0; ow < g.w.out; ++ow) {
+        pixel_window_maxima(x_block, channels, scale + b.first, shift + b.first, g, oh, ow,
+                            b.count, best, winner);
+        scalar_t* dst = out_data + ((b.image * g.h.out + oh) * g.w.out + ow) * channels + b.first;
+        for (int64_t c = 0; c < b.count; ++c) dst[c] = to_data<scalar_t>(best[c]);
+      }
+    }
+  });
+  return out;
+}
+
+// The block's gradient sums in an acc_t [H, W, count] scratch, as the planes' kernel sums in
+// its plane scratch: a pixel that wins several overlapping windows is rounded once.
+template <typename scalar_t>
+at::Tensor backward_channels_last(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                  const at::Tensor& weight, const at::Tensor& bias,
+                                  const PoolGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor scale_t, shift_t;
+  std::tie(scale_t, shift_t) = scale_shift<acc_t>(mean, invstd, weight, bias);
+  const acc_t* scale = scale_t.const_data_ptr<acc_t>();
+  const acc_t* shift = shift_t.const_data_ptr<acc_t>();
+  const int64_t channels = x.size(1), pixels = g.h.in * g.w.in;
+  at::Tensor grad = at::empty_like(x);
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* grad_data = grad.mutable_data_ptr<scalar_t>();
+  const int64_t scratch = pixels * kChannelBlock + kChannelBlock;
+  for_each_channel_block<acc_t>(x, scratch, [&](const ChannelBlock& b, acc_t* sum) {
+    acc_t* best = sum + pixels * kChannelBlock;
+    int32_t winner[kChannelBlock];
+    std::fill(sum, sum + pixels * b.count, acc_t(0));
+    const int64_t image = b.image * pixels * channels + b.first;
+    for (int64_t oh = 0; oh < g.h.out; ++oh) {
+      for (int64_t ow = 0; ow < g.w.out; ++ow) {
+        pixel_window_maxima(x_data + image, channels, scale + b.first, shift + b.first, g, oh,
+                            ow, b.count, best, winner);
+        const scalar_t* go =
+            go_data + ((b.image * g.h.out + oh) * g.w.out + ow) * channels + b.first;
+        for (int64_t c = 0; c < b.count; ++c) {
+          // ReLU's backward as threshold_backward's: nothing flows where a <= 0.
+          if (best[c] <= acc_t(0)) continue;
+          const int64_t i = winner[c] / g.w.kernel, j = winner[c] % g.w.kernel;
+          const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
+          const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
+          sum[(ih * g.w.in + iw) * b.count + c] += static_cast<acc_t>(go[c]);
+        }
+      }
+    }
+    for (int64_t p = 0; p < pixels; ++p) {
+      scalar_t* dst = grad_data + image + p * channels;
+      for (int64_t c = 0; c < b.count; ++c) dst[c] = to_data<scalar_t>(sum[p * b.count + c]);
+    }
+  });
+  return grad;
 }
 
 at::Tensor pool_forward_cpu(const at::Tensor& x, const at::Tensor& mean,
@@ -269,15 +387,12 @@ at::Tensor pool_forward_cpu(const at::Tensor& x, const at::Tensor& mean,
                             c10::IntArrayRef dilation, bool ceil_mode) {
   const PoolGeometry g = check_pool_args(x, mean, invstd, weight, bias, kernel_size, stride,
                                          padding, dilation, ceil_mode);
-  if (is_pixel_major(x)) {
-    return std::get<0>(at::max_pool2d_with_indices(
-        channels_last_activation(x, mean, invstd, weight, bias), kernel_size, stride, padding,
-        dilation, ceil_mode));
-  }
-  const at::Tensor dense = x.contiguous();
+  const bool pixel_major = is_pixel_major(x);
+  const at::Tensor dense = pixel_major ? x : x.contiguous();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                          "bn_relu_max_pool2d", [&] {
-    return forward_planes<scalar_t>(dense, mean, invstd, weight, bias, g);
+    return pixel_major ? forward_channels_last<scalar_t>(dense, mean, invstd, weight, bias, g)
+                       : forward_planes<scalar_t>(dense, mean, invstd, weight, bias, g);
   });
 }
 
@@ -299,13 +414,11 @@ at::Tensor pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
   TORCH_CHECK(grad_out.device() == x.device(), "grad_out is on ", grad_out.device(),
               " but x is on ", x.device());
   if (is_pixel_major(x)) {
-    const at::Tensor act = channels_last_activation(x, mean, invstd, weight, bias);
-    const at::Tensor indices =
-        std::get<1>(at::max_pool2d_with_indices(act, kernel_size, stride, padding, dilation,
-                                                ceil_mode));
-    at::Tensor grad = at::max_pool2d_with_indices_backward(grad_out, act, kernel_size, stride,
-                                                           padding, dilation, ceil_mode, indices);
-    return at::threshold_backward_out(grad, grad, act, 0);
+    const at::Tensor dense_grad = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
+    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                           "bn_relu_max_pool2d_backward", [&] {
+      return backward_channels_last<scalar_t>(dense_grad, x, mean, invstd, weight, bias, g);
+    });
   }
   const at::Tensor dense = x.contiguous(), dense_grad = grad_out.contiguous();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),

@@ -22,8 +22,9 @@ POOLS = [((3, 3), (2, 2), (1, 1), (1, 1), False),
          ((3, 3), (2, 2), (1, 1), (2, 2), True),
          ((2, 2), (2, 2), (0, 0), (1, 1), False)]
 POOL_IDS = ["stem", "ceil-uneven", "dilated", "disjoint"]
-# (N, C, H, W): odd planes, a plane smaller than the kernel's reach, one image.
-SHAPES = [(3, 5, 13, 11), (2, 3, 2, 3), (1, 4, 9, 8)]
+# (N, C, H, W): odd planes, a plane smaller than the kernel's reach, one image, more channels
+# than one of the channels-last kernels' channel blocks (32) and not a multiple of it.
+SHAPES = [(3, 5, 13, 11), (2, 3, 2, 3), (1, 4, 9, 8), (2, 37, 6, 7)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
@@ -108,6 +109,8 @@ def test_pool_matches_reference_with_ties_and_nan(pool, shape, layout, dtype):
     x, mean, invstd, weight, bias = exact_case(shape, dtype, layout)
     out, expected = _both("bn_relu_max_pool2d", x, mean, invstd, weight, bias, *pool)
     assert out.dtype == dtype and out.shape == expected.shape
+    layout_kept = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout_kept)
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.nan_to_num(), expected.nan_to_num())
     grad_out = torch.randn(expected.shape).to(dtype)
@@ -117,6 +120,7 @@ def test_pool_matches_reference_with_ties_and_nan(pool, shape, layout, dtype):
     # another order in low precision).
     assert torch.equal(grad != 0, expected_grad != 0)
     assert_close(grad, expected_grad, dtype, "gradient at the BN output")
+    assert grad.is_contiguous(memory_format=layout_kept)
 
 
 @needs_cpp
@@ -133,6 +137,50 @@ def test_pool_matches_reference_with_any_statistics(layout):
     grad, expected_grad = _both("bn_relu_max_pool2d_backward", grad_out, x, mean, invstd, weight,
                                 bias, *pool)
     assert_close(grad, expected_grad, torch.float64, "gradient at the BN output")
+
+
+def _largest_live_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator held at once while fn ran."""
+    from torch._C._profiler import _EventType
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    allocations = []
+
+    def walk(node):
+        if node.tag == _EventType.Allocation:
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live = peak = 0
+    for _, size in sorted(allocations):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pool_allocates_only_its_result(layout, dtype):
+    # The point of the fused op: no full-size activation and no int64 indices beside the
+    # result (ATen's channels-last pool needs both), in the forward and in the backward.
+    x, mean, invstd, weight, bias = exact_case((4, 40, 24, 24), dtype, layout)
+    pool = POOLS[0]
+    op = torch.ops.densenet_fast
+    out = op.bn_relu_max_pool2d(x, mean, invstd, weight, bias, *pool)
+    grad_out = torch.randn(out.shape).to(dtype).contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    small = 4096  # the BN's scale and shift
+    forward = _largest_live_bytes(lambda: op.bn_relu_max_pool2d(x, mean, invstd, weight, bias,
+                                                                 *pool))
+    assert forward <= out.nbytes + small, (forward, out.nbytes)
+    backward = _largest_live_bytes(lambda: op.bn_relu_max_pool2d_backward(
+        grad_out, x, mean, invstd, weight, bias, *pool))
+    assert backward <= x.nbytes + small, (backward, x.nbytes)
 
 
 BAD_ARGS = [
