@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .block import running_mean_invstd
-from .ops import bn_relu_max_pool2d, bn_relu_max_pool2d_backward, lowp_conv
+from .ops import bn_relu_max_pool2d, bn_relu_max_pool2d_backward, conv_layout
 from .ops.batchnorm import channel_stats
-from .ops.formats import stats_dtype_for
+from .ops.formats import memory_format_of, stats_dtype_for
 from .spec import StemParams, StemSpec
 from .sync import norm_backward
 
@@ -58,7 +58,7 @@ class StemSaved:
 
 
 def _conv(spec: StemSpec, x, weight):
-    return lowp_conv.conv2d(x, weight, *spec.conv_args())
+    return conv_layout.conv2d(x, weight, *spec.conv_args())
 
 
 def _mean_invstd(spec: StemSpec, saved: StemSaved, dtype: torch.dtype):
@@ -84,7 +84,8 @@ def forward(x, spec: StemSpec, params: StemParams) -> tuple[torch.Tensor, StemSa
     mean, invstd = _mean_invstd(spec, saved, conv_out.dtype)
     out = bn_relu_max_pool2d(conv_out, mean, invstd, params.norm_weight, params.norm_bias,
                              spec.pool_args())
-    return out, saved, count
+    # conv0 may run channels-last (ops/conv_layout.py); the blocks get x's layout back.
+    return out.contiguous(memory_format=memory_format_of(x)), saved, count
 
 
 def backward(grad_out, x, spec: StemSpec, params: StemParams, saved: StemSaved,
@@ -98,6 +99,6 @@ def backward(grad_out, x, spec: StemSpec, params: StemParams, saved: StemSaved,
     grad, dnorm_weight, dnorm_bias = norm_backward(
         grad, conv_out, mean, invstd, params.norm_weight, batch_stats=spec.norm.batch_stats,
         sync=spec.sync, count=int(saved.count))
-    grad_x, dconv = lowp_conv.conv2d_backward(grad, x, params.conv_weight, *spec.conv_args(),
+    grad_x, dconv = conv_layout.conv2d_backward(grad, x, params.conv_weight, *spec.conv_args(),
                                               (input_grad, True))
     return grad_x, dconv, dnorm_weight, dnorm_bias

@@ -8,7 +8,8 @@ from helpers import twins
 from tolerances import assert_as_accurate, assert_close
 
 from densenet_fast import DenseNet, NaiveDenseNet
-from densenet_fast.ops import lowp_conv
+from densenet_fast.ops import conv_layout, lowp_conv
+from densenet_fast.plan import run_stem
 
 
 def _logits_and_grads(model, x, y, autocast: bool):
@@ -117,3 +118,61 @@ def test_float32_convolution_is_not_chosen_where_it_cannot_apply():
 
     with FakeTensorMode():
         assert not lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))
+
+
+def test_stem_convolution_runs_channels_last_only_where_it_pays(monkeypatch):
+    def image(dtype=torch.bfloat16, channels=3, **kwargs):
+        return torch.zeros(2, channels, 8, 8, dtype=dtype, **kwargs)
+
+    assert conv_layout.runs_channels_last(image())
+    assert conv_layout.runs_channels_last(image(torch.float16, channels=1))
+    assert not conv_layout.runs_channels_last(image(torch.float32))  # ran level: not worth it
+    assert not conv_layout.runs_channels_last(image(channels=16))  # a dense layer's input
+    assert not conv_layout.runs_channels_last(image().to(memory_format=torch.channels_last))
+    assert not conv_layout.runs_channels_last(image(device="meta"))
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not conv_layout.runs_channels_last(image())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_stem_convolution_keeps_the_layout_and_the_results(dtype, training,
+                                                                          monkeypatch):
+    """With conv0 on a channels-last copy of NCHW data, the stem's output and its input's
+    gradient come back NCHW, with what the NCHW convolution gives (one oneDNN kernel or
+    another: the gradients within the dtype's tolerance)."""
+    model = DenseNet(growth_rate=8, block_config=(2,), num_init_features=16, num_classes=10)
+    model.train(training)
+    f = model.features
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    grad_out = torch.randn(2, 16, 8, 8)
+
+    rule, chosen = conv_layout.runs_channels_last, []
+
+    def run(channels_last: bool):
+        monkeypatch.setattr(conv_layout, "runs_channels_last",
+                            lambda t: chosen.append(rule(t) and channels_last) or chosen[-1])
+        for module in (f.conv0, f.norm0):
+            for p in module.parameters():
+                p.grad = None
+        x.grad = None
+        with torch.autocast("cpu", dtype=dtype):
+            out = run_stem(f.conv0, f.norm0, f.pool0, x)
+        out.backward(grad_out.to(out.dtype))
+        monkeypatch.undo()
+        return out.detach(), x.grad, [p.grad for m in (f.conv0, f.norm0) for p in m.parameters()]
+
+    with torch.no_grad():
+        f.norm0.running_mean.normal_(), f.norm0.running_var.uniform_(0.5, 2)
+    state = {k: v.clone() for k, v in f.norm0.state_dict().items()}
+    out, grad_x, grads = run(channels_last=True)
+    assert any(chosen), "conv0 never ran channels-last"
+    f.norm0.load_state_dict(state)
+    ref_out, ref_grad_x, ref_grads = run(channels_last=False)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert grad_x.is_contiguous() and grad_x.dtype == torch.float32
+    assert_close(out, ref_out, dtype, "stem output")
+    assert_close(grad_x, ref_grad_x, dtype, "input gradient")
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert_close(grad, ref, dtype, "parameter gradient")

@@ -65,21 +65,24 @@ def test_block_forward_keeps_what_eager_keeps():
         assert len(saved) == 1 + (0 if recompute else kept_layers) + 2 * 3 + kept_layers + 2 + 1
 
 
-def _stem_case(training, recompute):
+def _stem_case(training, recompute, dtype=torch.float32):
     spec = StemSpec(norm=norm_state_case(5, training, torch.float32), conv_stride=(2, 2),
                     conv_padding=(3, 3), conv_dilation=(1, 1), conv_groups=1,
                     pool_kernel=(3, 3), pool_stride=(2, 2), pool_padding=(1, 1),
                     pool_dilation=(1, 1), pool_ceil_mode=False, recompute_bottleneck=recompute)
-    params = [torch.randn(5, 3, 7, 7) / 10, torch.rand(5) + 0.5, torch.randn(5)]
+    params = [(torch.randn(5, 3, 7, 7) / 10).to(dtype), torch.rand(5) + 0.5, torch.randn(5)]
     return spec, params
 
 
+# bfloat16: on the CPU conv0 then runs on a channels-last copy of NCHW data
+# (ops/conv_layout.py), so the kept conv0 output is channels-last, in the fake kernel too.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-conv", "recompute-conv"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_stem_ops(training, recompute, channels_last):
-    spec, params = _stem_case(training, recompute)
-    x = _layout(torch.randn(2, 3, 16, 12), channels_last)
+def test_stem_ops(training, recompute, channels_last, dtype):
+    spec, params = _stem_case(training, recompute, dtype)
+    x = _layout(torch.randn(2, 3, 16, 12).to(dtype), channels_last)
     running, args = op_arguments(spec)
     forward_args = (x, params, running, *args)
     torch.library.opcheck(graph.stem_forward, forward_args, test_utils=CHECKS)
