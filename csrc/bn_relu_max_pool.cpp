@@ -333,8 +333,13 @@ at::Tensor forward_channels_last(const at::Tensor& x, const at::Tensor& mean,
   return out;
 }
 
-// The block's gradient sums in an acc_t [H, W, count] scratch, as the planes' kernel sums in
-// its plane scratch: a pixel that wins several overlapping windows is rounded once.
+// Per channel block, the gradient sums in acc_t rows of [W, count], as the planes' kernel sums
+// in its plane scratch, so a pixel that wins several overlapping windows is rounded once. Only
+// the input rows the current output row's windows reach are live: a ring of
+// (kernel_h - 1) * dilation_h + 1 rows, each row written out (and its slot cleared) once no
+// later window reaches it. So the scratch stays a few rows per thread whatever the image size
+// and thread count, where a whole [H, W, count] plane per thread would outgrow the gradient
+// itself on a many-core machine.
 template <typename scalar_t>
 at::Tensor backward_channels_last(const at::Tensor& grad_out, const at::Tensor& x,
                                   const at::Tensor& mean, const at::Tensor& invstd,
@@ -346,20 +351,35 @@ at::Tensor backward_channels_last(const at::Tensor& grad_out, const at::Tensor& 
   const acc_t* scale = scale_t.const_data_ptr<acc_t>();
   const acc_t* shift = shift_t.const_data_ptr<acc_t>();
   const int64_t channels = x.size(1), pixels = g.h.in * g.w.in;
+  const int64_t ring = (g.h.kernel - 1) * g.h.dilation + 1, row = g.w.in * kChannelBlock;
   at::Tensor grad = at::empty_like(x);
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
   scalar_t* grad_data = grad.mutable_data_ptr<scalar_t>();
-  const int64_t scratch = pixels * kChannelBlock + kChannelBlock;
-  for_each_channel_block<acc_t>(x, scratch, [&](const ChannelBlock& b, acc_t* sum) {
-    acc_t* best = sum + pixels * kChannelBlock;
+  for_each_channel_block<acc_t>(x, ring * row + kChannelBlock, [&](const ChannelBlock& b,
+                                                                   acc_t* sums) {
+    acc_t* best = sums + ring * row;
     int32_t winner[kChannelBlock];
-    std::fill(sum, sum + pixels * b.count, acc_t(0));
-    const int64_t image = b.image * pixels * channels + b.first;
+    std::fill(sums, sums + ring * row, acc_t(0));
+    const int64_t block_start = b.image * pixels * channels + b.first;  // in x and grad
+    // Writes out input rows [done, end) and clears their slots.
+    int64_t done = 0;
+    const auto finish_rows = [&](int64_t end) {
+      for (; done < end; ++done) {
+        acc_t* sum = sums + (done % ring) * row;
+        scalar_t* dst = grad_data + block_start + done * g.w.in * channels;
+        for (int64_t w = 0; w < g.w.in; ++w) {
+          for (int64_t c = 0; c < b.count; ++c) {
+            dst[w * channels + c] = to_data<scalar_t>(sum[w * b.count + c]);
+          }
+        }
+        std::fill(sum, sum + row, acc_t(0));
+      }
+    };
     for (int64_t oh = 0; oh < g.h.out; ++oh) {
       for (int64_t ow = 0; ow < g.w.out; ++ow) {
-        pixel_window_maxima(x_data + image, channels, scale + b.first, shift + b.first, g, oh,
-                            ow, b.count, best, winner);
+        pixel_window_maxima(x_data + block_start, channels, scale + b.first, shift + b.first,
+                            g, oh, ow, b.count, best, winner);
         const scalar_t* go =
             go_data + ((b.image * g.h.out + oh) * g.w.out + ow) * channels + b.first;
         for (int64_t c = 0; c < b.count; ++c) {
@@ -368,14 +388,13 @@ at::Tensor backward_channels_last(const at::Tensor& grad_out, const at::Tensor& 
           const int64_t i = winner[c] / g.w.kernel, j = winner[c] % g.w.kernel;
           const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
           const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
-          sum[(ih * g.w.in + iw) * b.count + c] += static_cast<acc_t>(go[c]);
+          sums[(ih % ring) * row + iw * b.count + c] += static_cast<acc_t>(go[c]);
         }
       }
+      // The next output row's windows start at this input row: the rows above are final.
+      finish_rows(std::clamp<int64_t>((oh + 1) * g.h.stride - g.h.padding, 0, g.h.in));
     }
-    for (int64_t p = 0; p < pixels; ++p) {
-      scalar_t* dst = grad_data + image + p * channels;
-      for (int64_t c = 0; c < b.count; ++c) dst[c] = to_data<scalar_t>(sum[p * b.count + c]);
-    }
+    finish_rows(g.h.in);
   });
   return grad;
 }

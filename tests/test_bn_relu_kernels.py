@@ -139,6 +139,26 @@ def test_pool_matches_reference_with_any_statistics(layout):
     assert_close(grad, expected_grad, torch.float64, "gradient at the BN output")
 
 
+@needs_cpp
+@pytest.mark.parametrize("pool", POOLS + [((5, 5), (1, 1), (2, 2), (1, 1), False)],
+                         ids=POOL_IDS + ["5x5-stride-1"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pool_gradient_over_a_tall_image(pool, layout):
+    # Many more input rows than a window spans (the channels-last backward keeps only the rows
+    # the current windows reach), two and a half channel blocks, pixels that win up to 25
+    # windows; float64, so any order of summation agrees.
+    torch.manual_seed(0)
+    x = _layout(torch.randn(2, 70, 41, 37, dtype=torch.float64), layout)
+    mean, invstd = torch.randn(70, dtype=torch.float64), torch.rand(70, dtype=torch.float64) + 0.5
+    weight, bias = torch.randn(70), torch.randn(70)
+    out, expected = _both("bn_relu_max_pool2d", x, mean, invstd, weight, bias, *pool)
+    assert torch.equal(out, expected)
+    grad_out = torch.randn(expected.shape, dtype=torch.float64)
+    grad, expected_grad = _both("bn_relu_max_pool2d_backward", grad_out, x, mean, invstd, weight,
+                                bias, *pool)
+    assert_close(grad, expected_grad, torch.float64, "gradient at the BN output")
+
+
 def _largest_live_bytes(fn) -> int:
     """The most bytes torch's CPU allocator held at once while fn ran."""
     from torch._C._profiler import _EventType

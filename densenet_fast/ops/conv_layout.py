@@ -7,9 +7,9 @@ behind a reorder. Measured on an Intel Xeon (family 6, model 167, AMX, 2 threads
 input included: bfloat16 15.2 ms and a 36.8 MiB peak in NCHW against 4.9 ms and 19.8 MiB
 channels-last, float16 47.0 ms against 24.7 ms; the same values bit for bit. The stem's
 forward and backward (conv0, norm0, pool0) went from 82 to 66 ms in bfloat16. float32 ran
-level (14.2 against 14.6 ms), and turning the stem's output back into NCHW cost more than it
-saved, so float32 keeps its layout; so do wide inputs (the dense layers' 3x3 convolutions ran
-level in both layouts).
+level (conv0 14.2 against 14.6 ms; the stem's forward and backward within the machine's
+noise, the copy of the stem's output back to NCHW included), so float32 keeps its layout; so
+do wide inputs (the dense layers' 3x3 convolutions ran level in both layouts).
 
 The rule depends on the device, dtype, channel count and layout only, never on a
 measurement, so that fake tensors (``torch.compile``'s tracing) get the strides the real
