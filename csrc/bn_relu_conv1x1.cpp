@@ -144,6 +144,13 @@ at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t row_stride) {
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
+// A dense tile of `len` pixels by `width` channels in the layout's order: [len, width]
+// (pixel-major) or [width, len] (channel-major).
+template <typename acc_t>
+at::Tensor tile_matrix(bool pixel_major, acc_t* data, int64_t len, int64_t width) {
+  return pixel_major ? matrix(data, len, width, width) : matrix(data, width, len, len);
+}
+
 // out = a @ b, written into `out` (a view of existing memory).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
@@ -340,8 +347,7 @@ template <typename acc_t, typename out_t>
 void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_t channels,
                   int64_t len, out_t* dst, int64_t dst_stride) {
   const int64_t co = weight.size(0);
-  const at::Tensor a = pixel_major ? matrix(act, len, channels, channels)
-                                   : matrix(act, channels, len, len);
+  const at::Tensor a = tile_matrix(pixel_major, act, len, channels);
   const at::Tensor out = pixel_major ? matrix(dst, len, co, co) : matrix(dst, co, len, dst_stride);
   run_fastest(GemmKind::kForward, a.scalar_type(), pixel_major, co * channels * len, channels,
               [&](Engine engine) {
@@ -459,6 +465,16 @@ void bn_relu_tile(const Geometry& g, const scalar_t* x, const acc_t* scale, cons
   }
 }
 
+// The pixels [p0, p0 + len) of one image of a dense C_out-channel tensor in the buffer's
+// layout (the forward's output, grad_out), viewed in place as a matrix: [len, C_out]
+// (pixel-major) or [C_out, len] (channel-major, row stride H*W).
+template <typename scalar_t>
+at::Tensor image_tile(const Geometry& g, scalar_t* data, int64_t p0, int64_t len) {
+  const int64_t co = g.out_channels;
+  scalar_t* base = data + g.offset(p0, 0, co);
+  return g.pixel_major ? matrix(base, len, co, co) : matrix(base, co, len, g.hw);
+}
+
 // grad_out for pixels [p0, p0 + len) as an acc_t matrix: [C_out, len] or [len, C_out]. A
 // view into grad_out when the types agree and the tile lies in one image, else converted
 // (gathered) into `scratch`.
@@ -467,10 +483,7 @@ at::Tensor grad_out_tile(const Geometry& g, const scalar_t* grad_out, int64_t p0
                          acc_t* scratch) {
   const int64_t co = g.out_channels;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (g.in_one_image(p0, len)) {
-      auto* base = const_cast<acc_t*>(grad_out) + g.offset(p0, 0, co);
-      return g.pixel_major ? matrix(base, len, co, co) : matrix(base, co, len, g.hw);
-    }
+    if (g.in_one_image(p0, len)) return image_tile(g, const_cast<acc_t*>(grad_out), p0, len);
   }
   if (g.pixel_major) {
     const scalar_t* src = grad_out + p0 * co;
@@ -537,15 +550,6 @@ void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* sc
   }
 }
 
-// The forward's output for the pixels [p0, p0 + len) of one image, as a matrix: [len, C_out]
-// (pixel-major) or [C_out, len] (channel-major, row stride H*W).
-template <typename scalar_t>
-at::Tensor output_tile(const Geometry& g, scalar_t* out_data, int64_t p0, int64_t len) {
-  const int64_t co = g.out_channels;
-  scalar_t* dst = out_data + g.offset(p0, 0, co);
-  return g.pixel_major ? matrix(dst, len, co, co) : matrix(dst, co, len, g.hw);
-}
-
 // The forward's GEMM of the tile of pixels [p0, p0 + len) (one image's) for bfloat16/float16
 // data, into the output `out_data`: with a float32 engine, into `result` (acc_t scratch),
 // then rounded into the output; with the low-precision one, on the tile and the weight in the
@@ -555,9 +559,9 @@ void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Te
                        acc_t* act, int64_t p0, int64_t len, acc_t* result, scalar_t* out_data) {
   const int64_t channels = g.channels, co = g.out_channels;
   const bool pm = g.pixel_major;
-  const at::Tensor a = pm ? matrix(act, len, channels, channels) : matrix(act, channels, len, len);
-  const at::Tensor out = pm ? matrix(result, len, co, co) : matrix(result, co, len, len);
-  const at::Tensor target = output_tile(g, out_data, p0, len);
+  const at::Tensor a = tile_matrix(pm, act, len, channels);
+  const at::Tensor out = tile_matrix(pm, result, len, co);
+  const at::Tensor target = image_tile(g, out_data, p0, len);
   run_fastest(GemmKind::kForward, target.scalar_type(), pm, co * channels * len, channels,
               [&](Engine engine) {
     if (engine == Engine::kLowPrecision) {
@@ -622,9 +626,9 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
         auto* act_lp = reinterpret_cast<scalar_t*>(act);
         bn_relu_tile<scalar_t, acc_t, scalar_t>(g, x, scale, shift, p0, len, 0, channels,
                                                 act_lp);
-        const at::Tensor a = g.pixel_major ? matrix(act_lp, len, channels, channels)
-                                           : matrix(act_lp, channels, len, len);
-        conv1x1_gemm(false, g.pixel_major, weight_lp, a, output_tile(g, out_data, p0, len));
+        conv1x1_gemm(false, g.pixel_major, weight_lp,
+                     tile_matrix(g.pixel_major, act_lp, len, channels),
+                     image_tile(g, out_data, p0, len));
       } else {
         bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
         lowp_forward_gemm(g, weight, weight_lp, act, p0, len, result, out_data);
@@ -749,10 +753,8 @@ struct BackwardData {
 template <typename scalar_t>
 at::Tensor grad_out_in_data_dtype(const BackwardData<scalar_t>& d, const at::Tensor& go,
                                   int64_t p0, int64_t len) {
-  const int64_t co = d.g.out_channels;
   if (!d.g.in_one_image(p0, len)) return go.to(c10::CppTypeToScalarType<scalar_t>::value);
-  auto* base = const_cast<scalar_t*>(d.grad_out) + d.g.offset(p0, 0, co);
-  return d.g.pixel_major ? matrix(base, len, co, co) : matrix(base, co, len, d.g.hw);
+  return image_tile(d.g, const_cast<scalar_t*>(d.grad_out), p0, len);
 }
 
 // The weight-gradient GEMM of one tile, dw += grad_out a^T ([C_out, cc]). Float32/float64
@@ -766,7 +768,7 @@ void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, con
                       act_t* act, int64_t p0, int64_t len, const at::Tensor& tile) {
   const bool pm = d.g.pixel_major;
   const int64_t cc = d.cc;
-  const at::Tensor a = pm ? matrix(act, len, cc, cc) : matrix(act, cc, len, len);
+  const at::Tensor a = tile_matrix(pm, act, len, cc);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     pm ? dw.addmm_(go.t(), a) : dw.addmm_(go, a.t());
   } else if constexpr (std::is_same_v<act_t, scalar_t>) {

@@ -33,7 +33,7 @@ def runs_channels_last(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and x.dim() == 4 and x.size(1) <= FEW_CHANNELS
             and memory_format_of(x) != torch.channels_last
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            and lowp_conv.onednn_enabled())
 
 
 def _layout_for_conv(x: torch.Tensor) -> torch.Tensor:

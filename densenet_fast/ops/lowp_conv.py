@@ -55,9 +55,13 @@ def runs_in_float32(x: torch.Tensor) -> bool:
         return False
     if torch.are_deterministic_algorithms_enabled() or _is_fake(x):
         return False
-    return _float32_is_faster(x.dtype, torch.get_num_threads(),
-                              torch.backends.mkldnn.is_available()
-                              and torch.backends.mkldnn.enabled)
+    return _float32_is_faster(x.dtype, torch.get_num_threads(), onednn_enabled())
+
+
+def onednn_enabled() -> bool:
+    """Whether CPU convolutions may run through oneDNN (built in, and not turned off with
+    ``torch.backends.mkldnn.enabled``)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def _is_fake(x: torch.Tensor) -> bool:
