@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "amx_gemm.h"
 #include "kernel_common.h"
 
 #include <algorithm>
@@ -168,6 +169,9 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 // (whose tile results it rounds to the data's dtype); a tile whose GEMMs are all settled on
 // it builds its activation (and gathers grad_out) in the data's dtype, not in float32 and
 // converted per GEMM (densenet121's bf16 channels-last step: 1.08x -> 0.99x torchvision's).
+// On such a CPU the low-precision engine runs bfloat16 pixel-major tiles through oneDNN's
+// brgemm micro-kernel (amx_gemm.h) instead of at::mm, whose fixed cost per call matched the
+// tile's arithmetic.
 enum class Engine : int { kBlas = 0, kOneDnn = 1, kLowPrecision = 2 };
 constexpr int kEngines = 3;
 const char* const kEngineNames[kEngines] = {"blas", "onednn", "lowp"};
@@ -406,6 +410,12 @@ std::pair<acc_t, acc_t> mask_reduce_channel(const act_t* __restrict__ act,
   return {s, sx};
 }
 
+// v rounded to the data's precision (in_data_precision), n contiguous elements.
+template <typename scalar_t, typename acc_t>
+void round_to_data_precision(acc_t* __restrict__ v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = in_data_precision<scalar_t>(v[i]);
+}
+
 // grad_x += k_g * g + k_x * x + k_0, per-element coefficients (pixel-major row).
 template <typename scalar_t, typename acc_t>
 void add_dx_row(const acc_t* __restrict__ grad, const scalar_t* __restrict__ x,
@@ -550,13 +560,29 @@ void forward_packed_images(const Geometry& g, const scalar_t* x, const acc_t* sc
   }
 }
 
+// The low-precision GEMM of a pixel-major bfloat16 tile through the AMX micro-kernel
+// (amx_gemm.h): result = a W^T in float32 ([len, C_out], acc_t scratch), then rounded into
+// the output, as at::mm in bfloat16 rounds its float32 sums.
+template <typename scalar_t, typename acc_t>
+void amx_forward_tile(const Geometry& g, const AmxOperand& weight_t, const scalar_t* act_lp,
+                      int64_t p0, int64_t len, acc_t* result, scalar_t* out_data) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    amx_gemm(len, act_lp, g.channels, weight_t, result, g.out_channels, /*accumulate=*/false);
+    store_output_tile(g, result, p0, len, 0, g.out_channels, out_data);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "the AMX micro-kernel serves bfloat16 data only");
+  }
+}
+
 // The forward's GEMM of the tile of pixels [p0, p0 + len) (one image's) for bfloat16/float16
 // data, into the output `out_data`: with a float32 engine, into `result` (acc_t scratch),
 // then rounded into the output; with the low-precision one, on the tile and the weight in the
-// data's dtype, straight into it.
+// data's dtype, straight into it (through the AMX micro-kernel where `weight_amx`, W^T
+// packed, is given).
 template <typename scalar_t, typename acc_t>
 void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Tensor& weight_lp,
-                       acc_t* act, int64_t p0, int64_t len, acc_t* result, scalar_t* out_data) {
+                       const AmxOperand* weight_amx, acc_t* act, int64_t p0, int64_t len,
+                       acc_t* result, scalar_t* out_data) {
   const int64_t channels = g.channels, co = g.out_channels;
   const bool pm = g.pixel_major;
   const at::Tensor a = tile_matrix(pm, act, len, channels);
@@ -565,7 +591,13 @@ void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Te
   run_fastest(GemmKind::kForward, target.scalar_type(), pm, co * channels * len, channels,
               [&](Engine engine) {
     if (engine == Engine::kLowPrecision) {
-      conv1x1_gemm(false, pm, weight_lp, a.to(target.scalar_type()), target);
+      const at::Tensor a_lp = a.to(target.scalar_type());
+      if (weight_amx) {
+        amx_forward_tile(g, *weight_amx, a_lp.const_data_ptr<scalar_t>(), p0, len, result,
+                         out_data);
+      } else {
+        conv1x1_gemm(false, pm, weight_lp, a_lp, target);
+      }
       return;
     }
     conv1x1_gemm(engine == Engine::kOneDnn, pm, weight, a, out);
@@ -590,6 +622,12 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   at::Tensor weight_lp = std::is_same_v<scalar_t, acc_t>
                              ? at::Tensor()
                              : conv_weight.detach().reshape({co, channels}).contiguous();
+  // W^T packed for the AMX micro-kernel (bfloat16 pixel-major tiles on AMX CPUs).
+  std::optional<OwnedAmxOperand> weight_amx;
+  if (g.pixel_major && amx_available(buffer.scalar_type()) && amx_fits(channels, co)) {
+    weight_amx = amx_pack_owned(weight_lp.t());
+  }
+  const AmxOperand* weight_amx_operand = weight_amx ? &weight_amx->operand : nullptr;
   const auto format = g.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.n, co, buffer.size(2), buffer.size(3)},
                              buffer.options().memory_format(format));
@@ -626,12 +664,17 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
         auto* act_lp = reinterpret_cast<scalar_t*>(act);
         bn_relu_tile<scalar_t, acc_t, scalar_t>(g, x, scale, shift, p0, len, 0, channels,
                                                 act_lp);
-        conv1x1_gemm(false, g.pixel_major, weight_lp,
-                     tile_matrix(g.pixel_major, act_lp, len, channels),
-                     image_tile(g, out_data, p0, len));
+        if (weight_amx_operand) {
+          amx_forward_tile(g, *weight_amx_operand, act_lp, p0, len, result, out_data);
+        } else {
+          conv1x1_gemm(false, g.pixel_major, weight_lp,
+                       tile_matrix(g.pixel_major, act_lp, len, channels),
+                       image_tile(g, out_data, p0, len));
+        }
       } else {
         bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
-        lowp_forward_gemm(g, weight, weight_lp, act, p0, len, result, out_data);
+        lowp_forward_gemm(g, weight, weight_lp, weight_amx_operand, act, p0, len, result,
+                          out_data);
       }
     }
   });
@@ -696,6 +739,13 @@ struct BackwardData {
   int64_t c0 = 0, cc = 0;
   at::Tensor weight_t_chunk;  // weight[:, c0 : c0 + cc]^T, dense [cc, C_out]
   at::Tensor weight_lp, weight_t_chunk_lp;  // the same in the data's dtype (bf16/fp16 only)
+  // bfloat16 pixel-major data on a CPU with AMX (amx_gemm.h): the low-precision GEMMs run
+  // through the micro-kernel, with weight[:, c0 : c0 + cc] packed once per chunk (the input
+  // gradient's B) and per-thread space for a tile's grad_out^T and packed activation (the
+  // weight gradient's A and B).
+  bool amx = false;
+  std::optional<OwnedAmxOperand> weight_chunk_amx;
+  at::Tensor amx_space;  // [threads, tile * (C_out + chunk)], the data's dtype
 
   BackwardData(const Geometry& g_, bool stats_grad, const at::Tensor& grad_out_,
                const at::Tensor& buffer, const at::Tensor& mean_, const at::Tensor& invstd_,
@@ -745,7 +795,18 @@ struct BackwardData {
     cc = count;
     weight_t_chunk = weight.narrow(1, c0, cc).t().contiguous();
     if (weight_lp.defined()) weight_t_chunk_lp = weight_lp.narrow(1, c0, cc).t().contiguous();
+    weight_chunk_amx.reset();
+    if (amx && amx_fits(g.out_channels, cc)) {
+      weight_chunk_amx = amx_pack_owned(weight_lp.narrow(1, c0, cc));
+    }
   }
+
+  // This thread's AMX space: room for grad_out^T ([C_out, tile]), then a packed [tile, cc]
+  // activation.
+  at::BFloat16* amx_thread_space(int64_t tid) const {
+    return amx_space.data_ptr<at::BFloat16>() + tid * amx_space.size(1);
+  }
+
 };
 
 // The tile's grad_out in the data's dtype (bfloat16/float16): read in place, or, for a tile
@@ -757,6 +818,26 @@ at::Tensor grad_out_in_data_dtype(const BackwardData<scalar_t>& d, const at::Ten
   return image_tile(d.g, const_cast<scalar_t*>(d.grad_out), p0, len);
 }
 
+// The weight gradient's low-precision GEMM of a pixel-major bfloat16 tile through the AMX
+// micro-kernel: dw [C_out, cc] (float32, row stride of its own) = or += go^T a, go
+// ([len, C_out]) transposed and a ([len, cc]) packed into `space` (amx_thread_space). The
+// float32 sums are added as they are: rounded once, with the whole gradient, where the GEMM
+// in the data's dtype rounds each tile's.
+template <typename scalar_t>
+void amx_weight_grad(const BackwardData<scalar_t>& d, const at::Tensor& go, const scalar_t* act,
+                     int64_t len, at::BFloat16* space, const at::Tensor& dw, bool accumulate) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    const int64_t co = d.g.out_channels;
+    at::BFloat16* go_t = space;
+    at::BFloat16* packed = space + co * d.g.tile;
+    transpose_tile(go.const_data_ptr<at::BFloat16>(), len, co, co, go_t, len);
+    const AmxOperand a = amx_pack(act, len, d.cc, d.cc, packed);
+    amx_gemm(co, go_t, len, a, dw.data_ptr<float>(), dw.stride(0), accumulate);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "the AMX micro-kernel serves bfloat16 data only");
+  }
+}
+
 // The weight-gradient GEMM of one tile, dw += grad_out a^T ([C_out, cc]). Float32/float64
 // data: ATen's BLAS on the acc_t operands. bfloat16/float16 data: the fastest engine, into
 // the thread's `tile` scratch, then added: float32 BLAS (exact products, as ever), or a GEMM
@@ -765,7 +846,8 @@ at::Tensor grad_out_in_data_dtype(const BackwardData<scalar_t>& d, const at::Ten
 // convolution rounds its weight gradient (once; here once per tile).
 template <typename scalar_t, typename acc_t, typename act_t>
 void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, const at::Tensor& go,
-                      act_t* act, int64_t p0, int64_t len, const at::Tensor& tile) {
+                      act_t* act, int64_t p0, int64_t len, const at::Tensor& tile,
+                      at::BFloat16* amx_space) {
   const bool pm = d.g.pixel_major;
   const int64_t cc = d.cc;
   const at::Tensor a = tile_matrix(pm, act, len, cc);
@@ -773,7 +855,11 @@ void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, con
     pm ? dw.addmm_(go.t(), a) : dw.addmm_(go, a.t());
   } else if constexpr (std::is_same_v<act_t, scalar_t>) {
     // A tile built for the low-precision engines: a and go are in the data's dtype.
-    dw.add_(pm ? at::mm(go.t(), a) : at::mm(go, a.t()));
+    if (amx_space && amx_fits(len, cc) && go.is_contiguous()) {
+      amx_weight_grad(d, go, act, len, amx_space, dw, /*accumulate=*/true);
+    } else {
+      dw.add_(pm ? at::mm(go.t(), a) : at::mm(go, a.t()));
+    }
   } else {
     const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
     run_fastest(GemmKind::kWeightGrad, dtype, pm, d.g.out_channels * cc * len, len,
@@ -784,9 +870,32 @@ void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, con
       }
       const at::Tensor go_lp = grad_out_in_data_dtype(d, go, p0, len);
       const at::Tensor a_lp = a.to(dtype);
+      if (amx_space && amx_fits(len, cc) && go_lp.is_contiguous()) {
+        amx_weight_grad(d, go_lp, a_lp.const_data_ptr<scalar_t>(), len, amx_space, tile,
+                        /*accumulate=*/false);
+        return;
+      }
       tile.copy_(pm ? at::mm(go_lp.t(), a_lp) : at::mm(go_lp, a_lp.t()));
     }, /*with_onednn=*/false);
     dw.add_(tile);
+  }
+}
+
+// The input gradient's low-precision GEMM of a pixel-major bfloat16 tile through the AMX
+// micro-kernel: gs [len, cc] = go_lp [len, C_out] W[:, chunk] in float32, then rounded to
+// bfloat16 precision, as the GEMM in that dtype rounds it.
+template <typename scalar_t>
+void amx_input_grad(const BackwardData<scalar_t>& d, const at::Tensor& go_lp, int64_t len,
+                    const at::Tensor& gs) {
+  using acc_t = typename BackwardData<scalar_t>::acc_t;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    float* out = gs.data_ptr<float>();
+    const int64_t ld = gs.stride(0);
+    amx_gemm(len, go_lp.const_data_ptr<at::BFloat16>(), d.g.out_channels,
+             d.weight_chunk_amx->operand, out, ld, /*accumulate=*/false);
+    for (int64_t r = 0; r < len; ++r) round_to_data_precision<scalar_t>(out + r * ld, d.cc);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "the AMX micro-kernel serves bfloat16 data only");
   }
 }
 
@@ -805,6 +914,10 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
       !std::is_same_v<scalar_t, at::opmath_type<scalar_t>> && go.scalar_type() == dtype;
   const auto low_precision = [&] {
     const at::Tensor go_lp = low_precision_tile ? go : grad_out_in_data_dtype(d, go, p0, len);
+    if (d.weight_chunk_amx && go_lp.is_contiguous()) {
+      amx_input_grad(d, go_lp, len, gs);
+      return;
+    }
     const at::Tensor g_lp = at::empty(gs.sizes(), go_lp.options());
     conv1x1_gemm(false, pm, d.weight_t_chunk_lp, go_lp, g_lp);
     gs.copy_(g_lp);
@@ -888,6 +1001,7 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
                                 : at::empty({g.out_channels, d.cc}, d.scale_t.options());
     double* sum_g = sums.sum_g(tid);
     double* sum_gx = sums.sum_gx(tid);
+    at::BFloat16* amx_space = d.amx ? d.amx_thread_space(tid) : nullptr;
     // The input-gradient step of a tile whose activation is `a` (acc_t or the data's dtype).
     const auto input_grad = [&](int64_t p0, int64_t len, const at::Tensor& go, const auto* a) {
       if (g.pixel_major) {
@@ -910,14 +1024,14 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
                                                 act_lp);
         const at::Tensor go = grad_out_tile<scalar_t, scalar_t>(
             g, d.grad_out, p0, len, reinterpret_cast<scalar_t*>(mine + layout.grad_out));
-        weight_grad_tile<scalar_t, acc_t>(d, dw, go, act_lp, p0, len, tile);
+        weight_grad_tile<scalar_t, acc_t>(d, dw, go, act_lp, p0, len, tile, amx_space);
         input_grad(p0, len, go, act_lp);
         continue;
       }
       bn_relu_tile<scalar_t, acc_t>(g, d.x, d.scale, d.shift, p0, len, d.c0, d.cc, act);
       const at::Tensor go =
           grad_out_tile<scalar_t, acc_t>(g, d.grad_out, p0, len, mine + layout.grad_out);
-      weight_grad_tile<scalar_t, acc_t>(d, dw, go, act, p0, len, tile);
+      weight_grad_tile<scalar_t, acc_t>(d, dw, go, act, p0, len, tile, amx_space);
       input_grad(p0, len, go, act);
     }
   });
@@ -981,15 +1095,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   // With stats_grad, dx needs sums over every pixel first: g is kept in a chunk-sized store
   // between two passes. Without it, dx = k_g * g is added as soon as a tile's g is known.
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk =
+  int64_t chunk =
       d.two_pass ? std::max<int64_t>(1, std::min(channels, kChunkElements / g.pixels))
                  : channels;
+  // Chunks of a multiple of 16 channels, the width the AMX micro-kernel's operands come in.
+  if (chunk < channels && chunk > 16) chunk = chunk / 16 * 16;
   const BackwardScratch layout(g, chunk, d.two_pass);
   const auto options = d.scale_t.options();
   at::Tensor scratch = at::empty({threads, layout.per_thread}, options);
   at::Tensor dweight_parts = at::zeros({threads, co, channels}, options);
   at::Tensor g_store = at::empty({d.two_pass ? chunk * g.pixels : 0}, options);
   d.store = g_store.template mutable_data_ptr<typename BackwardData<scalar_t>::acc_t>();
+  d.amx = g.pixel_major && amx_available(buffer.scalar_type());
+  if (d.amx) {
+    d.amx_space = at::empty({threads, g.tile * (co + chunk)}, buffer.options());
+  }
   ChunkSums sums(threads, chunk);
   at::Tensor dgamma = at::empty({channels}, at::kDouble), dbeta = at::empty({channels}, at::kDouble);
 
@@ -1092,11 +1212,16 @@ std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
   return report;
 }
 
+// Whether the low-precision engine runs bfloat16 pixel-major tiles through the AMX
+// micro-kernel here (amx_gemm.h), where their operands fit it.
+bool cpu_amx_gemm() { return amx_available(at::kBFloat16); }
+
 }  // namespace
 
-// A setting of these kernels alone, not an op of the model: declared here, beside them.
+// Settings and facts of these kernels alone, not ops of the model: declared here, beside them.
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
   m.def("cpu_gemm_engine(str policy) -> str[]", &cpu_gemm_engine);
+  m.def("cpu_amx_gemm() -> bool", &cpu_amx_gemm);
 }
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {

@@ -230,13 +230,15 @@ def backend_info() -> dict:
 
 
 def cpu_gemm_engine(policy: str | None = None) -> dict:
-    """The C++ kernels' GEMM engine: ``{"policy": ..., "measured": [...]}``.
+    """The C++ kernels' GEMM engine: ``{"policy": ..., "measured": [...], "amx": bool}``.
 
     The fused op's GEMMs (the forward's ``W a``, the backward's ``W^T g`` and ``g a^T``) run
     through ATen's float32 BLAS, oneDNN (not the weight gradient's), or, for bfloat16/float16
-    data (autocast's), ATen's GEMM in that dtype ("lowp", float32 accumulation; the weight
+    data (autocast's), a GEMM in that dtype ("lowp", float32 accumulation): ATen's (the weight
     gradient's tile results rounded to that dtype, as autocast's convolution rounds its
-    weight gradient), whichever is fastest on this machine: by default (``"measure"``) the
+    weight gradient) or, for bfloat16 channels-last tiles on a CPU with AMX (``"amx"``),
+    oneDNN's brgemm micro-kernel called per tile (the weight gradient summed in float32 and
+    rounded once), whichever is fastest on this machine: by default (``"measure"``) the
     first GEMM of each kind (which GEMM, dtype, layout, threads, size) runs with each and the
     fastest is kept for the process; a tile whose GEMMs are all settled on "lowp" builds its
     operands in the data's dtype, without float32 copies; ``"blas"``, ``"onednn"`` or ``"lowp"``
@@ -247,4 +249,5 @@ def cpu_gemm_engine(policy: str | None = None) -> dict:
     if "cpp" not in _loaded:
         raise RuntimeError(f"the C++ kernels are not loaded: {_status('cpp')[1]}")
     previous, *measured = torch.ops.densenet_fast.cpu_gemm_engine(policy or "")
-    return {"policy": previous, "measured": measured}
+    return {"policy": previous, "measured": measured,
+            "amx": torch.ops.densenet_fast.cpu_amx_gemm()}

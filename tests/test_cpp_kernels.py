@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from op_cases import FORMAT_IDS, FORMATS, STATS_GRAD_IDS, assert_op_matches, op_case, shape_id
+from op_cases import (
+    ACTIVE_KERNELS,
+    FORMAT_IDS,
+    FORMATS,
+    STATS_GRAD_IDS,
+    assert_nan_propagates_as_in_torch,
+    assert_op_matches,
+    op_case,
+    run_kernels,
+    shape_id,
+)
 from tolerances import assert_close
 
 import densenet_fast
@@ -95,6 +105,45 @@ def test_backward_tiles_of_several_whole_images(dtype, policy, stats_grad, gemm_
     # each engine (lowp: grad_out converted back from the gathered tile).
     gemm_engine(policy)
     assert_op_matches(op_case((7, 40, 33, 24, 3, 5), dtype), stats_grad, "torch")
+
+
+# bfloat16 channels-last tiles through the AMX micro-kernel (csrc/amx_gemm.h), beside operands
+# it does not take: C_out 40 (not a multiple of 16: the forward keeps at::mm) with a last
+# tile of 42 pixels (not a multiple of the transpose's 32-row blocks); C_out 48 with a last
+# tile of 67 pixels (odd: that tile's weight gradient keeps at::mm); 80 channels in two
+# chunks of the two-pass backward (64 and 16: each packs its own part of the weight).
+AMX_SHAPES = [(2, 72, 64, 40, 55, 19), (1, 72, 64, 48, 47, 45), (4, 96, 80, 32, 128, 128)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("stats_grad", [True, False], ids=STATS_GRAD_IDS)
+def test_bfloat16_channels_last_tiles_through_the_amx_micro_kernel(shape, stats_grad,
+                                                                   gemm_engine):
+    gemm_engine("lowp")
+    case = op_case(shape, torch.bfloat16, torch.channels_last, batch_stats=stats_grad)
+    assert_op_matches(case, stats_grad, "torch")
+    assert_nan_propagates_as_in_torch(case)
+
+
+@needs_cpp
+def test_amx_micro_kernel_serves_where_the_cpu_has_amx(gemm_engine, monkeypatch):
+    # Every GEMM of an op whose operands fit runs through the micro-kernel on a CPU with AMX
+    # (no at::mm call), and through at::mm without it, or with oneDNN disabled.
+    case = op_case(ONEDNN, torch.bfloat16, torch.channels_last)
+    gemm_engine("lowp")
+
+    def mm_calls():
+        with torch.profiler.profile() as prof:
+            run_kernels(ACTIVE_KERNELS, case, True)
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+    has_amx = torch.cpu._is_amx_tile_supported()
+    assert gemm_engine()["amx"] == has_amx
+    assert (mm_calls() == 0) == has_amx
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not gemm_engine()["amx"]
+    assert mm_calls() > 0
 
 
 @needs_cpp
