@@ -806,7 +806,6 @@ struct BackwardData {
   at::BFloat16* amx_thread_space(int64_t tid) const {
     return amx_space.data_ptr<at::BFloat16>() + tid * amx_space.size(1);
   }
-
 };
 
 // The tile's grad_out in the data's dtype (bfloat16/float16): read in place, or, for a tile
@@ -843,7 +842,8 @@ void amx_weight_grad(const BackwardData<scalar_t>& d, const at::Tensor& go, cons
 // the thread's `tile` scratch, then added: float32 BLAS (exact products, as ever), or a GEMM
 // in the data's dtype (float32 accumulation) on grad_out read in place and the tile's
 // activation, whose result is rounded to that dtype before it is added, as autocast's
-// convolution rounds its weight gradient (once; here once per tile).
+// convolution rounds its weight gradient (once; here once per tile). On an AMX CPU the
+// latter runs through the micro-kernel (amx_weight_grad), whose float32 sums are rounded once.
 template <typename scalar_t, typename acc_t, typename act_t>
 void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, const at::Tensor& go,
                       act_t* act, int64_t p0, int64_t len, const at::Tensor& tile,
