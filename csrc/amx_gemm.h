@@ -178,5 +178,16 @@ inline void transpose_tile(const at::BFloat16* src_data, int64_t rows, int64_t c
   }
 }
 
+// Packs the transpose of `w` ([n, k], bfloat16) as B [k, n] into storage of its own: the
+// forward's W^T, transposed by transpose_tile (ATen's transposing copy is ~10x slower).
+inline OwnedAmxOperand amx_pack_transposed_owned(const at::Tensor& w) {
+  const at::Tensor dense = w.contiguous();
+  const int64_t n = dense.size(0), k = dense.size(1);
+  at::Tensor transposed = at::empty({k, n}, dense.options());
+  transpose_tile(dense.const_data_ptr<at::BFloat16>(), n, k, k,
+                 transposed.mutable_data_ptr<at::BFloat16>(), n);
+  return amx_pack_owned(transposed);
+}
+
 }  // namespace
 }  // namespace densenet_fast

@@ -27,6 +27,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -36,6 +37,34 @@
 
 namespace densenet_fast {
 namespace {
+
+// A tensor made on first use, by whichever thread needs it first: the copies of the weight
+// that only some engines read (float32 and transposed ones), which a bfloat16 layer whose
+// tiles all run in low precision never makes (they were ~5% of densenet121's bf16
+// channels-last step, on the calling thread).
+class LazyTensor {
+ public:
+  explicit LazyTensor(std::function<at::Tensor()> make = {}) : make_(std::move(make)) {}
+
+  // Forgets the value: the next get() makes one with `make`. Not while another thread may
+  // call get().
+  void reset(std::function<at::Tensor()> make) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    value_ = at::Tensor();
+    make_ = std::move(make);
+  }
+
+  const at::Tensor& get() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!value_.defined()) value_ = make_();
+    return value_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  mutable at::Tensor value_;
+  std::function<at::Tensor()> make_;
+};
 
 // Per-thread activation scratch targets this many elements (fits a core's L2 cache).
 constexpr int64_t kTileElements = 1 << 17;
@@ -580,7 +609,7 @@ void amx_forward_tile(const Geometry& g, const AmxOperand& weight_t, const scala
 // data's dtype, straight into it (through the AMX micro-kernel where `weight_amx`, W^T
 // packed, is given).
 template <typename scalar_t, typename acc_t>
-void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Tensor& weight_lp,
+void lowp_forward_gemm(const Geometry& g, const LazyTensor& weight, const at::Tensor& weight_lp,
                        const AmxOperand* weight_amx, acc_t* act, int64_t p0, int64_t len,
                        acc_t* result, scalar_t* out_data) {
   const int64_t channels = g.channels, co = g.out_channels;
@@ -600,7 +629,7 @@ void lowp_forward_gemm(const Geometry& g, const at::Tensor& weight, const at::Te
       }
       return;
     }
-    conv1x1_gemm(engine == Engine::kOneDnn, pm, weight, a, out);
+    conv1x1_gemm(engine == Engine::kOneDnn, pm, weight.get(), a, out);
     // Rounded into the output by a loop of our own: at::copy_ of a strided tile is slower.
     store_output_tile(g, result, p0, len, 0, co, out_data);
   });
@@ -616,8 +645,11 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   auto [scale_t, shift_t] = scale_shift<acc_t>(mean, invstd, bn_weight, bn_bias);
   const acc_t* scale = scale_t.template data_ptr<acc_t>();
   const acc_t* shift = shift_t.template data_ptr<acc_t>();
-  at::Tensor weight =
-      conv_weight.detach().reshape({co, channels}).to(scale_t.scalar_type()).contiguous();
+  const auto acc_type = scale_t.scalar_type();
+  // The weight in acc_t, for the float32 (float64) engines: a view for float32 data.
+  const LazyTensor weight([&] {
+    return conv_weight.detach().reshape({co, channels}).to(acc_type).contiguous();
+  });
   // The weight in the data's dtype, for the low-precision engine.
   at::Tensor weight_lp = std::is_same_v<scalar_t, acc_t>
                              ? at::Tensor()
@@ -625,7 +657,7 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   // W^T packed for the AMX micro-kernel (bfloat16 pixel-major tiles on AMX CPUs).
   std::optional<OwnedAmxOperand> weight_amx;
   if (g.pixel_major && amx_available(buffer.scalar_type()) && amx_fits(channels, co)) {
-    weight_amx = amx_pack_owned(weight_lp.t());
+    weight_amx = amx_pack_transposed_owned(weight_lp);
   }
   const AmxOperand* weight_amx_operand = weight_amx ? &weight_amx->operand : nullptr;
   const auto format = g.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -641,7 +673,7 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
   scalar_t* out_data = out.template mutable_data_ptr<scalar_t>();
 
   if (packed) {
-    forward_packed_images<scalar_t, acc_t>(g, x, scale, shift, weight, images_per_item,
+    forward_packed_images<scalar_t, acc_t>(g, x, scale, shift, weight.get(), images_per_item,
                                            scratch.template mutable_data_ptr<acc_t>(),
                                            out_data);
     return out;
@@ -656,8 +688,8 @@ at::Tensor forward_impl(const at::Tensor& buffer, const at::Tensor& mean,
       const auto [p0, len] = g.span(item);
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         bn_relu_tile<scalar_t, acc_t>(g, x, scale, shift, p0, len, 0, channels, act);
-        forward_gemm(g.pixel_major, weight, act, channels, len, out_data + g.offset(p0, 0, co),
-                     g.hw);
+        forward_gemm(g.pixel_major, weight.get(), act, channels, len,
+                     out_data + g.offset(p0, 0, co), g.hw);
       } else if (settled_on_low_precision(GemmKind::kForward, buffer.scalar_type(),
                                           g.pixel_major, co * channels * len, channels)) {
         // The activation built in the data's dtype, multiplied straight into the output.
@@ -727,7 +759,7 @@ struct BackwardData {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g;
   const bool two_pass;  // stats_grad: g waits in `store` until its chunk's sums are known
-  at::Tensor scale_t, shift_t, mean_t, invstd_t, gamma_t, weight;  // acc_t, [C] and [C_out, C]
+  at::Tensor scale_t, shift_t, mean_t, invstd_t, gamma_t;  // acc_t, [C]
   const acc_t *scale, *shift, *mean, *invstd, *gamma;
   const scalar_t* x;          // the buffer
   const scalar_t* grad_out;
@@ -737,8 +769,9 @@ struct BackwardData {
   // front; k_x, k_0 the statistics' term, set once a chunk's sums are known.
   std::vector<acc_t> k_g, k_x, k_0;
   int64_t c0 = 0, cc = 0;
-  at::Tensor weight_t_chunk;  // weight[:, c0 : c0 + cc]^T, dense [cc, C_out]
-  at::Tensor weight_lp, weight_t_chunk_lp;  // the same in the data's dtype (bf16/fp16 only)
+  at::Tensor weight_2d;       // the conv weight as [C_out, C], in the data's dtype
+  LazyTensor weight_t_chunk;  // weight[:, c0 : c0 + cc]^T in acc_t, dense [cc, C_out]
+  LazyTensor weight_t_chunk_lp;  // the same in the data's dtype (bf16/fp16 only)
   // bfloat16 pixel-major data on a CPU with AMX (amx_gemm.h): the low-precision GEMMs run
   // through the micro-kernel, with weight[:, c0 : c0 + cc] packed once per chunk (the input
   // gradient's B) and per-thread space for a tile's grad_out^T and packed activation (the
@@ -757,10 +790,7 @@ struct BackwardData {
     mean_t = mean_.detach().to(acc_type).contiguous();
     invstd_t = invstd_.detach().to(acc_type).contiguous();
     gamma_t = bn_weight.detach().to(acc_type).contiguous();
-    weight = conv_weight.detach().reshape({g.out_channels, g.channels}).to(acc_type).contiguous();
-    if (!std::is_same_v<scalar_t, acc_t>) {
-      weight_lp = conv_weight.detach().reshape({g.out_channels, g.channels}).contiguous();
-    }
+    weight_2d = conv_weight.detach().reshape({g.out_channels, g.channels});
     scale = scale_t.template data_ptr<acc_t>();
     shift = shift_t.template data_ptr<acc_t>();
     mean = mean_t.template data_ptr<acc_t>();
@@ -793,11 +823,15 @@ struct BackwardData {
   void select_chunk(int64_t first, int64_t count) {
     c0 = first;
     cc = count;
-    weight_t_chunk = weight.narrow(1, c0, cc).t().contiguous();
-    if (weight_lp.defined()) weight_t_chunk_lp = weight_lp.narrow(1, c0, cc).t().contiguous();
+    const at::Tensor chunk_t = weight_2d.narrow(1, c0, cc).t();
+    const auto acc_options = scale_t.options();
+    weight_t_chunk.reset([chunk_t, acc_options] {
+      return at::empty(chunk_t.sizes(), acc_options).copy_(chunk_t);
+    });
+    weight_t_chunk_lp.reset([chunk_t] { return chunk_t.contiguous(); });
     weight_chunk_amx.reset();
     if (amx && amx_fits(g.out_channels, cc)) {
-      weight_chunk_amx = amx_pack_owned(weight_lp.narrow(1, c0, cc));
+      weight_chunk_amx = amx_pack_owned(weight_2d.narrow(1, c0, cc));
     }
   }
 
@@ -919,7 +953,7 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
       return;
     }
     const at::Tensor g_lp = at::empty(gs.sizes(), go_lp.options());
-    conv1x1_gemm(false, pm, d.weight_t_chunk_lp, go_lp, g_lp);
+    conv1x1_gemm(false, pm, d.weight_t_chunk_lp.get(), go_lp, g_lp);
     gs.copy_(g_lp);
   };
   if (low_precision_tile) {
@@ -928,7 +962,7 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
   }
   run_fastest(GemmKind::kInputGrad, dtype, pm, d.cc * co * len, co, [&](Engine engine) {
     if (engine != Engine::kLowPrecision) {
-      conv1x1_gemm(engine == Engine::kOneDnn, pm, d.weight_t_chunk, go, gs);
+      conv1x1_gemm(engine == Engine::kOneDnn, pm, d.weight_t_chunk.get(), go, gs);
       return;
     }
     low_precision();
