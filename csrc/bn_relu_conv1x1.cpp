@@ -855,10 +855,12 @@ at::Tensor grad_out_in_data_dtype(const BackwardData<scalar_t>& d, const at::Ten
 // micro-kernel: dw [C_out, cc] (float32, row stride of its own) = or += go^T a, go
 // ([len, C_out]) transposed and a ([len, cc]) packed into `space` (amx_thread_space). The
 // float32 sums are added as they are: rounded once, with the whole gradient, where the GEMM
-// in the data's dtype rounds each tile's.
+// in the data's dtype rounds each tile's. Returns false, having done nothing, where the
+// kernel does not take the tile (no AMX space, an odd length, cc not a multiple of 16).
 template <typename scalar_t>
-void amx_weight_grad(const BackwardData<scalar_t>& d, const at::Tensor& go, const scalar_t* act,
+bool amx_weight_grad(const BackwardData<scalar_t>& d, const at::Tensor& go, const scalar_t* act,
                      int64_t len, at::BFloat16* space, const at::Tensor& dw, bool accumulate) {
+  if (!space || !amx_fits(len, d.cc) || !go.is_contiguous()) return false;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     const int64_t co = d.g.out_channels;
     at::BFloat16* go_t = space;
@@ -866,6 +868,7 @@ void amx_weight_grad(const BackwardData<scalar_t>& d, const at::Tensor& go, cons
     transpose_tile(go.const_data_ptr<at::BFloat16>(), len, co, co, go_t, len);
     const AmxOperand a = amx_pack(act, len, d.cc, d.cc, packed);
     amx_gemm(co, go_t, len, a, dw.data_ptr<float>(), dw.stride(0), accumulate);
+    return true;
   } else {
     TORCH_INTERNAL_ASSERT(false, "the AMX micro-kernel serves bfloat16 data only");
   }
@@ -889,9 +892,7 @@ void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, con
     pm ? dw.addmm_(go.t(), a) : dw.addmm_(go, a.t());
   } else if constexpr (std::is_same_v<act_t, scalar_t>) {
     // A tile built for the low-precision engines: a and go are in the data's dtype.
-    if (amx_space && amx_fits(len, cc) && go.is_contiguous()) {
-      amx_weight_grad(d, go, act, len, amx_space, dw, /*accumulate=*/true);
-    } else {
+    if (!amx_weight_grad(d, go, act, len, amx_space, dw, /*accumulate=*/true)) {
       dw.add_(pm ? at::mm(go.t(), a) : at::mm(go, a.t()));
     }
   } else {
@@ -904,9 +905,8 @@ void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, con
       }
       const at::Tensor go_lp = grad_out_in_data_dtype(d, go, p0, len);
       const at::Tensor a_lp = a.to(dtype);
-      if (amx_space && amx_fits(len, cc) && go_lp.is_contiguous()) {
-        amx_weight_grad(d, go_lp, a_lp.const_data_ptr<scalar_t>(), len, amx_space, tile,
-                        /*accumulate=*/false);
+      if (amx_weight_grad(d, go_lp, a_lp.const_data_ptr<scalar_t>(), len, amx_space, tile,
+                          /*accumulate=*/false)) {
         return;
       }
       tile.copy_(pm ? at::mm(go_lp.t(), a_lp) : at::mm(go_lp, a_lp.t()));
