@@ -159,9 +159,11 @@ struct Geometry {
 // Runs fn over the work items: across threads when there are enough items to share, else
 // on the calling thread, where ATen's BLAS calls can use every thread themselves (small
 // planes: one large GEMM beats one thread per tile).
+inline bool shares_items(int64_t items) { return items >= 2 * at::get_num_threads(); }
+
 template <typename F>
 void for_each_item(int64_t items, const F& fn) {
-  if (items >= 2 * at::get_num_threads()) {
+  if (shares_items(items)) {
     at::parallel_for(0, items, 1, fn);
   } else {
     fn(0, items);
@@ -835,6 +837,17 @@ struct BackwardData {
     }
   }
 
+  // W[:, c0 : c0 + cc]^T for at::mm in acc_t: float32/float64 data, a view of the weight (a
+  // transposed operand costs BLAS nothing, where the transposing copy cost more than the
+  // GEMMs of a layer of a few pixels); bfloat16/float16 data, the float32 copy.
+  at::Tensor weight_t_chunk_for_mm() const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return weight_2d.narrow(1, c0, cc).t();
+    } else {
+      return weight_t_chunk.get();
+    }
+  }
+
   // This thread's AMX space: room for grad_out^T ([C_out, tile]), then a packed [tile, cc]
   // activation.
   at::BFloat16* amx_thread_space(int64_t tid) const {
@@ -962,7 +975,10 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
   }
   run_fastest(GemmKind::kInputGrad, dtype, pm, d.cc * co * len, co, [&](Engine engine) {
     if (engine != Engine::kLowPrecision) {
-      conv1x1_gemm(engine == Engine::kOneDnn, pm, d.weight_t_chunk.get(), go, gs);
+      const bool onednn = engine == Engine::kOneDnn;
+      // oneDNN's convolution takes the kernel dense.
+      conv1x1_gemm(onednn, pm, onednn ? d.weight_t_chunk.get() : d.weight_t_chunk_for_mm(),
+                   go, gs);
       return;
     }
     low_precision();
@@ -1137,7 +1153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const BackwardScratch layout(g, chunk, d.two_pass);
   const auto options = d.scale_t.options();
   at::Tensor scratch = at::empty({threads, layout.per_thread}, options);
-  at::Tensor dweight_parts = at::zeros({threads, co, channels}, options);
+  // Weight-gradient partial sums, one per thread that takes tiles: for_each_item shares
+  // them out only when there are enough; else the calling thread takes every tile, and its
+  // one partial is the gradient (a layer of a few pixels paid more for summing and zeroing
+  // per-thread partials of [C_out, C] than for its GEMMs).
+  const int64_t parts = shares_items(g.items) ? threads : 1;
+  at::Tensor dweight_parts = at::zeros({parts, co, channels}, options);
   at::Tensor g_store = at::empty({d.two_pass ? chunk * g.pixels : 0}, options);
   d.store = g_store.template mutable_data_ptr<typename BackwardData<scalar_t>::acc_t>();
   d.amx = g.pixel_major && amx_available(buffer.scalar_type());
@@ -1153,8 +1174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     finish_chunk_sums(d, sums, dgamma.data_ptr<double>(), dbeta.data_ptr<double>());
     if (d.two_pass) add_stored_dx(d);
   }
-  at::Tensor grad_weight =
-      dweight_parts.sum(0).reshape(conv_weight.sizes()).to(conv_weight.scalar_type());
+  const at::Tensor dweight = parts == 1 ? dweight_parts.select(0, 0) : dweight_parts.sum(0);
+  at::Tensor grad_weight = dweight.reshape(conv_weight.sizes()).to(conv_weight.scalar_type());
   return {grad_weight, dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
 }
 
