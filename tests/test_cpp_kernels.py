@@ -146,6 +146,29 @@ def test_amx_micro_kernel_serves_where_the_cpu_has_amx(gemm_engine, monkeypatch)
     assert mm_calls() > 0
 
 
+# A layer of 18 pixels (densenet121's last block at batch 2, 96x96 images): GEMMs too small
+# to be measured.
+SMALL_AMX = (2, 72, 64, 32, 3, 3)
+
+
+@needs_cpp
+@pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
+def test_small_bfloat16_gemms_take_the_amx_micro_kernel_unmeasured(memory_format, gemm_engine):
+    # Measuring policy, GEMMs below the measured size: bfloat16 channels-last tiles on a CPU
+    # with AMX run through the micro-kernel (no at::mm call), the others through float32
+    # BLAS (at::mm); nothing is measured. The results match the oracle either way.
+    gemm_engine("measure")
+    case = op_case(SMALL_AMX, torch.bfloat16, memory_format)
+    measured = len(gemm_engine()["measured"])
+    with torch.profiler.profile() as prof:
+        run_kernels(ACTIVE_KERNELS, case, True)
+    mm_calls = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    amx_serves = gemm_engine()["amx"] and memory_format == torch.channels_last
+    assert (mm_calls == 0) == amx_serves, mm_calls
+    assert len(gemm_engine()["measured"]) == measured
+    assert_op_matches(case, True, "torch")
+
+
 @needs_cpp
 def test_gemm_engine_policy_is_checked_and_reports_measured_choices(gemm_engine):
     with pytest.raises(ValueError, match="policy must be 'measure', 'blas', 'onednn' or 'lowp'"):
