@@ -1054,7 +1054,10 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
     const int64_t tid = at::get_thread_num();
     acc_t* mine = scratch.template mutable_data_ptr<acc_t>() + tid * layout.per_thread;
     acc_t* act = mine + layout.act;
-    const at::Tensor dw = dweight_parts[tid].narrow(1, d.c0, d.cc);
+    // One partial where the calling thread takes every tile: its number need not be 0 (a
+    // worker of an enclosing parallel region).
+    const int64_t part = dweight_parts.size(0) == 1 ? 0 : tid;
+    const at::Tensor dw = dweight_parts[part].narrow(1, d.c0, d.cc);
     // The weight gradient's tile result before it is added (bfloat16/float16 data only).
     const at::Tensor tile = std::is_same_v<scalar_t, acc_t>
                                 ? at::Tensor()
