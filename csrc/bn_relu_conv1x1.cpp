@@ -782,7 +782,8 @@ struct BackwardData {
   std::vector<acc_t> k_g, k_x, k_0;
   int64_t c0 = 0, cc = 0;
   at::Tensor weight_2d;       // the conv weight as [C_out, C], in the data's dtype
-  LazyTensor weight_t_chunk;  // weight[:, c0 : c0 + cc]^T in acc_t, dense [cc, C_out]
+  at::Tensor weight_t_chunk_view;  // weight[:, c0 : c0 + cc]^T, a view of weight_2d
+  LazyTensor weight_t_chunk;  // the same in acc_t, dense [cc, C_out]
   LazyTensor weight_t_chunk_lp;  // the same in the data's dtype (bf16/fp16 only)
   // bfloat16 pixel-major data on a CPU with AMX (amx_gemm.h): the low-precision GEMMs run
   // through the micro-kernel, with weight[:, c0 : c0 + cc] packed once per chunk (the input
@@ -835,7 +836,8 @@ struct BackwardData {
   void select_chunk(int64_t first, int64_t count) {
     c0 = first;
     cc = count;
-    const at::Tensor chunk_t = weight_2d.narrow(1, c0, cc).t();
+    weight_t_chunk_view = weight_2d.narrow(1, c0, cc).t();
+    const at::Tensor& chunk_t = weight_t_chunk_view;
     const auto acc_options = scale_t.options();
     weight_t_chunk.reset([chunk_t, acc_options] {
       return at::empty(chunk_t.sizes(), acc_options).copy_(chunk_t);
@@ -852,7 +854,7 @@ struct BackwardData {
   // GEMMs of a layer of a few pixels); bfloat16/float16 data, the float32 copy.
   at::Tensor weight_t_chunk_for_mm() const {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return weight_2d.narrow(1, c0, cc).t();
+      return weight_t_chunk_view;
     } else {
       return weight_t_chunk.get();
     }
