@@ -100,6 +100,11 @@ REL_L2_BOUNDS = {"bfloat16": 4 * 2**-7, "float16": 4 * 2**-10, "float32": 4 * 2*
 COMPILE_SECONDS = 2.0
 TRIAL_SECONDS = 0.05
 
+# The parity stage's -k expression on top of the mode's (``--parity-k``: a GPU session whose
+# earlier command ran part of the tests runs the rest), and its limit per test.
+PARITY_K_ENV = "GPU_CHECK_PARITY_K"
+PARITY_TEST_LIMIT_S = 120
+
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
@@ -413,17 +418,21 @@ def _progress(message: str, partial: dict | None = None) -> None:
         _write_json(_partial_path(_RESULT), partial)
 
 
-def _run_logged(command: list[str], env: dict, timeout: float) -> tuple[int | None, str]:
+def _run_logged(command: list[str], env: dict, timeout: float,
+                stamp: bool = False) -> tuple[int | None, str]:
     """Run ``command`` with its stdout and stderr copied line by line to this process's
-    stdout (the stage's log) as they come; return its exit code (None when it ran past
-    ``timeout`` and was killed) and its output. It stays in this stage's process group, so
-    it ends with the stage if the parent ends the stage."""
+    stdout (the stage's log) as they come, each prefixed with the seconds since the start
+    where ``stamp``; return its exit code (None when it ran past ``timeout`` and was killed)
+    and its output (unprefixed). It stays in this stage's process group, so it ends with the
+    stage if the parent ends the stage."""
     lines: list[str] = []
+    start = time.perf_counter()
 
     def copy(stream) -> None:
         for line in stream:
             lines.append(line)
-            sys.stdout.write(line)
+            sys.stdout.write(f"[{time.perf_counter() - start:6.1f} s] {line}" if stamp
+                             else line)
             sys.stdout.flush()
 
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -447,11 +456,34 @@ def _child_timeout(timeout: float) -> float:
 
 # --- stages (each runs in its own process) ---------------------------------------------
 
+def parity_command(mode: Mode, select: str | None = None) -> list[str]:
+    """The parity stage's pytest command: verbose, so the log's time stamps say when each
+    test ended (the first GPU run's parity stage timed out after 53 of 75 tests with a log of
+    dots), the slowest tests' durations at the end, a per-test limit where pytest-timeout is
+    installed (a hung test fails with its stack instead of taking the stage's time), and
+    ``select`` (a ``-k`` expression, ``--parity-k``) on top of the mode's own selection."""
+    args = list(mode.parity_tests)
+    if select:
+        if "-k" in args:
+            at = args.index("-k") + 1
+            args[at] = f"({args[at]}) and ({select})"
+        else:
+            args += ["-k", select]
+    limit = []
+    with contextlib.suppress(ImportError):
+        import pytest_timeout  # noqa: F401
+
+        limit = [f"--timeout={PARITY_TEST_LIMIT_S}"]  # the plugin loads itself
+    return [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--durations=15",
+            *limit, *args]
+
+
 def stage_parity(mode: Mode, timeout: float) -> dict:
-    code, output = _run_logged([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                *mode.parity_tests], _env(mode), _child_timeout(timeout))
+    select = os.environ.get(PARITY_K_ENV) or None
+    code, output = _run_logged(parity_command(mode, select), _env(mode),
+                               _child_timeout(timeout), stamp=True)
     lines = output.strip().splitlines()
-    result = {"returncode": code, "summary": lines[-1] if lines else "",
+    result = {"returncode": code, "summary": lines[-1] if lines else "", "select": select,
               "failures": re.findall(r"^FAILED .*$", output, flags=re.M)[:20],
               "passed": code == 0}
     if code is None:
@@ -958,6 +990,8 @@ def main() -> int:
                        help="every stage on the CPU: tiny model, Triton's interpreter")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--only", nargs="+", choices=list(STAGES), help="run these stages")
+    parser.add_argument("--parity-k", metavar="EXPR",
+                        help="run only the parity tests this pytest -k expression selects")
     parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, help=argparse.SUPPRESS)
@@ -968,6 +1002,8 @@ def main() -> int:
         return _run_one_stage(args)
 
     mode_name = "dry-run" if args.dry_run else "quick" if args.quick else "full"
+    if args.parity_k:  # the parity stage's process reads it from its environment
+        os.environ[PARITY_K_ENV] = args.parity_k
     mode = MODES[mode_name]
     import torch
     import triton

@@ -70,3 +70,27 @@ def test_channels_last_and_contiguous_agree():
     for i, (a, b) in enumerate(zip(grads_cl, grads, strict=True)):
         assert a.dtype == b.dtype == torch.float64, (i, a.dtype, b.dtype)
         assert_close(a, b, torch.float64, f"channels-last gradient {i}")
+
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_batch_norm_backward_gets_defined_saved_statistics(training, memory_format,
+                                                           monkeypatch):
+    """CUDA's BN backward asserts that its saved mean and invstd are defined tensors (empty
+    when the running statistics are to be used), where the CPU's also takes None: the first
+    GPU run failed on the final norm's backward. Every call the block's backward makes, in
+    both layouts and modes, passes tensors."""
+    saved = []
+    original = torch.ops.aten.native_batch_norm_backward
+
+    def recorded(*args):
+        saved.append(args[5:7])
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.aten, "native_batch_norm_backward", recorded)
+    spec, params = _block(tail=Tail.NORM, training=training)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).to(memory_format=memory_format)
+    DenseBlockFunction.apply(x.requires_grad_(), spec, *params).sum().backward()
+    assert saved, "the NORM tail's backward runs aten.native_batch_norm_backward"
+    assert all(isinstance(t, torch.Tensor) for pair in saved for t in pair), saved

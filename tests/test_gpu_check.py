@@ -336,3 +336,16 @@ def test_an_only_run_keeps_the_other_stages_of_the_same_check(gpu_check, tmp_pat
     assert gpu_check._earlier_stages(out, "quick", "X", ["op"]) == {}
     assert gpu_check._earlier_stages(out, "full", "Y", ["op"]) == {}
     assert gpu_check._earlier_stages(tmp_path / "none.json", "full", "X", ["op"]) == {}
+
+
+def test_parity_command_adds_a_selection_to_the_modes_own(gpu_check):
+    """``--parity-k`` narrows the parity stage to the tests an earlier command did not reach;
+    verbose output, so the stamped log says when each test ended."""
+    full, dry = gpu_check.MODES["full"], gpu_check.MODES["dry-run"]
+    command = gpu_check.parity_command(full)
+    assert "-v" in command and "-k" not in command and command[-1] == "tests/with_triton"
+    command = gpu_check.parity_command(full, "gpu_layer_shapes")
+    assert command[-2:] == ["-k", "gpu_layer_shapes"]
+    command = gpu_check.parity_command(dry, "not nan")
+    assert command[command.index("-k") + 1] == "(active_backend or nan_propagates) and (not nan)"
+    assert command.count("-k") == 1

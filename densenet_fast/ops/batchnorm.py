@@ -82,9 +82,13 @@ def bn_backward(grad, x, mean, invstd, weight, *, stats_grad: bool):
             grad, x, weight, None, None, mean, invstd, True, 0.0, [True, True, True])
     else:
         # Eval-mode BN backward with running_var = invstd^-2 and eps = 0 is exactly this map
-        # (up to the rounding of 1 / sqrt(invstd^-2)), in one fused kernel.
+        # (up to the rounding of 1 / sqrt(invstd^-2)), in one fused kernel. The saved
+        # statistics go in as empty tensors, not None: CUDA's kernel asserts they are defined
+        # (an empty one means "use the running statistics"); the CPU's takes either.
+        unused = mean.new_empty(0)
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True])
+            grad, x, weight, mean, invstd.pow(-2), unused, unused, False, 0.0,
+            [True, True, True])
     return dx, dweight.to(param_dtype), dbias.to(param_dtype)
 
 
