@@ -25,7 +25,10 @@ BUILD_TOLERANCES = {torch.float32: (0.0, 1e-5)}
 # (factor, slack) for gradients under autocast (test_amp.py): low-precision gradients are far
 # from float32 ones in any implementation, so the bar is relative to the unfused model's own
 # distance (relative L2) from float32 under the same autocast: at most factor times it + slack.
-AUTOCAST_GRAD_MARGINS = {torch.bfloat16: (1.5, 0.02), torch.float16: (1.5, 0.005)}
+AUTOCAST_GRAD_MARGINS = {torch.bfloat16: (1.5, 0.02), torch.float16: (1.5, 0.005),
+                         # float32 against float64, per parameter, where a deep model's ReLU
+                         # masks make elementwise bars ill-conditioned (GPU densenet121).
+                         torch.float32: (4.0, 1e-4)}
 
 # torch.autograd.gradcheck in float64 (test_block.py): central differences of step eps agree
 # with the analytic gradient elementwise within atol + rtol |analytic| (rtol: gradcheck's
@@ -66,7 +69,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def assert_as_accurate(actual: torch.Tensor, baseline: torch.Tensor, exact: torch.Tensor, dtype,
                        what: str = ""):
     """``actual`` is about as close to ``exact`` (relative L2) as ``baseline``, both computed
-    under autocast to ``dtype`` (``AUTOCAST_GRAD_MARGINS``)."""
+    in (or under autocast to) ``dtype`` (``AUTOCAST_GRAD_MARGINS``)."""
     factor, slack = AUTOCAST_GRAD_MARGINS[dtype]
     err, baseline_err = _relative(actual, exact), _relative(baseline, exact)
     assert err <= factor * baseline_err + slack, \

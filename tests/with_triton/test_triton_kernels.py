@@ -257,9 +257,12 @@ def test_gpu_float32_default_is_tf32_within_tf32_tolerance(shape, memory_format)
 @on_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_densenet121_matches_torchvision(dtype, ieee):
-    """float32: every gradient elementwise. bf16 autocast: the logits elementwise, the
-    gradients as close to float32's (relative L2) as torchvision's under the same autocast
-    (``assert_as_accurate``): elementwise bars do not fit low-precision gradients."""
+    """The logits elementwise; the gradients as close to a more exact reference (relative
+    L2) as torchvision's (``assert_as_accurate``). float32: each parameter's gradient against
+    float64's; elementwise bars do not fit it at this depth and size (the first GPU run: the
+    stem convolution's gradient 3e-3 of its largest element off torchvision's, both
+    summing 32768 pixels of a gradient that crossed 120 layers of ReLU masks). bf16
+    autocast: all gradients at once against float32's."""
     from tolerances import assert_as_accurate
     from torchvision.models import densenet121
 
@@ -282,7 +285,13 @@ def test_gpu_densenet121_matches_torchvision(dtype, ieee):
     assert_close(fast_out, ref_out, dtype, "logits")
     assert_models_match(fast, ref, dtype, params=False)
     if not low:
-        assert_grads_match(fast_grads, ref_grads, dtype)
+        exact_model = densenet121(num_classes=10).to(DEVICE, torch.float64)
+        exact_model.load_state_dict(start)
+        exact_model = exact_model.to(memory_format=torch.channels_last)
+        exact_model.zero_grad(set_to_none=True)
+        F.cross_entropy(exact_model(x.double()), y).backward()
+        for name, p in exact_model.named_parameters():
+            assert_as_accurate(fast_grads[name], ref_grads[name], p.grad, dtype, name)
         return
     ref.load_state_dict(start)
     _, exact = step(ref, False)
@@ -393,13 +402,16 @@ def test_deterministic_mode_pins_the_config_and_the_split(deterministic, monkeyp
         def __init__(self, sms):
             self.multi_processor_count = sms
 
-    monkeypatch.setattr(triton_impl, "INTERPRETED", False)
+    # The fake device properties only while the split is chosen: on a GPU, Triton's launch
+    # reads the real ones (the first GPU run failed here when they stayed patched).
     splits = set()
-    for sms in (46, 132, 170):
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, s=sms: Properties(s))
-        splits.add(triton_impl._num_splits(4, 10**6, torch.device("cuda", 0)))
+    with monkeypatch.context() as patched:
+        patched.setattr(triton_impl, "INTERPRETED", False)
+        for sms in (46, 132, 170):
+            patched.setattr(torch.cuda, "get_device_properties",
+                            lambda d, s=sms: Properties(s))
+            splits.add(triton_impl._num_splits(4, 10**6, torch.device("cuda", 0)))
     assert len(splits) == 1
-    monkeypatch.setattr(triton_impl, "INTERPRETED", True)
 
     case = op_case(SHAPES[3], torch.float32, torch.contiguous_format, batch_stats=True,
                    device=DEVICE)

@@ -1,0 +1,135 @@
+"""Where one training step's time goes, torchvision's DenseNet against densenet_fast's.
+
+    python benchmarks/profile_step.py --device cuda --autocast bfloat16 --channels-last
+    python benchmarks/profile_step.py --device cpu --model tiny --batch 2 --image 32
+
+Per implementation, in one process: the step's wall time (synchronised), the time the host
+takes to issue it (no synchronisation: on a GPU, a step whose issue time is close to its wall
+time is bound by the host, not the kernels), the profiler's count of device kernels and their
+summed time, and the operators with the most host and device time of their own. A GPU step
+that is slower than torchvision's while its kernels take less time is paying for launches
+and Python, not for arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _model(name: str, kind: str):
+    import torchvision
+
+    import densenet_fast
+
+    if name == "tiny":
+        config = dict(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
+        return (torchvision.models.DenseNet if kind == "torchvision"
+                else densenet_fast.DenseNet)(**config)
+    return getattr(torchvision.models if kind == "torchvision" else densenet_fast, name)()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def profile(kind: str, args) -> dict:
+    """One implementation's figures (see the module's docstring)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = _model(args.model, kind).to(args.device, memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=args.device)
+    x = x.to(memory_format=fmt)
+    y = torch.randint(0, model.classifier.out_features, (args.batch,), device=args.device)
+    dtype = getattr(torch, args.autocast) if args.autocast else None
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):  # Triton's tuning and compiles happen here
+        step()
+    _sync(args.device)
+    walls, issues = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        issues.append(time.perf_counter() - start)
+        _sync(args.device)
+        walls.append(time.perf_counter() - start)
+    activities = [ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
+        step()
+        _sync(args.device)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    averages = prof.key_averages()
+    return {
+        "wall_ms": 1e3 * statistics.median(walls),
+        "issue_ms": 1e3 * statistics.median(issues),
+        "device_kernels": len(kernels),
+        "device_kernel_ms": sum(e.device_time_total for e in kernels) / 1e3,
+        "host_ops": sum(a.count for a in averages),
+        "by_host": averages.table(sort_by="self_cpu_time_total", row_limit=args.rows),
+        "by_device": averages.table(sort_by="self_device_time_total", row_limit=args.rows)
+        if len(activities) > 1 else "",
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="densenet121",
+                        choices=["tiny", "densenet121", "densenet161", "densenet169",
+                                 "densenet201"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    import torch
+
+    lines = [f"{args.model} batch {args.batch} {args.image}x{args.image} on "
+             f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
+             f"autocast {args.autocast}, channels_last {args.channels_last}, "
+             f"torch {torch.__version__}"]
+    tables = []
+    for kind in ("torchvision", "densenet_fast"):
+        r = profile(kind, args)
+        lines.append(f"{kind:14s} wall {r['wall_ms']:8.2f} ms  issue {r['issue_ms']:8.2f} ms  "
+                     f"device kernels {r['device_kernels']:5d} taking {r['device_kernel_ms']:8.2f}"
+                     f" ms  host ops {r['host_ops']}")
+        tables += [f"--- {kind}: by own host time", r["by_host"]]
+        if r["by_device"]:
+            tables += [f"--- {kind}: by own device time", r["by_device"]]
+    report = "\n".join(lines + tables)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
