@@ -48,19 +48,23 @@ def measure_in_process(name: str, config: ModelConfig, workload: str,
     On CUDA that is all that was allocated; on CPU, where resident memory also holds the
     interpreter and library code paged in on first use, it is the step's peak plus the
     bytes of the parameters, buffers and optimizer state, counted tensor by tensor.
-    ``parameter_bytes``: the parameters' bytes, which the step's gradients take again."""
+    ``parameter_bytes``: the parameters' bytes, which the step's gradients take again. On
+    CUDA the counts start from what the process held before the job was built, so a process
+    can measure one job after another (a batch search does)."""
+    on_cuda = settings.device.startswith("cuda")
+    held = torch.cuda.memory_allocated() if on_cuda else 0
     runner = Runner(name, config, settings)
     runner.step(workload)
     runner.release_gradients()
     gc.collect()
-    if settings.device.startswith("cuda"):
+    if on_cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         runner.step(workload)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        return {"peak_bytes": peak - before, "total_peak_bytes": peak,
+        return {"peak_bytes": peak - before, "total_peak_bytes": peak - held,
                 "parameter_bytes": _parameter_bytes(runner), "method": METHOD_CUDA}
     before = _status_kib("VmRSS")
     _reset_peak_rss()

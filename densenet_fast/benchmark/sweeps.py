@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from pathlib import Path
 
 import torch
 
 from .implementations import ModelConfig, describe
-from .memory import MeasurementError, measure_peak_memory
+from .memory import MeasurementError, measure_in_process, measure_peak_memory
 from .progress import progress_bar
 from .runner import RunSettings
 
@@ -119,15 +120,37 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _largest(fits, cap: int) -> int:
-    """The largest ``n`` in ``[1, cap]`` with ``fits(n)`` (0 if none), by doubling then
-    bisection; ``fits`` must be monotone."""
-    if not fits(1):
-        return 0
-    low = 1
-    while low < cap and fits(min(2 * low, cap)):
-        low = min(2 * low, cap)
-    high = min(2 * low, cap + 1)  # smallest size known (or assumed) not to fit
+def _largest(fits, cap: int, guess: int | None = None) -> int:
+    """The largest ``n`` in ``[1, cap]`` with ``fits(n)`` (0 if none); ``fits`` must be
+    monotone. Without a ``guess``: doubling from 1, then bisection. With one (where the
+    answer is expected): steps away from it that double (the first 1/128 of it) until the
+    answer is bracketed, then bisection: a good guess costs a handful of tries instead of
+    twice log2(cap)."""
+    if guess is None:
+        if not fits(1):
+            return 0
+        low = 1
+        while low < cap and fits(min(2 * low, cap)):
+            low = min(2 * low, cap)
+        high = min(2 * low, cap + 1)  # smallest size known (or assumed) not to fit
+    else:
+        guess = min(max(guess, 1), cap)
+        step = max(1, guess // 128)
+        if fits(guess):
+            low = guess
+            while low < cap and fits(min(low + step, cap)):
+                low, step = min(low + step, cap), 2 * step
+            high = min(low + step, cap + 1)
+        else:
+            high = guess
+            while True:
+                candidate = max(high - step, 1)
+                if fits(candidate):
+                    low = candidate
+                    break
+                if candidate == 1:
+                    return 0
+                high, step = candidate, 2 * step
     while high - low > 1:
         mid = (low + high) // 2
         if fits(mid):
@@ -137,38 +160,79 @@ def _largest(fits, cap: int) -> int:
     return low
 
 
+def _measure_here(name: str, config: ModelConfig, settings: RunSettings) -> dict:
+    """:func:`measure_in_process` in this process, for CUDA, whose allocator counts what a
+    step allocates exactly wherever it runs (a fresh process per try costs seconds of
+    imports and initialisation each: the first GPU run's batch search did not finish in
+    two minutes). Out of memory ends the try, not the search."""
+    try:
+        return measure_in_process(name, config, "train", settings)
+    except torch.OutOfMemoryError as exc:
+        raise MeasurementError(f"{name} (train) ran out of memory: {exc}") from None
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def _fits_budget(name: str, config: ModelConfig, budget_bytes: int, settings: RunSettings,
                  tries: list, label: dict, on_try=None) -> bool:
-    """Whether ``config``'s training job peaks within the budget; the try is recorded."""
+    """Whether ``config``'s training job peaks within the budget; the try is recorded and
+    passed to ``on_try``. On CUDA the step runs in this process, elsewhere in a fresh one
+    (see :mod:`.memory`)."""
     try:
-        peak = measure_peak_memory(name, config, "train", settings)["total_peak_bytes"]
+        measured = _measure_here(name, config, settings) \
+            if settings.device.startswith("cuda") else \
+            measure_peak_memory(name, config, "train", settings)
     except MeasurementError as exc:
         tries.append({**label, "error": str(exc)})
         peak = None
     else:
+        peak = measured["total_peak_bytes"]
         tries.append({**label, "total_peak_bytes": peak})
     if on_try is not None:
-        on_try()
+        on_try(name, tries[-1])
     return peak is not None and peak <= budget_bytes
+
+
+def _affine_guess(peaks: dict[int, int], budget_bytes: int, cap: int) -> int | None:
+    """The batch at which a job's peak, affine in the batch (weights and state, plus
+    activations per image), reaches the budget, from two measured batches."""
+    (b1, p1), (b2, p2) = sorted(peaks.items())
+    per_image = (p2 - p1) / (b2 - b1)
+    if per_image <= 0:
+        return cap
+    return int(b2 + (budget_bytes - p2) / per_image)
 
 
 def largest_batch(name: str, config: ModelConfig, budget_bytes: int, settings: RunSettings,
                   max_batch: int = 1024, on_try=None) -> dict:
     """The largest batch whose training job (weights, optimizer state, activations; not the
-    interpreter and libraries) peaks within ``budget_bytes``; every try runs in a
-    subprocess, so running out of memory ends only that try."""
-    tries = []
-    largest = _largest(lambda batch: _fits_budget(
-        name, dataclasses.replace(config, batch_size=batch), budget_bytes, settings, tries,
-        {"batch": batch}, on_try), max_batch)
-    return {"max_batch": largest, "tries": tries}
+    interpreter and libraries) peaks within ``budget_bytes``; out of memory ends only that
+    try. Two small batches first (up to 8 and twice that), whose peaks, affine in the batch,
+    guess where the budget is reached; the search starts there (:func:`_largest`)."""
+    tries: list = []
+    known: dict[int, bool] = {}
+
+    def fits(batch: int) -> bool:
+        if batch not in known:
+            known[batch] = _fits_budget(name, dataclasses.replace(config, batch_size=batch),
+                                        budget_bytes, settings, tries, {"batch": batch},
+                                        on_try)
+        return known[batch]
+
+    guess = None
+    first = max(1, min(8, max_batch // 2))
+    if 2 * first <= max_batch and fits(first) and fits(2 * first):
+        peaks = {t["batch"]: t["total_peak_bytes"] for t in tries}
+        guess = _affine_guess(peaks, budget_bytes, max_batch)
+    return {"max_batch": _largest(fits, max_batch, guess), "tries": tries}
 
 
 def deepest_in_budget(name: str, budget_bytes: int, settings: RunSettings,
                       batch_size: int = 32, max_layers: int = 512, on_try=None,
                       image_size: int = DEPTH_IMAGE_SIZE) -> dict:
     """The deepest DenseNet-BC (k=12, three blocks of ``n`` layers, depth ``6n + 4``) whose
-    training job peaks within ``budget_bytes``, searched as :func:`largest_batch` does."""
+    training job peaks within ``budget_bytes``, by doubling then bisection (:func:`_largest`)."""
     tries = []
     layers = _largest(lambda n: _fits_budget(
         name, depth_config(6 * n + 4, batch_size=batch_size, image_size=image_size),
@@ -179,12 +243,18 @@ def deepest_in_budget(name: str, budget_bytes: int, settings: RunSettings,
 
 def sweep_batch(config: ModelConfig, implementations, budget_bytes: int,
                 settings: RunSettings | None = None, max_batch: int = 1024,
-                show_progress: bool = True, on_row=None) -> dict:
+                show_progress: bool = True, on_row=None, on_attempt=None) -> dict:
     """:func:`largest_batch` for each implementation. ``on_row(result)`` is called with the
-    result so far after each implementation (a long sweep can save its rows as it goes)."""
+    result so far after each implementation (a long sweep can save its rows as it goes),
+    ``on_attempt(name, attempt)`` after each batch tried."""
     settings = settings or RunSettings()
     bar = progress_bar(None, show_progress, "batch sweep")
-    on_try = bar.update if bar is not None else None
+
+    def on_try(name: str, attempt: dict) -> None:
+        if bar is not None:
+            bar.update(1)
+        if on_attempt is not None:
+            on_attempt(name, attempt)
     result = {"sweep": "batch", "device": settings.device_name(),
               "settings": settings.to_json(), "config": config.to_json(),
               "budget_bytes": budget_bytes, "max_batch": max_batch,
