@@ -4,14 +4,21 @@ profiled, their figures and tables in the report."""
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_profile_step_reports_both_implementations(tmp_path):
+def _profile_step():
     spec = importlib.util.spec_from_file_location("profile_step",
                                                   ROOT / "benchmarks" / "profile_step.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_step_reports_both_implementations(tmp_path):
+    module = _profile_step()
     out = tmp_path / "profile.txt"
     assert module.main(["--device", "cpu", "--model", "tiny", "--batch", "2", "--image", "32",
                         "--warmup", "1", "--repeats", "1", "--rows", "100",
@@ -23,3 +30,9 @@ def test_profile_step_reports_both_implementations(tmp_path):
         assert wall > 0, line
         assert f"--- {kind}: by own host time" in report
     assert "densenet_fast::dense_block_forward" in report  # the fused op ran, and was seen
+
+
+def test_cuda_graph_timing_needs_a_cuda_device(capsys):
+    with pytest.raises(SystemExit):
+        _profile_step().main(["--device", "cpu", "--cuda-graph"])
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
