@@ -55,3 +55,25 @@ def test_largest_batch_guesses_from_two_probes(monkeypatch):
     batches = [t["batch"] for t in result["tries"]]
     assert result["max_batch"] == 92
     assert batches[:3] == [8, 16, 92] and len(batches) <= 5, batches
+
+
+def test_out_of_memory_on_cuda_ends_the_try_not_the_search(monkeypatch):
+    """On CUDA the tries run in the searching process: running out of memory is a try that
+    does not fit, recorded with the error's first line, and leaves no exception behind."""
+    import types
+
+    import torch
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\ndetails")
+
+    monkeypatch.setattr(sweeps, "measure_in_process", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    tries, seen = [], []
+    fits = sweeps._fits_budget("densenet_fast", sweeps.depth_config(40), 2**30,
+                               types.SimpleNamespace(device="cuda"), tries, {"batch": 64},
+                               lambda name, attempt: seen.append((name, attempt)))
+    assert not fits
+    assert tries == [{"batch": 64, "error": "densenet_fast (train) ran out of memory: "
+                                            "CUDA out of memory. Tried to allocate 2.00 GiB"}]
+    assert seen == [("densenet_fast", tries[0])]

@@ -168,10 +168,13 @@ def _measure_here(name: str, config: ModelConfig, settings: RunSettings) -> dict
     try:
         return measure_in_process(name, config, "train", settings)
     except torch.OutOfMemoryError as exc:
-        raise MeasurementError(f"{name} (train) ran out of memory: {exc}") from None
+        error = f"{name} (train) ran out of memory: {str(exc).splitlines()[0]}"
     finally:
+        # After the handler: the out-of-memory error, and the frames of the job whose
+        # tensors it holds, are gone before the next try measures what the process holds.
         gc.collect()
         torch.cuda.empty_cache()
+    raise MeasurementError(error)
 
 
 def _fits_budget(name: str, config: ModelConfig, budget_bytes: int, settings: RunSettings,
