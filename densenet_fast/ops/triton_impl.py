@@ -54,6 +54,12 @@ if INTERPRETED:
     _fix_interpreter_scalar_index()
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers' host arithmetic: ``triton.cdiv`` is a constexpr
+    function whose host calls cost microseconds each (Triton 3.8), eight per backward call."""
+    return -(-a // b)
+
+
 def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
@@ -208,7 +214,7 @@ def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     flat = pixels_flat(h * w, buffer, out)
 
     def grid(meta):
-        return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"])
+        return _cdiv(n * h * w, meta["BLOCK_M"]), _cdiv(co, meta["BLOCK_N"])
 
     with _device_guard(buffer.device):
         # Trials write ``out`` in full; the last launch's values are the result.
@@ -239,21 +245,21 @@ def input_grad_pass(grad_out, weight, buffer, scale, shift, mean, k_g, target, s
     sizes = (pixels, channels, co, h * w, *_pixel_strides(grad_out), *weight.stride(),
              *_pixel_strides(buffer), *_pixel_strides(target))
     config = _launch(
-        _input_grad, lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]),
-                                   triton.cdiv(channels, meta["BLOCK_N"])),
+        _input_grad, lambda meta: (_cdiv(pixels, meta["BLOCK_M"]),
+                                   _cdiv(channels, meta["BLOCK_N"])),
         (*_shape_class(buffer.dtype, flat, pixels, channels, co), stats_grad), buffer.device,
         (grad_out, weight, buffer, scale, shift, mean, k_g, target, store, partial_sums, *sizes),
         dict(STORE_G=stats_grad, FLAT=flat, PRECISION=_precision(buffer.dtype),
              UPCAST=INTERPRETED),
         trial_args=scratch)
-    rows = triton.cdiv(pixels, config.kwargs["BLOCK_M"])
-    return partial_sums[:rows].double().sum(0)
+    rows = _cdiv(pixels, config.kwargs["BLOCK_M"])
+    return partial_sums[:rows].sum(0, dtype=torch.float64)
 
 
 def partial_rows(buffer: torch.Tensor) -> int:
     """Rows ``input_grad_pass``'s ``partial_sums`` needs for ``buffer``, whatever the config."""
     n, _, h, w = buffer.shape
-    return triton.cdiv(n * h * w, _MIN_BLOCK_M)
+    return _cdiv(n * h * w, _MIN_BLOCK_M)
 
 
 def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
@@ -278,16 +284,17 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
     co, pixels, device = conv_weight.shape[0], n * h * w, buffer.device
     scale, shift = (t.contiguous() for t in scale_shift(mean, invstd, bn_weight, bn_bias))
     weight = conv_weight.view(co, channels)
-    # dx's direct term k_g * g: batchnorm.bn_backward's dx without stats_grad.
-    k_g = (bn_weight.float() * invstd.float()).contiguous()
+    # dx's direct term k_g * g (batchnorm.bn_backward's dx without stats_grad) has
+    # k_g = weight * invstd in float32: the BN scale itself (statistics are float32 here).
+    k_g = scale
 
     # dW: split-K over pixel tiles, partial sums reduced in a fixed order (deterministic).
-    tiles_mn = triton.cdiv(co, 64) * triton.cdiv(channels, 64)
+    tiles_mn = _cdiv(co, 64) * _cdiv(channels, 64)
     splits = _num_splits(tiles_mn, pixels, device)
     partial_w = torch.empty((splits, co, channels), dtype=torch.float32, device=device)
     flat = pixels_flat(h * w, grad_out, buffer)
-    _launch(_weight_grad, lambda meta: (triton.cdiv(co, meta["BLOCK_M"]),
-                                        triton.cdiv(channels, meta["BLOCK_N"]), splits),
+    _launch(_weight_grad, lambda meta: (_cdiv(co, meta["BLOCK_M"]),
+                                        _cdiv(channels, meta["BLOCK_N"]), splits),
             _shape_class(buffer.dtype, flat, pixels, channels, co), device,
             (grad_out, buffer, scale, shift, partial_w, pixels, channels, co, h * w, splits,
              *_pixel_strides(grad_out), *_pixel_strides(buffer)),
@@ -302,13 +309,13 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
     sums = input_grad_pass(grad_out, weight, buffer, scale, shift, mean.float().contiguous(),
                            k_g, target, store, partial_sums, stats_grad)
     grad_bias = sums[0]  # batchnorm.bn_backward's dbias = sum(g), dweight = sum(g * xhat)
-    grad_scale = sums[1] * invstd.double()
+    grad_scale = sums[1] * invstd  # float64: invstd promotes exactly
     if stats_grad:
         # The statistics' term kx * x + k0, with the block's own coefficient formula.
         term = StatsGradient(channels, torch.float64, device)
         term.add(mean.double(), invstd.double(), bn_weight, grad_scale, grad_bias, pixels)
         block_m, block_n = _ELEMENTWISE_BLOCK
-        grid = (triton.cdiv(pixels, block_m), triton.cdiv(channels, block_n))
+        grid = (_cdiv(pixels, block_m), _cdiv(channels, block_n))
         with _one_kernel_at_a_time():
             add_dx_kernel[grid](store, buffer, k_g, term.kx.float(), term.k0.float(), target,
                                 pixels, channels, h * w, *_pixel_strides(buffer),
