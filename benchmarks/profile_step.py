@@ -23,16 +23,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _model(name: str, kind: str):
-    import torchvision
+# The smallest model that runs every code path (the CPU smoke test's): two blocks of two
+# layers, a transition between them.
+TINY = dict(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
 
-    import densenet_fast
 
-    if name == "tiny":
-        config = dict(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
-        return (torchvision.models.DenseNet if kind == "torchvision"
-                else densenet_fast.DenseNet)(**config)
-    return getattr(torchvision.models if kind == "torchvision" else densenet_fast, name)()
+def _runner(kind: str, args):
+    """The benchmark package's runner of implementation ``kind``: the model, its batch and
+    optimizer, and the training step every benchmark measures."""
+    from densenet_fast.benchmark.implementations import ModelConfig
+    from densenet_fast.benchmark.runner import Runner, RunSettings
+
+    shape = dict(batch_size=args.batch, image_size=args.image)
+    config = ModelConfig(**TINY, **shape) if args.model == "tiny" else \
+        ModelConfig.named(args.model, num_classes=1000, **shape)
+    settings = RunSettings(device=args.device, autocast=args.autocast,
+                           channels_last=args.channels_last)
+    return Runner(kind, config, settings)
 
 
 def _sync(device: str) -> None:
@@ -44,30 +51,13 @@ def _sync(device: str) -> None:
 
 def profile(kind: str, args) -> dict:
     """One implementation's figures (see the module's docstring)."""
-    import torch
-    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = _model(args.model, kind).to(args.device, memory_format=fmt)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(args.batch, 3, args.image, args.image, device=args.device)
-    x = x.to(memory_format=fmt)
-    y = torch.randint(0, model.classifier.out_features, (args.batch,), device=args.device)
-    dtype = getattr(torch, args.autocast) if args.autocast else None
-
-    def forward_backward_update():
-        # No autocast weight cache: a CUDA graph must not keep casts from outside it.
-        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None,
-                            cache_enabled=False):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
+    runner = _runner(kind, args)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward_update()
+        runner.step("train")
 
     for _ in range(args.warmup):  # Triton's tuning and compiles happen here
         step()
@@ -87,10 +77,8 @@ def profile(kind: str, args) -> dict:
         _sync(args.device)
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     averages = prof.key_averages()
-    graphed = _graphed_ms(step, forward_backward_update, optimizer, args) \
-        if args.cuda_graph else None
     return {
-        "graphed": graphed,
+        "graphed": _graphed_ms(runner, args) if args.cuda_graph else None,
         "wall_ms": 1e3 * statistics.median(walls),
         "issue_ms": 1e3 * statistics.median(issues),
         "device_kernels": len(kernels),
@@ -102,22 +90,35 @@ def profile(kind: str, args) -> dict:
     }
 
 
-def _graphed_ms(step, forward_backward_update, optimizer, args) -> str:
+def _graphed_ms(runner, args) -> str:
     """The step captured whole in a CUDA graph (forward, backward and the optimizer's update,
     as torch's documentation captures a network), then replayed: what is left of its time
     once the host issues one graph instead of every launch. The capture's error instead,
     where something in the step cannot be captured."""
     import torch
+    import torch.nn.functional as F
+
+    model, optimizer, x, y = runner.model, runner.optimizer, runner.x, runner.y
+    dtype = runner.settings.autocast_dtype()
+
+    def forward_backward_update():
+        # The runner's training step without its zero_grad (the gradients are allocated in
+        # the graph) and without autocast's weight cache, which a graph must not keep.
+        with runner.context(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None,
+                                              cache_enabled=False):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
 
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
             for _ in range(args.warmup):
-                step()
+                runner.step("train")
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        optimizer.zero_grad(set_to_none=True)  # the gradients are allocated in the graph
+        optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             forward_backward_update()
         graph.replay()

@@ -197,7 +197,7 @@ def _fits_budget(name: str, config: ModelConfig, budget_bytes: int, settings: Ru
     return peak is not None and peak <= budget_bytes
 
 
-def _affine_guess(peaks: dict[int, int], budget_bytes: int, cap: int) -> int | None:
+def _affine_guess(peaks: dict[int, int], budget_bytes: int, cap: int) -> int:
     """The batch at which a job's peak, affine in the batch (weights and state, plus
     activations per image), reaches the budget, from two measured batches."""
     (b1, p1), (b2, p2) = sorted(peaks.items())
