@@ -37,6 +37,7 @@ from .ops.batchnorm import (
     bn_apply,
     bn_backward,
     channel_stats,
+    stats_scratch,
 )
 from .ops.formats import memory_format_of, stats_dtype_for
 from .spec import (
@@ -101,6 +102,10 @@ class BlockForward:
         self.buffer = torch.empty((n, total, h, w), dtype=x.dtype, device=x.device,
                                   memory_format=memory_format_of(x))
         self.buffer[:, :c0].copy_(x)
+        self.stats_scratch = None  # for every _stats call of the block: see channel_stats
+        if any(norm.batch_stats for norm in spec.norms()):
+            widest = max([total] + [p.conv1_weight.shape[0] for p in self.layer_params])
+            self.stats_scratch = stats_scratch(widest, x)
         # Batch statistics of every buffer channel, filled as channels are written.
         self.mean = self.var = None
         if spec.buffer_stats():
@@ -112,7 +117,7 @@ class BlockForward:
 
     def _stats(self, t: torch.Tensor, where: str):
         """Per-channel ``(mean, biased var)`` of ``t``: this batch's, or every rank's."""
-        mean, var = channel_stats(t)
+        mean, var = channel_stats(t, self.stats_scratch)
         if self.spec.sync is None:
             return mean, var
         n, _, h, w = t.shape

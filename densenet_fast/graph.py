@@ -71,9 +71,8 @@ def _no_grads(args) -> tuple:
 
 def _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var,
                                  momentum, count):
-    for state in zip(running_mean, running_var, num_batches_tracked, momentum, mean, var,
-                     strict=True):
-        batchnorm.update_running_stats(*state, int(count))
+    batchnorm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
+                                   mean, var, int(count))
 
 
 library.define(
@@ -85,7 +84,7 @@ library.define(
 
 def update_running_stats(updates, count) -> None:
     """Fold ``(BatchNormSpec, batch mean, batch var)`` updates into the running statistics
-    (:func:`ops.batchnorm.update_running_stats` for each BN); ``count`` (values per channel):
+    (:func:`ops.batchnorm.update_running_stats`); ``count`` (values per channel):
     an int, or the CPU scalar tensor a forward op returned, then through the op
     ``densenet_fast::update_running_stats``, whose mutations are declared."""
     if not updates:

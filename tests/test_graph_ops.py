@@ -123,12 +123,15 @@ def _without_running_updates(spec):
 
 
 def test_update_running_stats_op_declares_its_mutations():
-    batch = ([torch.randn(3), torch.randn(2)], [torch.rand(3), torch.rand(2)])
+    # Two BNs share a momentum (one group of _foreach ops), one averages cumulatively.
+    batch = ([torch.randn(3), torch.randn(2), torch.randn(4)],
+             [torch.rand(3), torch.rand(2), torch.rand(4)])
 
     def op_args():
-        means, vars_ = [torch.zeros(3), torch.zeros(2)], [torch.ones(3), torch.ones(2)]
-        tracked = [torch.tensor(0), torch.tensor(4)]
-        return means, vars_, tracked, *batch, [0.1, None], torch.tensor(8)
+        means = [torch.zeros(3), torch.zeros(2), torch.full((4,), 2.0)]
+        vars_ = [torch.ones(3), torch.ones(2), torch.ones(4)]
+        tracked = [torch.tensor(0), torch.tensor(4), torch.tensor(7)]
+        return means, vars_, tracked, *batch, [0.1, None, 0.1], torch.tensor(8)
 
     torch.library.opcheck(torch.ops.densenet_fast.update_running_stats, op_args(),
                           test_utils=CHECKS)
@@ -136,5 +139,7 @@ def test_update_running_stats_op_declares_its_mutations():
     torch.ops.densenet_fast.update_running_stats(*fresh)
     torch.testing.assert_close(means[0], 0.1 * batch[0][0])
     torch.testing.assert_close(means[1], batch[0][1] / 5)  # momentum None: 1 / batches
+    torch.testing.assert_close(means[2], 0.9 * 2.0 + 0.1 * batch[0][2])
     torch.testing.assert_close(vars_[0], 0.9 + 0.1 * batch[1][0] * 8 / 7)
-    assert [int(t) for t in tracked] == [1, 5]
+    torch.testing.assert_close(vars_[2], 0.9 + 0.1 * batch[1][2] * 8 / 7)
+    assert [int(t) for t in tracked] == [1, 5, 8]

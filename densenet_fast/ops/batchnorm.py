@@ -19,20 +19,40 @@ _REDUCE_DIMS = (0, 2, 3)
 _NO_FUSED_STATS: set[str] = set()  # device types without aten::batch_norm_update_stats
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(mean, biased variance)`` of ``x`` over N, H, W, in float32 (float64)."""
+def stats_scratch(channels: int, x: torch.Tensor):
+    """Running statistics (zeros, ones) for :func:`channel_stats`'s mixed-dtype path on data
+    like ``x``, long enough for ``channels``: allocate once and pass to every call (a block's
+    forward does), instead of two allocations and two fills per call. ``None`` where that
+    path does not take them (data in the statistics' own dtype)."""
+    stats_dtype = stats_dtype_for(x.dtype)
+    if x.dtype == stats_dtype:
+        return None
+    return (torch.zeros(channels, dtype=stats_dtype, device=x.device),
+            torch.ones(channels, dtype=stats_dtype, device=x.device))
+
+
+def channel_stats(x: torch.Tensor, scratch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, biased variance)`` of ``x`` over N, H, W, in float32 (float64).
+
+    ``scratch``: what :func:`stats_scratch` returned for at least ``x``'s channels, or None.
+    """
     stats_dtype = stats_dtype_for(x.dtype)
     # Traced (by dynamo, or with fake tensors), var_mean: batch_norm_update_stats has no
     # shape function. is_compiling() first: dynamo refuses to trace is_fake on torch 2.11.
     traced = torch.compiler.is_compiling() or is_fake(x)
     if x.device.type not in _NO_FUSED_STATS and not traced:
         # BatchNorm's own statistics kernel: several times faster than var_mean on CPU.
-        # Given running statistics of the statistics' dtype (left unchanged: momentum 0), its
-        # mixed-type path reads bfloat16/float16 data as is, accumulates in float32 and
-        # returns float32 statistics: no float32 copy of the data.
-        running = (None, None) if x.dtype == stats_dtype else (
-            torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device),
-            torch.ones(x.shape[1], dtype=stats_dtype, device=x.device))
+        # Given running statistics of the statistics' dtype, its mixed-type path reads
+        # bfloat16/float16 data as is, accumulates in float32 and returns float32 statistics:
+        # no float32 copy of the data. With momentum 0 it writes them back unchanged (a
+        # non-finite batch may turn them NaN), and the statistics it returns never read them:
+        # scratch shared by every call is safe.
+        channels = x.shape[1]
+        if x.dtype == stats_dtype:
+            running = (None, None)
+        else:
+            zeros, ones = scratch if scratch is not None else stats_scratch(channels, x)
+            running = (zeros[:channels], ones[:channels])
         try:
             return torch.batch_norm_update_stats(x, *running, 0.0)
         except NotImplementedError:
@@ -116,15 +136,26 @@ class StatsGradient:
         self.k0[:channels].add_(scale * (mean * invstd * dweight - dbias))
 
 
-def update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
-                         mean, var, count: int) -> None:
-    """Fold one batch's statistics into running averages exactly as ``nn.BatchNorm2d`` does.
+def update_running_stats(running_means, running_vars, batches_tracked, momenta, means, vars_,
+                         count: int) -> None:
+    """Fold batch statistics into running averages exactly as ``nn.BatchNorm2d`` does, for
+    every BN of a list at once (one entry per BN in each list argument).
 
     ``running_var`` takes the unbiased variance ``var * n / (n - 1)``; ``momentum=None``
-    means a cumulative average (factor ``1 / num_batches_tracked``).
+    means a cumulative average (factor ``1 / num_batches_tracked``). The arithmetic is
+    ``nn.BatchNorm2d``'s, per element, in ``_foreach`` ops: on CUDA a handful of launches for
+    a whole block instead of six per BN.
     """
-    num_batches_tracked.add_(1)
-    factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
-    unbiased = var * (count / (count - 1))
-    running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-    running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    torch._foreach_add_(batches_tracked, 1)
+    by_factor: dict[float, list[int]] = {}
+    for i, momentum in enumerate(momenta):
+        # A cumulative average reads its counter: a device sync, as in nn.BatchNorm2d.
+        factor = 1.0 / float(batches_tracked[i]) if momentum is None else momentum
+        by_factor.setdefault(factor, []).append(i)
+    unbiased = torch._foreach_mul(list(vars_), count / (count - 1))
+    for factor, indices in by_factor.items():
+        for running, batch in ((running_means, means), (running_vars, unbiased)):
+            targets = [running[i] for i in indices]
+            values = [batch[i].to(running[i].dtype) for i in indices]
+            torch._foreach_mul_(targets, 1.0 - factor)
+            torch._foreach_add_(targets, values, alpha=factor)
