@@ -85,7 +85,6 @@ def compile_cases(arch: int, cases=CASES, dtypes=DTYPES) -> list[dict]:
     from triton.runtime.jit import JITFunction
 
     from densenet_fast.ops import triton_impl
-    from densenet_fast.ops.batchnorm import scale_shift  # noqa: F401 (imported by the launchers)
 
     rows, current = [], {}
     compile_for_arch = JITFunction.run
@@ -114,8 +113,9 @@ def compile_cases(arch: int, cases=CASES, dtypes=DTYPES) -> list[dict]:
 
 
 def _run_launchers(triton_impl, torch, dtype, memory_format, n, total, c, co, h, w):
-    """Forward, then backward through the batch statistics (all four kernels), with the
-    pinned config (no tuning: nothing runs to time)."""
+    """Forward, then backward through the batch statistics (the four GEMM kernels), with the
+    pinned config (no tuning: nothing runs to time); then the elementwise ops (``bn_relu``
+    to the statistics' dtype, ``add_stats_term`` on a channel slice of the buffer)."""
     buffer = torch.zeros(n, total, h, w, dtype=dtype).contiguous(memory_format=memory_format)
     grad_out = torch.zeros(n, co, h, w, dtype=dtype).contiguous(memory_format=memory_format)
     stats = [torch.ones(c) for _ in range(4)]  # mean, invstd, BN weight, BN bias
@@ -124,6 +124,10 @@ def _run_launchers(triton_impl, torch, dtype, memory_format, n, total, c, co, h,
         triton_impl.bn_relu_conv1x1(buffer, *stats, weight)
         triton_impl.bn_relu_conv1x1_backward(grad_out, buffer, *stats, weight, True,
                                              torch.zeros_like(buffer))
+    triton_impl.bn_relu(grad_out, *(t[:co] for t in stats), torch.float32)
+    new_channels = buffer[:, c:]
+    triton_impl.add_stats_term(new_channels, new_channels, torch.ones(total - c),
+                               torch.ones(total - c))
 
 
 def main(argv=None) -> int:

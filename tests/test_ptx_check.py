@@ -20,13 +20,15 @@ def test_kernels_compile_for_sm90_with_nan_keeping_relu_and_flat_channels_last(t
                           capture_output=True, text=True, check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    kernels = {"forward_kernel", "weight_grad_kernel", "input_grad_kernel", "add_dx_kernel"}
+    kernels = {"forward_kernel", "weight_grad_kernel", "input_grad_kernel", "add_dx_kernel",
+               "bn_relu_kernel", "stats_term_kernel"}
     for case in ("nhwc-56", "nchw-14"):
         by_kernel = {r["kernel"]: r for r in rows if r["case"] == case}
         assert set(by_kernel) == kernels, (case, sorted(by_kernel))
         # ReLU keeps NaN on the GPU as torch's does (Triton's default max drops it).
         assert by_kernel["forward_kernel"]["nan_max"] > 0
         assert by_kernel["weight_grad_kernel"]["nan_max"] > 0
+        assert by_kernel["bn_relu_kernel"]["nan_max"] > 0
         assert by_kernel["forward_kernel"]["wide_accesses"] > 0
     flat = [r for r in rows if r["case"] == "nhwc-56"]
     assert all(r["flat"] and r["divisions"] == 0 for r in flat), flat

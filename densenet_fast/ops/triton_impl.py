@@ -15,10 +15,25 @@ import torch
 import triton
 
 from . import torch_impl
-from .batchnorm import StatsGradient, scale_shift
+from .batchnorm import StatsGradient
 from .formats import memory_format_of
-from .schema import BACKWARD, FORWARD, check_backward_args, check_forward_args
-from .triton_kernels import add_dx_kernel, forward_kernel, input_grad_kernel, weight_grad_kernel
+from .library import qualified
+from .schema import (
+    BACKWARD,
+    FORWARD,
+    check_backward_args,
+    check_bn_relu_args,
+    check_forward_args,
+    check_stats_term_args,
+)
+from .triton_kernels import (
+    add_dx_kernel,
+    bn_relu_kernel,
+    forward_kernel,
+    input_grad_kernel,
+    stats_term_kernel,
+    weight_grad_kernel,
+)
 from .triton_tuning import Tuner, size_class
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -207,7 +222,6 @@ def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     buffer = _dense(buffer)
     n, _, h, w = buffer.shape
     co = conv_weight.shape[0]
-    scale, shift = scale_shift(mean, invstd, bn_weight, bn_bias)
     weight = conv_weight.view(co, channels)
     out = torch.empty((n, co, h, w), dtype=buffer.dtype, device=buffer.device,
                       memory_format=memory_format_of(buffer))
@@ -220,17 +234,24 @@ def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
         # Trials write ``out`` in full; the last launch's values are the result.
         _launch(_forward, grid, _shape_class(buffer.dtype, flat, n * h * w, channels, co),
                 buffer.device,
-                (buffer, weight, scale.contiguous(), shift.contiguous(), out, n * h * w,
-                 channels, co, h * w, *_pixel_strides(buffer), *weight.stride(),
+                (buffer, weight, *_bn_vectors(mean, invstd, bn_weight, bn_bias), out,
+                 n * h * w, channels, co, h * w, *_pixel_strides(buffer), *weight.stride(),
                  *_pixel_strides(out)),
                 dict(FLAT=flat, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
     return out
 
 
-def input_grad_pass(grad_out, weight, buffer, scale, shift, mean, k_g, target, store,
-                    partial_sums, stats_grad: bool) -> torch.Tensor:
-    """``g = (W^T grad_out) * [a > 0]``; adds ``k_g * g`` into ``target`` (or, with
-    ``stats_grad``, stores ``g`` in ``store``). Returns ``[sum(g), sum(g * (x - mean))]``
+def _bn_vectors(mean, invstd, bn_weight, bn_bias) -> tuple:
+    """The BN's per-channel vectors as the kernels read them (unit stride; they fold the BN
+    into a scale and shift themselves)."""
+    return tuple(t.contiguous() for t in (mean, invstd, bn_weight, bn_bias))
+
+
+def input_grad_pass(grad_out, weight, buffer, bn, target, store, partial_sums,
+                    stats_grad: bool) -> torch.Tensor:
+    """``g = (W^T grad_out) * [a > 0]``; adds ``scale * g`` into ``target`` (or, with
+    ``stats_grad``, stores ``g`` in ``store``); ``bn`` is ``_bn_vectors``' (mean, invstd,
+    weight, bias) and ``scale = invstd * weight``. Returns ``[sum(g), sum(g * (x - mean))]``
     per channel, float64, from the rows of ``partial_sums`` that the launch wrote: one per
     tile of ``BLOCK_M`` pixels, so fewer for a config with a larger ``BLOCK_M``."""
     n, channels, h, w = buffer.shape[0], weight.shape[1], buffer.shape[2], buffer.shape[3]
@@ -239,7 +260,7 @@ def input_grad_pass(grad_out, weight, buffer, scale, shift, mean, k_g, target, s
 
     def scratch():
         # Trials add into the target and overwrite the sums: give them their own.
-        return (grad_out, weight, buffer, scale, shift, mean, k_g, torch.zeros_like(target),
+        return (grad_out, weight, buffer, *bn, torch.zeros_like(target),
                 torch.empty_like(store), torch.empty_like(partial_sums), *sizes)
 
     sizes = (pixels, channels, co, h * w, *_pixel_strides(grad_out), *weight.stride(),
@@ -248,7 +269,7 @@ def input_grad_pass(grad_out, weight, buffer, scale, shift, mean, k_g, target, s
         _input_grad, lambda meta: (_cdiv(pixels, meta["BLOCK_M"]),
                                    _cdiv(channels, meta["BLOCK_N"])),
         (*_shape_class(buffer.dtype, flat, pixels, channels, co), stats_grad), buffer.device,
-        (grad_out, weight, buffer, scale, shift, mean, k_g, target, store, partial_sums, *sizes),
+        (grad_out, weight, buffer, *bn, target, store, partial_sums, *sizes),
         dict(STORE_G=stats_grad, FLAT=flat, PRECISION=_precision(buffer.dtype),
              UPCAST=INTERPRETED),
         trial_args=scratch)
@@ -282,11 +303,8 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
         else torch.zeros_like(buffer)
     n, _, h, w = buffer.shape
     co, pixels, device = conv_weight.shape[0], n * h * w, buffer.device
-    scale, shift = (t.contiguous() for t in scale_shift(mean, invstd, bn_weight, bn_bias))
+    bn = _bn_vectors(mean, invstd, bn_weight, bn_bias)
     weight = conv_weight.view(co, channels)
-    # dx's direct term k_g * g (batchnorm.bn_backward's dx without stats_grad) has
-    # k_g = weight * invstd in float32: the BN scale itself (statistics are float32 here).
-    k_g = scale
 
     # dW: split-K over pixel tiles, partial sums reduced in a fixed order (deterministic).
     tiles_mn = _cdiv(co, 64) * _cdiv(channels, 64)
@@ -296,7 +314,7 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
     _launch(_weight_grad, lambda meta: (_cdiv(co, meta["BLOCK_M"]),
                                         _cdiv(channels, meta["BLOCK_N"]), splits),
             _shape_class(buffer.dtype, flat, pixels, channels, co), device,
-            (grad_out, buffer, scale, shift, partial_w, pixels, channels, co, h * w, splits,
+            (grad_out, buffer, *bn, partial_w, pixels, channels, co, h * w, splits,
              *_pixel_strides(grad_out), *_pixel_strides(buffer)),
             dict(FLAT=flat, PRECISION=_precision(buffer.dtype), UPCAST=INTERPRETED))
     grad_weight = partial_w.sum(0).view_as(conv_weight).to(conv_weight.dtype)
@@ -306,8 +324,8 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
                                device=device)
     store = torch.empty((pixels, channels) if stats_grad else (0,), dtype=torch.float32,
                         device=device)
-    sums = input_grad_pass(grad_out, weight, buffer, scale, shift, mean.float().contiguous(),
-                           k_g, target, store, partial_sums, stats_grad)
+    sums = input_grad_pass(grad_out, weight, buffer, bn, target, store, partial_sums,
+                           stats_grad)
     grad_bias = sums[0]  # batchnorm.bn_backward's dbias = sum(g), dweight = sum(g * xhat)
     grad_scale = sums[1] * invstd  # float64: invstd promotes exactly
     if stats_grad:
@@ -317,8 +335,8 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
         block_m, block_n = _ELEMENTWISE_BLOCK
         grid = (_cdiv(pixels, block_m), _cdiv(channels, block_n))
         with _one_kernel_at_a_time():
-            add_dx_kernel[grid](store, buffer, k_g, term.kx.float(), term.k0.float(), target,
-                                pixels, channels, h * w, *_pixel_strides(buffer),
+            add_dx_kernel[grid](store, buffer, bn[1], bn[2], term.kx.float(), term.k0.float(),
+                                target, pixels, channels, h * w, *_pixel_strides(buffer),
                                 *_pixel_strides(target),
                                 FLAT=pixels_flat(h * w, buffer, target), BLOCK_M=block_m,
                                 BLOCK_N=block_n)
@@ -327,8 +345,59 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
     return grad_weight, grad_scale.to(bn_weight.dtype), grad_bias.to(bn_bias.dtype)
 
 
+def _launch_elementwise(kernel, pixels: int, channels: int, *args, **constexprs) -> None:
+    """Launch a per-channel elementwise kernel over ``[pixels, channels]`` tiles."""
+    block_m, block_n = _ELEMENTWISE_BLOCK
+    grid = (_cdiv(pixels, block_m), _cdiv(channels, block_n))
+    with _one_kernel_at_a_time():
+        kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **constexprs)
+
+
+def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
+    """Triton kernel of the ``bn_relu`` op (contract in ``schema.py``): one launch, where the
+    reference kernel takes seven (fold, constants, BN, clamp) on a GPU."""
+    dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
+    if x.dtype == torch.float64:
+        return torch_impl.bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype)
+    out = torch.empty_like(x, dtype=dtype, memory_format=memory_format_of(x))
+    if out.numel() == 0:
+        return out
+    x = _dense(x)
+    n, channels, h, w = x.shape
+    with _device_guard(x.device):
+        _launch_elementwise(bn_relu_kernel, n * h * w, channels, x,
+                            *_bn_vectors(mean, invstd, bn_weight, bn_bias), out, n * h * w,
+                            channels, h * w, *_pixel_strides(x), *_pixel_strides(out),
+                            FLAT=pixels_flat(h * w, x, out))
+    return out
+
+
+def add_stats_term(grad, x, kx, k0):
+    """Triton kernel of the ``add_stats_term`` op (contract in ``schema.py``): one launch,
+    where the reference kernel takes three."""
+    check_stats_term_args(grad, x, kx, k0)
+    if x.dtype == torch.float64:
+        return torch_impl.add_stats_term(grad, x, kx, k0)
+    out = torch.empty_like(x)  # dense in x's layout, as the op's fake says
+    if out.numel() == 0:
+        return out
+    grad, x = _dense(grad), _dense(x)
+    n, channels, h, w = x.shape
+    with _device_guard(x.device):
+        _launch_elementwise(stats_term_kernel, n * h * w, channels, grad, x, kx.contiguous(),
+                            k0.contiguous(), out, n * h * w, channels, h * w,
+                            *_pixel_strides(grad), *_pixel_strides(x), *_pixel_strides(out),
+                            FLAT=pixels_flat(h * w, grad, x, out))
+    return out
+
+
+_KERNELS = {FORWARD: bn_relu_conv1x1, BACKWARD: bn_relu_conv1x1_backward,
+            qualified("bn_relu"): bn_relu, qualified("add_stats_term"): add_stats_term}
+
+
 def register(dispatch_keys) -> None:
-    """Register the Triton launchers as the op's kernels for ``dispatch_keys`` ("CUDA", "CPU")."""
+    """Register the Triton launchers as the ops' kernels for ``dispatch_keys`` ("CUDA",
+    "CPU")."""
     for key in dispatch_keys:
-        torch.library.impl(FORWARD, key)(bn_relu_conv1x1)
-        torch.library.impl(BACKWARD, key)(bn_relu_conv1x1_backward)
+        for op, kernel in _KERNELS.items():
+            torch.library.impl(op, key)(kernel)

@@ -89,9 +89,21 @@ def _channel_vector(ptr, offs, mask):
 
 
 @triton.jit
-def _scale_shift(scale_ptr, shift_ptr, offs, mask):
-    """Folded BN (``densenet_fast.ops.batchnorm.scale_shift``, computed by the launchers)."""
-    return _channel_vector(scale_ptr, offs, mask), _channel_vector(shift_ptr, offs, mask)
+def _bn_scale(invstd_ptr, bnw_ptr, offs, mask):
+    """``invstd * weight`` in float32: ``batchnorm.scale_shift``'s scale (and the input
+    gradient's direct coefficient), 0 where masked."""
+    invstd = _channel_vector(invstd_ptr, offs, mask).to(tl.float32)
+    return invstd * _channel_vector(bnw_ptr, offs, mask).to(tl.float32)
+
+
+@triton.jit
+def _scale_shift(mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, offs, mask):
+    """BN folded into ``x * scale + shift`` (``densenet_fast.ops.batchnorm.scale_shift``),
+    here rather than by the launchers: three fewer launches per call, each a few channels'
+    work."""
+    scale = _bn_scale(invstd_ptr, bnw_ptr, offs, mask)
+    mean = _channel_vector(mean_ptr, offs, mask).to(tl.float32)
+    return scale, _channel_vector(bnb_ptr, offs, mask).to(tl.float32) - mean * scale
 
 
 @triton.jit
@@ -111,13 +123,14 @@ def _add_to_buffer(gbuf_ptr, b_rows, offs_n, sb_c, mask, dx):
 
 @triton.jit
 def forward_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
+    x_ptr, w_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, out_ptr,
     P, C, CO, HW,
     sx_n, sx_c, sx_hw, sw_o, sw_c, so_n, so_c, so_hw,
     FLAT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[p, o] = sum_c relu(x[p, c] * scale[c] + shift[c]) * w[o, c]."""
+    """out[p, o] = sum_c relu(x[p, c] * scale[c] + shift[c]) * w[o, c], with the BN folded
+    as ``scale = invstd * bn_weight``, ``shift = bn_bias - mean * scale``."""
     image, hw, _, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, CO, BLOCK_N)
     x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, FLAT)
@@ -125,7 +138,7 @@ def forward_kernel(
     for k0 in range(0, C, BLOCK_K):
         offs_k, mask_k = _block(k0, C, BLOCK_K)
         x = _load_tile(x_ptr, x_rows, offs_k * sx_c, mask_m, mask_k).to(tl.float32)
-        scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_k, mask_k)
+        scale, shift = _scale_shift(mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, offs_k, mask_k)
         w = _load_tile(w_ptr, offs_k * sw_c, offs_n * sw_o, mask_k, mask_n)
         a = _bn_relu(x, scale, shift).to(w.dtype)
         acc += _dot(a, w, PRECISION, UPCAST)
@@ -136,7 +149,7 @@ def forward_kernel(
 
 @triton.jit
 def input_grad_kernel(
-    go_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, kg_ptr, gbuf_ptr, gstore_ptr,
+    go_ptr, w_ptr, x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, gbuf_ptr, gstore_ptr,
     partial_ptr,
     P, C, CO, HW,
     sg_n, sg_c, sg_hw, sw_o, sw_c, sx_n, sx_c, sx_hw, sb_n, sb_c, sb_hw,
@@ -144,10 +157,10 @@ def input_grad_kernel(
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """g[p, c] = (sum_o grad_out[p, o] w[o, c]) * [a[p, c] > 0], with per-block partial sums
-    of g and g * (x - mean) per channel; then either grad_buffer += kg * g (the direct term)
-    or g is stored for a second pass (``STORE_G``). The mask and sums mirror the
-    ``threshold_backward`` of ``torch_impl.bn_relu_conv1x1_backward`` and the ``dbias``,
-    ``dweight`` (times invstd) of ``batchnorm.bn_backward``."""
+    of g and g * (x - mean) per channel; then either grad_buffer += kg * g (the direct term,
+    ``kg`` the BN scale) or g is stored for a second pass (``STORE_G``). The mask and sums
+    mirror the ``threshold_backward`` of ``torch_impl.bn_relu_conv1x1_backward`` and the
+    ``dbias``, ``dweight`` (times invstd) of ``batchnorm.bn_backward``."""
     image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)
     g_rows = _pixel_offsets(image, hw, sg_n, sg_hw, FLAT)
@@ -160,8 +173,8 @@ def input_grad_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, FLAT)
     x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_m, mask_n).to(tl.float32)
-    scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
-    mean = _channel_vector(mean_ptr, offs_n, mask_n)
+    scale, shift = _scale_shift(mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, offs_n, mask_n)
+    mean = _channel_vector(mean_ptr, offs_n, mask_n).to(tl.float32)
     clamped = x * scale[None, :] + shift[None, :] <= 0.0  # false for NaN, as in torch
     g = tl.where(mask & ~clamped, acc, 0.0)
     partial_row = partial_ptr + tl.program_id(0) * 2 * C
@@ -170,14 +183,13 @@ def input_grad_kernel(
     if STORE_G:
         tl.store(gstore_ptr + pixel.to(tl.int64)[:, None] * C + offs_n[None, :], g, mask=mask)
     else:
-        kg = _channel_vector(kg_ptr, offs_n, mask_n)
         _add_to_buffer(gbuf_ptr, _pixel_offsets(image, hw, sb_n, sb_hw, FLAT), offs_n, sb_c,
-                       mask, kg[None, :] * g)
+                       mask, scale[None, :] * g)
 
 
 @triton.jit
 def weight_grad_kernel(
-    go_ptr, x_ptr, scale_ptr, shift_ptr, partial_ptr,
+    go_ptr, x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, partial_ptr,
     P, C, CO, HW, SPLITS,
     sg_n, sg_c, sg_hw, sx_n, sx_c, sx_hw,
     FLAT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -186,7 +198,7 @@ def weight_grad_kernel(
     """partial[s, o, c] = sum over split s's pixel tiles of grad_out[p, o] * a[p, c]."""
     offs_m, offs_n, mask_m, mask_n = _tile(CO, C, BLOCK_M, BLOCK_N)
     pid_s = tl.program_id(2)
-    scale, shift = _scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
+    scale, shift = _scale_shift(mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, offs_n, mask_n)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     tiles = tl.cdiv(P, BLOCK_K)
     per_split = tl.cdiv(tiles, SPLITS)
@@ -205,13 +217,14 @@ def weight_grad_kernel(
 
 @triton.jit
 def add_dx_kernel(
-    gstore_ptr, x_ptr, kg_ptr, kx_ptr, k0_ptr, gbuf_ptr,
+    gstore_ptr, x_ptr, invstd_ptr, bnw_ptr, kx_ptr, k0_ptr, gbuf_ptr,
     P, C, HW,
     sx_n, sx_c, sx_hw, sb_n, sb_c, sb_hw,
     FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grad_buffer[p, c] += kg[c] * g[p, c] + kx[c] * x[p, c] + k0[c]: the direct term and
-    ``batchnorm.StatsGradient.apply``'s, with ``g`` stored by ``input_grad_kernel``."""
+    """grad_buffer[p, c] += kg[c] * g[p, c] + kx[c] * x[p, c] + k0[c]: the direct term
+    (``kg`` the BN scale) and ``batchnorm.StatsGradient``'s, with ``g`` stored by
+    ``input_grad_kernel``."""
     image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -219,9 +232,53 @@ def add_dx_kernel(
                 other=0.0)
     x_rows = _pixel_offsets(image, hw, sx_n, sx_hw, FLAT)
     x = _load_tile(x_ptr, x_rows, offs_n * sx_c, mask_m, mask_n).to(tl.float32)
-    kg = _channel_vector(kg_ptr, offs_n, mask_n)
+    kg = _bn_scale(invstd_ptr, bnw_ptr, offs_n, mask_n)
     kx = _channel_vector(kx_ptr, offs_n, mask_n)
     k0 = _channel_vector(k0_ptr, offs_n, mask_n)
     dx = kg[None, :] * g + kx[None, :] * x + k0[None, :]
     _add_to_buffer(gbuf_ptr, _pixel_offsets(image, hw, sb_n, sb_hw, FLAT), offs_n, sb_c, mask,
                    dx)
+
+
+@triton.jit
+def bn_relu_kernel(
+    x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, out_ptr,
+    P, C, HW,
+    sx_n, sx_c, sx_hw, so_n, so_c, so_hw,
+    FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[p, c] = relu(x[p, c] * scale[c] + shift[c]) rounded to x's dtype, stored in out's:
+    the ``bn_relu`` op (``torch_impl.bn_relu``) in one pass instead of the eval-mode BN kernel
+    with its folded scale, shift and constant statistics, then a clamp."""
+    image, hw, _, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
+    offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)
+    x = _load_tile(x_ptr, _pixel_offsets(image, hw, sx_n, sx_hw, FLAT), offs_n * sx_c, mask_m,
+                   mask_n)
+    scale, shift = _scale_shift(mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, offs_n, mask_n)
+    y = _bn_relu(x.to(tl.float32), scale, shift).to(x.dtype)
+    out_rows = _pixel_offsets(image, hw, so_n, so_hw, FLAT)
+    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :] * so_c,
+             y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def stats_term_kernel(
+    g_ptr, x_ptr, kx_ptr, k0_ptr, out_ptr,
+    P, C, HW,
+    sg_n, sg_c, sg_hw, sx_n, sx_c, sx_hw, so_n, so_c, so_hw,
+    FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[p, c] = grad[p, c] + (kx[c] * x[p, c] + k0[c]) in float32, rounded to out's dtype:
+    the ``add_stats_term`` op (``torch_impl.add_stats_term``) in one pass."""
+    image, hw, _, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
+    offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)
+    g = _load_tile(g_ptr, _pixel_offsets(image, hw, sg_n, sg_hw, FLAT), offs_n * sg_c, mask_m,
+                   mask_n).to(tl.float32)
+    x = _load_tile(x_ptr, _pixel_offsets(image, hw, sx_n, sx_hw, FLAT), offs_n * sx_c, mask_m,
+                   mask_n).to(tl.float32)
+    kx = _channel_vector(kx_ptr, offs_n, mask_n)
+    k0 = _channel_vector(k0_ptr, offs_n, mask_n)
+    out = (kx[None, :] * x + k0[None, :]) + g
+    out_rows = _pixel_offsets(image, hw, so_n, so_hw, FLAT)
+    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :] * so_c,
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

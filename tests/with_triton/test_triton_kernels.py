@@ -118,8 +118,6 @@ def test_autotune_trials_on_shared_buffers_leave_the_sums_exact(ieee):
     channels, pixels = weight.shape[1], buffer.shape[0] * buffer.shape[2] * buffer.shape[3]
     _, want_weight, want_bias = torch_impl.bn_relu_conv1x1_backward(
         grad_out, buffer, mean, invstd, gamma, beta, weight, True, torch.zeros_like(buffer))
-    scale, shift = (t.contiguous() for t in densenet_fast.ops.batchnorm.scale_shift(
-        mean, invstd, gamma, beta))
     partial = torch.full((triton_impl.partial_rows(buffer), 2, channels), float("nan"),
                          device=DEVICE)
     store = torch.empty(pixels, channels, device=DEVICE)
@@ -127,8 +125,8 @@ def test_autotune_trials_on_shared_buffers_leave_the_sums_exact(ieee):
     for config in (triton_impl.GEMM_CONFIGS[0], triton_impl.GEMM_CONFIGS[-1]):
         with triton_impl.forced_config(config):
             sums = triton_impl.input_grad_pass(
-                grad_out, weight.view(weight.shape[0], channels), buffer, scale, shift, mean,
-                gamma * invstd, target, store, partial, True)
+                grad_out, weight.view(weight.shape[0], channels), buffer,
+                (mean, invstd, gamma, beta), target, store, partial, True)
         assert_close(sums[0].float(), want_bias, torch.float32, f"sum(g), {config}")
         assert_close((sums[1] * invstd.double()).float(), want_weight, torch.float32,
                      f"sum(g xhat), {config}")
@@ -176,6 +174,96 @@ def test_float64_is_served_by_the_reference_kernels():
     args = op_case(SHAPES[0], torch.float64, device=DEVICE).args
     assert torch.equal(torch.ops.densenet_fast.bn_relu_conv1x1(*args),
                        torch_impl.bn_relu_conv1x1(*args))
+
+
+# The elementwise ops: (N, C, H, W), odd sizes, 1x1 planes, more channels than a 32-wide
+# tile; layouts the block gives them and a strided one (every other column).
+ELEMENTWISE_SHAPES = [(2, 5, 7, 3), (3, 37, 1, 1), (1, 40, 6, 8)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _laid_out(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+def _dense_format(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+@pytest.fixture
+def elementwise_launches(monkeypatch):
+    """Kernels launched through the Triton elementwise launcher: the op must not be served
+    by the reference kernel (which a comparison with it would not notice)."""
+    launched = []
+    launch = triton_impl._launch_elementwise
+
+    def counting(kernel, *args, **kwargs):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(triton_impl, "_launch_elementwise", counting)
+    return launched
+
+
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("widen", [False, True], ids=["same-dtype", "to-float32"])
+def test_bn_relu_kernel_matches_reference(shape, layout, dtype, widen, elementwise_launches):
+    """``bn_relu``: values (NaN where torch keeps it), the output's dtype and layout."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = _laid_out(torch.randn(shape, device=DEVICE).to(dtype), layout)
+    x[-1, -1, -1, -1] = float("nan")
+    mean, invstd = torch.randn(c, device=DEVICE), torch.rand(c, device=DEVICE) + 0.5
+    weight, bias = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
+    out_dtype = torch.float32 if widen else None
+    out = torch.ops.densenet_fast.bn_relu(x, mean, invstd, weight, bias, out_dtype)
+    expected = torch_impl.bn_relu(x, mean, invstd, weight, bias, out_dtype)
+    assert elementwise_launches == ["bn_relu_kernel"]
+    assert out.dtype == expected.dtype == (out_dtype or dtype)
+    assert out.is_contiguous(memory_format=_dense_format(layout))
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+    assert_close(out.nan_to_num(), expected.nan_to_num(), dtype, "bn_relu")
+    if widen:  # rounded to the data's dtype first, as the reference does
+        assert torch.equal(out.to(dtype).to(out.dtype).nan_to_num(), out.nan_to_num())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels", [(3, 9), (0, 40)], ids=["slice", "whole"])
+def test_stats_term_kernel_matches_reference(layout, dtype, channels, elementwise_launches):
+    """``add_stats_term`` on channel slices of a gradient buffer and of the data buffer."""
+    torch.manual_seed(0)
+    start, stop = channels
+    shape = (2, 40, 5, 3)
+    grad = _laid_out(torch.randn(shape, device=DEVICE).to(dtype), layout)[:, start:stop]
+    x = _laid_out(torch.randn(shape, device=DEVICE).to(dtype), layout)[:, start:stop]
+    x[0, 0, 0, 0] = float("inf")
+    kx, k0 = torch.randn(stop - start, device=DEVICE), torch.randn(stop - start, device=DEVICE)
+    out = torch.ops.densenet_fast.add_stats_term(grad, x, kx, k0)
+    expected = torch_impl.add_stats_term(grad, x, kx, k0)
+    assert elementwise_launches == ["stats_term_kernel"]
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.stride() == expected.stride()
+    assert torch.equal(out.isinf(), expected.isinf()) and out.isinf().any()
+    assert_close(out.nan_to_num(0, 0, 0), expected.nan_to_num(0, 0, 0), dtype, "stats term")
+
+
+def test_elementwise_ops_reject_bad_arguments_before_launching(elementwise_launches):
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    vectors = [torch.ones(4, device=DEVICE) for _ in range(4)]
+    with pytest.raises(ValueError, match="mean"):
+        torch.ops.densenet_fast.bn_relu(x, vectors[0][:3], *vectors[1:])
+    with pytest.raises(TypeError, match="kx must be torch.float32"):
+        torch.ops.densenet_fast.add_stats_term(x, x, vectors[0].double(), vectors[1])
+    assert elementwise_launches == []
 
 
 def test_tiny_model_matches_naive_through_triton(ieee):
