@@ -58,12 +58,19 @@ def running_mean_invstd(state: BatchNormSpec, stats_dtype: torch.dtype):
             torch.rsqrt(state.running_var.to(stats_dtype) + state.eps))
 
 
-def _prefix_stats(state: BatchNormSpec, mean, var, channels: int, stats_dtype: torch.dtype):
+def _prefix_stats(state: BatchNormSpec, mean, var, channels: int, stats_dtype: torch.dtype,
+                  invstds: dict | None = None):
     """``(mean, invstd)`` a BN reading the first ``channels`` buffer channels normalises
-    with: the block's batch statistics of those channels, or its running statistics."""
-    if state.batch_stats:
+    with: the block's batch statistics of those channels, or its running statistics.
+    ``invstds`` (backward, where ``var`` is complete): ``rsqrt(var + eps)`` of every channel
+    per ``eps``, computed once and sliced for each reader."""
+    if not state.batch_stats:
+        return running_mean_invstd(state, stats_dtype)
+    if invstds is None:
         return mean[:channels], torch.rsqrt(var[:channels] + state.eps)
-    return running_mean_invstd(state, stats_dtype)
+    if state.eps not in invstds:
+        invstds[state.eps] = torch.rsqrt(var + state.eps)
+    return mean[:channels], invstds[state.eps][:channels]
 
 
 def _avg_pool2x2_backward(grad: torch.Tensor, input_shape,
@@ -267,6 +274,7 @@ class BlockBackward:
         self.stats_term = StatsGradient(total, self.stats_dtype, buffer.device) \
             if saved.mean is not None else None
         self.grad_buffer = None
+        self.invstds = {}  # eps -> the buffer's invstd, see _prefix_stats
 
     def run(self, grad_out: torch.Tensor, input_grad: bool = True):
         """``(grad_x, flat parameter gradients)``; ``grad_x`` is None without ``input_grad``,
@@ -309,7 +317,7 @@ class BlockBackward:
             return None
         n, total, h, w = buffer.shape
         mean, invstd = _prefix_stats(spec.tail_norm, self.saved.mean, self.saved.var, total,
-                                     self.stats_dtype)
+                                     self.stats_dtype, self.invstds)
         if spec.tail is Tail.TRANSITION:
             grad_reduced = _avg_pool2x2_backward(grad_out, (n, p.conv_weight.shape[0], h, w),
                                                  memory_format_of(buffer))
@@ -336,7 +344,8 @@ class BlockBackward:
         if saved.masks[layer] is not None:
             grad_new = grad_new * dropout_scale(saved.masks[layer], spec.drop_rates[layer],
                                                  grad_new.dtype)
-        mean1, invstd1 = _prefix_stats(norm1, saved.mean, saved.var, channels, self.stats_dtype)
+        mean1, invstd1 = _prefix_stats(norm1, saved.mean, saved.var, channels, self.stats_dtype,
+                                       self.invstds)
         if spec.recompute_bottleneck:
             bottleneck = bn_relu_conv1x1(buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
                                          p.conv1_weight)

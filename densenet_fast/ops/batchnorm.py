@@ -132,8 +132,12 @@ class StatsGradient:
         channels = mean.shape[0]
         scale = weight.to(invstd.dtype) * invstd / count
         dweight, dbias = dweight.to(invstd.dtype), dbias.to(invstd.dtype)
-        self.kx[:channels].sub_(scale * invstd * dweight)
-        self.k0[:channels].add_(scale * (mean * invstd * dweight - dbias))
+        # kx -= scale * invstd * dweight; k0 += scale * (mean * invstd * dweight - dbias):
+        # six launches on a GPU, where the formula as written takes ten.
+        scaled_dweight = scale * dweight
+        self.kx[:channels].addcmul_(scaled_dweight, invstd, value=-1)
+        self.k0[:channels].addcmul_(scaled_dweight, mean * invstd)
+        self.k0[:channels].addcmul_(scale, dbias, value=-1)
 
 
 def update_running_stats(running_means, running_vars, batches_tracked, momenta, means, vars_,
