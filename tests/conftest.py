@@ -11,7 +11,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 # of their own.
 collect_ignore = [] if os.environ.get("DENSENET_FAST_BACKEND") == "triton" else ["with_triton"]
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist the workers share the cores: each gets its share of threads, and so do
+# the processes its tests start (OMP_NUM_THREADS), instead of every one spinning on all.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, min(2, torch.get_num_threads() // _workers))
+torch.set_num_threads(_threads)
+if _workers > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 
 @pytest.fixture(autouse=True)
