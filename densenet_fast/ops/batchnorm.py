@@ -130,14 +130,16 @@ class StatsGradient:
     def add(self, mean, invstd, weight, dweight, dbias, count: int) -> None:
         """Add one BN's term; it read the first ``len(mean)`` channels."""
         channels = mean.shape[0]
-        scale = weight.to(invstd.dtype) * invstd / count
         dweight, dbias = dweight.to(invstd.dtype), dbias.to(invstd.dtype)
-        # kx -= scale * invstd * dweight; k0 += scale * (mean * invstd * dweight - dbias):
-        # six launches on a GPU, where the formula as written takes ten.
-        scaled_dweight = scale * dweight
-        self.kx[:channels].addcmul_(scaled_dweight, invstd, value=-1)
-        self.k0[:channels].addcmul_(scaled_dweight, mean * invstd)
-        self.k0[:channels].addcmul_(scale, dbias, value=-1)
+        # With s = weight * invstd: kx -= s * invstd * dweight / n and
+        # k0 += s * (mean * invstd * dweight - dbias) / n, in six launches on a GPU (the
+        # formula as written takes ten).
+        scale = weight.to(invstd.dtype) * invstd
+        term = scale * dweight
+        term.mul_(invstd)
+        self.kx[:channels].add_(term, alpha=-1 / count)
+        self.k0[:channels].addcmul_(term, mean, value=1 / count)
+        self.k0[:channels].addcmul_(scale, dbias, value=-1 / count)
 
 
 def update_running_stats(running_means, running_vars, batches_tracked, momenta, means, vars_,
