@@ -148,6 +148,14 @@ def _one_kernel_at_a_time():
     return _interpreter_lock if INTERPRETED else nullcontext()
 
 
+def _launch_elementwise(kernel, pixels: int, channels: int, *args, **constexprs) -> None:
+    """Launch a per-channel elementwise kernel over ``[pixels, channels]`` tiles."""
+    block_m, block_n = _ELEMENTWISE_BLOCK
+    grid = (_cdiv(pixels, block_m), _cdiv(channels, block_n))
+    with _one_kernel_at_a_time():
+        kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **constexprs)
+
+
 def conv_uses_tf32() -> bool:
     """Whether torch runs float32 convolutions on CUDA in TF32, which the kernels follow.
 
@@ -332,25 +340,13 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
         # The statistics' term kx * x + k0, with the block's own coefficient formula.
         term = StatsGradient(channels, torch.float64, device)
         term.add(mean.double(), invstd.double(), bn_weight, grad_scale, grad_bias, pixels)
-        block_m, block_n = _ELEMENTWISE_BLOCK
-        grid = (_cdiv(pixels, block_m), _cdiv(channels, block_n))
-        with _one_kernel_at_a_time():
-            add_dx_kernel[grid](store, buffer, bn[1], bn[2], term.kx.float(), term.k0.float(),
-                                target, pixels, channels, h * w, *_pixel_strides(buffer),
-                                *_pixel_strides(target),
-                                FLAT=pixels_flat(h * w, buffer, target), BLOCK_M=block_m,
-                                BLOCK_N=block_n)
+        _launch_elementwise(add_dx_kernel, pixels, channels, store, buffer, bn[1], bn[2],
+                            term.kx.float(), term.k0.float(), target, pixels, channels, h * w,
+                            *_pixel_strides(buffer), *_pixel_strides(target),
+                            FLAT=pixels_flat(h * w, buffer, target))
     if target is not grad_buffer:
         grad_buffer[:, :channels].add_(target[:, :channels])
     return grad_weight, grad_scale.to(bn_weight.dtype), grad_bias.to(bn_bias.dtype)
-
-
-def _launch_elementwise(kernel, pixels: int, channels: int, *args, **constexprs) -> None:
-    """Launch a per-channel elementwise kernel over ``[pixels, channels]`` tiles."""
-    block_m, block_n = _ELEMENTWISE_BLOCK
-    grid = (_cdiv(pixels, block_m), _cdiv(channels, block_n))
-    with _one_kernel_at_a_time():
-        kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **constexprs)
 
 
 def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
