@@ -218,6 +218,23 @@ def _norm2_stats(norm2: BatchNormSpec, batch, stats_dtype: torch.dtype):
     return mean, torch.rsqrt(var + norm2.eps)
 
 
+def _norm2_invstds(spec: BlockSpec, norm2_batch) -> list:
+    """Per layer, ``rsqrt(var + eps)`` of norm2's batch variance, for the layers the backward
+    runs (None elsewhere, and where norm2 reads its running statistics): every layer at once,
+    two ``_foreach`` launches per eps on a GPU instead of two per layer."""
+    invstds = [None] * len(norm2_batch)
+    by_eps: dict[float, list[int]] = {}
+    for layer in range(spec.backward_from, spec.num_layers):
+        if norm2_batch[layer] is not None:
+            by_eps.setdefault(spec.layer_norms[layer][1].eps, []).append(layer)
+    for eps, layers in by_eps.items():
+        values = torch._foreach_add([norm2_batch[layer][1] for layer in layers], eps)
+        torch._foreach_rsqrt_(values)
+        for layer, invstd in zip(layers, values, strict=True):
+            invstds[layer] = invstd
+    return invstds
+
+
 @dataclass
 class BlockSaved:
     """What forward keeps for backward besides the parameters, described once: ``tensors()``
@@ -275,6 +292,7 @@ class BlockBackward:
             if saved.mean is not None else None
         self.grad_buffer = None
         self.invstds = {}  # eps -> the buffer's invstd, see _prefix_stats
+        self.norm2_invstds = _norm2_invstds(spec, saved.norm2_batch)
 
     def run(self, grad_out: torch.Tensor, input_grad: bool = True):
         """``(grad_x, flat parameter gradients)``; ``grad_x`` is None without ``input_grad``,
@@ -351,7 +369,10 @@ class BlockBackward:
                                          p.conv1_weight)
         else:
             bottleneck = saved.bottlenecks[layer]
-        mean2, invstd2 = _norm2_stats(norm2, saved.norm2_batch[layer], self.stats_dtype)
+        if saved.norm2_batch[layer] is None:
+            mean2, invstd2 = running_mean_invstd(norm2, self.stats_dtype)
+        else:
+            mean2, invstd2 = saved.norm2_batch[layer][0], self.norm2_invstds[layer]
         act2 = bn_relu(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias,
                        lowp_conv.compute_dtype(bottleneck))
         grad_act2, dconv2 = lowp_conv.conv2d_backward(
