@@ -33,7 +33,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 os.environ["DENSENET_FAST_BACKEND"] = "triton"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import _runner  # noqa: E402
+from profile_step import _runner, add_step_arguments  # noqa: E402
 
 # Operations that only describe memory (views, allocations, shape queries): no kernel.
 NO_WORK = {
@@ -119,13 +119,7 @@ def count_step(kind: str, args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="densenet121",
-                        choices=["tiny", "densenet121", "densenet161", "densenet169",
-                                 "densenet201"])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--image", type=int, default=32)
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"])
-    parser.add_argument("--channels-last", action="store_true")
+    add_step_arguments(parser, batch=2, image=32)
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--json", help="also write the counts to this file")
     args = parser.parse_args(argv)

@@ -134,17 +134,23 @@ def _graphed_ms(runner, args) -> str:
     return f"{1e3 * statistics.median(times):.2f} ms"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(parser: argparse.ArgumentParser, batch: int, image: int) -> None:
+    """The options of the step :func:`_runner` builds: model, batch, image side, autocast
+    dtype, channels-last (with the given defaults for batch and side)."""
     parser.add_argument("--model", default="densenet121",
                         choices=["tiny", "densenet121", "densenet161", "densenet169",
                                  "densenet201"])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--image", type=int, default=image)
     parser.add_argument("--autocast", choices=["bfloat16", "float16"])
     parser.add_argument("--channels-last", action="store_true")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser, batch=32, image=224)
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=20)

@@ -209,13 +209,14 @@ def running_stats_updates(spec: BlockSpec, c0: int, mean, var, norm2_batch) -> l
     return updates
 
 
-def _norm2_stats(norm2: BatchNormSpec, batch, stats_dtype: torch.dtype):
-    """``(mean, invstd)`` ``norm2`` normalises with: from its batch ``(mean, var)``, or from
-    its running statistics when ``batch`` is None."""
+def _norm2_stats(norm2: BatchNormSpec, batch, stats_dtype: torch.dtype, invstd=None):
+    """``(mean, invstd)`` ``norm2`` normalises with: from its batch ``(mean, var)`` (with
+    ``invstd``, that variance's, already computed: see :func:`_norm2_invstds`), or from its
+    running statistics when ``batch`` is None."""
     if batch is None:
         return running_mean_invstd(norm2, stats_dtype)
     mean, var = batch
-    return mean, torch.rsqrt(var + norm2.eps)
+    return mean, torch.rsqrt(var + norm2.eps) if invstd is None else invstd
 
 
 def _norm2_invstds(spec: BlockSpec, norm2_batch) -> list:
@@ -369,10 +370,8 @@ class BlockBackward:
                                          p.conv1_weight)
         else:
             bottleneck = saved.bottlenecks[layer]
-        if saved.norm2_batch[layer] is None:
-            mean2, invstd2 = running_mean_invstd(norm2, self.stats_dtype)
-        else:
-            mean2, invstd2 = saved.norm2_batch[layer][0], self.norm2_invstds[layer]
+        mean2, invstd2 = _norm2_stats(norm2, saved.norm2_batch[layer], self.stats_dtype,
+                                      self.norm2_invstds[layer])
         act2 = bn_relu(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias,
                        lowp_conv.compute_dtype(bottleneck))
         grad_act2, dconv2 = lowp_conv.conv2d_backward(
