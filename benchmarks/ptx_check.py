@@ -113,21 +113,26 @@ def compile_cases(arch: int, cases=CASES, dtypes=DTYPES) -> list[dict]:
 
 
 def _run_launchers(triton_impl, torch, dtype, memory_format, n, total, c, co, h, w):
-    """Forward, then backward through the batch statistics (the four GEMM kernels), with the
-    pinned config (no tuning: nothing runs to time); then the elementwise ops (``bn_relu``
-    to the statistics' dtype, ``add_stats_term`` on a channel slice of the buffer)."""
+    """Forward, then backward through the batch statistics (the four GEMM kernels and the BN
+    gradients' sums in float64) and without them (the sums in the parameters' dtype), with
+    the pinned config (no tuning: nothing runs to time); then the elementwise ops
+    (``bn_relu`` to the statistics' dtype, ``add_stats_term`` on a channel slice of the
+    buffer) and the statistics' coefficients (on slices, as the block passes them)."""
     buffer = torch.zeros(n, total, h, w, dtype=dtype).contiguous(memory_format=memory_format)
     grad_out = torch.zeros(n, co, h, w, dtype=dtype).contiguous(memory_format=memory_format)
     stats = [torch.ones(c) for _ in range(4)]  # mean, invstd, BN weight, BN bias
     weight = torch.zeros(co, c, 1, 1, dtype=dtype)
     with triton_impl.forced_config(triton_impl.GEMM_CONFIGS[1]):
         triton_impl.bn_relu_conv1x1(buffer, *stats, weight)
-        triton_impl.bn_relu_conv1x1_backward(grad_out, buffer, *stats, weight, True,
-                                             torch.zeros_like(buffer))
+        for stats_grad in (True, False):
+            triton_impl.bn_relu_conv1x1_backward(grad_out, buffer, *stats, weight, stats_grad,
+                                                 torch.zeros_like(buffer))
     triton_impl.bn_relu(grad_out, *(t[:co] for t in stats), torch.float32)
     new_channels = buffer[:, c:]
     triton_impl.add_stats_term(new_channels, new_channels, torch.ones(total - c),
                                torch.ones(total - c))
+    kx, k0 = torch.zeros(2, total)
+    triton_impl.add_stats_coefficients(kx[:c], k0[:c], *stats[:3], *stats[2:], n * h * w)
 
 
 def main(argv=None) -> int:

@@ -31,9 +31,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ops import add_stats_term, bn_relu, bn_relu_conv1x1, bn_relu_conv1x1_backward, lowp_conv
+from .ops import (
+    add_stats_coefficients,
+    add_stats_term,
+    bn_relu,
+    bn_relu_conv1x1,
+    bn_relu_conv1x1_backward,
+    lowp_conv,
+)
 from .ops.batchnorm import (
-    StatsGradient,
     bn_apply,
     bn_backward,
     channel_stats,
@@ -94,6 +100,22 @@ def _avg_pool2x2_backward(grad: torch.Tensor, input_shape,
 def dropout_scale(mask: torch.Tensor, rate: float, dtype: torch.dtype) -> torch.Tensor:
     # Rebuilds F.dropout's noise tensor (mask / (1 - p) in the data's dtype) from a bool mask.
     return mask.to(dtype).div_(1 - rate)
+
+
+class StatsGradient:
+    """The gradient through the buffer's batch statistics, summed per channel over every BN
+    that read it: the coefficients ``kx``, ``k0`` of the affine map ``kx * x + k0`` each
+    reader adds (the ``add_stats_coefficients`` op), applied once per channel by the
+    ``add_stats_term`` op just before the layer that wrote the channel reads its gradient."""
+
+    def __init__(self, channels: int, dtype: torch.dtype, device: torch.device):
+        self.kx, self.k0 = torch.zeros((2, channels), dtype=dtype, device=device)
+
+    def add(self, mean, invstd, weight, dweight, dbias, count: int) -> None:
+        """Add one BN's term; it read the first ``len(mean)`` channels."""
+        channels = mean.shape[0]
+        add_stats_coefficients(self.kx[:channels], self.k0[:channels], mean, invstd, weight,
+                               dweight, dbias, count)
 
 
 class BlockForward:

@@ -23,13 +23,18 @@ def test_counts_each_implementations_operations_and_the_triton_launches(tmp_path
     assert torchvision["triton"] == 0 and torchvision["aten"] > 0
     assert "aten::threshold_backward" in torchvision["by_op"]  # its ReLUs' backward
     # The tiny model: two blocks of two layers and a transition, so five fused
-    # BN-ReLU-Conv1x1 (forward and both backward kernels), four norm2-relu2 (forward and
-    # again in backward), and each layer's and block input's gradient with its statistics'
-    # term: the Triton path launches each of them once.
+    # BN-ReLU-Conv1x1 (forward, both backward kernels and the BN gradients' sums), four
+    # norm2-relu2 (forward and again in backward), each layer's and block input's gradient
+    # with its statistics' term, and that term's coefficients from the six BNs that read the
+    # buffers (four norm1, the transition's, the final norm): the Triton path launches each
+    # of them once.
     launches = {op: n for op, n in fast["by_op"].items() if op.startswith("triton::")}
     assert launches == {"triton::forward_kernel": 5, "triton::weight_grad_kernel": 5,
-                        "triton::input_grad_kernel": 5, "triton::bn_relu_kernel": 8,
-                        "triton::stats_term_kernel": 6}
+                        "triton::input_grad_kernel": 5, "triton::bn_grads_kernel": 5,
+                        "triton::bn_relu_kernel": 8, "triton::stats_term_kernel": 6,
+                        "triton::stats_coefficients_kernel": 6}
+    # The coefficients were six torch ops per reader, two of them addcmul_.
+    assert "aten::addcmul_" not in fast["by_op"]
     assert fast["triton"] == sum(launches.values())
     assert fast["aten"] == sum(n for op, n in fast["by_op"].items() if op.startswith("aten::"))
     # Running statistics: per update (the stem's, each block's) one _foreach op per quantity,

@@ -129,3 +129,70 @@ def test_rejects_bad_arguments_before_computing(bad, kernels):
 def test_opcheck():
     grad, x, kx, k0 = _case(CASES[0], torch.float32, "channels_last")
     torch.library.opcheck(torch.ops.densenet_fast.add_stats_term.default, (grad, x, kx, k0))
+
+
+# ---- add_stats_coefficients: one BN's coefficients of the map above -------------------------
+
+def _coefficient_args(channels=6, stats=torch.float32, params=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    kx, k0 = torch.randn(2, channels + 3, dtype=stats)  # the op gets views of their heads
+    mean, invstd = torch.randn(channels, dtype=stats), torch.rand(channels, dtype=stats) + 0.5
+    weight, dweight, dbias = (torch.randn(channels, dtype=torch.float64).to(params)
+                              for _ in range(3))
+    return dict(kx=kx[:channels], k0=k0[:channels], mean=mean, invstd=invstd, weight=weight,
+                dweight=dweight, dbias=dbias, count=37)
+
+
+@pytest.mark.parametrize("stats, params", [(torch.float64, torch.float64),
+                                           (torch.float32, torch.float32),
+                                           (torch.float32, torch.bfloat16)], ids=str)
+def test_coefficients_add_the_gradient_through_the_statistics(stats, params):
+    """``kx -= w invstd^2 dw / n`` and ``k0 += w invstd (mean invstd dw - db) / n``, in place
+    on the heads of longer vectors, against the formula in float64."""
+    args = _coefficient_args(stats=stats, params=params)
+    whole = args["kx"]._base  # [kx, k0], each three entries longer than the op sees
+    before = whole.clone()
+    wide = {k: v.double() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    s = wide["weight"] * wide["invstd"]
+    want_kx = wide["kx"] - s * wide["invstd"] * wide["dweight"] / 37
+    want_k0 = wide["k0"] + s * (wide["mean"] * wide["invstd"] * wide["dweight"]
+                                - wide["dbias"]) / 37
+    torch.ops.densenet_fast.add_stats_coefficients(*args.values())
+    assert_close(args["kx"], want_kx, stats, "kx")
+    assert_close(args["k0"], want_k0, stats, "k0")
+    assert torch.equal(whole[:, 6:], before[:, 6:])  # past the heads: untouched
+
+
+COEFFICIENT_BAD_ARGS = [
+    ("k0 of the wrong length", lambda a: {"k0": a["k0"][:2]}, ValueError, "k0 must have shape"),
+    ("2-D kx", lambda a: {"kx": a["kx"][None]}, ValueError, "kx must have shape 1-D"),
+    ("float64 mean for float32 kx", lambda a: {"mean": a["mean"].double()}, TypeError,
+     "mean must have kx's dtype"),
+    ("bfloat16 coefficients", lambda a: {"kx": a["kx"].bfloat16(), "k0": a["k0"].bfloat16(),
+                                         "mean": a["mean"].bfloat16(),
+                                         "invstd": a["invstd"].bfloat16()},
+     TypeError, "kx must be torch.float32 or torch.float64"),
+    ("integer dweight", lambda a: {"dweight": a["dweight"].long()}, TypeError,
+     "grad_bn_weight must be floating point"),
+    ("dbias on another device", lambda a: {"dbias": a["dbias"].to("meta")}, RuntimeError,
+     "grad_bn_bias is on meta"),
+    ("no values per channel", lambda a: {"count": 0}, ValueError, "count must be a positive"),
+]
+
+
+@pytest.mark.parametrize("bad", COEFFICIENT_BAD_ARGS, ids=[b[0] for b in COEFFICIENT_BAD_ARGS])
+def test_coefficients_reject_bad_arguments_before_computing(bad):
+    _, change, error, message = bad
+    args = _coefficient_args()
+    whole = args["kx"]._base
+    before = whole.clone()
+    args.update(change(args))
+    with pytest.raises(error, match=message):
+        torch.ops.densenet_fast.add_stats_coefficients(*args.values())
+    assert torch.equal(whole, before)
+
+
+def test_coefficients_opcheck():
+    args = _coefficient_args()
+    torch.library.opcheck(torch.ops.densenet_fast.add_stats_coefficients.default,
+                          tuple(args.values()))

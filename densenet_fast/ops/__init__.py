@@ -1,8 +1,9 @@
 """The fused kernel ops (BN-ReLU-Conv1x1 and its backward, BN-ReLU, the statistics' gradient
-term, the stem's BN-ReLU-MaxPool and its backward): defined here, once, from their contracts
-(``schema.py``) with the pure-PyTorch reference kernels (``torch_impl.py``) as the default for
-every device; the compiled backends add device kernels when the package activates them
-(``densenet_fast/__init__.py``, :mod:`densenet_fast.backends`), and the dispatcher chooses.
+term and its coefficients, the stem's BN-ReLU-MaxPool and its backward): defined here, once,
+from their contracts (``schema.py``) with the pure-PyTorch reference kernels
+(``torch_impl.py``) as the default for every device; the compiled backends add device kernels
+when the package activates them (``densenet_fast/__init__.py``, :mod:`densenet_fast.backends`),
+and the dispatcher chooses.
 
 The functions below call the ops; ``_run`` is the one place that sends them to the
 reference kernels instead: for side-by-side comparisons in one process
@@ -70,6 +71,14 @@ def add_stats_term(grad, x, kx, k0):
     return _run("add_stats_term", grad, x, kx, k0)
 
 
+def add_stats_coefficients(kx, k0, mean, invstd, bn_weight, grad_bn_weight, grad_bn_bias,
+                           count: int) -> None:
+    """Add one BN's coefficients of the statistics' gradient term to ``kx``, ``k0`` in place
+    (contract in ``schema.py``)."""
+    _run("add_stats_coefficients", kx, k0, mean, invstd, bn_weight, grad_bn_weight,
+         grad_bn_bias, count)
+
+
 def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, pool_args):
     """``max_pool2d(relu(bn(x)), *pool_args)`` (contract in ``schema.py``)."""
     return _run("bn_relu_max_pool2d", x, mean, invstd, bn_weight, bn_bias, *pool_args)
@@ -82,5 +91,6 @@ def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, p
                 *pool_args)
 
 
-__all__ = ["add_stats_term", "bn_relu", "bn_relu_conv1x1", "bn_relu_conv1x1_backward",
-           "bn_relu_max_pool2d", "bn_relu_max_pool2d_backward", "reference_kernels"]
+__all__ = ["add_stats_coefficients", "add_stats_term", "bn_relu", "bn_relu_conv1x1",
+           "bn_relu_conv1x1_backward", "bn_relu_max_pool2d", "bn_relu_max_pool2d_backward",
+           "reference_kernels"]

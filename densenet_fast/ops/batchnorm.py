@@ -92,7 +92,7 @@ def bn_backward(grad, x, mean, invstd, weight, *, stats_grad: bool):
     With ``stats_grad`` the statistics are ``x``'s own batch statistics and the gradient flows
     through them: ``dx = weight * invstd / n * (n g - sum(g) - xhat * sum(g xhat))``;
     otherwise ``dx = weight * invstd * g`` (constant statistics, or a caller that adds the
-    statistics' term itself, see :class:`StatsGradient`).
+    statistics' term itself, see :func:`add_stats_coefficients`).
     """
     # ATen's BN mixes dtypes only as (reduced-precision data, float32 parameters): give the
     # parameters the statistics' dtype, and the gradients back in the parameters' own.
@@ -112,34 +112,27 @@ def bn_backward(grad, x, mean, invstd, weight, *, stats_grad: bool):
     return dx, dweight.to(param_dtype), dbias.to(param_dtype)
 
 
-class StatsGradient:
-    """The gradient through batch statistics, summed per channel over every BN that read it.
+def add_stats_coefficients(kx, k0, mean, invstd, weight, dweight, dbias, count: int) -> None:
+    """Add one training-mode BN's gradient through its batch statistics to the per-channel
+    coefficients ``kx``, ``k0`` (in place): the reference kernel of the op of that name.
 
-    For a training-mode BN with statistics computed from ``x``, the part of ``dx`` that flows
-    through the mean and variance is ``-weight * invstd / n * (dbias + xhat * dweight)``:
-    per channel an affine map ``kx * x + k0`` of the data. Every BN that reads a channel of
-    the block buffer adds its coefficients here; the block adds the summed map once per
-    channel (the ``add_stats_term`` op), instead of one full pass over the prefix per reading
-    layer.
+    For a BN with statistics computed from ``x`` over ``n = count`` values per channel, the
+    part of ``dx`` that flows through the mean and variance is
+    ``-weight * invstd / n * (dbias + xhat * dweight)``, per channel an affine map
+    ``kx * x + k0`` of the data with ``s = weight * invstd``:
+    ``kx -= s * invstd * dweight / n`` and ``k0 += s * (mean * invstd * dweight - dbias) / n``.
+    ``dweight = sum(g xhat)`` and ``dbias = sum(g)`` are the BN's parameter gradients. Every BN
+    that reads a channel adds its coefficients; the sum is applied once per channel (the
+    ``add_stats_term`` op), instead of one pass over the data per reader.
     """
-
-    def __init__(self, channels: int, dtype: torch.dtype, device: torch.device):
-        self.kx = torch.zeros(channels, dtype=dtype, device=device)
-        self.k0 = torch.zeros(channels, dtype=dtype, device=device)
-
-    def add(self, mean, invstd, weight, dweight, dbias, count: int) -> None:
-        """Add one BN's term; it read the first ``len(mean)`` channels."""
-        channels = mean.shape[0]
-        dweight, dbias = dweight.to(invstd.dtype), dbias.to(invstd.dtype)
-        # With s = weight * invstd: kx -= s * invstd * dweight / n and
-        # k0 += s * (mean * invstd * dweight - dbias) / n, in six launches on a GPU (the
-        # formula as written takes ten).
-        scale = weight.to(invstd.dtype) * invstd
-        term = scale * dweight
-        term.mul_(invstd)
-        self.kx[:channels].add_(term, alpha=-1 / count)
-        self.k0[:channels].addcmul_(term, mean, value=1 / count)
-        self.k0[:channels].addcmul_(scale, dbias, value=-1 / count)
+    dweight, dbias = dweight.to(invstd.dtype), dbias.to(invstd.dtype)
+    # Six tensor ops (the formula as written takes ten): 1/n folds into the scalars.
+    scale = weight.to(invstd.dtype) * invstd
+    term = scale * dweight
+    term.mul_(invstd)
+    kx.add_(term, alpha=-1 / count)
+    k0.addcmul_(term, mean, value=1 / count)
+    k0.addcmul_(scale, dbias, value=-1 / count)
 
 
 def update_running_stats(running_means, running_vars, batches_tracked, momenta, means, vars_,

@@ -34,6 +34,15 @@ stats_grad, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
     a layer's new channels out of its gradient buffer with the gradient through the batch
     statistics (``kx * x + k0``, summed over every BN that read them) added, see ``block.py``.
 
+``add_stats_coefficients(kx, k0, mean, invstd, bn_weight, grad_bn_weight, grad_bn_bias,
+count) -> ()``
+    Adds, in place, one training-mode BN's coefficients of ``add_stats_term``'s map to
+    ``kx`` and ``k0`` (``(C,)``, the statistics' dtype; views of longer vectors): with
+    ``s = bn_weight * invstd`` and ``n = count`` values per channel behind the statistics,
+    ``kx -= s * invstd * grad_bn_weight / n`` and
+    ``k0 += s * (mean * invstd * grad_bn_weight - grad_bn_bias) / n``. The dense block sums
+    them over every BN that read a channel (``batchnorm.add_stats_coefficients`` has the maths).
+
 ``bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, kernel_size, stride, padding,
 dilation, ceil_mode) -> out``
     The stem's tail: ``max_pool2d(relu(bn(x)), ...)`` (the BN-ReLU activation rounded to
@@ -73,6 +82,9 @@ SCHEMAS = {
         "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         "ScalarType? dtype=None) -> Tensor"),
     "add_stats_term": "(Tensor grad, Tensor x, Tensor kx, Tensor k0) -> Tensor",
+    "add_stats_coefficients": (
+        "(Tensor(a!) kx, Tensor(b!) k0, Tensor mean, Tensor invstd, Tensor bn_weight, "
+        "Tensor grad_bn_weight, Tensor grad_bn_bias, int count) -> ()"),
     "bn_relu_max_pool2d": (
         "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         f"{_POOL_ARGS}) -> Tensor"),
@@ -188,6 +200,29 @@ def check_stats_term_args(grad, x, kx, k0) -> None:
             raise RuntimeError(f"{what} is on {t.device} but x is on {x.device}")
 
 
+def check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weight,
+                                  grad_bn_bias, count) -> None:
+    """Validate :func:`add_stats_coefficients`'s arguments: ``(C,)`` vectors on one device,
+    the coefficients and statistics in one floating-point dtype, a positive count."""
+    channels, device = kx.shape[0] if kx.dim() == 1 else None, kx.device
+    for what, t in (("kx", kx), ("k0", k0), ("mean", mean), ("invstd", invstd),
+                    ("bn_weight", bn_weight), ("grad_bn_weight", grad_bn_weight),
+                    ("grad_bn_bias", grad_bn_bias)):
+        if t.dim() != 1 or t.shape[0] != channels:
+            expected = f"({channels},)" if channels is not None else "1-D"
+            raise ValueError(f"{what} must have shape {expected}, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{what} must be floating point, got {t.dtype}")
+        if t.device != device:
+            raise RuntimeError(f"{what} is on {t.device} but kx is on {device}")
+        if what in ("k0", "mean", "invstd") and t.dtype != kx.dtype:
+            raise TypeError(f"{what} must have kx's dtype {kx.dtype}, got {t.dtype}")
+    if kx.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"kx must be torch.float32 or torch.float64, got {kx.dtype}")
+    if count < 1:
+        raise ValueError(f"count must be a positive number of values per channel, got {count}")
+
+
 def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
     """Validate the pool op's arguments; return its output shape. Raises before any compute,
     with ``F.max_pool2d``'s own messages for the pool's settings."""
@@ -226,6 +261,12 @@ def stats_term_fake(grad, x, kx, k0):
     return torch.empty_like(x)  # preserve_format: dense in the format x's strides suggest
 
 
+def stats_coefficients_fake(kx, k0, mean, invstd, bn_weight, grad_bn_weight, grad_bn_bias,
+                            count):
+    check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weight,
+                                  grad_bn_bias, count)
+
+
 def pool_forward_fake(x, mean, invstd, bn_weight, bn_bias, *pool_args):
     shape = check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
     return x.new_empty(shape).contiguous(memory_format=memory_format_of(x))
@@ -262,6 +303,7 @@ FAKES = {
     "bn_relu_conv1x1_backward": (backward_fake, backward_flops),
     "bn_relu": (bn_relu_fake, None),
     "add_stats_term": (stats_term_fake, None),
+    "add_stats_coefficients": (stats_coefficients_fake, None),
     "bn_relu_max_pool2d": (pool_forward_fake, None),
     "bn_relu_max_pool2d_backward": (pool_backward_fake, None),
 }

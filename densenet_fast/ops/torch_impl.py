@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import batchnorm
 from .batchnorm import bn_apply, bn_backward
 from .schema import (
     check_backward_args,
     check_bn_relu_args,
     check_forward_args,
     check_pool_args,
+    check_stats_coefficients_args,
     check_stats_term_args,
 )
 
@@ -89,6 +91,16 @@ def add_stats_term(grad, x, kx, k0):
     shape = (1, -1, 1, 1)
     term = torch.addcmul(k0.view(shape), x, kx.view(shape))
     return torch.empty_like(x).copy_(term.add_(grad))
+
+
+def add_stats_coefficients(kx, k0, mean, invstd, bn_weight, grad_bn_weight, grad_bn_bias,
+                           count):
+    """Reference kernel of the op (contract in ``schema.py``; the maths in
+    :func:`batchnorm.add_stats_coefficients`)."""
+    check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weight,
+                                  grad_bn_bias, count)
+    batchnorm.add_stats_coefficients(kx, k0, mean, invstd, bn_weight, grad_bn_weight,
+                                     grad_bn_bias, count)
 
 
 def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, *pool_args):

@@ -14,8 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import triton
 
-from . import torch_impl
-from .batchnorm import StatsGradient
+from . import batchnorm, torch_impl
 from .formats import memory_format_of
 from .library import qualified
 from .schema import (
@@ -24,13 +23,16 @@ from .schema import (
     check_backward_args,
     check_bn_relu_args,
     check_forward_args,
+    check_stats_coefficients_args,
     check_stats_term_args,
 )
 from .triton_kernels import (
     add_dx_kernel,
+    bn_grads_kernel,
     bn_relu_kernel,
     forward_kernel,
     input_grad_kernel,
+    stats_coefficients_kernel,
     stats_term_kernel,
     weight_grad_kernel,
 )
@@ -256,12 +258,13 @@ def _bn_vectors(mean, invstd, bn_weight, bn_bias) -> tuple:
 
 
 def input_grad_pass(grad_out, weight, buffer, bn, target, store, partial_sums,
-                    stats_grad: bool) -> torch.Tensor:
+                    stats_grad: bool) -> int:
     """``g = (W^T grad_out) * [a > 0]``; adds ``scale * g`` into ``target`` (or, with
     ``stats_grad``, stores ``g`` in ``store``); ``bn`` is ``_bn_vectors``' (mean, invstd,
-    weight, bias) and ``scale = invstd * weight``. Returns ``[sum(g), sum(g * (x - mean))]``
-    per channel, float64, from the rows of ``partial_sums`` that the launch wrote: one per
-    tile of ``BLOCK_M`` pixels, so fewer for a config with a larger ``BLOCK_M``."""
+    weight, bias) and ``scale = invstd * weight``. Writes per-tile partial sums
+    ``[sum(g), sum(g * (x - mean))]`` per channel to the first rows of ``partial_sums`` and
+    returns how many: one per tile of ``BLOCK_M`` pixels, so fewer for a config with a larger
+    ``BLOCK_M`` (:func:`bn_grads` sums them)."""
     n, channels, h, w = buffer.shape[0], weight.shape[1], buffer.shape[2], buffer.shape[3]
     co, pixels = weight.shape[0], n * h * w
     flat = pixels_flat(h * w, grad_out, buffer, target)
@@ -281,8 +284,26 @@ def input_grad_pass(grad_out, weight, buffer, bn, target, store, partial_sums,
         dict(STORE_G=stats_grad, FLAT=flat, PRECISION=_precision(buffer.dtype),
              UPCAST=INTERPRETED),
         trial_args=scratch)
-    rows = _cdiv(pixels, config.kwargs["BLOCK_M"])
-    return partial_sums[:rows].sum(0, dtype=torch.float64)
+    return _cdiv(pixels, config.kwargs["BLOCK_M"])
+
+
+_BN_GRADS_BLOCK = (64, 32)  # (rows, channels) per step of bn_grads_kernel
+
+
+def bn_grads(partial_sums, rows: int, invstd, scale_dtype: torch.dtype,
+             bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum(g * xhat), sum(g))`` per channel, the BN's weight and bias gradients, from the
+    first ``rows`` rows of ``input_grad_pass``'s ``partial_sums``: summed in float64, returned
+    as ``scale_dtype`` and ``bias_dtype``. One launch."""
+    channels = partial_sums.shape[2]
+    grad_scale = torch.empty(channels, dtype=scale_dtype, device=partial_sums.device)
+    grad_bias = torch.empty(channels, dtype=bias_dtype, device=partial_sums.device)
+    block_r, block_n = _BN_GRADS_BLOCK
+    with _one_kernel_at_a_time():
+        bn_grads_kernel[(_cdiv(channels, block_n),)](
+            partial_sums, invstd, grad_scale, grad_bias, rows, channels, BLOCK_R=block_r,
+            BLOCK_N=block_n)
+    return grad_scale, grad_bias
 
 
 def partial_rows(buffer: torch.Tensor) -> int:
@@ -332,21 +353,26 @@ def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, s
                                device=device)
     store = torch.empty((pixels, channels) if stats_grad else (0,), dtype=torch.float32,
                         device=device)
-    sums = input_grad_pass(grad_out, weight, buffer, bn, target, store, partial_sums,
+    rows = input_grad_pass(grad_out, weight, buffer, bn, target, store, partial_sums,
                            stats_grad)
-    grad_bias = sums[0]  # batchnorm.bn_backward's dbias = sum(g), dweight = sum(g * xhat)
-    grad_scale = sums[1] * invstd  # float64: invstd promotes exactly
+    # batchnorm.bn_backward's dweight = sum(g * xhat) and dbias = sum(g); in float64 where
+    # the statistics' term is formed from them.
+    wide = torch.float64 if stats_grad else None
+    grad_scale, grad_bias = bn_grads(partial_sums, rows, bn[1], wide or bn_weight.dtype,
+                                     wide or bn_bias.dtype)
     if stats_grad:
         # The statistics' term kx * x + k0, with the block's own coefficient formula.
-        term = StatsGradient(channels, torch.float64, device)
-        term.add(mean.double(), invstd.double(), bn_weight, grad_scale, grad_bias, pixels)
+        kx, k0 = torch.zeros((2, channels), dtype=torch.float64, device=device)
+        batchnorm.add_stats_coefficients(kx, k0, mean.double(), invstd.double(), bn_weight,
+                                         grad_scale, grad_bias, pixels)
         _launch_elementwise(add_dx_kernel, pixels, channels, store, buffer, bn[1], bn[2],
-                            term.kx.float(), term.k0.float(), target, pixels, channels, h * w,
+                            kx.float(), k0.float(), target, pixels, channels, h * w,
                             *_pixel_strides(buffer), *_pixel_strides(target),
                             FLAT=pixels_flat(h * w, buffer, target))
+        grad_scale, grad_bias = grad_scale.to(bn_weight.dtype), grad_bias.to(bn_bias.dtype)
     if target is not grad_buffer:
         grad_buffer[:, :channels].add_(target[:, :channels])
-    return grad_weight, grad_scale.to(bn_weight.dtype), grad_bias.to(bn_bias.dtype)
+    return grad_weight, grad_scale, grad_bias
 
 
 def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
@@ -387,8 +413,32 @@ def add_stats_term(grad, x, kx, k0):
     return out
 
 
+_COEFFICIENTS_BLOCK = 128
+
+
+def add_stats_coefficients(kx, k0, mean, invstd, bn_weight, grad_bn_weight, grad_bn_bias,
+                           count):
+    """Triton kernel of the ``add_stats_coefficients`` op (contract in ``schema.py``): one
+    launch, where the reference kernel takes six."""
+    check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weight,
+                                  grad_bn_bias, count)
+    if kx.dtype == torch.float64:
+        torch_impl.add_stats_coefficients(kx, k0, mean, invstd, bn_weight, grad_bn_weight,
+                                          grad_bn_bias, count)
+        return
+    channels = kx.shape[0]
+    if channels == 0:
+        return
+    vectors = (t.contiguous() for t in (mean, invstd, bn_weight, grad_bn_weight, grad_bn_bias))
+    with _device_guard(kx.device), _one_kernel_at_a_time():
+        stats_coefficients_kernel[(_cdiv(channels, _COEFFICIENTS_BLOCK),)](
+            kx, k0, *vectors, channels, 1.0 / count, kx.stride(0), k0.stride(0),
+            BLOCK=_COEFFICIENTS_BLOCK)
+
+
 _KERNELS = {FORWARD: bn_relu_conv1x1, BACKWARD: bn_relu_conv1x1_backward,
-            qualified("bn_relu"): bn_relu, qualified("add_stats_term"): add_stats_term}
+            qualified("bn_relu"): bn_relu, qualified("add_stats_term"): add_stats_term,
+            qualified("add_stats_coefficients"): add_stats_coefficients}
 
 
 def register(dispatch_keys) -> None:

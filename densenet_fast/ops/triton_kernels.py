@@ -216,6 +216,64 @@ def weight_grad_kernel(
 
 
 @triton.jit
+def bn_grads_kernel(
+    partial_ptr, invstd_ptr, dscale_ptr, dbias_ptr,
+    ROWS, C,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dbias[c] = sum_r partial[r, 0, c] and dscale[c] = invstd[c] * sum_r partial[r, 1, c]:
+    the first ``ROWS`` per-tile partial sums of ``input_grad_kernel`` (``[rows, 2, C]``)
+    summed in float64 and stored in the outputs' dtypes, in one launch where torch ops take
+    four (sum, product, two casts). Rows are added in a fixed order: deterministic."""
+    offs_n, mask_n = _block(tl.program_id(0) * BLOCK_N, C, BLOCK_N)
+    sum_g = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    sum_gx = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    for start in range(0, ROWS, BLOCK_R):
+        rows, mask_r = _block(start, ROWS, BLOCK_R)
+        row_offsets = rows.to(tl.int64) * 2 * C
+        g = _load_tile(partial_ptr, row_offsets, offs_n, mask_r, mask_n)
+        gx = _load_tile(partial_ptr, row_offsets, C + offs_n, mask_r, mask_n)
+        sum_g += tl.sum(g.to(tl.float64), axis=0)
+        sum_gx += tl.sum(gx.to(tl.float64), axis=0)
+    invstd = _channel_vector(invstd_ptr, offs_n, mask_n).to(tl.float64)
+    _store_rounded(dbias_ptr + offs_n, sum_g, mask_n)
+    _store_rounded(dscale_ptr + offs_n, sum_gx * invstd, mask_n)
+
+
+@triton.jit
+def _store_rounded(ptrs, value, mask):
+    """Store float64 ``value`` in the pointers' dtype, rounded as torch rounds float64 to it:
+    through float32 unless float64 (which Triton's interpreter also needs: its direct float64
+    to bfloat16 conversion is wrong)."""
+    if ptrs.dtype.element_ty != tl.float64:
+        value = value.to(tl.float32)
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def stats_coefficients_kernel(
+    kx_ptr, k0_ptr, mean_ptr, invstd_ptr, bnw_ptr, dw_ptr, db_ptr,
+    C, inv_count, s_kx, s_k0,
+    BLOCK: tl.constexpr,
+):
+    """kx[c] -= s * invstd * dw / n and k0[c] += s * (mean * invstd * dw - db) / n with
+    ``s = bnw * invstd``, ``inv_count = 1 / n``: the ``add_stats_coefficients`` op
+    (``batchnorm.add_stats_coefficients``) in one launch, where torch ops take six. float32
+    (float64 calls go to the reference kernel)."""
+    offs, mask = _block(tl.program_id(0) * BLOCK, C, BLOCK)
+    invstd = _channel_vector(invstd_ptr, offs, mask).to(tl.float32)
+    scale = _bn_scale(invstd_ptr, bnw_ptr, offs, mask)
+    term = scale * _channel_vector(dw_ptr, offs, mask).to(tl.float32) * invstd
+    mean = _channel_vector(mean_ptr, offs, mask).to(tl.float32)
+    dbias = _channel_vector(db_ptr, offs, mask).to(tl.float32)
+    kx_ptrs, k0_ptrs = kx_ptr + offs * s_kx, k0_ptr + offs * s_k0
+    kx = tl.load(kx_ptrs, mask=mask, other=0.0)
+    k0 = tl.load(k0_ptrs, mask=mask, other=0.0)
+    tl.store(kx_ptrs, kx - term * inv_count, mask=mask)
+    tl.store(k0_ptrs, k0 + (term * mean - scale * dbias) * inv_count, mask=mask)
+
+
+@triton.jit
 def add_dx_kernel(
     gstore_ptr, x_ptr, invstd_ptr, bnw_ptr, kx_ptr, k0_ptr, gbuf_ptr,
     P, C, HW,
@@ -223,7 +281,8 @@ def add_dx_kernel(
     FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """grad_buffer[p, c] += kg[c] * g[p, c] + kx[c] * x[p, c] + k0[c]: the direct term
-    (``kg`` the BN scale) and ``batchnorm.StatsGradient``'s, with ``g`` stored by
+    (``kg`` the BN scale) and the statistics' (``batchnorm.add_stats_coefficients``), with
+    ``g`` stored by
     ``input_grad_kernel``."""
     image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)

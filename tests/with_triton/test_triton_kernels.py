@@ -124,12 +124,13 @@ def test_autotune_trials_on_shared_buffers_leave_the_sums_exact(ieee):
     target = torch.zeros_like(buffer)
     for config in (triton_impl.GEMM_CONFIGS[0], triton_impl.GEMM_CONFIGS[-1]):
         with triton_impl.forced_config(config):
-            sums = triton_impl.input_grad_pass(
+            rows = triton_impl.input_grad_pass(
                 grad_out, weight.view(weight.shape[0], channels), buffer,
                 (mean, invstd, gamma, beta), target, store, partial, True)
-        assert_close(sums[0].float(), want_bias, torch.float32, f"sum(g), {config}")
-        assert_close((sums[1] * invstd.double()).float(), want_weight, torch.float32,
-                     f"sum(g xhat), {config}")
+        grad_scale, grad_bias = triton_impl.bn_grads(partial, rows, invstd, torch.float32,
+                                                     torch.float32)
+        assert_close(grad_bias, want_bias, torch.float32, f"sum(g), {config}")
+        assert_close(grad_scale, want_weight, torch.float32, f"sum(g xhat), {config}")
 
 
 def test_kernels_launch_on_the_tensors_device(monkeypatch):
@@ -256,14 +257,89 @@ def test_stats_term_kernel_matches_reference(layout, dtype, channels, elementwis
     assert_close(out.nan_to_num(0, 0, 0), expected.nan_to_num(0, 0, 0), dtype, "stats term")
 
 
-def test_elementwise_ops_reject_bad_arguments_before_launching(elementwise_launches):
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched (through ``kernel[grid](...)``), in order."""
+    launched = []
+    for name in ("bn_grads_kernel", "stats_coefficients_kernel"):
+        kernel = getattr(triton_impl, name)
+
+        class Counting:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(triton_impl, name, Counting(kernel, name))
+    return launched
+
+
+@pytest.mark.parametrize("rows, channels", [(1, 5), (130, 37), (64, 70)],
+                         ids=["one-row", "rows-and-channels-off-the-tiles", "whole-tiles"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float64,) * 2,
+                                    (torch.bfloat16, torch.float16)], ids=str)
+def test_bn_grads_kernel_sums_the_filled_rows_in_float64(rows, channels, dtypes, launches):
+    """The BN gradients from the input-gradient kernel's partial sums: only the first
+    ``rows`` rows count (later ones hold another config's leftovers), summed in float64
+    (the float32 rows' sum would lose the small addends), NaN kept, the outputs' dtypes."""
+    torch.manual_seed(0)
+    partial = torch.randn(rows + 3, 2, channels, device=DEVICE)
+    partial[rows:] = float("inf")  # not filled by this launch: must not be read
+    wide = dtypes[1] == torch.float64
+    if wide:
+        partial[0, 0, 1] = 1e8  # float32 sums of the rest would round against it
+    partial[rows - 1, 1, 2] = float("nan")
+    invstd = torch.rand(channels, device=DEVICE) + 0.5
+    grad_scale, grad_bias = triton_impl.bn_grads(partial, rows, invstd, *dtypes)
+    assert launches == ["bn_grads_kernel"]
+    assert (grad_scale.dtype, grad_bias.dtype) == dtypes
+    sums = partial[:rows].sum(0, dtype=torch.float64)
+    want_scale, want_bias = (sums[1] * invstd).to(dtypes[0]), sums[0].to(dtypes[1])
+    assert torch.equal(grad_scale.isnan(), want_scale.isnan()) and grad_scale[2].isnan()
+    assert_close(grad_scale, want_scale, dtypes[0], "sum(g xhat)", equal_nan=True)
+    assert_close(grad_bias, want_bias, dtypes[1], "sum(g)")
+    if wide:  # the small addends count beside 1e8 (a float32 sum
+        # would be off by several units: float32's spacing at 1e8 is 8)
+        large = 1e8 * (torch.arange(channels, device=DEVICE) == 1)
+        assert_close(grad_bias - large, want_bias - large, torch.float32,
+                     "sum(g) beside a large addend")
+
+
+@pytest.mark.parametrize("channels", [5, 300], ids=["narrow", "wider-than-a-tile"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stats_coefficients_kernel_matches_reference(channels, param_dtype, launches):
+    """``add_stats_coefficients`` into slices of longer coefficient vectors (as the block
+    passes them), twice (they accumulate), with BN parameters of a lower precision than
+    the statistics (a ``.bfloat16()`` model)."""
+    torch.manual_seed(0)
+    mean, invstd = torch.randn(channels, device=DEVICE), torch.rand(channels, device=DEVICE) + .5
+    weight, dweight, dbias = (torch.randn(channels, device=DEVICE).to(param_dtype)
+                              for _ in range(3))
+    got, want = (torch.randn(2, channels + 7, device=DEVICE) for _ in range(2))
+    want.copy_(got)
+    for _ in range(2):
+        torch.ops.densenet_fast.add_stats_coefficients(
+            got[0, :channels], got[1, :channels], mean, invstd, weight, dweight, dbias, 49)
+        torch_impl.add_stats_coefficients(want[0, :channels], want[1, :channels], mean, invstd,
+                                          weight, dweight, dbias, 49)
+    assert launches == ["stats_coefficients_kernel"] * 2
+    assert torch.equal(got[:, channels:], want[:, channels:])  # past the slices: untouched
+    assert_close(got, want, torch.float32, "kx, k0")
+
+
+def test_elementwise_ops_reject_bad_arguments_before_launching(elementwise_launches, launches):
     x = torch.randn(2, 4, 3, 3, device=DEVICE)
     vectors = [torch.ones(4, device=DEVICE) for _ in range(4)]
     with pytest.raises(ValueError, match="mean"):
         torch.ops.densenet_fast.bn_relu(x, vectors[0][:3], *vectors[1:])
     with pytest.raises(TypeError, match="kx must be torch.float32"):
         torch.ops.densenet_fast.add_stats_term(x, x, vectors[0].double(), vectors[1])
-    assert elementwise_launches == []
+    with pytest.raises(TypeError, match="k0 must have kx's dtype"):
+        torch.ops.densenet_fast.add_stats_coefficients(vectors[0], vectors[1].double(),
+                                                       *vectors, vectors[0], 8)
+    assert elementwise_launches == [] and launches == []
 
 
 def test_tiny_model_matches_naive_through_triton(ieee):
