@@ -38,8 +38,9 @@ def channel_stats(x: torch.Tensor, scratch=None) -> tuple[torch.Tensor, torch.Te
     """
     stats_dtype = stats_dtype_for(x.dtype)
     # Traced (by dynamo, or with fake tensors), var_mean: batch_norm_update_stats has no
-    # shape function. is_compiling() first: dynamo refuses to trace is_fake on torch 2.11.
-    traced = torch.compiler.is_compiling() or is_fake(x)
+    # shape function. is_compiling() first: dynamo refuses to trace is_fake on torch 2.11;
+    # is_fake (about 10 us) only for tensor subclasses, which fake tensors are.
+    traced = torch.compiler.is_compiling() or (type(x) is not torch.Tensor and is_fake(x))
     if x.device.type not in _NO_FUSED_STATS and not traced:
         # BatchNorm's own statistics kernel: several times faster than var_mean on CPU.
         # Given running statistics of the statistics' dtype, its mixed-type path reads
