@@ -7,6 +7,7 @@ Triton's ``tl.dot`` has no float64: float64 calls (gradcheck) go to the referenc
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from contextlib import contextmanager, nullcontext
@@ -197,9 +198,13 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def pixels_flat(hw: int, *tensors: torch.Tensor) -> bool:
     """Whether every tensor's pixel ``p = n * HW + hw`` sits at ``p * s_hw`` (channels-last):
     the kernels then address pixels without dividing (``FLAT``)."""
-    return all(t.stride(0) == hw * t.stride(3) for t in tensors)
+    for t in tensors:  # noqa: SIM110 (a loop: all() over a generator costs more per launch)
+        if t.stride(0) != hw * t.stride(3):
+            return False
+    return True
 
 
+@functools.lru_cache(maxsize=4096)  # every call of every launcher asks: a lookup, not 10 us
 def _shape_class(dtype: torch.dtype, flat: bool, *sizes: int) -> tuple:
     return (str(dtype).removeprefix("torch."), flat, *map(size_class, sizes))
 
@@ -298,6 +303,8 @@ def bn_grads(partial_sums, rows: int, invstd, scale_dtype: torch.dtype,
     channels = partial_sums.shape[2]
     grad_scale = torch.empty(channels, dtype=scale_dtype, device=partial_sums.device)
     grad_bias = torch.empty(channels, dtype=bias_dtype, device=partial_sums.device)
+    if channels == 0:
+        return grad_scale, grad_bias
     block_r, block_n = _BN_GRADS_BLOCK
     with _one_kernel_at_a_time():
         bn_grads_kernel[(_cdiv(channels, block_n),)](

@@ -307,6 +307,16 @@ def test_bn_grads_kernel_sums_the_filled_rows_in_float64(rows, channels, dtypes,
                      "sum(g) beside a large addend")
 
 
+def test_bn_grads_of_no_rows_are_zero_and_of_no_channels_launch_nothing(launches):
+    zeros = triton_impl.bn_grads(torch.full((3, 2, 4), float("nan"), device=DEVICE), 0,
+                                 torch.ones(4, device=DEVICE), torch.float32, torch.float32)
+    assert all(torch.equal(t, torch.zeros(4, device=DEVICE)) for t in zeros)
+    assert launches == ["bn_grads_kernel"]
+    empty = triton_impl.bn_grads(torch.zeros(3, 2, 0, device=DEVICE), 3,
+                                 torch.ones(0, device=DEVICE), torch.float32, torch.float32)
+    assert [t.shape for t in empty] == [(0,), (0,)] and launches == ["bn_grads_kernel"]
+
+
 @pytest.mark.parametrize("channels", [5, 300], ids=["narrow", "wider-than-a-tile"])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_stats_coefficients_kernel_matches_reference(channels, param_dtype, launches):
