@@ -9,7 +9,10 @@ time is bound by the host, not the kernels), the profiler's count of device kern
 summed time, and the operators with the most host and device time of their own. A GPU step
 that is slower than torchvision's while its kernels take less time is paying for launches
 and Python, not for arithmetic; ``--cuda-graph`` then times the step captured whole in a CUDA
-graph and replayed, which issues every launch at once.
+graph and replayed, which issues every launch at once. ``--compile-mode reduce-overhead``
+profiles both models under ``torch.compile`` in that mode, which is how a user asks for CUDA
+graphs, and reports how many graphs inductor declined to capture (``cudagraph skips``; run
+with ``TORCH_LOGS=cudagraphs`` for the reasons): a skip means the mode gives nothing.
 """
 
 from __future__ import annotations
@@ -51,12 +54,20 @@ def _sync(device: str) -> None:
 
 def profile(kind: str, args) -> dict:
     """One implementation's figures (see the module's docstring)."""
+    import torch
+    from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     runner = _runner(kind, args)
+    if args.compile_mode:
+        runner.model = torch.compile(runner.model, mode=args.compile_mode)
+    skips_before = counters["inductor"]["cudagraph_skips"]
 
     def step():
+        if args.compile_mode:
+            # CUDA graph trees reuse their output memory: say where each step begins.
+            torch.compiler.cudagraph_mark_step_begin()
         runner.step("train")
 
     for _ in range(args.warmup):  # Triton's tuning and compiles happen here
@@ -78,6 +89,8 @@ def profile(kind: str, args) -> dict:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     averages = prof.key_averages()
     return {
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before
+        if args.compile_mode else None,
         "graphed": _graphed_ms(runner, args) if args.cuda_graph else None,
         "wall_ms": 1e3 * statistics.median(walls),
         "issue_ms": 1e3 * statistics.median(issues),
@@ -156,6 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time the step captured in a CUDA graph and replayed")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead",
+                                                   "max-autotune-no-cudagraphs"],
+                        help="profile both models under torch.compile in this mode")
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args(argv)
     import torch
@@ -166,14 +182,17 @@ def main(argv=None) -> int:
     lines = [f"{args.model} batch {args.batch} {args.image}x{args.image} on "
              f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
              f"autocast {args.autocast}, channels_last {args.channels_last}, "
-             f"torch {torch.__version__}"]
+             f"torch {torch.__version__}"
+             + (f", torch.compile mode {args.compile_mode}" if args.compile_mode else "")]
     tables = []
     for kind in ("torchvision", "densenet_fast"):
         r = profile(kind, args)
         lines.append(f"{kind:14s} wall {r['wall_ms']:8.2f} ms  issue {r['issue_ms']:8.2f} ms  "
                      f"device kernels {r['device_kernels']:5d} taking {r['device_kernel_ms']:8.2f}"
                      f" ms  host ops {r['host_ops']}"
-                     + (f"  CUDA graph replay {r['graphed']}" if r["graphed"] else ""))
+                     + (f"  CUDA graph replay {r['graphed']}" if r["graphed"] else "")
+                     + (f"  cudagraph skips {r['cudagraph_skips']}"
+                        if r["cudagraph_skips"] is not None else ""))
         tables += [f"--- {kind}: by own host time", r["by_host"]]
         if r["by_device"]:
             tables += [f"--- {kind}: by own device time", r["by_device"]]

@@ -36,3 +36,19 @@ def test_cuda_graph_timing_needs_a_cuda_device(capsys):
     with pytest.raises(SystemExit):
         _profile_step().main(["--device", "cpu", "--cuda-graph"])
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_compiled_profile_says_how_many_cuda_graphs_were_skipped(tmp_path):
+    """``--compile-mode reduce-overhead``: both models profiled under torch.compile, and the
+    report says how many graphs inductor declined to capture (on a CPU: every one, there
+    being no CUDA graphs; on a GPU a skip means the mode gives nothing)."""
+    out = tmp_path / "profile.txt"
+    assert _profile_step().main(["--device", "cpu", "--model", "tiny", "--batch", "2",
+                                 "--image", "32", "--warmup", "2", "--repeats", "1",
+                                 "--rows", "5", "--compile-mode", "reduce-overhead",
+                                 "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "torch.compile mode reduce-overhead" in report.splitlines()[0]
+    for kind in ("torchvision", "densenet_fast"):
+        line = next(row for row in report.splitlines() if row.startswith(kind + " "))
+        assert int(line.split("cudagraph skips")[1]) >= 1, line
