@@ -140,7 +140,7 @@ class BlockForward:
         if spec.buffer_stats():
             self.mean = torch.empty(total, dtype=self.stats_dtype, device=x.device)
             self.var = torch.empty_like(self.mean)
-            self.mean[:c0], self.var[:c0] = self._stats(x, "the block's input")
+            self._store_stats(0, c0, self._stats(x, "the block's input"))
         self.bottlenecks, self.masks = [], []  # per layer, None where not kept
         self.norm2_batch = []  # per layer, norm2's batch (mean, var), or None (running stats)
 
@@ -152,6 +152,11 @@ class BlockForward:
         n, _, h, w = t.shape
         mean, var, self.count = self.spec.sync.merge(mean, var, n * h * w, where)
         return mean, var
+
+    def _store_stats(self, start: int, stop: int, stats) -> None:
+        """Keep ``(mean, var)`` as the statistics of buffer channels ``start:stop``: one
+        ``_foreach`` copy (one launch on a GPU) instead of two."""
+        torch._foreach_copy_([self.mean[start:stop], self.var[start:stop]], list(stats))
 
     def run(self) -> torch.Tensor:
         """The block's output; the running statistics are left to
@@ -196,8 +201,8 @@ class BlockForward:
             del noise
         self.buffer[:, channels:channels + k].copy_(new)
         if self.mean is not None:
-            self.mean[channels:channels + k], self.var[channels:channels + k] = self._stats(
-                new, f"layer {layer + 1}'s new channels")
+            self._store_stats(channels, channels + k,
+                              self._stats(new, f"layer {layer + 1}'s new channels"))
         if self.keep:
             self.masks.append(mask if spec.keeps_mask(layer) else None)
 

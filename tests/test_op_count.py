@@ -39,8 +39,9 @@ def test_counts_each_implementations_operations_and_the_triton_launches(tmp_path
     assert fast["aten"] == sum(n for op, n in fast["by_op"].items() if op.startswith("aten::"))
     # Running statistics: per update (the stem's, each block's) one _foreach op per quantity,
     # not one op per BN (the tiny model has eleven); each block's backward computes its
-    # norm2s' invstd in one _foreach add and rsqrt, not two ops per layer.
+    # norm2s' invstd in one _foreach add and rsqrt, not two ops per layer; the statistics of
+    # each block's input and of each layer's new channels are stored with one _foreach copy.
     assert {op: n for op, n in fast["by_op"].items() if "_foreach" in op} == {
         "aten::_foreach_add_": 9, "aten::_foreach_mul_": 6, "aten::_foreach_mul": 3,
-        "aten::_foreach_add": 2, "aten::_foreach_rsqrt_": 2}
+        "aten::_foreach_add": 2, "aten::_foreach_rsqrt_": 2, "aten::_foreach_copy_": 6}
     assert f"densenet_fast  {fast['aten'] + fast['triton']:6d}" in proc.stdout
