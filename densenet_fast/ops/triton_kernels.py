@@ -262,7 +262,7 @@ def stats_coefficients_kernel(
     (float64 calls go to the reference kernel)."""
     offs, mask = _block(tl.program_id(0) * BLOCK, C, BLOCK)
     invstd = _channel_vector(invstd_ptr, offs, mask).to(tl.float32)
-    scale = _bn_scale(invstd_ptr, bnw_ptr, offs, mask)
+    scale = invstd * _channel_vector(bnw_ptr, offs, mask).to(tl.float32)  # as _bn_scale's
     term = scale * _channel_vector(dw_ptr, offs, mask).to(tl.float32) * invstd
     mean = _channel_vector(mean_ptr, offs, mask).to(tl.float32)
     dbias = _channel_vector(db_ptr, offs, mask).to(tl.float32)
@@ -282,8 +282,7 @@ def add_dx_kernel(
 ):
     """grad_buffer[p, c] += kg[c] * g[p, c] + kx[c] * x[p, c] + k0[c]: the direct term
     (``kg`` the BN scale) and the statistics' (``batchnorm.add_stats_coefficients``), with
-    ``g`` stored by
-    ``input_grad_kernel``."""
+    ``g`` stored by ``input_grad_kernel``."""
     image, hw, pixel, mask_m = _pixel_tile(tl.program_id(0), P, HW, BLOCK_M, FLAT)
     offs_n, mask_n = _block(tl.program_id(1) * BLOCK_N, C, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
