@@ -275,18 +275,22 @@ class BlockSaved:
     masks: list  # per layer, the dropout mask, or None: no dropout, or not needed
     mean: torch.Tensor | None  # the buffer's batch statistics, when a prefix BN uses them
     var: torch.Tensor | None
-    count: torch.Tensor  # values per channel behind the statistics (every rank's), on the CPU
+    # Values per channel behind the statistics, merged over every rank: a CPU scalar, kept
+    # only when synchronised (run time decides it); else None, and backward reads it off the
+    # buffer's shape. No CPU tensor then crosses the ops, which CUDA graphs could not capture.
+    merged_count: torch.Tensor | None
 
     @classmethod
-    def of(cls, fwd: BlockForward, count: torch.Tensor) -> BlockSaved:
+    def of(cls, fwd: BlockForward, merged_count: torch.Tensor | None) -> BlockSaved:
         return cls(fwd.buffer, fwd.bottlenecks, fwd.norm2_batch, fwd.masks, fwd.mean, fwd.var,
-                   count)
+                   merged_count)
 
     def tensors(self) -> list:
         stats = [self.mean, self.var] if self.mean is not None else []
+        count = [self.merged_count] if self.merged_count is not None else []
         return [self.buffer, *(b for b in self.bottlenecks if b is not None),
                 *(t for pair in self.norm2_batch if pair is not None for t in pair),
-                *(m for m in self.masks if m is not None), *stats, self.count]
+                *(m for m in self.masks if m is not None), *stats, *count]
 
     @classmethod
     def load(cls, tensors, spec: BlockSpec) -> BlockSaved:
@@ -298,7 +302,15 @@ class BlockSaved:
                        for _, norm2 in spec.layer_norms]
         masks = [next(saved) if spec.keeps_mask(layer) else None for layer in layers]
         mean, var = (next(saved), next(saved)) if spec.buffer_stats() else (None, None)
-        return cls(buffer, bottlenecks, norm2_batch, masks, mean, var, next(saved))
+        merged_count = next(saved) if spec.sync is not None else None
+        return cls(buffer, bottlenecks, norm2_batch, masks, mean, var, merged_count)
+
+    def count(self) -> int:
+        """Values per channel behind the statistics (every rank's when synchronised)."""
+        if self.merged_count is not None:
+            return int(self.merged_count)
+        n, _, h, w = self.buffer.shape
+        return n * h * w
 
 
 class BlockBackward:
@@ -312,7 +324,7 @@ class BlockBackward:
         self.stats_dtype = stats_dtype_for(buffer.dtype)
         total = buffer.shape[1]
         self.c0 = total - spec.num_layers * spec.growth_rate
-        self.count = int(saved.count)  # values per channel behind the statistics
+        self.count = saved.count()
         # Prefix BNs add only their direct term to the gradient buffer; the term through the
         # batch statistics is summed per channel and added once, just before the layer that
         # wrote a channel reads its gradient (every reader of the channel is done by then).

@@ -38,16 +38,21 @@ from .spec import (
     StemParams,
     StemSpec,
     from_op_arguments,
+    is_synchronised,
     op_arguments,
     op_schema,
     split_block_params,
 )
 from .stem import StemSaved
-from .validation import output_size
 
 
-def _count_tensor(count: int, fake: bool) -> torch.Tensor:
-    # The count as a CPU scalar: synchronised statistics know it only at run time.
+def _merged_count(count: int, synchronised: bool, fake: bool) -> torch.Tensor | None:
+    """What a forward op returns of its values per channel: with synchronised statistics a
+    CPU scalar (the ranks' batches decide it at run time), else nothing (each reader derives
+    it from a shape). A CPU tensor among a graph's outputs keeps inductor's CUDA graphs from
+    capturing it, so the usual, unsynchronised call has none."""
+    if not synchronised:
+        return None
     return torch.empty((), dtype=torch.int64) if fake else torch.tensor(count)
 
 
@@ -70,23 +75,26 @@ def _no_grads(args) -> tuple:
 # ---- running statistics ----------------------------------------------------------------
 
 def _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var,
-                                 momentum, count):
+                                 momentum, count, merged_count):
+    if merged_count is not None:
+        count = int(merged_count)
     batchnorm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
-                                   mean, var, int(count))
+                                   mean, var, count)
 
 
 library.define(
     "update_running_stats",
     "(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor(c!)[] num_batches_tracked, "
-    "Tensor[] mean, Tensor[] var, float?[] momentum, Tensor count) -> ()",
+    "Tensor[] mean, Tensor[] var, float?[] momentum, SymInt count, Tensor? merged_count) -> ()",
     kernel=_update_running_stats_kernel, fake=lambda *args: None)
 
 
-def update_running_stats(updates, count) -> None:
+def update_running_stats(updates, count, merged_count=None, *, through_op: bool = False) -> None:
     """Fold ``(BatchNormSpec, batch mean, batch var)`` updates into the running statistics
-    (:func:`ops.batchnorm.update_running_stats`); ``count`` (values per channel):
-    an int, or the CPU scalar tensor a forward op returned, then through the op
-    ``densenet_fast::update_running_stats``, whose mutations are declared."""
+    (:func:`ops.batchnorm.update_running_stats`), ``count`` values per channel behind the
+    batch statistics, or ``merged_count`` (the CPU scalar a synchronised forward op returned)
+    when not None. ``through_op``: by the op ``densenet_fast::update_running_stats``, whose
+    mutations are declared (after a forward op, which ``torch.compile`` keeps opaque)."""
     if not updates:
         return
     norms = [norm for norm, _, _ in updates]
@@ -94,10 +102,10 @@ def update_running_stats(updates, count) -> None:
              [n.num_batches_tracked for n in norms], [mean for _, mean, _ in updates],
              [var for _, _, var in updates], [n.momentum for n in norms])
     with torch.no_grad():
-        if isinstance(count, torch.Tensor):
-            torch.ops.densenet_fast.update_running_stats(*lists, count)
+        if through_op:
+            torch.ops.densenet_fast.update_running_stats(*lists, count, merged_count)
         else:
-            _update_running_stats_kernel(*lists, count)
+            _update_running_stats_kernel(*lists, count, merged_count)
 
 
 # ---- the block's ops -------------------------------------------------------------------
@@ -114,7 +122,8 @@ def _block_forward_kernel(x, params, running, *settings, fake: bool = False):
         # The buffer is saved for backward; the caller gets its own copy, which it may
         # modify in place (an in-place ReLU after a block, as after torchvision's cat).
         out = out.clone()
-    return [out, *BlockSaved.of(fwd, _count_tensor(fwd.count, fake)).tensors()]
+    merged = _merged_count(fwd.count, is_synchronised(BlockSpec, settings), fake)
+    return [out, *BlockSaved.of(fwd, merged).tensors()]
 
 
 def _block_backward_kernel(grad_out, saved, params, running, *rest):
@@ -225,8 +234,8 @@ def _stem_forward_kernel(x, params, running, *settings, fake: bool = False):
     """``[out, *saved]``: the stem's output, then ``StemSaved.tensors()``."""
     spec = from_op_arguments(StemSpec, running, settings, synchronised=not fake)
     out, saved, count = stem_computation.forward(x, spec, StemParams(*params))
-    saved = replace(saved.for_backward(spec), count=_count_tensor(count, fake))
-    return [out, *saved.tensors()]
+    merged = _merged_count(count, is_synchronised(StemSpec, settings), fake)
+    return [out, *replace(saved.for_backward(spec), merged_count=merged).tensors()]
 
 
 def _stem_backward_kernel(grad_out, x, saved, params, running, *rest):
@@ -247,9 +256,8 @@ def _stem_backward_fake(grad_out, x, saved, params, running, *rest):
 
 def _stem_conv_flops(spec: StemSpec, x_shape, conv_weight) -> int:
     n, _, *size = x_shape
-    out = [output_size(size[i], conv_weight[2 + i], spec.conv_stride[i], spec.conv_padding[i],
-                       spec.conv_dilation[i]) for i in range(2)]
-    return _conv_flops(n * out[0] * out[1], conv_weight)  # weight: C_in / groups wide
+    h, w = spec.conv_output_plane(size, conv_weight[2:])
+    return _conv_flops(n * h * w, conv_weight)  # weight: C_in / groups wide
 
 
 def _stem_forward_flops(x, params, running, *settings, out_shape=None, **kwargs) -> int:
@@ -386,9 +394,10 @@ def _run_block_forward_op(x, spec: BlockSpec, params):
     running, settings = op_arguments(spec)
     out, *saved = dense_block_forward(x, list(params), running, *settings)
     kept = BlockSaved.load(saved, spec)
+    n, _, h, w = x.shape
     update_running_stats(
         running_stats_updates(spec, x.shape[1], kept.mean, kept.var, kept.norm2_batch),
-        kept.count)
+        n * h * w, kept.merged_count, through_op=True)
     return out, saved
 
 
@@ -486,7 +495,10 @@ def _run_stem_forward_op(x, spec: StemSpec, params: StemParams):
     (never recorded for autograd)."""
     running, settings = op_arguments(spec)
     out, *saved = stem_forward(x, list(params), running, *settings)
-    update_running_stats(StemSaved.load(saved, spec).running_stats_updates(spec), saved[-1])
+    kept = StemSaved.load(saved, spec)
+    h, w = spec.conv_output_plane(x.shape[2:], params.conv_weight.shape[2:])
+    update_running_stats(kept.running_stats_updates(spec), x.shape[0] * h * w,
+                         kept.merged_count, through_op=True)
     return out, saved
 
 

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from .sync import StatsSync
+from .validation import output_size
 
 
 def setting(schema_type: str, *, default=MISSING, encode=None, decode=None):
@@ -185,6 +186,12 @@ class StemSpec:
         """``conv2d``'s arguments after the input and weight (no bias)."""
         return self.conv_stride, self.conv_padding, self.conv_dilation, self.conv_groups
 
+    def conv_output_plane(self, size, kernel) -> tuple[int, int]:
+        """conv0's output ``(height, width)`` for an input plane of ``size`` and a kernel of
+        ``kernel`` (each ``(height, width)``)."""
+        return tuple(output_size(size[i], kernel[i], self.conv_stride[i], self.conv_padding[i],
+                                 self.conv_dilation[i]) for i in range(2))
+
 
 Spec = BlockSpec | StemSpec
 
@@ -246,6 +253,14 @@ def from_op_arguments(spec_cls: type, running, settings, synchronised: bool = Tr
         norms.append(BatchNormSpec(*stats, None, None, **norm))
     structure = spec_cls(**_placeholder_norms(spec_cls), **values)
     return structure.with_norms(norms)
+
+
+def is_synchronised(spec_cls: type, settings) -> bool:
+    """Whether the op arguments ``settings`` of a ``spec_cls`` name a process group to merge
+    batch statistics over, read without looking the group up (as a fake implementation
+    must: its spec, decoded with ``synchronised=False``, has no ``sync``)."""
+    return any(s.name == "sync" and value != ""
+               for s, value in zip(_SETTINGS[spec_cls], settings, strict=False))
 
 
 def _placeholder_norms(spec_cls: type) -> dict:

@@ -33,19 +33,23 @@ class StemSaved:
     conv_out: torch.Tensor | None  # conv0's output; None where backward recomputes it
     mean: torch.Tensor | None  # norm0's batch statistics; None with running statistics
     var: torch.Tensor | None
-    count: torch.Tensor  # values per channel behind the statistics (every rank's), on the CPU
+    # Values per channel behind the statistics, merged over every rank: a CPU scalar, kept
+    # only when synchronised; else None, and backward reads it off conv0's output (as
+    # block.BlockSaved does).
+    merged_count: torch.Tensor | None
 
     def tensors(self) -> list:
         kept = [self.conv_out] if self.conv_out is not None else []
         stats = [self.mean, self.var] if self.mean is not None else []
-        return [*kept, *stats, self.count]
+        count = [self.merged_count] if self.merged_count is not None else []
+        return [*kept, *stats, *count]
 
     @classmethod
     def load(cls, tensors, spec: StemSpec) -> StemSaved:
         saved = iter(tensors)
         conv_out = next(saved) if not spec.recompute_bottleneck else None
         mean, var = (next(saved), next(saved)) if spec.norm.batch_stats else (None, None)
-        return cls(conv_out, mean, var, next(saved))
+        return cls(conv_out, mean, var, next(saved) if spec.sync is not None else None)
 
     def for_backward(self, spec: StemSpec) -> StemSaved:
         """What backward needs of it: no conv0 output where backward recomputes it."""
@@ -68,10 +72,18 @@ def _mean_invstd(spec: StemSpec, saved: StemSaved, dtype: torch.dtype):
     return saved.mean, torch.rsqrt(saved.var + spec.norm.eps)
 
 
+def _count(saved: StemSaved, conv_out: torch.Tensor) -> int:
+    """Values per channel behind norm0's statistics (every rank's when synchronised)."""
+    if saved.merged_count is not None:
+        return int(saved.merged_count)
+    n, _, h, w = conv_out.shape
+    return n * h * w
+
+
 def forward(x, spec: StemSpec, params: StemParams) -> tuple[torch.Tensor, StemSaved, int]:
     """``(max_pool(relu(bn(conv(x)))), saved, count)``, ``saved`` holding conv0's output
-    whatever the spec (see :meth:`StemSaved.for_backward`) and a count tensor to be filled
-    by the caller; ``count`` values per channel, over every rank when synchronised. Running
+    whatever the spec (see :meth:`StemSaved.for_backward`), its merged count left to the
+    caller; ``count`` values per channel, over every rank when synchronised. Running
     statistics are left to the caller."""
     conv_out = _conv(spec, x, params.conv_weight)
     n, _, h, w = conv_out.shape
@@ -98,7 +110,7 @@ def backward(grad_out, x, spec: StemSpec, params: StemParams, saved: StemSaved,
                                        params.norm_bias, spec.pool_args())
     grad, dnorm_weight, dnorm_bias = norm_backward(
         grad, conv_out, mean, invstd, params.norm_weight, batch_stats=spec.norm.batch_stats,
-        sync=spec.sync, count=int(saved.count))
+        sync=spec.sync, count=_count(saved, conv_out))
     grad_x, dconv = conv_layout.conv2d_backward(grad, x, params.conv_weight, *spec.conv_args(),
                                               (input_grad, True))
     return grad_x, dconv, dnorm_weight, dnorm_bias

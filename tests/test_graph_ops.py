@@ -59,10 +59,11 @@ def test_block_forward_keeps_what_eager_keeps():
                                               running, *args)
         fwd = BlockForward(torch.randn(2, 3, 4, 4), spec, _detached(params), keep=True)
         fwd.run()
-        expected = BlockSaved.of(fwd, torch.tensor(fwd.count)).tensors()
+        expected = BlockSaved.of(fwd, None).tensors()
         assert [t.shape for t in saved] == [t.shape for t in expected]
         kept_layers = 3 - backward_from
-        assert len(saved) == 1 + (0 if recompute else kept_layers) + 2 * 3 + kept_layers + 2 + 1
+        # No count: unsynchronised, backward reads it off the buffer's shape.
+        assert len(saved) == 1 + (0 if recompute else kept_layers) + 2 * 3 + kept_layers + 2
 
 
 def _stem_case(training, recompute, dtype=torch.float32):
@@ -88,8 +89,9 @@ def test_stem_ops(training, recompute, channels_last, dtype):
     torch.library.opcheck(graph.stem_forward, forward_args, test_utils=CHECKS)
 
     out, *saved = graph.stem_forward(*forward_args)
-    # conv0's output unless recomputed, the batch mean and variance in training, the count.
-    assert len(saved) == (0 if recompute else 1) + (2 if training else 0) + 1
+    # conv0's output unless recomputed, the batch mean and variance in training (no count:
+    # unsynchronised, backward reads it off conv0's output).
+    assert len(saved) == (0 if recompute else 1) + (2 if training else 0)
     grad_out = _layout(torch.randn_like(out), channels_last)
     for input_grad in (False, True):
         torch.library.opcheck(graph.stem_backward,
@@ -122,7 +124,11 @@ def _without_running_updates(spec):
     return spec.with_norms([strip(norm) for norm in spec.norms()])
 
 
-def test_update_running_stats_op_declares_its_mutations():
+# The count of values per channel: this batch's, or (synchronised) every rank's, which the
+# forward op returned as a CPU scalar and which takes precedence.
+@pytest.mark.parametrize("count, merged_count", [(8, None), (3, torch.tensor(8))],
+                         ids=["local", "merged"])
+def test_update_running_stats_op_declares_its_mutations(count, merged_count):
     # Two BNs share a momentum (one group of _foreach ops), one averages cumulatively.
     batch = ([torch.randn(3), torch.randn(2), torch.randn(4)],
              [torch.rand(3), torch.rand(2), torch.rand(4)])
@@ -131,7 +137,7 @@ def test_update_running_stats_op_declares_its_mutations():
         means = [torch.zeros(3), torch.zeros(2), torch.full((4,), 2.0)]
         vars_ = [torch.ones(3), torch.ones(2), torch.ones(4)]
         tracked = [torch.tensor(0), torch.tensor(4), torch.tensor(7)]
-        return means, vars_, tracked, *batch, [0.1, None, 0.1], torch.tensor(8)
+        return means, vars_, tracked, *batch, [0.1, None, 0.1], count, merged_count
 
     torch.library.opcheck(torch.ops.densenet_fast.update_running_stats, op_args(),
                           test_utils=CHECKS)
@@ -143,3 +149,51 @@ def test_update_running_stats_op_declares_its_mutations():
     torch.testing.assert_close(vars_[0], 0.9 + 0.1 * batch[1][0] * 8 / 7)
     torch.testing.assert_close(vars_[2], 0.9 + 0.1 * batch[1][2] * 8 / 7)
     assert [int(t) for t in tracked] == [1, 5, 8]
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone: enough for a synchronised op to run."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["block", "stem"])
+def test_only_synchronised_forward_ops_return_a_count(case, one_rank_group):
+    """Synchronised, the forward ops return the values per channel over every rank as a CPU
+    scalar, and their fakes give it too (opcheck compares them); unsynchronised they return
+    none (a CPU tensor among the outputs would keep a CUDA graph from capturing them), and
+    backward reads the count off a shape."""
+    from densenet_fast.sync import StatsSync
+
+    if case == "block":
+        spec, params = block_case(c0=3, k=2, layers=2, tail=Tail.TRANSITION,
+                                  dtype=torch.float32)
+        params, x, values = _detached(params), torch.randn(2, 3, 4, 6), 2 * 4 * 6
+        forward, backward = graph.dense_block_forward, graph.dense_block_backward
+    else:
+        spec, params = _stem_case(training=True, recompute=True)
+        x, values = torch.randn(2, 3, 16, 12), 2 * 8 * 6  # conv0's output plane
+        forward, backward = graph.stem_forward, graph.stem_backward
+    counts, grads = [], []
+    for sync in (None, StatsSync(None)):
+        running, args = op_arguments(dataclasses.replace(spec, sync=sync))
+        torch.library.opcheck(forward, (x, params, running, *args), test_utils=CHECKS)
+        out, *saved = forward(x, params, running, *args)
+        counts.append([t for t in saved if t.dtype == torch.int64])
+        inputs = (x,) if case == "stem" else ()
+        backward_args = (torch.ones_like(out), *inputs, saved, params, running, *args, True)
+        torch.library.opcheck(backward, backward_args, test_utils=CHECKS)
+        grads.append(backward(*backward_args))
+    assert counts[0] == []
+    (count,) = counts[1]
+    assert count.device.type == "cpu" and count.dim() == 0 and int(count) == values
+    # One rank: the synchronised gradients are the unsynchronised ones.
+    for local, merged in zip(*grads, strict=True):
+        torch.testing.assert_close(merged, local)
