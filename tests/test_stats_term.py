@@ -20,12 +20,12 @@ CASE_IDS = ["slice", "whole", "1x1-planes", "one-channel"]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
-def _op(kernels: str):
+def _op(kernels: str, name: str = "add_stats_term"):
     if kernels == "compiled":
         if not cpp_active:
             pytest.skip("C++ backend not active here (test_backends.py fails where it should be)")
-        return torch.ops.densenet_fast.add_stats_term
-    return torch_impl.add_stats_term
+        return getattr(torch.ops.densenet_fast, name)
+    return getattr(torch_impl, name)
 
 
 def _buffer(shape, dtype, layout):
@@ -49,10 +49,11 @@ def _case(case, dtype, layout, seed=0):
     return grad, x, kx, k0
 
 
-def test_compiled_kernel_serves_the_op_on_cpu():
+@pytest.mark.parametrize("name", ["add_stats_term", "add_stats_coefficients"])
+def test_compiled_kernel_serves_the_op_on_cpu(name):
     if not cpp_active:
         pytest.skip("C++ backend not active here (test_backends.py fails where it should be)")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("densenet_fast::add_stats_term", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"densenet_fast::{name}", "CPU")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -143,10 +144,12 @@ def _coefficient_args(channels=6, stats=torch.float32, params=torch.float32, see
                 dweight=dweight, dbias=dbias, count=37)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("stats, params", [(torch.float64, torch.float64),
                                            (torch.float32, torch.float32),
-                                           (torch.float32, torch.bfloat16)], ids=str)
-def test_coefficients_add_the_gradient_through_the_statistics(stats, params):
+                                           (torch.float32, torch.bfloat16),
+                                           (torch.float32, torch.float64)], ids=str)
+def test_coefficients_add_the_gradient_through_the_statistics(stats, params, kernels):
     """``kx -= w invstd^2 dw / n`` and ``k0 += w invstd (mean invstd dw - db) / n``, in place
     on the heads of longer vectors, against the formula in float64."""
     args = _coefficient_args(stats=stats, params=params)
@@ -157,10 +160,26 @@ def test_coefficients_add_the_gradient_through_the_statistics(stats, params):
     want_kx = wide["kx"] - s * wide["invstd"] * wide["dweight"] / 37
     want_k0 = wide["k0"] + s * (wide["mean"] * wide["invstd"] * wide["dweight"]
                                 - wide["dbias"]) / 37
-    torch.ops.densenet_fast.add_stats_coefficients(*args.values())
+    _op(kernels, "add_stats_coefficients")(*args.values())
     assert_close(args["kx"], want_kx, stats, "kx")
     assert_close(args["k0"], want_k0, stats, "k0")
     assert torch.equal(whole[:, 6:], before[:, 6:])  # past the heads: untouched
+
+
+def test_coefficients_of_strided_views_match_the_reference():
+    """Coefficients that are every other element of a wider tensor (the contract takes any
+    1-D vectors), and a count whose reciprocal float32 rounds: the compiled kernel gives the
+    reference kernel's values."""
+    if not cpp_active:
+        pytest.skip("C++ backend not active here (test_backends.py fails where it should be)")
+    args = _coefficient_args(channels=7)
+    results = []
+    for kernels in KERNELS:
+        pairs = torch.randn(7, 2, generator=torch.Generator().manual_seed(3))
+        case = {**args, "kx": pairs[:, 0], "k0": pairs[:, 1], "count": 3 * 7 * 11}
+        _op(kernels, "add_stats_coefficients")(*case.values())
+        results.append(pairs)
+    torch.testing.assert_close(results[0], results[1], rtol=2e-6, atol=1e-6)
 
 
 COEFFICIENT_BAD_ARGS = [
@@ -180,15 +199,17 @@ COEFFICIENT_BAD_ARGS = [
 ]
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("bad", COEFFICIENT_BAD_ARGS, ids=[b[0] for b in COEFFICIENT_BAD_ARGS])
-def test_coefficients_reject_bad_arguments_before_computing(bad):
+def test_coefficients_reject_bad_arguments_before_computing(bad, kernels):
+    op = _op(kernels, "add_stats_coefficients")
     _, change, error, message = bad
     args = _coefficient_args()
     whole = args["kx"]._base
     before = whole.clone()
     args.update(change(args))
     with pytest.raises(error, match=message):
-        torch.ops.densenet_fast.add_stats_coefficients(*args.values())
+        op(*args.values())
     assert torch.equal(whole, before)
 
 
