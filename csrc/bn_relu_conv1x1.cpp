@@ -771,7 +771,8 @@ struct BackwardData {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g;
   const bool two_pass;  // stats_grad: g waits in `store` until its chunk's sums are known
-  at::Tensor scale_t, shift_t, mean_t, invstd_t, gamma_t;  // acc_t, [C]
+  at::Tensor scale_t, shift_t;  // acc_t, [C]
+  const AccVector<acc_t> mean_v, invstd_v, gamma_v;
   const acc_t *scale, *shift, *mean, *invstd, *gamma;
   const scalar_t* x;          // the buffer
   const scalar_t* grad_out;
@@ -797,18 +798,14 @@ struct BackwardData {
                const at::Tensor& buffer, const at::Tensor& mean_, const at::Tensor& invstd_,
                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                const at::Tensor& conv_weight, const at::Tensor& grad_buffer)
-      : g(g_), two_pass(stats_grad) {
+      : g(g_), two_pass(stats_grad), mean_v(mean_), invstd_v(invstd_), gamma_v(bn_weight) {
     std::tie(scale_t, shift_t) = scale_shift<acc_t>(mean_, invstd_, bn_weight, bn_bias);
-    const auto acc_type = scale_t.scalar_type();
-    mean_t = mean_.detach().to(acc_type).contiguous();
-    invstd_t = invstd_.detach().to(acc_type).contiguous();
-    gamma_t = bn_weight.detach().to(acc_type).contiguous();
     weight_2d = conv_weight.detach().reshape({g.out_channels, g.channels});
     scale = scale_t.template data_ptr<acc_t>();
     shift = shift_t.template data_ptr<acc_t>();
-    mean = mean_t.template data_ptr<acc_t>();
-    invstd = invstd_t.template data_ptr<acc_t>();
-    gamma = gamma_t.template data_ptr<acc_t>();
+    mean = mean_v.data();
+    invstd = invstd_v.data();
+    gamma = gamma_v.data();
     x = buffer.template const_data_ptr<scalar_t>();
     grad_out = grad_out_.template const_data_ptr<scalar_t>();
     grad_x = grad_buffer.template mutable_data_ptr<scalar_t>();

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace densenet_fast {
 namespace {
@@ -113,15 +114,67 @@ void bn_relu_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale
   }
 }
 
-// Mirrors densenet_fast.ops.batchnorm.scale_shift, in acc_t.
+// The values of t, a 1-D tensor of any floating dtype and stride, as acc_t in out[0, size).
+template <typename acc_t>
+void read_as(const at::Tensor& t, acc_t* out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "read_as", [&] {
+    const scalar_t* src = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.stride(0);
+    for (int64_t c = 0; c < t.size(0); ++c) out[c] = static_cast<acc_t>(src[c * stride]);
+  });
+}
+
+// A BN vector (1-D, any floating dtype) read as acc_t: the tensor's own memory where it is
+// acc_t with unit stride, else a converted copy. The kernels read their per-channel vectors
+// through it instead of ATen conversions: at small shapes the dispatch of each (a detach, a
+// to, a mul...) cost more than the kernel's arithmetic.
+template <typename acc_t>
+class AccVector {
+ public:
+  explicit AccVector(const at::Tensor& t) {
+    if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value &&
+        (t.size(0) <= 1 || t.stride(0) == 1)) {
+      data_ = t.const_data_ptr<acc_t>();
+    } else {
+      copy_.resize(t.size(0));
+      read_as(t, copy_.data());
+      data_ = copy_.data();
+    }
+  }
+  AccVector(const AccVector&) = delete;  // data_ may point into copy_
+  AccVector& operator=(const AccVector&) = delete;
+
+  const acc_t* data() const { return data_; }
+  acc_t operator[](int64_t c) const { return data_[c]; }
+
+ private:
+  std::vector<acc_t> copy_;
+  const acc_t* data_ = nullptr;
+};
+
+// Mirrors densenet_fast.ops.batchnorm.scale_shift, in acc_t: scale = invstd * weight,
+// shift = bias - mean * scale, each product rounded to acc_t as the reference's tensor ops
+// round it. One loop over the channels, two allocations, no ATen operations.
 template <typename acc_t>
 std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& invstd,
                                               const at::Tensor& weight, const at::Tensor& bias) {
-  const auto type = c10::CppTypeToScalarType<acc_t>::value;
-  at::NoGradGuard no_grad;
-  at::Tensor scale = invstd.detach().to(type) * weight.detach().to(type);
-  at::Tensor shift = bias.detach().to(type) - mean.detach().to(type) * scale;
-  return {scale.contiguous(), shift.contiguous()};
+  const int64_t channels = mean.size(0);
+  const auto options = mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor scale_t = at::empty({channels}, options), shift_t = at::empty({channels}, options);
+  acc_t* scale = scale_t.mutable_data_ptr<acc_t>();
+  acc_t* shift = shift_t.mutable_data_ptr<acc_t>();
+  read_as(weight, scale);
+  read_as(bias, shift);
+  const AccVector<acc_t> m(mean), s(invstd);
+  for (int64_t c = 0; c < channels; ++c) {
+    scale[c] = s[c] * scale[c];
+    // Rounded before the subtraction, as the reference's two tensor operations round it:
+    // GCC contracts `b - m * s` into a fused multiply-add (-ffp-contract=fast is its default
+    // for C++), which differs in the last bit; volatile keeps the product a product.
+    const volatile acc_t centred = m[c] * scale[c];
+    shift[c] = shift[c] - centred;
+  }
+  return {scale_t, shift_t};
 }
 
 }  // namespace
