@@ -7,6 +7,7 @@
 #include "bn_relu.cpp"
 #include "bn_relu_conv1x1.cpp"
 #include "bn_relu_max_pool.cpp"
+#include "running_stats.cpp"
 #include "stats_term.cpp"
 
 #define DENSENET_FAST_CONCAT_(a, b) a##b

@@ -89,12 +89,14 @@ library.define(
     kernel=_update_running_stats_kernel, fake=lambda *args: None)
 
 
-def update_running_stats(updates, count, merged_count=None, *, through_op: bool = False) -> None:
+def update_running_stats(updates, count, merged_count=None) -> None:
     """Fold ``(BatchNormSpec, batch mean, batch var)`` updates into the running statistics
     (:func:`ops.batchnorm.update_running_stats`), ``count`` values per channel behind the
     batch statistics, or ``merged_count`` (the CPU scalar a synchronised forward op returned)
-    when not None. ``through_op``: by the op ``densenet_fast::update_running_stats``, whose
-    mutations are declared (after a forward op, which ``torch.compile`` keeps opaque)."""
+    when not None. By the op ``densenet_fast::update_running_stats``, whose mutations are
+    declared (``torch.compile`` keeps the forward ops opaque) and whose CPU kernel is C++;
+    while ``torch.export`` traces, by its ATen operations (the exported program needs no
+    densenet_fast)."""
     if not updates:
         return
     norms = [norm for norm, _, _ in updates]
@@ -102,10 +104,10 @@ def update_running_stats(updates, count, merged_count=None, *, through_op: bool 
              [n.num_batches_tracked for n in norms], [mean for _, mean, _ in updates],
              [var for _, _, var in updates], [n.momentum for n in norms])
     with torch.no_grad():
-        if through_op:
-            torch.ops.densenet_fast.update_running_stats(*lists, count, merged_count)
-        else:
+        if torch.compiler.is_exporting():
             _update_running_stats_kernel(*lists, count, merged_count)
+        else:
+            torch.ops.densenet_fast.update_running_stats(*lists, count, merged_count)
 
 
 # ---- the block's ops -------------------------------------------------------------------
@@ -397,7 +399,7 @@ def _run_block_forward_op(x, spec: BlockSpec, params):
     n, _, h, w = x.shape
     update_running_stats(
         running_stats_updates(spec, x.shape[1], kept.mean, kept.var, kept.norm2_batch),
-        n * h * w, kept.merged_count, through_op=True)
+        n * h * w, kept.merged_count)
     return out, saved
 
 
@@ -498,7 +500,7 @@ def _run_stem_forward_op(x, spec: StemSpec, params: StemParams):
     kept = StemSaved.load(saved, spec)
     h, w = spec.conv_output_plane(x.shape[2:], params.conv_weight.shape[2:])
     update_running_stats(kept.running_stats_updates(spec), x.shape[0] * h * w,
-                         kept.merged_count, through_op=True)
+                         kept.merged_count)
     return out, saved
 
 

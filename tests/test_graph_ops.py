@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 from helpers import block_case, norm_state_case
+from tolerances import assert_close
 
 from densenet_fast import graph
 from densenet_fast.block import BlockForward, BlockSaved
@@ -142,7 +143,11 @@ def test_update_running_stats_op_declares_its_mutations(count, merged_count):
     torch.library.opcheck(torch.ops.densenet_fast.update_running_stats, op_args(),
                           test_utils=CHECKS)
     means, vars_, tracked, *_ = fresh = op_args()
+    versions = [t._version for t in (*means, *vars_, *tracked)]
     torch.ops.densenet_fast.update_running_stats(*fresh)
+    # Modified in place as far as autograd knows, whichever kernel ran (the CPU's is C++).
+    assert all(t._version > v for t, v in zip((*means, *vars_, *tracked), versions,
+                                              strict=True))
     torch.testing.assert_close(means[0], 0.1 * batch[0][0])
     torch.testing.assert_close(means[1], batch[0][1] / 5)  # momentum None: 1 / batches
     torch.testing.assert_close(means[2], 0.9 * 2.0 + 0.1 * batch[0][2])
@@ -197,3 +202,37 @@ def test_only_synchronised_forward_ops_return_a_count(case, one_rank_group):
     # One rank: the synchronised gradients are the unsynchronised ones.
     for local, merged in zip(*grads, strict=True):
         torch.testing.assert_close(merged, local)
+
+
+@pytest.mark.parametrize("running_dtype, batch_dtype", [
+    (torch.float32, torch.float32), (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float32)], ids=str)
+def test_running_stats_kernels_agree(running_dtype, batch_dtype):
+    """The op's kernel on the CPU (C++ where built) against the reference's ``_foreach``
+    operations, for the running-statistics dtypes a model can hold (``model.double()``,
+    ``.bfloat16()``, ``.half()``), over three steps with a momentum and a cumulative one."""
+    generator = torch.Generator().manual_seed(0)
+
+    def state():
+        return ([torch.zeros(5, dtype=running_dtype), torch.full((3,), 0.5, dtype=running_dtype)],
+                [torch.ones(5, dtype=running_dtype), torch.ones(3, dtype=running_dtype)],
+                [torch.tensor(0), torch.tensor(2)])
+
+    kernel, reference = state(), state()
+    for _ in range(3):
+        batch = ([torch.randn(5, dtype=batch_dtype, generator=generator),
+                  torch.randn(3, dtype=batch_dtype, generator=generator)],
+                 [torch.rand(5, dtype=batch_dtype, generator=generator),
+                  torch.rand(3, dtype=batch_dtype, generator=generator)])
+        torch.ops.densenet_fast.update_running_stats(*kernel, *batch, [0.1, None], 12, None)
+        graph._update_running_stats_kernel(*reference, *batch, [0.1, None], 12, None)
+    # Not bitwise: ATen's vectorised add fuses the multiply-add where the C++ loop rounds the
+    # product; the counters exactly.
+    for what, got, want in zip(("running_mean", "running_var", "num_batches_tracked"), kernel,
+                               reference, strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype
+            if g.is_floating_point():
+                assert_close(g, w, what=what)
+            else:
+                assert torch.equal(g, w), what
