@@ -72,6 +72,12 @@ def _no_grads(args) -> tuple:
         isinstance(t, torch.Tensor) for t in a) else None for a in args)
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` traces (its default, non-strict mode): under dynamo, torch
+    2.11 answers ``is_exporting()`` True for ``torch.compile`` too."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+
+
 # ---- running statistics ----------------------------------------------------------------
 
 def _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var,
@@ -104,7 +110,7 @@ def update_running_stats(updates, count, merged_count=None) -> None:
              [n.num_batches_tracked for n in norms], [mean for _, mean, _ in updates],
              [var for _, _, var in updates], [n.momentum for n in norms])
     with torch.no_grad():
-        if torch.compiler.is_exporting():
+        if _exporting():
             _update_running_stats_kernel(*lists, count, merged_count)
         else:
             torch.ops.densenet_fast.update_running_stats(*lists, count, merged_count)
@@ -312,10 +318,8 @@ stem_forward = library.define(
 def _needs_graph_node(x, params) -> bool:
     """Whether a gradient is needed. torch.export traces the forward alone: there the ATen
     ops are traced instead of the ops of this module, so that the exported program (and an
-    ONNX file made from it) needs no densenet_fast to run. (Export's default, non-strict
-    mode; under dynamo, torch 2.11 answers ``is_exporting()`` True for torch.compile too.)"""
-    exporting = torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
-    return (torch.is_grad_enabled() and not exporting
+    ONNX file made from it) needs no densenet_fast to run (:func:`_exporting`)."""
+    return (torch.is_grad_enabled() and not _exporting()
             and (x.requires_grad or any(p.requires_grad for p in params)))
 
 
