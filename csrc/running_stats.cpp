@@ -66,10 +66,9 @@ void fold(at::Tensor& running_t_, const at::Tensor& batch_t_, double batch_scale
   const acc_t keep = static_cast<acc_t>(1.0 - factor), take = static_cast<acc_t>(factor);
   const batch_acc_t scale = static_cast<batch_acc_t>(batch_scale);
   for (int64_t c = 0; c < running_t_.size(0); ++c) {
-    const batch_t scaled = batch_scale == 1.0
-                               ? batch[c * bs]
-                               : static_cast<batch_t>(static_cast<batch_acc_t>(batch[c * bs]) *
-                                                      scale);
+    // A scale of 1 (the mean) is exact: the value passes unchanged.
+    const batch_t scaled =
+        static_cast<batch_t>(static_cast<batch_acc_t>(batch[c * bs]) * scale);
     const running_t value = static_cast<running_t>(scaled);
     const running_t kept = static_cast<running_t>(static_cast<acc_t>(running[c * rs]) * keep);
     running[c * rs] =

@@ -164,20 +164,10 @@ void add_stats_coefficients_into(at::Tensor& kx_t, at::Tensor& k0_t, const at::T
                                  const at::Tensor& invstd_t, const at::Tensor& weight_t,
                                  const at::Tensor& dweight_t, const at::Tensor& dbias_t,
                                  int64_t count) {
-  // The parameters and their gradients in the coefficients' dtype (no copy where they are
-  // already: float32 parameters under autocast, float64 in gradcheck), as the reference
-  // converts them.
-  const auto as_acc = [&](const at::Tensor& t) {
-    return t.to(kx_t.scalar_type()).contiguous();
-  };
-  const at::Tensor mean_c = mean_t.contiguous(), invstd_c = invstd_t.contiguous();
-  const at::Tensor weight_c = as_acc(weight_t), dweight_c = as_acc(dweight_t),
-                   dbias_c = as_acc(dbias_t);
-  const acc_t* mean = mean_c.const_data_ptr<acc_t>();
-  const acc_t* invstd = invstd_c.const_data_ptr<acc_t>();
-  const acc_t* weight = weight_c.const_data_ptr<acc_t>();
-  const acc_t* dweight = dweight_c.const_data_ptr<acc_t>();
-  const acc_t* dbias = dbias_c.const_data_ptr<acc_t>();
+  // Every vector in the coefficients' dtype, read in place where it already is (float32
+  // parameters under autocast, float64 in gradcheck), as the reference converts them.
+  const AccVector<acc_t> mean(mean_t), invstd(invstd_t), weight(weight_t), dweight(dweight_t),
+      dbias(dbias_t);
   acc_t* kx = kx_t.mutable_data_ptr<acc_t>();
   acc_t* k0 = k0_t.mutable_data_ptr<acc_t>();
   const int64_t kx_stride = kx_t.stride(0), k0_stride = k0_t.stride(0);

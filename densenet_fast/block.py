@@ -55,7 +55,7 @@ from .spec import (
     flat_block_params,
     split_block_params,
 )
-from .sync import norm_backward
+from .sync import norm_backward, values_per_channel
 
 
 def running_mean_invstd(state: BatchNormSpec, stats_dtype: torch.dtype):
@@ -305,13 +305,6 @@ class BlockSaved:
         merged_count = next(saved) if spec.sync is not None else None
         return cls(buffer, bottlenecks, norm2_batch, masks, mean, var, merged_count)
 
-    def count(self) -> int:
-        """Values per channel behind the statistics (every rank's when synchronised)."""
-        if self.merged_count is not None:
-            return int(self.merged_count)
-        n, _, h, w = self.buffer.shape
-        return n * h * w
-
 
 class BlockBackward:
     """Runs the block backward from what forward saved: the tail, then the layers in
@@ -324,7 +317,7 @@ class BlockBackward:
         self.stats_dtype = stats_dtype_for(buffer.dtype)
         total = buffer.shape[1]
         self.c0 = total - spec.num_layers * spec.growth_rate
-        self.count = saved.count()
+        self.count = values_per_channel(saved.merged_count, buffer)
         # Prefix BNs add only their direct term to the gradient buffer; the term through the
         # batch statistics is summed per channel and added once, just before the layer that
         # wrote a channel reads its gradient (every reader of the channel is done by then).

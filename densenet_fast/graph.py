@@ -400,10 +400,9 @@ def _run_block_forward_op(x, spec: BlockSpec, params):
     running, settings = op_arguments(spec)
     out, *saved = dense_block_forward(x, list(params), running, *settings)
     kept = BlockSaved.load(saved, spec)
-    n, _, h, w = x.shape
-    update_running_stats(
-        running_stats_updates(spec, x.shape[1], kept.mean, kept.var, kept.norm2_batch),
-        n * h * w, kept.merged_count)
+    n, c0, h, w = x.shape
+    update_running_stats(running_stats_updates(spec, c0, kept.mean, kept.var, kept.norm2_batch),
+                         n * h * w, kept.merged_count)
     return out, saved
 
 

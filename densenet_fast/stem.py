@@ -22,7 +22,7 @@ from .ops import bn_relu_max_pool2d, bn_relu_max_pool2d_backward, conv_layout
 from .ops.batchnorm import channel_stats
 from .ops.formats import memory_format_of, stats_dtype_for
 from .spec import StemParams, StemSpec
-from .sync import norm_backward
+from .sync import norm_backward, values_per_channel
 
 
 @dataclass
@@ -72,14 +72,6 @@ def _mean_invstd(spec: StemSpec, saved: StemSaved, dtype: torch.dtype):
     return saved.mean, torch.rsqrt(saved.var + spec.norm.eps)
 
 
-def _count(saved: StemSaved, conv_out: torch.Tensor) -> int:
-    """Values per channel behind norm0's statistics (every rank's when synchronised)."""
-    if saved.merged_count is not None:
-        return int(saved.merged_count)
-    n, _, h, w = conv_out.shape
-    return n * h * w
-
-
 def forward(x, spec: StemSpec, params: StemParams) -> tuple[torch.Tensor, StemSaved, int]:
     """``(max_pool(relu(bn(conv(x)))), saved, count)``, ``saved`` holding conv0's output
     whatever the spec (see :meth:`StemSaved.for_backward`), its merged count left to the
@@ -110,7 +102,7 @@ def backward(grad_out, x, spec: StemSpec, params: StemParams, saved: StemSaved,
                                        params.norm_bias, spec.pool_args())
     grad, dnorm_weight, dnorm_bias = norm_backward(
         grad, conv_out, mean, invstd, params.norm_weight, batch_stats=spec.norm.batch_stats,
-        sync=spec.sync, count=_count(saved, conv_out))
+        sync=spec.sync, count=values_per_channel(saved.merged_count, conv_out))
     grad_x, dconv = conv_layout.conv2d_backward(grad, x, params.conv_weight, *spec.conv_args(),
                                               (input_grad, True))
     return grad_x, dconv, dnorm_weight, dnorm_bias

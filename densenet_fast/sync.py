@@ -146,6 +146,16 @@ def sync_of(bn: torch.nn.Module) -> StatsSync | None:
     return StatsSync(group)
 
 
+def values_per_channel(merged_count: torch.Tensor | None, data: torch.Tensor) -> int:
+    """Values per channel behind batch statistics of ``data``: ``merged_count`` (the CPU
+    scalar a synchronised forward op returned, every rank's) where given, else ``data``'s
+    own N * H * W."""
+    if merged_count is not None:
+        return int(merged_count)
+    n, _, h, w = data.shape
+    return n * h * w
+
+
 def norm_backward(grad, x, mean, invstd, weight, *, batch_stats: bool,
                   sync: StatsSync | None, count: int):
     """A BN's ``(dx, dweight, dbias)``: :meth:`StatsSync.bn_backward` for a BN normalising
