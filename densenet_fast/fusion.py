@@ -209,9 +209,28 @@ def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> s
     else:
         if not bn.affine:
             return "has affine=False"
+        problem = _running_stats_problem(bn)
+        if problem is not None:
+            return problem
         width = bn.num_features
     if width != channels:
         return f"normalises {width} channels where {channels} arrive"
+    return None
+
+
+def _running_stats_problem(bn: nn.Module) -> str | None:
+    """Why ``bn``'s running-statistics buffers are in a state its own forward handles but
+    the fused BNs do not model (set by hand after construction), or None."""
+    if (bn.running_mean is None) != (bn.running_var is None):
+        return "has only one of running_mean and running_var"
+    if bn.training and bn.track_running_stats:
+        # nn.BatchNorm2d then counts the batch in num_batches_tracked even without running
+        # statistics to update, and without a counter folds with momentum 0 where momentum
+        # is None.
+        if bn.running_mean is None:
+            return "has track_running_stats=True but no running_mean and running_var"
+        if bn.num_batches_tracked is None:
+            return "has track_running_stats=True but no num_batches_tracked"
     return None
 
 

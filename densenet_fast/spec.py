@@ -71,11 +71,15 @@ class BatchNormSpec:
 
     @classmethod
     def of(cls, bn: torch.nn.Module) -> BatchNormSpec:
-        """An ``nn.BatchNorm2d``'s (or ``nn.SyncBatchNorm``'s) spec."""
-        tracking = bn.running_mean is not None
+        """An ``nn.BatchNorm2d``'s (or ``nn.SyncBatchNorm``'s) spec, decided as its forward
+        decides: batch statistics in training mode or without running statistics; the
+        running statistics updated in training mode only while ``track_running_stats`` is
+        set. A BN whose flag is cleared after construction keeps its buffers: in training it
+        normalises with the batch and leaves them alone, in eval it normalises with them."""
+        has_running = bn.running_mean is not None
         return cls(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps,
-                   batch_stats=bn.training or not tracking,
-                   update_running_stats=bn.training and tracking)
+                   batch_stats=bn.training or not has_running,
+                   update_running_stats=bn.training and bn.track_running_stats and has_running)
 
     def running(self) -> list:
         """The tensors an op reads for this BN: its running statistics, when it uses them."""

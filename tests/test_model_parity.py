@@ -168,6 +168,76 @@ def test_frozen_batchnorm_in_a_training_model(fast_cls):
     assert_models_match(fast, ref, dtype, "frozen BN")
 
 
+# BNs of each kind: the stem's, a norm1 and a norm2 of a block, a transition's, the final one.
+NORMS_OF_EACH_KIND = ["norm0", "denseblock1.denselayer1.norm1", "denseblock2.denselayer1.norm2",
+                      "transition1.norm", "norm5"]
+
+
+def _set_state(model, name, state):
+    bn = model.features.get_submodule(name)
+    bn.track_running_stats = False
+    if state == "no-buffers":  # test-time adaptation's recipe (TENT): batch statistics always
+        bn.running_mean = bn.running_var = None
+    elif state == "eval":
+        bn.eval()
+
+
+@pytest.mark.parametrize("state", ["buffers-kept", "no-buffers", "eval"])
+@pytest.mark.parametrize("name", NORMS_OF_EACH_KIND)
+def test_track_running_stats_cleared_after_construction(name, state, fast_cls):
+    """``bn.track_running_stats = False`` on a built model: in training the BN normalises
+    with the batch and leaves its buffers alone (they were updated before the fix); with
+    its buffers removed it uses the batch in eval too; in eval with them, the buffers."""
+    config, shape, dtype = CONFIGS["three-blocks-1ch"]
+    fast, ref = twins(fast_cls, NaiveDenseNet, dtype, **config)
+    for model in (fast, ref):
+        _set_state(model, name, state)
+    assert all(how.startswith("fused") for how in fast.fusion_report().values())
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    fast_out, fast_dx, fast_grads = train_steps(fast, x, y)
+    ref_out, ref_dx, ref_grads = train_steps(ref, x, y)
+    assert_close(fast_out[1], ref_out[1], dtype, f"logits, {name} {state}")
+    assert_close(fast_dx[1], ref_dx[1], dtype, f"input gradient, {name} {state}")
+    assert_grads_match(fast_grads[1], ref_grads[1], dtype, f"{name} {state}")
+    assert_models_match(fast, ref, dtype, f"{name} {state}")
+    if state == "buffers-kept":
+        bn = fast.features.get_submodule(name)
+        assert int(bn.num_batches_tracked) == 0 and bool((bn.running_var == 1).all())
+
+
+@pytest.mark.parametrize("state", ["one-buffer", "tracking-without-buffers", "no-counter"])
+def test_running_statistics_states_the_fused_bns_do_not_model_fall_back(state):
+    """Buffers set by hand into states that BatchNorm's own forward handles with rules of
+    its own: the block falls back to its modules (and says why) instead of computing
+    something else."""
+    config, shape, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    for model in (fast, ref):
+        bn = model.features.denseblock2.denselayer1.norm1
+        if state == "one-buffer":
+            bn.track_running_stats = False
+            bn.running_mean = None
+        elif state == "tracking-without-buffers":
+            bn.running_mean = bn.running_var = None
+        else:
+            bn.num_batches_tracked = None
+            bn.momentum = None  # without a counter, BatchNorm folds with factor 0
+    reason = {"one-buffer": "has only one of running_mean and running_var",
+              "tracking-without-buffers":
+                  "has track_running_stats=True but no running_mean and running_var",
+              "no-counter": "has track_running_stats=True but no num_batches_tracked"}[state]
+    report = fast.fusion_report()
+    assert report["features.denseblock1"].startswith("fused"), report
+    assert report["features.denseblock2"] == f"modules: denselayer1.norm1 {reason}", report
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    with pytest.warns(UserWarning, match=reason):
+        fast_out, _, fast_grads = train_steps(fast, x, y)
+    ref_out, _, ref_grads = train_steps(ref, x, y)
+    assert_close(fast_out[1], ref_out[1], dtype, f"logits, {state}")
+    assert_grads_match(fast_grads[1], ref_grads[1], dtype, state)
+    assert_models_match(fast, ref, dtype, state)
+
+
 def test_features_and_standalone_modules_keep_torchvision_semantics():
     config, shape, dtype = CONFIGS["three-blocks-1ch"]
     fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
