@@ -220,16 +220,20 @@ def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> s
 
 def _running_stats_problem(bn: nn.Module) -> str | None:
     """Why ``bn``'s running-statistics buffers are in a state its own forward handles but
-    the fused BNs do not model (set by hand after construction), or None."""
-    if (bn.running_mean is None) != (bn.running_var is None):
+    the fused BNs do not model (set by hand after construction), or None. Read from
+    ``_buffers`` directly: this runs for every BN on every forward, and ``Module.__getattr__``
+    would triple its cost."""
+    buffers = bn._buffers
+    has_mean = buffers.get("running_mean") is not None
+    if has_mean != (buffers.get("running_var") is not None):
         return "has only one of running_mean and running_var"
     if bn.training and bn.track_running_stats:
         # nn.BatchNorm2d then counts the batch in num_batches_tracked even without running
         # statistics to update, and without a counter folds with momentum 0 where momentum
         # is None.
-        if bn.running_mean is None:
+        if not has_mean:
             return "has track_running_stats=True but no running_mean and running_var"
-        if bn.num_batches_tracked is None:
+        if buffers.get("num_batches_tracked") is None:
             return "has track_running_stats=True but no num_batches_tracked"
     return None
 
