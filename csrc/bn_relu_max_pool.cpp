@@ -55,9 +55,10 @@ PoolAxis pool_axis(const char* axis, int64_t in, int64_t k, int64_t s, int64_t p
   TORCH_CHECK_VALUE(k > 0 && s > 0 && d > 0, "max pool ", axis,
                     ": kernel_size, stride and dilation must be positive, got ", k, ", ", s,
                     ", ", d);
-  TORCH_CHECK_VALUE(p >= 0 && p <= ((k - 1) * d + 1) / 2, "max pool ", axis,
-                    ": padding must be between 0 and half the effective kernel size, got ", p,
-                    " for kernel_size ", k, " and dilation ", d);
+  // max_pool2d's rule on every device: half the kernel size, whatever the dilation.
+  TORCH_CHECK_VALUE(p >= 0 && p <= k / 2, "max pool ", axis,
+                    ": padding must be between 0 and half the kernel size, got ", p,
+                    " for kernel_size ", k);
   const int64_t out = PoolAxis::output_size(in, k, s, p, d, ceil_mode);
   TORCH_CHECK_VALUE(out >= 1, "max pool ", axis, ": input size ", in,
                     " is too small for kernel_size ", k, " (dilation ", d, ", padding ", p,

@@ -120,9 +120,15 @@ def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
             f"{reference.dtype}; convert one of them or run under torch.autocast")
 
 
-def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
-    """A convolution's or pool's output size along one axis (floor mode)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
+                ceil_mode: bool = False) -> int:
+    """A convolution's or pool's output size along one axis, as torch computes it: in ceil
+    mode a last, partial window counts unless it would start in the right padding."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
 def as_pair(v) -> tuple[int, int]:
@@ -171,9 +177,17 @@ def check_spatial_plan(named_roles, x: torch.Tensor, values_over_ranks=None) -> 
                 return
             kernel, stride = as_pair(m.kernel_size), as_pair(m.stride)
             padding = as_pair(m.padding)
+            if not isinstance(m, nn.Conv2d) and any(
+                    p > k // 2 for p, k in zip(padding, kernel, strict=True)):
+                # Pools refuse it (a dilation does not help), after the modules before them
+                # have run and updated their statistics: refused here, before anything runs.
+                raise RuntimeError(
+                    f"{name}: pad should be at most half of kernel size, got padding "
+                    f"{tuple(padding)} for kernel_size {tuple(kernel)}")
             dilation = as_pair(getattr(m, "dilation", 1))
-            new_h = output_size(h, kernel[0], stride[0], padding[0], dilation[0])
-            new_w = output_size(w, kernel[1], stride[1], padding[1], dilation[1])
+            ceil_mode = getattr(m, "ceil_mode", False)
+            new_h = output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+            new_w = output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
             if new_h < 1 or new_w < 1:
                 raise InputError(
                     f"input spatial size {x.shape[2]}x{x.shape[3]} is too small for this "

@@ -211,6 +211,9 @@ BAD_ARGS = [
     ("float64 statistics for float32 data",
      lambda a: {"invstd": a["invstd"].double()}, TypeError, "invstd"),
     ("padding over half the kernel", lambda a: {"padding": (2, 2)}, ValueError, "pad"),
+    # max_pool2d refuses it on every device, though its meta function accepts it
+    ("padding over half the kernel, dilated", lambda a: {"padding": (2, 2), "dilation": (2, 2)},
+     ValueError, "pad"),
     ("a kernel larger than the padded plane", lambda a: {"kernel_size": (9, 9), "padding": (0, 0)},
      ValueError, "small"),
 ]

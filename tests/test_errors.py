@@ -74,6 +74,50 @@ def test_bad_input_is_refused_before_any_state_changes(name, make_model, make_in
     assert all(torch.equal(before[k], after[k]) for k in before), "state changed on error"
 
 
+def _with_stem_pool(lib, pool, conv0=None):
+    model = lib.DenseNet(**{**SMALL, "block_config": (2, 2, 2)})
+    model.features.pool0 = pool
+    if conv0 is not None:
+        model.features.conv0 = conv0
+    return model
+
+
+def test_ceil_mode_pools_are_sized_as_torch_sizes_them():
+    """A dilated ceil-mode stem pool leaves 6x4 where floor mode would leave 5x3, too small
+    for the second transition: the input check must size it as the module will (it refused
+    this input, which torchvision's model runs)."""
+    import torchvision
+
+    pool = torch.nn.MaxPool2d(3, stride=3, dilation=2, ceil_mode=True)
+    conv0 = torch.nn.Conv2d(3, 8, 5, padding=3, dilation=2, bias=False)
+    x = torch.randn(3, 3, 20, 14)
+    fast = _with_stem_pool(densenet_fast, pool, conv0)
+    ref = _with_stem_pool(torchvision.models, pool, conv0)
+    ref.load_state_dict(fast.state_dict())
+    assert fast.fusion_report()["features.stem"] == "fused"
+    torch.testing.assert_close(fast(x), ref(x), rtol=2e-4, atol=1e-5)
+
+
+def test_a_stem_pool_torch_refuses_raises_torchs_error():
+    """Padding over half the kernel, which a dilation makes look acceptable to
+    max_pool2d's meta function: the stem is not fused, and the pool raises torch's error,
+    as in torchvision's model, before any statistic changes."""
+    import torchvision
+
+    pool = torch.nn.MaxPool2d(3, stride=2, padding=2, dilation=2)
+    fast, ref = _with_stem_pool(densenet_fast, pool), _with_stem_pool(torchvision.models, pool)
+    assert "pool0 has padding 2 over half its kernel size 3" in fast.fusion_report()[
+        "features.stem"]
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError) as expected:
+        ref(x)
+    before = _snapshot(fast)
+    with pytest.raises(type(expected.value), match="pad should be"):
+        fast(x)
+    after = fast.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "state changed on error"
+
+
 def test_one_value_per_channel_is_fine_in_eval():
     model = densenet121(num_classes=2).eval()
     with torch.no_grad():

@@ -223,6 +223,11 @@ def check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weigh
         raise ValueError(f"count must be a positive number of values per channel, got {count}")
 
 
+def _pair(v) -> tuple:
+    v = (v,) if isinstance(v, int) else tuple(v)
+    return v * 2 if len(v) == 1 else v
+
+
 def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
     """Validate the pool op's arguments; return its output shape. Raises before any compute,
     with ``F.max_pool2d``'s own messages for the pool's settings."""
@@ -230,10 +235,17 @@ def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
     # The pool's own checks and output size, on a tensor without storage; a ValueError, as
     # for every other bad shape (and as the C++ kernels raise).
     try:
-        return tuple(F.max_pool2d(torch.empty(x.shape, device="meta"), *pool_args).shape)
+        shape = tuple(F.max_pool2d(torch.empty(x.shape, device="meta"), *pool_args).shape)
     except RuntimeError as exc:
         raise ValueError(f"max pool {pool_args} cannot pool x of shape {tuple(x.shape)}: "
                          f"{exc}") from None
+    kernel, padding = _pair(pool_args[0]), _pair(pool_args[2])
+    if any(p > k // 2 for p, k in zip(padding, kernel, strict=True)):
+        # max_pool2d's rule on every device, which its meta function does not apply with a
+        # dilation.
+        raise ValueError(f"max pool {pool_args}: padding must be at most half the kernel "
+                         f"size, got padding {padding} for kernel_size {kernel}")
+    return shape
 
 
 def forward_fake(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
