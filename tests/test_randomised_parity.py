@@ -5,8 +5,10 @@ a built model: a BN's eps, momentum, ``track_running_stats`` or mode, a layer's 
 rate, frozen parameters, a hook, an activation swapped, the input's layout, whether it needs a
 gradient, and how the step runs (plain, ``no_grad``, two forwards before one backward,
 ``retain_graph``). Two SGD steps in float64 must give torchvision's (timm's) outputs, input
-gradients, parameters and buffers. A randomised comparison of this kind found that a BN whose
-``track_running_stats`` was cleared after construction had its buffers updated.
+gradients, parameters and buffers; random stems (conv0 and pool0 replaced) likewise, or the
+same class of error where torchvision refuses the input. A randomised comparison of this kind
+found that a BN whose ``track_running_stats`` was cleared after construction had its buffers
+updated, and that the input check sized ceil-mode pools in floor mode (docs/notes.md).
 
 The references run without checkpointing: torchvision's ``memory_efficient=True`` and timm's
 ``set_grad_checkpointing`` run ``norm1`` twice per step and so count each batch twice in its
@@ -207,3 +209,50 @@ def test_random_timm_models_and_settings(seed):
     x = _input(rng, training, min_size)
     what = f"seed {seed}: {config}, {'train' if training else 'eval'}, x {tuple(x.shape)}"
     _assert_same(_steps(fast, x, "plain", True), _steps(ref, x, "plain", True), what)
+
+
+def _random_stem(rng: random.Random, features: int):
+    """A conv0 and pool0 in place of torchvision's: the CIFAR recipe (3x3 conv, no pool) and
+    any stride, padding, dilation, bias and max-pool setting (ceil mode included)."""
+    kernel, stride = rng.choice([1, 3, 5, 7]), rng.choice([1, 1, 2, 3])
+    conv = nn.Conv2d(3, features, kernel, stride, rng.randint(0, kernel // 2 + 1),
+                     dilation=rng.choice([1, 1, 2]), bias=rng.random() < 0.2)
+    draw, pool_kernel = rng.random(), rng.choice([2, 3, 4])
+    if draw < 0.5:
+        pool = nn.MaxPool2d(pool_kernel, rng.choice([1, 2, pool_kernel]),
+                            rng.randint(0, pool_kernel // 2), dilation=rng.choice([1, 1, 2]),
+                            ceil_mode=rng.random() < 0.4)
+    elif draw < 0.75:
+        pool = nn.Identity()
+    else:
+        pool = nn.AvgPool2d(2)
+    return conv.to(DTYPE), pool
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_stems(seed):
+    """Where torchvision's model runs, the same outputs, gradients and statistics; where it
+    refuses the input, an error of its class."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    features = rng.choice([4, 7, 16])
+    config = dict(growth_rate=rng.choice([2, 5]), num_init_features=features, bn_size=2,
+                  block_config=tuple(rng.randint(1, 3) for _ in range(rng.randint(1, 3))),
+                  num_classes=3)
+    ref = torchvision.models.DenseNet(**config).to(DTYPE)
+    ref.features.conv0, ref.features.pool0 = _random_stem(rng, features)
+    fast = densenet_fast.DenseNet(**config).to(DTYPE)
+    fast.features.conv0 = copy.deepcopy(ref.features.conv0)
+    fast.features.pool0 = copy.deepcopy(ref.features.pool0)
+    fast.load_state_dict(ref.state_dict())
+    training = rng.random() < 0.7
+    ref.train(training), fast.train(training)
+    x = torch.randn(2, 3, rng.randint(12, 32), rng.randint(12, 32), dtype=DTYPE)
+    what = f"seed {seed}: {ref.features.conv0}, {ref.features.pool0}, x {tuple(x.shape)}"
+    try:
+        ref_run = _steps(ref, x, "plain", True)
+    except (RuntimeError, ValueError) as error:  # ValueError: one value per channel
+        with pytest.raises(type(error)):
+            _steps(fast, x, "plain", True)
+        return
+    _assert_same(_steps(fast, x, "plain", True), ref_run, what)
