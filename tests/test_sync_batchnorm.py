@@ -3,6 +3,7 @@ itself refuses to run: each rank's results must equal one process's on the globa
 
 import os
 import tempfile
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -142,6 +143,56 @@ def test_two_processes_match_one_process_on_the_global_batch(case, recompute, ki
         init_file = os.path.join(tmp, "init")
         try:
             mp.spawn(_worker, args=(2, init_file, case, recompute, kind, failures), nprocs=2)
+        except Exception:
+            messages = []
+            while not failures.empty():
+                messages.append(failures.get())
+            pytest.fail("\n".join(messages) or "a worker failed")
+
+
+def _compiled_worker(rank, world, init_file, failures):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        shards, size = CASES["uneven-shards"]
+        x, y = _batch(shards, size)
+        reference, model = _models("torchvision", False)
+        compiled = torch.compile(model, fullgraph=True)
+        start = sum(shards[:rank])
+        shard = slice(start, start + shards[rank])
+        for step in range(2):  # the second step reuses the graph and folds the statistics again
+            ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
+            with torch.compiler.set_stance("fail_on_recompile") if step else nullcontext():
+                logits, dx = _step(compiled, x[shard], y[shard], x.shape[0])
+            what = f"rank {rank}, compiled step {step + 1}"
+            assert_close(logits, ref_logits[shard], DTYPE, f"{what} logits")
+            assert_close(dx, ref_dx[shard], DTYPE, f"{what} input gradient")
+            ref_params = dict(reference.named_parameters())
+            for name, p in model.named_parameters():
+                grad = p.grad.clone()
+                dist.all_reduce(grad)
+                assert_close(grad, ref_params[name].grad, DTYPE, f"{what} summed grad {name}")
+                p.grad = None
+            reference.zero_grad(set_to_none=True)
+            ref_buffers = dict(reference.named_buffers())
+            for name, b in model.named_buffers():
+                assert_close(b, ref_buffers[name], DTYPE, f"{what} buffer {name}")
+    except BaseException as exc:  # reported by the parent, with the rank
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_synchronised_steps_match_one_process_on_the_global_batch():
+    """``torch.compile(fullgraph=True)`` of a model with ``nn.SyncBatchNorm``: the blocks and
+    the stem stay opaque ops whose kernels merge the statistics over the ranks, so two
+    compiled steps on uneven shards give one process's results on the global batch."""
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_compiled_worker, args=(2, os.path.join(tmp, "init"), failures), nprocs=2)
         except Exception:
             messages = []
             while not failures.empty():
