@@ -333,6 +333,12 @@ def _differentiate(ctx, forward, x, params, grad_out):
     and ``params`` (None where the Function's input needs none) with ``grad_out`` as the
     output's gradient, through differentiable operations: a graph of their own when grad mode
     is on (``create_graph=True``), batched under ``vmap``."""
+    if ctx.spec.sync is not None and _batched(grad_out):
+        # The recomputation's collectives cannot run on batched tensors.
+        raise RuntimeError(
+            "densenet_fast: vmap over the backward (torch.func, or jacobian with "
+            "vectorize=True) through synchronised BatchNorm is not supported: its "
+            "collectives cannot run on batched tensors; take the Jacobian without vectorize")
     create_graph = torch.is_grad_enabled()
     inputs = (x, *params)
     needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
@@ -356,8 +362,11 @@ def _needs_differentiable_backward(grad_out: torch.Tensor) -> bool:
     gradients (``torch.func.vmap`` over the backward, or the older vmap that
     ``torch.autograd.functional.jacobian(vectorize=True)`` runs, whose batched tensors carry
     the ``Batched`` dispatch key, which Python's DispatchKey enum does not name)."""
-    return (torch.is_grad_enabled() or under_func_transform()
-            or "Batched" in str(torch._C._dispatch_keys(grad_out)))
+    return torch.is_grad_enabled() or _batched(grad_out)
+
+
+def _batched(grad_out: torch.Tensor) -> bool:
+    return under_func_transform() or "Batched" in str(torch._C._dispatch_keys(grad_out))
 
 
 class _InputInBuffer:

@@ -114,6 +114,28 @@ class StatsSync:
         dist.all_reduce(t, group=self.group)
         return int(t.item())
 
+    def batch_norm(self, x: torch.Tensor, eps: float, weight, bias) -> torch.Tensor:
+        """``x`` normalised with the batch statistics of every rank's batch, differentiably
+        to any order: the sums go through ``torch.distributed.nn``'s ``all_reduce``, whose
+        backward all-reduces the gradients (so the gradient of a gradient crosses the ranks
+        as the gradient does). Two passes, the mean and then the squared deviations from
+        it, keep the variance free of ``E[x^2] - E[x]^2`` cancellation. For the route that
+        builds a graph of the gradients; every rank calls it in the same order."""
+        from torch.distributed.nn.functional import all_reduce
+
+        n, _, h, w = x.shape
+        shape = (1, -1, 1, 1)
+        data = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = data.new_full((1,), float(n * h * w))
+        dist.all_reduce(count, group=self.group)
+        group = self.group if self.group is not None else dist.group.WORLD
+        mean = all_reduce(data.sum((0, 2, 3)), group=group) / count
+        centred = data - mean.view(shape)
+        var = all_reduce((centred * centred).sum((0, 2, 3)), group=group) / count
+        out = centred * torch.rsqrt(var + eps).view(shape) * weight.view(shape) \
+            + bias.view(shape)
+        return out.to(x.dtype)
+
     def bn_backward(self, grad, x, mean, invstd, weight, count: int):
         """:func:`ops.batchnorm.bn_backward` with statistics over every rank's ``count``
         values: ``sum(g)`` and ``sum(g * xhat)`` are summed over the ranks (one collective)

@@ -200,6 +200,100 @@ def test_compiled_synchronised_steps_match_one_process_on_the_global_batch():
             pytest.fail("\n".join(messages) or "a worker failed")
 
 
+def _penalised(model, x, y, total):
+    """An R1-style penalty: the input gradient of this process's share of the global mean
+    loss, taken with ``create_graph=True``, squared and added; the parameter gradients of
+    the sum, and the input gradient."""
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(model(x), y, reduction="sum") / total
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + dx.pow(2).sum()).backward(inputs=list(model.parameters()))
+    return dx.detach()
+
+
+def _penalty_worker(rank, world, init_file, recompute, failures):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        shards, size = CASES["uneven-shards"]
+        x, y = _batch(shards, size)
+        reference, model = _models("torchvision", recompute)
+        ref_dx = _penalised(reference, x, y, x.shape[0])
+        start = sum(shards[:rank])
+        shard = slice(start, start + shards[rank])
+        dx = _penalised(model, x[shard], y[shard], x.shape[0])
+        what = f"rank {rank}, penalised"
+        assert_close(dx, ref_dx[shard], DTYPE, f"{what} input gradient")
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            assert_close(grad, ref_params[name].grad, DTYPE, f"{what} summed grad {name}")
+        ref_buffers = dict(reference.named_buffers())
+        for name, b in model.named_buffers():
+            assert_close(b, ref_buffers[name], DTYPE, f"{what} buffer {name}")
+    except BaseException as exc:  # reported by the parent, with the rank
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_gradient_penalty_over_two_processes_matches_one_process(recompute):
+    """A penalty on the input gradient (``create_graph=True``) with synchronised BatchNorm:
+    the backward that builds a graph recomputes the blocks and the stem with BatchNorms over
+    every rank's batch through differentiable collectives, so the second-order terms cross
+    the ranks too: each rank's input gradient and the summed parameter gradients equal one
+    process's on the global batch."""
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_penalty_worker, args=(2, os.path.join(tmp, "init"), recompute, failures),
+                     nprocs=2)
+        except Exception:
+            messages = []
+            while not failures.empty():
+                messages.append(failures.get())
+            pytest.fail("\n".join(messages) or "a worker failed")
+
+
+def _vmap_worker(rank, init_file, failures):
+    import densenet_fast.fusion as fusion
+    import densenet_fast.model as fast_model
+    import densenet_fast.plan as plan
+    from densenet_fast.sync import StatsSync
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        # A world of one takes the synchronised path when asked to (nn.SyncBatchNorm itself
+        # does not synchronise one rank).
+        monkey = pytest.MonkeyPatch()
+        for module in (fusion, fast_model, plan):
+            monkey.setattr(module, "sync_of", lambda bn: StatsSync() if bn.training else None)
+        model = _model()
+        x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+        with pytest.raises(RuntimeError, match="vmap over the backward .* synchronised"):
+            torch.autograd.functional.jacobian(lambda t: model(t).sum(0), x, vectorize=True)
+        monkey.undo()
+    except BaseException as exc:
+        failures.put(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vmap_over_a_synchronised_backward_is_refused_with_a_reason():
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_vmap_worker, args=(os.path.join(tmp, "init"), failures), nprocs=1)
+        except Exception:
+            pytest.fail(failures.get() if not failures.empty() else "the worker failed")
+
+
 def test_expected_collectives_follow_the_layers():
     # densenet121 at 2 ranks: what the README's traffic table counts.
     calls = expected_collectives(dict(growth_rate=32, block_config=(6, 12, 24, 16),
