@@ -201,6 +201,7 @@ def test_random_timm_models_and_settings(seed):
     fast = densenet_fast.convert(copy.deepcopy(ref), recompute_bottleneck=rng.random() < 0.3)
     training = rng.random() < 0.7
     ref.train(training), fast.train(training)
+    _change_norms((ref, fast), rng)  # timm's norm-act modules are BatchNorm2d subclasses
     if rng.random() < 0.3:
         fast.set_grad_checkpointing(True)
         if config["act_layer"] != "relu":  # then the blocks run timm's own layers
