@@ -126,7 +126,7 @@ class StatsSync:
         n, _, h, w = x.shape
         shape = (1, -1, 1, 1)
         data = x.to(torch.promote_types(x.dtype, torch.float32))
-        count = data.new_full((1,), float(n * h * w))
+        count = torch.tensor([n * h * w], device=x.device)  # int64: exact at any size
         dist.all_reduce(count, group=self.group)
         group = self.group if self.group is not None else dist.group.WORLD
         mean = all_reduce(data.sum((0, 2, 3)), group=group) / count
