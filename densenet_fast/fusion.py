@@ -40,7 +40,7 @@ from . import timm_parts
 from .architecture import DenseLayer
 from .spec import BatchNormSpec
 from .sync import sync_of
-from .validation import as_pair, is_named_type, is_type
+from .validation import is_named_type, is_type, pads_over_half_kernel
 
 # A transition's children: torchvision's, and timm's (whose norm applies the ReLU itself).
 _TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
@@ -453,10 +453,7 @@ def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
     pool_problem = None
     if not (is_type(pool, nn.MaxPool2d) and not pool.return_indices):
         pool_problem = f"is {_describe(pool)}, not nn.MaxPool2d"
-    elif any(p > k // 2 for p, k in zip(as_pair(pool.padding), as_pair(pool.kernel_size),
-                                        strict=True)):
-        # max_pool2d refuses it on every device (its meta function, with dilation, does
-        # not): the module raises torch's own error.
+    elif pads_over_half_kernel(pool.kernel_size, pool.padding):
         pool_problem = f"has padding {pool.padding} over half its kernel size {pool.kernel_size}"
     channels = conv.out_channels if is_type(conv, nn.Conv2d) else None
     return (_child_blocker("", "conv0", conv, conv_problem)

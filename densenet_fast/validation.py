@@ -132,8 +132,17 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 
 
 def as_pair(v) -> tuple[int, int]:
-    """A module's ``int`` or pair setting (``kernel_size``, ``stride``...) as a pair."""
-    return (v, v) if isinstance(v, int) else tuple(v)
+    """A module's (or a pool op's) ``int``, one-value or pair setting (``kernel_size``,
+    ``stride``...) as a pair."""
+    v = (v,) if isinstance(v, int) else tuple(v)
+    return v * 2 if len(v) == 1 else v
+
+
+def pads_over_half_kernel(kernel, padding) -> bool:
+    """Whether a pool's ``padding`` exceeds half its ``kernel`` size on some axis (``int`` or
+    pair settings): ``max_pool2d`` and ``avg_pool2d`` refuse it on every device, whatever the
+    dilation, though ``max_pool2d``'s meta function accepts it with one."""
+    return any(p > k // 2 for p, k in zip(as_pair(padding), as_pair(kernel), strict=True))
 
 
 def _check_bn(bn: nn.Module, name: str, n: int, h: int, w: int, c: int,
@@ -177,10 +186,9 @@ def check_spatial_plan(named_roles, x: torch.Tensor, values_over_ranks=None) -> 
                 return
             kernel, stride = as_pair(m.kernel_size), as_pair(m.stride)
             padding = as_pair(m.padding)
-            if not isinstance(m, nn.Conv2d) and any(
-                    p > k // 2 for p, k in zip(padding, kernel, strict=True)):
-                # Pools refuse it (a dilation does not help), after the modules before them
-                # have run and updated their statistics: refused here, before anything runs.
+            if not isinstance(m, nn.Conv2d) and pads_over_half_kernel(kernel, padding):
+                # Pools refuse it after the modules before them have run and updated their
+                # statistics: refused here, before anything runs.
                 raise RuntimeError(
                     f"{name}: pad should be at most half of kernel size, got padding "
                     f"{tuple(padding)} for kernel_size {tuple(kernel)}")

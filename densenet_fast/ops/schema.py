@@ -64,6 +64,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..validation import as_pair, pads_over_half_kernel
 from .formats import memory_format_of, stats_dtype_for
 from .library import qualified
 
@@ -223,11 +224,6 @@ def check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weigh
         raise ValueError(f"count must be a positive number of values per channel, got {count}")
 
 
-def _pair(v) -> tuple:
-    v = (v,) if isinstance(v, int) else tuple(v)
-    return v * 2 if len(v) == 1 else v
-
-
 def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
     """Validate the pool op's arguments; return its output shape. Raises before any compute,
     with ``F.max_pool2d``'s own messages for the pool's settings."""
@@ -239,12 +235,11 @@ def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
     except RuntimeError as exc:
         raise ValueError(f"max pool {pool_args} cannot pool x of shape {tuple(x.shape)}: "
                          f"{exc}") from None
-    kernel, padding = _pair(pool_args[0]), _pair(pool_args[2])
-    if any(p > k // 2 for p, k in zip(padding, kernel, strict=True)):
-        # max_pool2d's rule on every device, which its meta function does not apply with a
-        # dilation.
+    kernel, padding = pool_args[0], pool_args[2]
+    if pads_over_half_kernel(kernel, padding):  # the meta function passed it, if dilated
         raise ValueError(f"max pool {pool_args}: padding must be at most half the kernel "
-                         f"size, got padding {padding} for kernel_size {kernel}")
+                         f"size, got padding {as_pair(padding)} for kernel_size "
+                         f"{as_pair(kernel)}")
     return shape
 
 
