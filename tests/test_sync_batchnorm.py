@@ -95,109 +95,109 @@ def expected_collectives(config=CONFIG, one_pixel_planes=False) -> list[tuple[st
     return [("all_reduce", 1)] * one_pixel_planes + forward + backward
 
 
-def _worker(rank, world, init_file, case, recompute, kind, failures):
+def _in_process_group(rank, world, init_file, failures, worker, *args):
+    """Run ``worker(rank, *args)`` in a gloo group of ``world`` processes; a failure is
+    reported to the parent through ``failures``, with the rank."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        shards, size = CASES[case]
-        x, y = _batch(shards, size)
-        reference, model = _models(kind, recompute)
-        assert isinstance(model.features.denseblock2.denselayer3.norm2, nn.SyncBatchNorm)
-        ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
-        start = sum(shards[:rank])
-        shard = slice(start, start + shards[rank])
-        with record_collectives() as collectives, FusedOpCounter() as ops:
-            logits, dx = _step(model, x[shard], y[shard], x.shape[0])
-        expected = expected_collectives(one_pixel_planes=size == 8)
-        assert [(kind, n) for kind, n, _ in collectives] == expected, collectives
-        layers = sum(CONFIG["block_config"])
-        # Every layer's norm1-conv1 and the transition, plus each bottleneck recomputed.
-        assert ops.calls == layers + 1 + (layers if recompute else 0), ops.calls
-        report = model.features.fusion_report()
-        assert report["features.stem"] == "fused"
-        assert all(v.startswith("fused") for v in report.values()), report
-        assert_close(logits, ref_logits[shard], DTYPE, f"rank {rank} logits")
-        assert_close(dx, ref_dx[shard], DTYPE, f"rank {rank} input gradient")
-        ref_params = dict(reference.named_parameters())
-        for name, p in model.named_parameters():
-            grad = p.grad.clone()
-            dist.all_reduce(grad)
-            assert_close(grad, ref_params[name].grad, DTYPE, f"rank {rank} summed grad {name}")
-        ref_buffers = dict(reference.named_buffers())
-        for name, b in model.named_buffers():
-            assert_close(b, ref_buffers[name], DTYPE, f"rank {rank} buffer {name}")
-    except BaseException as exc:  # reported by the parent, with the rank
+        worker(rank, *args)
+    except BaseException as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _spawn(worker, *args, world=2):
+    """``worker(rank, *args)`` on each of ``world`` spawned processes; fails the test with
+    every rank's message if one fails."""
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_in_process_group,
+                     args=(world, os.path.join(tmp, "init"), failures, worker, *args),
+                     nprocs=world)
+        except Exception:
+            messages = []
+            while not failures.empty():
+                messages.append(failures.get())
+            pytest.fail("\n".join(messages) or "a worker failed")
+
+
+def _assert_rank_matches(what, model, reference, results):
+    """``results``, ``(name, this rank's tensor, the reference's for this shard)``, then the
+    parameter gradients summed over the ranks and the buffers against the reference's on
+    the global batch."""
+    for name, got, want in results:
+        assert_close(got, want, DTYPE, f"{what} {name}")
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        assert_close(grad, ref_params[name].grad, DTYPE, f"{what} summed grad {name}")
+    ref_buffers = dict(reference.named_buffers())
+    for name, b in model.named_buffers():
+        assert_close(b, ref_buffers[name], DTYPE, f"{what} buffer {name}")
+
+
+def _shard(shards, rank) -> slice:
+    start = sum(shards[:rank])
+    return slice(start, start + shards[rank])
+
+
+def _worker(rank, case, recompute, kind):
+    shards, size = CASES[case]
+    x, y = _batch(shards, size)
+    reference, model = _models(kind, recompute)
+    assert isinstance(model.features.denseblock2.denselayer3.norm2, nn.SyncBatchNorm)
+    ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
+    shard = _shard(shards, rank)
+    with record_collectives() as collectives, FusedOpCounter() as ops:
+        logits, dx = _step(model, x[shard], y[shard], x.shape[0])
+    expected = expected_collectives(one_pixel_planes=size == 8)
+    assert [(kind, n) for kind, n, _ in collectives] == expected, collectives
+    layers = sum(CONFIG["block_config"])
+    # Every layer's norm1-conv1 and the transition, plus each bottleneck recomputed.
+    assert ops.calls == layers + 1 + (layers if recompute else 0), ops.calls
+    report = model.features.fusion_report()
+    assert report["features.stem"] == "fused"
+    assert all(v.startswith("fused") for v in report.values()), report
+    _assert_rank_matches(f"rank {rank}", model, reference,
+                         [("logits", logits, ref_logits[shard]),
+                          ("input gradient", dx, ref_dx[shard])])
 
 
 @pytest.mark.parametrize(("case", "recompute", "kind"), [
     (case, recompute, "torchvision") for case in CASES for recompute in (False, True)
 ] + [("uneven-shards", False, "timm")])
 def test_two_processes_match_one_process_on_the_global_batch(case, recompute, kind):
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        try:
-            mp.spawn(_worker, args=(2, init_file, case, recompute, kind, failures), nprocs=2)
-        except Exception:
-            messages = []
-            while not failures.empty():
-                messages.append(failures.get())
-            pytest.fail("\n".join(messages) or "a worker failed")
+    _spawn(_worker, case, recompute, kind)
 
 
-def _compiled_worker(rank, world, init_file, failures):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        shards, size = CASES["uneven-shards"]
-        x, y = _batch(shards, size)
-        reference, model = _models("torchvision", False)
-        compiled = torch.compile(model, fullgraph=True)
-        start = sum(shards[:rank])
-        shard = slice(start, start + shards[rank])
-        for step in range(2):  # the second step reuses the graph and folds the statistics again
-            ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
-            with torch.compiler.set_stance("fail_on_recompile") if step else nullcontext():
-                logits, dx = _step(compiled, x[shard], y[shard], x.shape[0])
-            what = f"rank {rank}, compiled step {step + 1}"
-            assert_close(logits, ref_logits[shard], DTYPE, f"{what} logits")
-            assert_close(dx, ref_dx[shard], DTYPE, f"{what} input gradient")
-            ref_params = dict(reference.named_parameters())
-            for name, p in model.named_parameters():
-                grad = p.grad.clone()
-                dist.all_reduce(grad)
-                assert_close(grad, ref_params[name].grad, DTYPE, f"{what} summed grad {name}")
-                p.grad = None
-            reference.zero_grad(set_to_none=True)
-            ref_buffers = dict(reference.named_buffers())
-            for name, b in model.named_buffers():
-                assert_close(b, ref_buffers[name], DTYPE, f"{what} buffer {name}")
-    except BaseException as exc:  # reported by the parent, with the rank
-        failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def _compiled_worker(rank):
+    shards, size = CASES["uneven-shards"]
+    x, y = _batch(shards, size)
+    reference, model = _models("torchvision", False)
+    compiled = torch.compile(model, fullgraph=True)
+    shard = _shard(shards, rank)
+    for step in range(2):  # the second step reuses the graph and folds the statistics again
+        ref_logits, ref_dx = _step(reference, x, y, x.shape[0])
+        with torch.compiler.set_stance("fail_on_recompile") if step else nullcontext():
+            logits, dx = _step(compiled, x[shard], y[shard], x.shape[0])
+        _assert_rank_matches(f"rank {rank}, compiled step {step + 1}", model, reference,
+                             [("logits", logits, ref_logits[shard]),
+                              ("input gradient", dx, ref_dx[shard])])
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
 
 
 def test_compiled_synchronised_steps_match_one_process_on_the_global_batch():
     """``torch.compile(fullgraph=True)`` of a model with ``nn.SyncBatchNorm``: the blocks and
     the stem stay opaque ops whose kernels merge the statistics over the ranks, so two
     compiled steps on uneven shards give one process's results on the global batch."""
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_compiled_worker, args=(2, os.path.join(tmp, "init"), failures), nprocs=2)
-        except Exception:
-            messages = []
-            while not failures.empty():
-                messages.append(failures.get())
-            pytest.fail("\n".join(messages) or "a worker failed")
+    _spawn(_compiled_worker)
 
 
 def _penalised(model, x, y, total):
@@ -211,32 +211,15 @@ def _penalised(model, x, y, total):
     return dx.detach()
 
 
-def _penalty_worker(rank, world, init_file, recompute, failures):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        shards, size = CASES["uneven-shards"]
-        x, y = _batch(shards, size)
-        reference, model = _models("torchvision", recompute)
-        ref_dx = _penalised(reference, x, y, x.shape[0])
-        start = sum(shards[:rank])
-        shard = slice(start, start + shards[rank])
-        dx = _penalised(model, x[shard], y[shard], x.shape[0])
-        what = f"rank {rank}, penalised"
-        assert_close(dx, ref_dx[shard], DTYPE, f"{what} input gradient")
-        ref_params = dict(reference.named_parameters())
-        for name, p in model.named_parameters():
-            grad = p.grad.clone()
-            dist.all_reduce(grad)
-            assert_close(grad, ref_params[name].grad, DTYPE, f"{what} summed grad {name}")
-        ref_buffers = dict(reference.named_buffers())
-        for name, b in model.named_buffers():
-            assert_close(b, ref_buffers[name], DTYPE, f"{what} buffer {name}")
-    except BaseException as exc:  # reported by the parent, with the rank
-        failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def _penalty_worker(rank, recompute):
+    shards, size = CASES["uneven-shards"]
+    x, y = _batch(shards, size)
+    reference, model = _models("torchvision", recompute)
+    ref_dx = _penalised(reference, x, y, x.shape[0])
+    shard = _shard(shards, rank)
+    dx = _penalised(model, x[shard], y[shard], x.shape[0])
+    _assert_rank_matches(f"rank {rank}, penalised", model, reference,
+                         [("input gradient", dx, ref_dx[shard])])
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
@@ -246,52 +229,29 @@ def test_gradient_penalty_over_two_processes_matches_one_process(recompute):
     every rank's batch through differentiable collectives, so the second-order terms cross
     the ranks too: each rank's input gradient and the summed parameter gradients equal one
     process's on the global batch."""
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_penalty_worker, args=(2, os.path.join(tmp, "init"), recompute, failures),
-                     nprocs=2)
-        except Exception:
-            messages = []
-            while not failures.empty():
-                messages.append(failures.get())
-            pytest.fail("\n".join(messages) or "a worker failed")
+    _spawn(_penalty_worker, recompute)
 
 
-def _vmap_worker(rank, init_file, failures):
+def _vmap_worker(rank):
     import densenet_fast.fusion as fusion
     import densenet_fast.model as fast_model
     import densenet_fast.plan as plan
     from densenet_fast.sync import StatsSync
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    try:
-        # A world of one takes the synchronised path when asked to (nn.SyncBatchNorm itself
-        # does not synchronise one rank).
-        monkey = pytest.MonkeyPatch()
-        for module in (fusion, fast_model, plan):
-            monkey.setattr(module, "sync_of", lambda bn: StatsSync() if bn.training else None)
-        model = _model()
-        x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
-        with pytest.raises(RuntimeError, match="vmap over the backward .* synchronised"):
-            torch.autograd.functional.jacobian(lambda t: model(t).sum(0), x, vectorize=True)
-        monkey.undo()
-    except BaseException as exc:
-        failures.put(f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    # A world of one takes the synchronised path when asked to (nn.SyncBatchNorm itself
+    # does not synchronise one rank).
+    monkey = pytest.MonkeyPatch()
+    for module in (fusion, fast_model, plan):
+        monkey.setattr(module, "sync_of", lambda bn: StatsSync() if bn.training else None)
+    model = _model()
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match="vmap over the backward .* synchronised"):
+        torch.autograd.functional.jacobian(lambda t: model(t).sum(0), x, vectorize=True)
+    monkey.undo()
 
 
 def test_vmap_over_a_synchronised_backward_is_refused_with_a_reason():
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_vmap_worker, args=(os.path.join(tmp, "init"), failures), nprocs=1)
-        except Exception:
-            pytest.fail(failures.get() if not failures.empty() else "the worker failed")
+    _spawn(_vmap_worker, world=1)
 
 
 def test_expected_collectives_follow_the_layers():
@@ -301,39 +261,26 @@ def test_expected_collectives_follow_the_layers():
     assert len(calls) == 2 * (1 + 4 + 2 * 58)
 
 
-def _one_value_worker(rank, init_file, failures):
+def _one_value_worker(rank):
     from densenet_fast.sync import StatsSync
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    try:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(_model())
-        before = {name: b.clone() for name, b in model.named_buffers()}
-        sync = StatsSync()
-        with pytest.raises(ValueError, match="got 1 over all processes at norm0"):
-            sync.merge(torch.zeros(3), torch.zeros(3), 1, "norm0")
-        # The plan check asks the ranks before anything runs: here, one rank of one image
-        # with 1x1 planes (a world of one takes the path that a world of several does).
-        import densenet_fast.model as fast_model
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(_model())
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    sync = StatsSync()
+    with pytest.raises(ValueError, match="got 1 over all processes at norm0"):
+        sync.merge(torch.zeros(3), torch.zeros(3), 1, "norm0")
+    # The plan check asks the ranks before anything runs: here, one rank of one image
+    # with 1x1 planes (a world of one takes the path that a world of several does).
+    import densenet_fast.model as fast_model
 
-        monkey = pytest.MonkeyPatch()
-        monkey.setattr(fast_model, "sync_of", lambda bn: sync)
-        with pytest.raises(ValueError, match=r"\(1 over all processes\)"):
-            model(torch.randn(1, 3, 8, 8, dtype=DTYPE))
-        monkey.undo()
-        for name, b in model.named_buffers():
-            assert torch.equal(b, before[name]), f"{name} changed before the error"
-    except BaseException as exc:
-        failures.put(f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(fast_model, "sync_of", lambda bn: sync)
+    with pytest.raises(ValueError, match=r"\(1 over all processes\)"):
+        model(torch.randn(1, 3, 8, 8, dtype=DTYPE))
+    monkey.undo()
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), f"{name} changed before the error"
 
 
 def test_one_value_over_all_processes_is_refused_before_any_statistic_changes():
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_one_value_worker, args=(os.path.join(tmp, "init"), failures), nprocs=1)
-        except Exception:
-            pytest.fail(failures.get() if not failures.empty() else "the worker failed")
+    _spawn(_one_value_worker, world=1)
