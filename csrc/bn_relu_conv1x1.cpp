@@ -1237,6 +1237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   TORCH_CHECK(grad_out_in.device() == buffer_in.device() &&
                   grad_buffer.device() == buffer_in.device(),
               "grad_out and grad_buffer must be on the buffer's device ", buffer_in.device());
+  check_writable(grad_buffer, "grad_buffer");
   const at::Tensor buffer = dense_buffer(buffer_in);
   const at::Tensor grad_out = like_buffer(grad_out_in, buffer);
   // dx is added in the buffer's layout; a gradient buffer of another layout gets it through

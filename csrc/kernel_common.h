@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
@@ -25,6 +26,15 @@ inline void check_data(const at::Tensor& x, const char* name) {
                        x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
                    name, " must be a floating-point tensor (float32, float64, bfloat16 or ",
                    "float16), got ", x.scalar_type());
+}
+
+// t (called `name`), which an op adds into in place, has no two elements at one address (an
+// expanded tensor): ATen's rule for in-place writes, which the kernels' own loops would not
+// enforce (their sums would race or fold into one another).
+inline void check_writable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+              " has elements that share one memory location (an expanded tensor?); the op ",
+              "adds into it in place: pass a tensor of its own (clone() it)");
 }
 
 // The BN arguments of data x that `channels` channels of it are normalised with: (channels,)

@@ -111,15 +111,21 @@ at::Tensor add_stats_term_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
   check_stats_term_args(grad_in, x_in, kx, k0);
   // Dense in the format x's strides suggest (as empty_like's preserve_format makes it).
   at::Tensor out = at::empty_like(x_in);
-  // The loops read rows of unit stride in out's layout; other strides are made so first.
-  const bool pixel_major = is_pixel_major(out);
+  // The loops write NCHW or NHWC rows; x may suggest another order (its plane transposed):
+  // then they write NCHW, copied into place.
+  at::Tensor target = is_pixel_major(out) || out.is_contiguous()
+                          ? out
+                          : at::empty(x_in.sizes(), x_in.options());
+  // The loops read rows of unit stride in target's layout; other strides are made so first.
+  const bool pixel_major = is_pixel_major(target);
   const int64_t row_dim = pixel_major ? 1 : 3;
   const auto format = pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor grad = unit_stride(grad_in, row_dim) ? grad_in : grad_in.contiguous(format);
   const at::Tensor x = unit_stride(x_in, row_dim) ? x_in : x_in.contiguous(format);
   const at::Tensor kx_c = kx.contiguous(), k0_c = k0.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_stats_term",
-                                  [&] { add_stats_term_into<scalar_t>(grad, x, kx_c, k0_c, out); });
+                                  [&] { add_stats_term_into<scalar_t>(grad, x, kx_c, k0_c, target); });
+  if (!target.is_same(out)) out.copy_(target);
   return out;
 }
 
@@ -157,6 +163,8 @@ void check_stats_coefficients_args(const at::Tensor& kx, const at::Tensor& k0,
                    "kx must be torch.float32 or torch.float64, got ", kx.scalar_type());
   TORCH_CHECK_VALUE(count >= 1, "count must be a positive number of values per channel, got ",
                     count);
+  check_writable(kx, "kx");
+  check_writable(k0, "k0");
 }
 
 template <typename acc_t>

@@ -184,3 +184,102 @@ def assert_nan_propagates_as_in_torch(case: OpCase, kernels=ACTIVE_KERNELS):
     assert want.input_grad[0, 1, 0, 0] != 0
     for g, w, what in zip(got, want, OpResult._fields, strict=True):
         assert_close(g, w, case.buffer.dtype, what, equal_nan=True)
+
+
+# ---- output layouts: every kernel lays its outputs out as the op's fake says ---------------
+
+# How a 4-D argument is laid out: dense in either format, a channel slice of a tensor dense in
+# either (not dense itself: channels-last order without being channels-last), every other row
+# of a taller tensor, a transposed plane, and one image dense in channels-last (whose strides
+# of size-1 dimensions are ambiguous).
+LAYOUT_KINDS = ["nchw", "nhwc", "slice-of-nhwc", "slice-of-nchw", "rows", "transposed",
+                "one-image-nhwc"]
+
+
+def laid_out(shape, dtype: torch.dtype, kind: str, device="cpu") -> torch.Tensor:
+    """Random data of ``shape`` laid out as ``LAYOUT_KINDS``' ``kind`` says."""
+    n, c, h, w = shape
+    make = dict(device=device)
+    if kind in ("nchw", "nhwc", "one-image-nhwc"):
+        fmt = torch.contiguous_format if kind == "nchw" else torch.channels_last
+        return torch.randn(shape, **make).to(dtype).contiguous(memory_format=fmt)
+    if kind.startswith("slice-of-"):
+        fmt = torch.channels_last if kind.endswith("nhwc") else torch.contiguous_format
+        wide = torch.randn(n, c + 5, h, w, **make).to(dtype).contiguous(memory_format=fmt)
+        return wide[:, 2:2 + c]
+    if kind == "rows":
+        return torch.randn(n, c, 2 * h, w, **make).to(dtype)[:, :, ::2]
+    if kind == "transposed":
+        return torch.randn(n, c, w, h, **make).to(dtype).transpose(2, 3)
+    raise ValueError(kind)
+
+
+def layout_cases(kind: str, dtype: torch.dtype, device="cpu") -> dict:
+    """``{op name: arguments}`` for every fused op, its data laid out as ``kind`` and the
+    gradients it reads or adds into as other kinds (each case pairs different ones)."""
+    torch.manual_seed(LAYOUT_KINDS.index(kind))
+    n = 1 if kind == "one-image-nhwc" else 2
+    c, total, c_out, h, w = 5, 7, 3, 5, 4
+    other = LAYOUT_KINDS[(LAYOUT_KINDS.index(kind) + 3) % len(LAYOUT_KINDS)]
+    if n == 1 or other == "one-image-nhwc":
+        other = "nhwc"
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    vectors = (torch.randn(c, dtype=stats, device=device),
+               torch.rand(c, dtype=stats, device=device) + 0.5,
+               torch.randn(c, device=device), torch.randn(c, device=device))
+    x = laid_out((n, c, h, w), dtype, kind, device)
+    buffer = laid_out((n, total, h, w), dtype, kind, device)
+    conv_weight = torch.randn(c_out, c, 1, 1, device=device).to(dtype)
+    grad_out = laid_out((n, c_out, h, w), dtype, other, device)
+    grad_buffer = laid_out((n, total, h, w), dtype, other, device)
+    pool = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    pooled = (n, c, h // 2 + 1, w // 2 + 1)  # ceil mode: (h + 2 - 3 + 1) // 2 + 1
+    return {
+        "bn_relu": (x, *vectors, None),
+        "add_stats_term": (laid_out((n, c, h, w), dtype, other, device), x, *vectors[:2]),
+        "bn_relu_conv1x1": (buffer, *vectors, conv_weight),
+        "bn_relu_conv1x1_backward": (grad_out, buffer, *vectors, conv_weight, True,
+                                     grad_buffer),
+        "bn_relu_max_pool2d": (x, *vectors, *pool),
+        "bn_relu_max_pool2d_backward": (laid_out(pooled, dtype, other, device), x, *vectors,
+                                        *pool),
+    }
+
+
+def _significant_strides(t: torch.Tensor) -> tuple:
+    """The strides that address something: those of dimensions longer than one."""
+    return tuple(s if n > 1 else None for s, n in zip(t.stride(), t.shape, strict=True))
+
+
+def assert_laid_out_as_fake(name: str, kernel, args) -> None:
+    """``kernel`` (a kernel of op ``name``) returns what the op's fake describes: shapes,
+    dtypes, and the strides ``torch.compile`` plans with (a kernel that follows a
+    non-dense input's strides where the fake makes it dense would break the plan)."""
+    from densenet_fast.ops import schema
+
+    fake = schema.FAKES[name][0]
+    got, want = kernel(*args), fake(*args)  # the fakes allocate only: on the real tensors
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        what = f"{name} output {i}"
+        assert (g.shape, g.dtype) == (w.shape, w.dtype), (what, g.shape, g.dtype, w.shape,
+                                                          w.dtype)
+        assert _significant_strides(g) == _significant_strides(w), (
+            what, g.stride(), w.stride())
+
+
+def assert_kernels_match_reference(kind: str, dtype: torch.dtype, device="cpu") -> None:
+    """Every op through the dispatcher on ``layout_cases(kind, dtype)``: its outputs, and what
+    the backward added into its gradient buffer, equal the reference kernels' on the same
+    values (the cases are seeded: built twice, the same) within ``dtype``'s tolerance."""
+    got_cases, want_cases = layout_cases(kind, dtype, device), layout_cases(kind, dtype, device)
+    for name, args in got_cases.items():
+        got = getattr(torch.ops.densenet_fast, name)(*args)
+        want = getattr(torch_impl, name)(*want_cases[name])
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        if name == "bn_relu_conv1x1_backward":
+            got, want = (*got, args[-1]), (*want, want_cases[name][-1])
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, dtype, f"{name} on {kind} data, output {i}")

@@ -57,6 +57,10 @@ stride, padding, dilation, ceil_mode) -> grad``
 
 Statistics (``mean``, ``invstd``) are float32 (float64 for float64 data); the buffer and the
 conv weight share one dtype; BN parameters may be float32 while the data is lower precision.
+Every data output is dense in its data input's memory format as ``formats.memory_format_of``
+names it (channels-last only for a dense NHWC input; a channel slice of one is not), except
+``add_stats_term``'s, dense in the format ``x``'s strides suggest: what the fakes below say,
+which ``torch.compile`` plans with, so every kernel of every backend returns exactly that.
 """
 
 from __future__ import annotations
@@ -102,6 +106,16 @@ def _check_data(x, name: str) -> None:
         raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_writable(t, name: str) -> None:
+    """``t`` (called ``name``), which an op adds into in place, has no two elements at one
+    address (an expanded tensor): ATen's rule for in-place writes, which Triton's stores
+    would not enforce (their sums would race)."""
+    if torch._debug_has_internal_overlap(t) == 1:  # 2: cannot tell, as ATen lets it pass
+        raise RuntimeError(
+            f"{name} has elements that share one memory location (an expanded tensor?); the "
+            "op adds into it in place: pass a tensor of its own (clone() it)")
 
 
 def _check_bn_vectors(x, name: str, channels: int, mean, invstd, bn_weight, bn_bias) -> None:
@@ -167,6 +181,7 @@ def check_backward_args(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv
     for name, t in (("grad_out", grad_out), ("grad_buffer", grad_buffer)):
         if t.device != buffer.device:
             raise RuntimeError(f"{name} is on {t.device} but buffer is on {buffer.device}")
+    _check_writable(grad_buffer, "grad_buffer")
     return channels
 
 
@@ -222,6 +237,8 @@ def check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weigh
         raise TypeError(f"kx must be torch.float32 or torch.float64, got {kx.dtype}")
     if count < 1:
         raise ValueError(f"count must be a positive number of values per channel, got {count}")
+    _check_writable(kx, "kx")
+    _check_writable(k0, "k0")
 
 
 def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
@@ -281,7 +298,7 @@ def pool_forward_fake(x, mean, invstd, bn_weight, bn_bias, *pool_args):
 
 def pool_backward_fake(grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args):
     check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape).contiguous(memory_format=memory_format_of(x))
 
 
 def _conv1x1_flops(out_shape, conv_weight_shape) -> int:

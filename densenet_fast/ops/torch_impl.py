@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import batchnorm
 from .batchnorm import bn_apply, bn_backward
+from .formats import memory_format_of
 from .schema import (
     check_backward_args,
     check_bn_relu_args,
@@ -40,11 +41,19 @@ def channel_chunks(channels: int, plane: int, limit: int | None = None):
     return [(start, min(start + size, channels)) for start in range(0, channels, size)]
 
 
+def _laid_out_like(out: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """``out`` dense in ``data``'s memory format (``formats.memory_format_of``), as the ops'
+    fakes and compiled kernels lay their outputs out. ATen's ops follow the strides of a
+    non-dense input (a channel slice of a channels-last tensor gives channels-last-like
+    output), which would differ from the fake that ``torch.compile`` plans with."""
+    return out.contiguous(memory_format=memory_format_of(data))
+
+
 def bn_relu_conv1x1(buffer, mean, invstd, bn_weight, bn_bias, conv_weight):
     """Reference forward: ``conv1x1(relu(bn(buffer[:, :C])), conv_weight)``."""
     channels = check_forward_args(buffer, mean, invstd, bn_weight, bn_bias, conv_weight)
     act = bn_apply(buffer[:, :channels], mean, invstd, bn_weight, bn_bias, relu=True)
-    return F.conv2d(act, conv_weight)
+    return _laid_out_like(F.conv2d(act, conv_weight), buffer)
 
 
 def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight,
@@ -81,7 +90,7 @@ def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
 def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     """Reference: ``relu(bn(x))`` in ``x``'s dtype, then stored as ``dtype``."""
     dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
-    return bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True).to(dtype)
+    return _laid_out_like(bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True).to(dtype), x)
 
 
 def add_stats_term(grad, x, kx, k0):
@@ -107,7 +116,7 @@ def bn_relu_max_pool2d(x, mean, invstd, bn_weight, bn_bias, *pool_args):
     """Reference forward: ``max_pool2d(relu(bn(x)), *pool_args)``."""
     check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args)
     act = bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True)
-    return F.max_pool2d(act, *pool_args)
+    return _laid_out_like(F.max_pool2d(act, *pool_args), x)
 
 
 def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args):
@@ -117,4 +126,5 @@ def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, *
     _, indices = torch.ops.aten.max_pool2d_with_indices(act, *pool_args)
     grad = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, act, *pool_args, indices)
     del indices
-    return torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
+    grad = torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
+    return _laid_out_like(grad, x)

@@ -188,11 +188,15 @@ def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(3)
 
 
+def _pixels_addressable(t: torch.Tensor) -> bool:
+    """Whether pixel ``hw = h * W + w`` of ``t`` sits at ``hw * s_hw`` in its image, as the
+    kernels address pixels (NCHW, NHWC, and any layout with W inside H)."""
+    return t.stride(2) == t.shape[3] * t.stride(3)
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """A tensor whose pixels can be addressed as ``n * s_n + hw * s_hw`` (NCHW or NHWC)."""
-    if t.stride(2) == t.shape[3] * t.stride(3):
-        return t
-    return t.contiguous()
+    """``t``, or a copy of it, whose pixels the kernels can address (``_pixels_addressable``)."""
+    return t if _pixels_addressable(t) else t.contiguous()
 
 
 def pixels_flat(hw: int, *tensors: torch.Tensor) -> bool:
@@ -335,8 +339,7 @@ def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
 def _backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias, conv_weight, stats_grad,
               grad_buffer, channels):
     buffer, grad_out = _dense(buffer), _dense(grad_out)
-    target = grad_buffer if grad_buffer.stride(2) == grad_buffer.shape[3] * grad_buffer.stride(3) \
-        else torch.zeros_like(buffer)
+    target = grad_buffer if _pixels_addressable(grad_buffer) else torch.zeros_like(buffer)
     n, _, h, w = buffer.shape
     co, pixels, device = conv_weight.shape[0], n * h * w, buffer.device
     bn = _bn_vectors(mean, invstd, bn_weight, bn_bias)
@@ -407,16 +410,22 @@ def add_stats_term(grad, x, kx, k0):
     check_stats_term_args(grad, x, kx, k0)
     if x.dtype == torch.float64:
         return torch_impl.add_stats_term(grad, x, kx, k0)
-    out = torch.empty_like(x)  # dense in x's layout, as the op's fake says
+    out = torch.empty_like(x)  # dense in the layout x's strides suggest, as the fake says
     if out.numel() == 0:
         return out
+    # The kernel addresses pixels as n * s_n + hw * s_hw; the layout x suggests may not (x
+    # with its plane transposed): the kernel then writes NCHW, copied into place.
+    target = out if _pixels_addressable(out) else torch.empty(x.shape, dtype=x.dtype,
+                                                               device=x.device)
     grad, x = _dense(grad), _dense(x)
     n, channels, h, w = x.shape
     with _device_guard(x.device):
         _launch_elementwise(stats_term_kernel, n * h * w, channels, grad, x, kx.contiguous(),
-                            k0.contiguous(), out, n * h * w, channels, h * w,
-                            *_pixel_strides(grad), *_pixel_strides(x), *_pixel_strides(out),
-                            FLAT=pixels_flat(h * w, grad, x, out))
+                            k0.contiguous(), target, n * h * w, channels, h * w,
+                            *_pixel_strides(grad), *_pixel_strides(x), *_pixel_strides(target),
+                            FLAT=pixels_flat(h * w, grad, x, target))
+    if target is not out:
+        out.copy_(target)
     return out
 
 

@@ -23,11 +23,15 @@ from op_cases import (
     ACTIVE_KERNELS,
     FORMAT_IDS,
     FORMATS,
+    LAYOUT_KINDS,
     STATS_GRAD_IDS,
     TORCH_KERNELS,
     OpResult,
+    assert_kernels_match_reference,
+    assert_laid_out_as_fake,
     assert_nan_propagates_as_in_torch,
     assert_op_matches,
+    layout_cases,
     op_case,
     run_kernels,
     shape_id,
@@ -350,6 +354,46 @@ def test_elementwise_ops_reject_bad_arguments_before_launching(elementwise_launc
         torch.ops.densenet_fast.add_stats_coefficients(vectors[0], vectors[1].double(),
                                                        *vectors, vectors[0], 8)
     assert elementwise_launches == [] and launches == []
+
+
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+def test_outputs_are_laid_out_as_the_fakes_say(kind, ieee):
+    """Every op's outputs as its fake lays them out (``torch.compile`` plans with the fake),
+    from inputs of every layout (``tests/test_op_layouts.py`` for the other kernels)."""
+    for name, args in layout_cases(kind, torch.float32, DEVICE).items():
+        assert_laid_out_as_fake(name, getattr(torch.ops.densenet_fast, name), args)
+    # and the values: a transposed input's output layout is one the kernels cannot address
+    assert_kernels_match_reference(kind, torch.float32, DEVICE)
+
+
+@pytest.fixture
+def gemm_launches(monkeypatch):
+    """Names of the GEMM kernels launched (through the tuned launcher), in order."""
+    launched = []
+    launch = triton_impl._launch
+
+    def counting(tuner, *args, **kwargs):
+        launched.append(tuner.kernel.fn.__name__)
+        return launch(tuner, *args, **kwargs)
+
+    monkeypatch.setattr(triton_impl, "_launch", counting)
+    return launched
+
+
+def test_expanded_tensors_to_add_into_are_refused_before_launching(gemm_launches, launches):
+    """An expanded gradient buffer or coefficient vector: the kernels' stores would race
+    (ATen refuses such in-place writes); refused before any launch, nothing written."""
+    args = list(layout_cases("nhwc", torch.float32, DEVICE)["bn_relu_conv1x1_backward"])
+    grad_buffer = torch.zeros_like(args[-1])
+    args[-1] = grad_buffer[:1].expand(grad_buffer.shape)
+    with pytest.raises(RuntimeError, match="grad_buffer has elements that share one memory"):
+        torch.ops.densenet_fast.bn_relu_conv1x1_backward(*args)
+    kx, k0 = torch.zeros(2, 6, device=DEVICE)
+    vectors = [torch.rand(6, device=DEVICE) + 0.5 for _ in range(5)]
+    with pytest.raises(RuntimeError, match="kx has elements that share one memory"):
+        torch.ops.densenet_fast.add_stats_coefficients(kx[:1].expand(6), k0, *vectors, 10)
+    assert gemm_launches == [] and launches == []
+    assert not grad_buffer.any() and not kx.any() and not k0.any()
 
 
 def test_tiny_model_matches_naive_through_triton(ieee):
