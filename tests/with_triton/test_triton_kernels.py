@@ -112,6 +112,18 @@ def test_every_autotune_config_matches_reference(name, ieee):
         _compare(SHAPES[3], torch.contiguous_format, torch.float32, stats_grad=True)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_weight_gradient_split_over_pixel_ranges_matches_reference(splits, monkeypatch, ieee):
+    """On a GPU the weight gradient's pixel reduction is split to fill the SMs
+    (``_num_splits``), each split summing a range of pixel tiles into its own partial row;
+    the interpreter runs one split unless told otherwise. Splits that do not divide the
+    tiles (189 pixels: 6 tiles of 32), and more splits than tiles (the empty ranges store
+    zeros)."""
+    monkeypatch.setattr(triton_impl, "_num_splits", lambda tiles, pixels, device: splits)
+    _compare(SHAPES[2], torch.channels_last, torch.float32, stats_grad=True)
+    _compare(SHAPES[2], torch.contiguous_format, torch.bfloat16, stats_grad=False)
+
+
 def test_autotune_trials_on_shared_buffers_leave_the_sums_exact(ieee):
     """What autotuning does on a first call: one config, then another, on the same
     buffers. A 128-row config fills a quarter of the partial-sum rows a 32-row trial left
