@@ -93,6 +93,8 @@ void update_running_stats_cpu(at::TensorList running_mean, at::TensorList runnin
                               const std::optional<at::Tensor>& merged_count) {
   check_running_stats_args(running_mean, running_var, tracked, mean, var, momentum.size());
   const int64_t n = merged_count.has_value() ? merged_count->item<int64_t>() : count.expect_int();
+  TORCH_CHECK_VALUE(n >= 2, "update_running_stats needs at least 2 values per channel behind "
+                    "the batch statistics (their unbiased variance divides by count - 1), got ", n);
   // Bessel's correction as the reference's scalar takes it: count / (count - 1) in double.
   const double bessel = static_cast<double>(n) / static_cast<double>(n - 1);
   for (size_t i = 0; i < running_mean.size(); ++i) {

@@ -236,3 +236,20 @@ def test_running_stats_kernels_agree(running_dtype, batch_dtype):
                 assert_close(g, w, what=what)
             else:
                 assert torch.equal(g, w), what
+
+
+@pytest.mark.parametrize("kernel", ["dispatcher", "reference"])
+@pytest.mark.parametrize("count, merged_count", [(1, None), (0, None), (5, torch.tensor(1))],
+                         ids=["one-value", "no-value", "one-value-over-the-ranks"])
+def test_update_running_stats_refuses_fewer_than_two_values(kernel, count, merged_count):
+    """Bessel's correction divides by ``count - 1``: with one value per channel the C++
+    kernel wrote inf into ``running_var``, silently. ``nn.BatchNorm2d`` refuses such a batch
+    in training, and so does the model before any op runs; this is the op's own contract."""
+    running = ([torch.zeros(3)], [torch.ones(3)], [torch.tensor(0)])
+    batch = ([torch.randn(3)], [torch.rand(3)])
+    run = (torch.ops.densenet_fast.update_running_stats if kernel == "dispatcher"
+           else graph._update_running_stats_kernel)
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        run(*running, *batch, [0.1], count, merged_count)
+    assert torch.equal(running[0][0], torch.zeros(3)) and torch.equal(running[1][0], torch.ones(3))
+    assert int(running[2][0]) == 0

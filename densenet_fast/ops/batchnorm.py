@@ -146,6 +146,10 @@ def update_running_stats(running_means, running_vars, batches_tracked, momenta, 
     ``nn.BatchNorm2d``'s, per element, in ``_foreach`` ops: on CUDA a handful of launches for
     a whole block instead of six per BN.
     """
+    if count < 2:  # checked first: nothing may be updated
+        raise ValueError("update_running_stats needs at least 2 values per channel behind the "
+                         "batch statistics (their unbiased variance divides by count - 1), "
+                         f"got {count}")
     torch._foreach_add_(batches_tracked, 1)
     by_factor: dict[float, list[int]] = {}
     for i, momentum in enumerate(momenta):
