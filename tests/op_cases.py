@@ -246,6 +246,17 @@ def layout_cases(kind: str, dtype: torch.dtype, device="cpu") -> dict:
     }
 
 
+def expanded(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s shape with every image (or element, for a vector) at one address: what an
+    op that adds into a tensor in place must refuse."""
+    return t[:1].expand(t.shape)
+
+
+def _outputs(result) -> tuple:
+    """An op's result as a tuple of its outputs."""
+    return result if isinstance(result, tuple) else (result,)
+
+
 def _significant_strides(t: torch.Tensor) -> tuple:
     """The strides that address something: those of dimensions longer than one."""
     return tuple(s if n > 1 else None for s, n in zip(t.stride(), t.shape, strict=True))
@@ -258,9 +269,8 @@ def assert_laid_out_as_fake(name: str, kernel, args) -> None:
     from densenet_fast.ops import schema
 
     fake = schema.FAKES[name][0]
-    got, want = kernel(*args), fake(*args)  # the fakes allocate only: on the real tensors
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
+    # the fakes allocate only: on the real tensors
+    got, want = _outputs(kernel(*args)), _outputs(fake(*args))
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         what = f"{name} output {i}"
         assert (g.shape, g.dtype) == (w.shape, w.dtype), (what, g.shape, g.dtype, w.shape,
@@ -275,10 +285,8 @@ def assert_kernels_match_reference(kind: str, dtype: torch.dtype, device="cpu") 
     values (the cases are seeded: built twice, the same) within ``dtype``'s tolerance."""
     got_cases, want_cases = layout_cases(kind, dtype, device), layout_cases(kind, dtype, device)
     for name, args in got_cases.items():
-        got = getattr(torch.ops.densenet_fast, name)(*args)
-        want = getattr(torch_impl, name)(*want_cases[name])
-        got = got if isinstance(got, tuple) else (got,)
-        want = want if isinstance(want, tuple) else (want,)
+        got = _outputs(getattr(torch.ops.densenet_fast, name)(*args))
+        want = _outputs(getattr(torch_impl, name)(*want_cases[name]))
         if name == "bn_relu_conv1x1_backward":
             got, want = (*got, args[-1]), (*want, want_cases[name][-1])
         for i, (g, w) in enumerate(zip(got, want, strict=True)):

@@ -19,6 +19,7 @@ from op_cases import (
     LAYOUT_KINDS,
     assert_kernels_match_reference,
     assert_laid_out_as_fake,
+    expanded,
     layout_cases,
 )
 
@@ -55,16 +56,11 @@ def test_opcheck_of_every_op_over_layouts(kind):
                               test_utils=("test_faketensor",))
 
 
-def _expanded(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s shape, every image (or element, for a vector) at one address."""
-    return t[:1].expand(t.shape) if t.dim() == 4 else t[:1].expand(t.shape[0])
-
-
 @pytest.mark.parametrize("kernels", list(KERNELS))
 def test_an_expanded_gradient_buffer_is_refused_before_anything_is_written(kernels):
     args = list(layout_cases("nchw", torch.float32)["bn_relu_conv1x1_backward"])
     grad_buffer = torch.zeros_like(args[-1])
-    args[-1] = _expanded(grad_buffer)
+    args[-1] = expanded(grad_buffer)
     with pytest.raises(RuntimeError, match="grad_buffer has elements that share one memory"):
         KERNELS[kernels]("bn_relu_conv1x1_backward")(*args)
     assert not grad_buffer.any()
@@ -78,7 +74,7 @@ def test_expanded_coefficients_are_refused_before_anything_is_written(which, ker
     vectors = [torch.randn(c), torch.rand(c) + 0.5, torch.randn(c), torch.randn(c),
                torch.randn(c)]
     coefficients = {"kx": kx, "k0": k0}
-    coefficients[which] = _expanded(coefficients[which])
+    coefficients[which] = expanded(coefficients[which])
     with pytest.raises(RuntimeError, match=f"{which} has elements that share one memory"):
         KERNELS[kernels]("add_stats_coefficients")(*coefficients.values(), *vectors, 10)
     assert not kx.any() and not k0.any()

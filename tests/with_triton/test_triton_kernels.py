@@ -31,6 +31,7 @@ from op_cases import (
     assert_laid_out_as_fake,
     assert_nan_propagates_as_in_torch,
     assert_op_matches,
+    expanded,
     layout_cases,
     op_case,
     run_kernels,
@@ -397,13 +398,13 @@ def test_expanded_tensors_to_add_into_are_refused_before_launching(gemm_launches
     (ATen refuses such in-place writes); refused before any launch, nothing written."""
     args = list(layout_cases("nhwc", torch.float32, DEVICE)["bn_relu_conv1x1_backward"])
     grad_buffer = torch.zeros_like(args[-1])
-    args[-1] = grad_buffer[:1].expand(grad_buffer.shape)
+    args[-1] = expanded(grad_buffer)
     with pytest.raises(RuntimeError, match="grad_buffer has elements that share one memory"):
         torch.ops.densenet_fast.bn_relu_conv1x1_backward(*args)
     kx, k0 = torch.zeros(2, 6, device=DEVICE)
     vectors = [torch.rand(6, device=DEVICE) + 0.5 for _ in range(5)]
     with pytest.raises(RuntimeError, match="kx has elements that share one memory"):
-        torch.ops.densenet_fast.add_stats_coefficients(kx[:1].expand(6), k0, *vectors, 10)
+        torch.ops.densenet_fast.add_stats_coefficients(expanded(kx), k0, *vectors, 10)
     assert gemm_launches == [] and launches == []
     assert not grad_buffer.any() and not kx.any() and not k0.any()
 
