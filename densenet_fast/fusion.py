@@ -40,7 +40,7 @@ from . import timm_parts
 from .architecture import DenseLayer
 from .spec import BatchNormSpec
 from .sync import sync_of
-from .validation import is_named_type, is_type, pads_over_half_kernel
+from .validation import is_named_type, is_type, member, pads_over_half_kernel
 
 # A transition's children: torchvision's, and timm's (whose norm applies the ReLU itself).
 _TRANSITION_CHILDREN = ("norm", "relu", "conv", "pool")
@@ -257,7 +257,8 @@ def norm_state(bn: nn.Module) -> BatchNormSpec:
 def _standard_conv(conv: nn.Module | None, kernel: int, in_channels: int) -> bool:
     return (is_type(conv, nn.Conv2d) and conv.kernel_size == (kernel, kernel)
             and conv.stride == (1, 1) and conv.padding == (kernel // 2, kernel // 2)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.dilation == (1, 1) and conv.groups == 1
+            and member(conv, "bias") is None
             and conv.padding_mode == "zeros" and conv.in_channels == in_channels)
 
 
@@ -346,7 +347,7 @@ def layer_blocker(name: str, layer: nn.Module, channels: int, growth: int) -> Bl
 
 def uses_batch_stats(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) and (
-        bn.training or bn.running_mean is None)
+        bn.training or member(bn, "running_mean") is None)
 
 
 def block_sync(block: nn.Module):
@@ -354,15 +355,21 @@ def block_sync(block: nn.Module):
     per process). Every BN of a fused block that uses batch statistics must agree on it, as
     a channel's statistics are computed once for all its readers."""
     for layer in block._modules.values():
-        for bn in (layer.norm1, layer.norm2):
+        for bn in _layer_norms(layer):
             if uses_batch_stats(bn):
                 return sync_of(bn)
     return None
 
 
+def _layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A checked dense layer's ``norm1`` and ``norm2``."""
+    children = layer._modules
+    return children["norm1"], children["norm2"]
+
+
 def _sync_blocker(block: nn.Module) -> Blocker | None:
     syncs = {sync_of(bn) for layer in block._modules.values()
-             for bn in (layer.norm1, layer.norm2) if uses_batch_stats(bn)}
+             for bn in _layer_norms(layer) if uses_batch_stats(bn)}
     if len(syncs) > 1:
         return Blocker("its training BatchNorms do not all synchronise over the same process "
                        "group (some SyncBatchNorm, some not, or different groups)",

@@ -49,7 +49,7 @@ from .spec import (
     flat_block_params,
 )
 from .sync import sync_of
-from .validation import as_pair, is_type
+from .validation import as_pair, is_type, member
 
 
 class StepKind(Enum):
@@ -213,6 +213,22 @@ def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tens
         return stem(x.to(dtype), spec, StemParams(conv.weight.to(dtype), norm.weight, norm.bias))
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # What t.to(dtype) returns, without the call where it would return t itself: a few
+    # microseconds a weight on every forward.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _layer_params(layer: nn.Module, dtype: torch.dtype) -> LayerParams:
+    """A checked dense layer's parameters, its convolutions' weights cast to ``dtype``."""
+    children = layer._modules
+    norm1, norm2 = children["norm1"], children["norm2"]
+    return LayerParams(member(norm1, "weight"), member(norm1, "bias"),
+                       _cast(member(children["conv1"], "weight"), dtype),
+                       member(norm2, "weight"), member(norm2, "bias"),
+                       _cast(member(children["conv2"], "weight"), dtype))
+
+
 def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
     """Run a standard ``block`` and, fused with it, ``tail`` (a transition, a final norm or
     None) as one graph node: the caller has checked them (:func:`plan_features`). A final
@@ -226,9 +242,7 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
     dtype = _compute_dtype(x, modules[0].conv1.weight)
     with _without_autocast(x):
         # Casts are graph nodes, so gradients reach the float32 master weights under autocast.
-        layers = [LayerParams(m.norm1.weight, m.norm1.bias, m.conv1.weight.to(dtype),
-                              m.norm2.weight, m.norm2.bias, m.conv2.weight.to(dtype))
-                  for m in modules]
+        layers = [_layer_params(m, dtype) for m in modules]
         if tail is None:
             kind, tail_norm, tail_params = Tail.NONE, None, None
         elif isinstance(tail, Transition):
@@ -244,7 +258,9 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
             tail=kind,
             tail_norm=tail_norm,
             recompute_bottleneck=block.recompute_bottleneck or any(
-                getattr(m, "grad_checkpointing", False) for m in modules),
+                # timm's DenseLayer sets it on the instance (set_grad_checkpointing too);
+                # getattr of a member a module lacks raises inside Module.__getattr__.
+                m.__dict__.get("grad_checkpointing", False) for m in modules),
             sync=block_sync(block),
         )
         out = dense_block(x.to(dtype), spec, flat_block_params(layers, tail_params))

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from .sync import StatsSync
-from .validation import output_size
+from .validation import member, output_size
 
 
 def setting(schema_type: str, *, default=MISSING, encode=None, decode=None):
@@ -76,8 +76,10 @@ class BatchNormSpec:
         running statistics updated in training mode only while ``track_running_stats`` is
         set. A BN whose flag is cleared after construction keeps its buffers: in training it
         normalises with the batch and leaves them alone, in eval it normalises with them."""
-        has_running = bn.running_mean is not None
-        return cls(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps,
+        running_mean = member(bn, "running_mean")  # member: every forward reads every BN
+        has_running = running_mean is not None
+        return cls(running_mean, member(bn, "running_var"), member(bn, "num_batches_tracked"),
+                   bn.momentum, bn.eps,
                    batch_stats=bn.training or not has_running,
                    update_running_stats=bn.training and bn.track_running_stats and has_running)
 
