@@ -157,8 +157,11 @@ def sync_of(bn: torch.nn.Module) -> StatsSync | None:
     """The synchronisation ``bn`` asks for in this forward: a training ``nn.SyncBatchNorm``
     (or timm's ``SyncBatchNormAct``) with an initialised process group of more than one rank
     (else None: it behaves as ``BatchNorm2d``, as PyTorch's does)."""
+    # Asked of every BN on every forward: the usual answer first, from the exact type.
+    if not bn.training or type(bn) is torch.nn.BatchNorm2d:
+        return None
     if not (is_type(bn, torch.nn.SyncBatchNorm)
-            or is_named_type(bn, timm_parts.SYNC_BATCHNORM_ACT)) or not bn.training:
+            or is_named_type(bn, timm_parts.SYNC_BATCHNORM_ACT)):
         return None
     if not (dist.is_available() and dist.is_initialized()):
         return None

@@ -47,18 +47,18 @@ def is_type(module, cls: type) -> bool:
     return known
 
 
-def member(module: nn.Module, name: str):
+def member(module: nn.Module, name: str, *default):
     """``getattr(module, name)`` for a parameter, buffer or child module, read from the
     module's own tables first (as ``Module.__getattr__`` reads them): ``Module.__getattr__``
     runs only after ordinary attribute lookup has failed, which costs about a microsecond a
     call, and the fusion checks and the fused call read several hundred members on every
-    forward. The same as ``getattr`` unless a module's class defines a property of a name
-    its tables also hold (``torch.nn.utils.parametrize`` removes the parameter it computes
-    from the table: its property is found)."""
+    forward. The same as ``getattr`` (``default`` included) unless a module's class defines
+    a property of a name its tables also hold (``torch.nn.utils.parametrize`` removes the
+    parameter it computes from the table: its property is found)."""
     for table in (module._parameters, module._buffers, module._modules):
         if name in table:
             return table[name]
-    return getattr(module, name)
+    return getattr(module, name, *default)
 
 
 def is_named_type(module, qualified_name: str) -> bool:
@@ -225,7 +225,7 @@ def check_spatial_plan(named_roles, x: torch.Tensor, values_over_ranks=None) -> 
         elif role == "block":
             for layer_name, layer in m.named_children():
                 for bn_name in ("norm1", "norm2"):
-                    bn = getattr(layer, bn_name, None)
+                    bn = member(layer, bn_name, None)
                     if not isinstance(bn, nn.Module):
                         return
                     _check_bn(bn, f"{name}.{layer_name}.{bn_name}", n, h, w,
