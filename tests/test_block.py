@@ -8,7 +8,7 @@ from tolerances import assert_close, assert_gradcheck
 from densenet_fast import block
 from densenet_fast.graph import DenseBlockFunction
 from densenet_fast.ops.formats import memory_format_of
-from densenet_fast.spec import Tail
+from densenet_fast.spec import BatchNormSpec, Tail
 
 # gradcheck's cost grows with the number of input and output elements: the smallest block that
 # still has three layers (each reading all earlier outputs), batch statistics over two images,
@@ -94,3 +94,37 @@ def test_batch_norm_backward_gets_defined_saved_statistics(training, memory_form
     DenseBlockFunction.apply(x.requires_grad_(), spec, *params).sum().backward()
     assert saved, "the NORM tail's backward runs aten.native_batch_norm_backward"
     assert all(isinstance(t, torch.Tensor) for pair in saved for t in pair), saved
+
+
+def _norm_spec(channels, eps, *, batch_stats, dtype=torch.float32):
+    bn = torch.nn.BatchNorm2d(channels, eps=eps).to(dtype)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.1, 2)
+    return BatchNormSpec.of(bn.train(batch_stats))
+
+
+@pytest.mark.parametrize("buffers_dtype, stats_dtype", [
+    (torch.float32, torch.float32), (torch.float16, torch.float32),
+    (torch.float64, torch.float64)])
+def test_running_statistics_of_a_block_at_once_equal_each_bns_own(buffers_dtype, stats_dtype):
+    # Two eps (two groups), BNs with batch statistics between, a missing tail norm: each
+    # eval-mode BN gets rsqrt(running_var + eps) of its own, to the bit, as when computed alone.
+    norms = [_norm_spec(5, 1e-5, batch_stats=False, dtype=buffers_dtype),
+             _norm_spec(3, 1e-3, batch_stats=False, dtype=buffers_dtype),
+             _norm_spec(4, 1e-5, batch_stats=True, dtype=buffers_dtype),
+             _norm_spec(7, 1e-5, batch_stats=False, dtype=buffers_dtype), None]
+    pairs = block.running_mean_invstds(norms, stats_dtype)
+    assert pairs[2] is None and pairs[4] is None
+    for norm, pair in zip(norms, pairs, strict=True):
+        if pair is None:
+            continue
+        mean, invstd = pair
+        assert mean.dtype == invstd.dtype == stats_dtype
+        assert torch.equal(mean, norm.running_mean.to(stats_dtype))
+        assert torch.equal(invstd, torch.rsqrt(norm.running_var.to(stats_dtype) + norm.eps))
+    # A BN in the statistics' dtype hands over its own running mean, not a copy.
+    if buffers_dtype == stats_dtype:
+        assert pairs[0][0] is norms[0].running_mean
+    # The single-BN form agrees.
+    mean, invstd = block.running_mean_invstd(norms[1], stats_dtype)
+    assert torch.equal(invstd, pairs[1][1]) and torch.equal(mean, pairs[1][0])

@@ -252,3 +252,42 @@ def test_features_and_standalone_modules_keep_torchvision_semantics():
     assert_close(partial(x), torch.nn.Sequential(*list(ref.features)[:6])(x), dtype,
                  "sliced features")
     assert_models_match(fast, ref, dtype, "both ran the same forwards")
+
+
+@pytest.mark.parametrize("state", ["conv-bias-attribute", "running-stats-attributes"])
+def test_members_set_outside_the_modules_tables_are_read_as_their_forward_reads_them(state):
+    """A parameter or buffer deleted and set again as a plain tensor attribute leaves the
+    module's tables: its forward reads the attribute, and so must the fusion checks and the
+    fused call (which read the tables first, for speed). A bias on a conv keeps its block on
+    the modules; plain running statistics of an eval-mode BN are the ones it normalises
+    with."""
+    config, shape, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    for model in (fast, ref):
+        model.eval()
+        layer = model.features.denseblock2.denselayer1
+        if state == "conv-bias-attribute":
+            del layer.conv1.bias
+            layer.conv1.bias = torch.linspace(-1, 1, layer.conv1.out_channels, dtype=dtype)
+        else:
+            mean, var = layer.norm1.running_mean, layer.norm1.running_var
+            del layer.norm1.running_mean, layer.norm1.running_var
+            layer.norm1.running_mean = torch.linspace(-0.5, 0.5, len(mean), dtype=dtype)
+            layer.norm1.running_var = torch.linspace(0.5, 2.0, len(var), dtype=dtype)
+    report = fast.fusion_report()
+    assert report["features.denseblock1"].startswith("fused"), report
+    if state == "conv-bias-attribute":
+        assert report["features.denseblock2"].startswith(
+            "modules: denselayer1.conv1 is Conv2d"), report
+    else:
+        assert report["features.denseblock2"].startswith("fused"), report
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    outs, grads = [], []
+    for model in (fast, ref):
+        out = model(x)
+        outs.append(out)
+        names, params = zip(*model.named_parameters(), strict=True)
+        grads.append(dict(zip(("input", *names), torch.autograd.grad(
+            out.square().sum(), [x, *params]), strict=True)))
+    assert_close(outs[0], outs[1], dtype, state)
+    assert_grads_match(grads[0], grads[1], dtype, state)
