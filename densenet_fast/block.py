@@ -45,7 +45,7 @@ from .ops.batchnorm import (
     channel_stats,
     stats_scratch,
 )
-from .ops.formats import memory_format_of, stats_dtype_for
+from .ops.formats import cast, memory_format_of, stats_dtype_for
 from .spec import (
     BatchNormSpec,
     BlockSpec,
@@ -91,7 +91,7 @@ def _running_mean_invstds(norms: list, eps: float, stats_dtype: torch.dtype) -> 
     variances = [norm.running_var for norm in norms]
     invstd = torch.cat(variances).to(stats_dtype).add_(eps).rsqrt_()
     means = (norm.running_mean for norm in norms)
-    return [(mean if mean.dtype == stats_dtype else mean.to(stats_dtype), part)
+    return [(cast(mean, stats_dtype), part)
             for mean, part in zip(means, invstd.split([v.shape[0] for v in variances]),
                                   strict=True)]
 

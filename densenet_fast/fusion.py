@@ -355,13 +355,13 @@ def block_sync(block: nn.Module):
     per process). Every BN of a fused block that uses batch statistics must agree on it, as
     a channel's statistics are computed once for all its readers."""
     for layer in block._modules.values():
-        for bn in _layer_norms(layer):
+        for bn in norms_of_layer(layer):
             if uses_batch_stats(bn):
                 return sync_of(bn)
     return None
 
 
-def _layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+def norms_of_layer(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     """A checked dense layer's ``norm1`` and ``norm2``."""
     children = layer._modules
     return children["norm1"], children["norm2"]
@@ -369,7 +369,7 @@ def _layer_norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def _sync_blocker(block: nn.Module) -> Blocker | None:
     syncs = {sync_of(bn) for layer in block._modules.values()
-             for bn in _layer_norms(layer) if uses_batch_stats(bn)}
+             for bn in norms_of_layer(layer) if uses_batch_stats(bn)}
     if len(syncs) > 1:
         return Blocker("its training BatchNorms do not all synchronise over the same process "
                        "group (some SyncBatchNorm, some not, or different groups)",

@@ -33,12 +33,14 @@ from .fusion import (
     is_norm_act,
     norm_problem,
     norm_state,
+    norms_of_layer,
     stem_blocker,
     stem_names,
     transition_blocker,
     uses_batch_stats,
 )
 from .graph import dense_block, stem
+from .ops.formats import cast
 from .spec import (
     BlockSpec,
     LayerParams,
@@ -213,20 +215,14 @@ def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tens
         return stem(x.to(dtype), spec, StemParams(conv.weight.to(dtype), norm.weight, norm.bias))
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # What t.to(dtype) returns, without the call where it would return t itself: a few
-    # microseconds a weight on every forward.
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _layer_params(layer: nn.Module, dtype: torch.dtype) -> LayerParams:
     """A checked dense layer's parameters, its convolutions' weights cast to ``dtype``."""
     children = layer._modules
-    norm1, norm2 = children["norm1"], children["norm2"]
+    norm1, norm2 = norms_of_layer(layer)
     return LayerParams(member(norm1, "weight"), member(norm1, "bias"),
-                       _cast(member(children["conv1"], "weight"), dtype),
+                       cast(member(children["conv1"], "weight"), dtype),
                        member(norm2, "weight"), member(norm2, "bias"),
-                       _cast(member(children["conv2"], "weight"), dtype))
+                       cast(member(children["conv2"], "weight"), dtype))
 
 
 def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
@@ -252,7 +248,7 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
             kind, tail_norm = Tail.NORM, norm_state(tail)
             tail_params = TailParams(tail.weight, tail.bias)
         spec = BlockSpec(
-            layer_norms=tuple((norm_state(m.norm1), norm_state(m.norm2)) for m in modules),
+            layer_norms=tuple(tuple(map(norm_state, norms_of_layer(m))) for m in modules),
             growth_rate=modules[0].conv2.out_channels,
             drop_rates=tuple(m.drop_rate if m.training else 0.0 for m in modules),
             tail=kind,
