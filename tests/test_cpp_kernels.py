@@ -30,19 +30,20 @@ needs_cpp = pytest.mark.skipif(
     reason="C++ backend not active here (test_backends.py fails where it should be)")
 
 # (N, C_total, C, C_out, H, W): odd widths; 1x1 and odd planes; several pixel tiles per
-# image (64x64 with 40 channels).
+# image (64x112 with 40 channels: float32 tiles hold 3264 pixels, bfloat16 ones 6544).
 SHAPES = [(3, 13, 11, 8, 5, 4), (2, 37, 37, 20, 1, 1), (2, 40, 33, 12, 7, 9),
-          (2, 48, 40, 16, 64, 64)]
+          (2, 48, 40, 16, 64, 112)]
 # Several channel chunks in the two-pass backward: 4 x 64 x 64 pixels x 300 channels exceeds
 # the 4M-element store. float32 only, to keep the suite short.
 CHUNKED = (4, 320, 300, 8, 64, 64)
 # Small channel-major planes pack several whole images into one forward tile: 5x5 planes
-# with 1030 channels fit 4 images in a tile, so 10 images make tiles of 4, 4 and 2.
+# with 1030 channels fit 4 images in a float32 tile, so 10 images make tiles of 4, 4 and 2
+# (bfloat16 tiles hold twice the elements: 9 and 1).
 PACKED = (10, 1040, 1030, 20, 5, 5)
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 # Tiles large enough for the kernels to measure their GEMM engines (1024 pixels x 128
-# channels x 128 outputs, over kOneDnnMinMacs), with a shorter last tile per image
-# (48x48 = 2 x 1024 + 256).
+# channels x 128 outputs, over kMeasuredMinMacs), with a shorter last tile per channel-major
+# image (48x48 = 2 x 1024 + 256 in float32, 2048 + 256 in bfloat16/float16).
 ONEDNN = (4, 136, 128, 128, 48, 48)
 
 
@@ -108,10 +109,11 @@ def test_backward_tiles_of_several_whole_images(dtype, policy, stats_grad, gemm_
 
 
 # bfloat16 channels-last tiles through the AMX micro-kernel (csrc/amx_gemm.h), beside operands
-# it does not take: C_out 40 (not a multiple of 16: the forward keeps at::mm) with a last
-# tile of 42 pixels (not a multiple of the transpose's 32-row blocks); C_out 48 with a last
-# tile of 67 pixels (odd: that tile's weight gradient keeps at::mm); 80 channels in two
-# chunks of the two-pass backward (64 and 16: each packs its own part of the weight).
+# it does not take: C_out 40 (not a multiple of 16: the forward keeps at::mm) with tiles that
+# are not a multiple of the transpose's 32-row blocks (2090 pixels: 1046 and 1044 on two
+# threads, one tile on one); C_out 48 with an odd tile (2115 pixels: 1058 and 1057, or one;
+# that tile's weight gradient keeps at::mm); 80 channels in two chunks of the two-pass
+# backward (64 and 16: each packs its own part of the weight).
 AMX_SHAPES = [(2, 72, 64, 40, 55, 19), (1, 72, 64, 48, 47, 45), (4, 96, 80, 32, 128, 128)]
 
 
