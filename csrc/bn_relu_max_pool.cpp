@@ -334,6 +334,32 @@ at::Tensor forward_channels_last(const at::Tensor& x, const at::Tensor& mean,
   return out;
 }
 
+// Window (oh, ow)'s output gradient go[c] added to the sum of its winning tap, channel by
+// channel, where ReLU lets it through (threshold_backward's rule: nothing where a <= 0);
+// row(ih, iw) gives the sums of input pixel (ih, iw). Tap by tap over the channels with a
+// select rather than channel by channel through the winner's address, so that the loop
+// vectorises (the scattered form took 5x the forward's time on densenet121's stem); each sum
+// gets the same additions in the same order, and adding +0 leaves it as it was.
+template <typename scalar_t, typename acc_t, typename F>
+void add_to_winners(const scalar_t* __restrict__ go, const acc_t* __restrict__ best,
+                    const int32_t* __restrict__ winner, const PoolGeometry& g, int64_t oh,
+                    int64_t ow, int64_t count, const F& row) {
+  for (int64_t i = 0; i < g.h.kernel; ++i) {
+    const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
+    if (ih < 0 || ih >= g.h.in) continue;
+    for (int64_t j = 0; j < g.w.kernel; ++j) {
+      const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
+      if (iw < 0 || iw >= g.w.in) continue;
+      const auto tap = static_cast<int32_t>(i * g.w.kernel + j);
+      acc_t* __restrict__ sum = row(ih, iw);
+      for (int64_t c = 0; c < count; ++c) {
+        const bool flows = winner[c] == tap && !(best[c] <= acc_t(0));  // NaN flows
+        sum[c] += flows ? static_cast<acc_t>(go[c]) : acc_t(0);
+      }
+    }
+  }
+}
+
 // Per channel block, the gradient sums in acc_t rows of [W, count], as the planes' kernel sums
 // in its plane scratch, so a pixel that wins several overlapping windows is rounded once. Only
 // the input rows the current output row's windows reach are live: a ring of
@@ -383,14 +409,8 @@ at::Tensor backward_channels_last(const at::Tensor& grad_out, const at::Tensor& 
                             g, oh, ow, b.count, best, winner);
         const scalar_t* go =
             go_data + ((b.image * g.h.out + oh) * g.w.out + ow) * channels + b.first;
-        for (int64_t c = 0; c < b.count; ++c) {
-          // ReLU's backward as threshold_backward's: nothing flows where a <= 0.
-          if (best[c] <= acc_t(0)) continue;
-          const int64_t i = winner[c] / g.w.kernel, j = winner[c] % g.w.kernel;
-          const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
-          const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
-          sums[(ih % ring) * row + iw * b.count + c] += static_cast<acc_t>(go[c]);
-        }
+        add_to_winners(go, best, winner, g, oh, ow, b.count,
+                       [&](int64_t ih, int64_t iw) { return sums + (ih % ring) * row + iw * b.count; });
       }
       // The next output row's windows start at this input row: the rows above are final.
       finish_rows(std::clamp<int64_t>((oh + 1) * g.h.stride - g.h.padding, 0, g.h.in));
