@@ -519,6 +519,25 @@ void add_scaled_row(const acc_t* __restrict__ grad, const acc_t* __restrict__ k,
   }
 }
 
+// mask_reduce_row then add_scaled_row in one pass, for g in the data's dtype (the input
+// gradient's low-precision GEMM result): g *= [a > 0]; sum_g += g; sum_gx += g (x - mean);
+// grad_x += k g. The same operations in the same order, without g widened into float32
+// scratch, written back masked and read again (a third of a bfloat16 layer's backward
+// besides its GEMMs was such passes).
+template <typename scalar_t, typename acc_t, typename act_t>
+void mask_reduce_add_row(const act_t* __restrict__ act, const scalar_t* __restrict__ grad,
+                         const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                         acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx,
+                         const acc_t* __restrict__ k, scalar_t* __restrict__ grad_x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(grad[i]);
+    const acc_t v = !(static_cast<acc_t>(act[i]) <= acc_t(0)) ? gv : acc_t(0);
+    sum_g[i] += v;
+    sum_gx[i] += v * (static_cast<acc_t>(x[i]) - mean[i]);
+    grad_x[i] = to_data<scalar_t>(static_cast<acc_t>(grad_x[i]) + k[i] * v);
+  }
+}
+
 // grad_x += k * g, one channel's coefficient (channel-major run).
 template <typename scalar_t, typename acc_t>
 void add_scaled_channel(const acc_t* __restrict__ grad, acc_t k, scalar_t* __restrict__ grad_x,
@@ -1028,21 +1047,37 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
 
 // The input-gradient step of one pixel-major tile: the GEMM g = grad_out W into gs
 // ([len, cc]), then per row the ReLU mask and the per-channel sums (mask_reduce_row), and
-// with one pass the direct term k_g g added to grad_x right away.
+// with one pass the direct term k_g g added to grad_x right away. A tile built for the
+// low-precision engine, in one pass and off the AMX micro-kernel, keeps g in the data's
+// dtype, in gs's space, for mask_reduce_add_row.
 template <typename scalar_t, typename acc_t, typename act_t>
 void input_grad_rows(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
                      const at::Tensor& go, const act_t* act, acc_t* gs, acc_t* tile_sums,
                      double* sum_g, double* sum_gx) {
   const int64_t c0 = d.c0, cc = d.cc;
-  input_grad_gemm(d, go, p0, len, matrix(gs, len, cc, cc));
   // Per-tile sums in acc_t, vectorised across channels, then folded into doubles.
   acc_t* row_g = tile_sums;
   acc_t* row_gx = tile_sums + cc;
   std::fill(row_g, row_g + 2 * cc, acc_t(0));
-  for (int64_t r = 0; r < len; ++r) {
-    const int64_t off = (p0 + r) * d.g.total + c0;
-    mask_reduce_row(act + r * cc, gs + r * cc, d.x + off, d.mean + c0, row_g, row_gx, cc);
-    if (!d.two_pass) add_scaled_row(gs + r * cc, d.k_g.data() + c0, d.grad_x + off, cc);
+  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const bool low_precision_g = !std::is_same_v<scalar_t, acc_t> && !d.two_pass &&
+                               go.scalar_type() == dtype &&
+                               !(d.weight_chunk_amx && go.is_contiguous());
+  if (low_precision_g) {
+    auto* g_lp = reinterpret_cast<scalar_t*>(gs);
+    conv1x1_gemm(false, true, d.weight_t_chunk_lp.get(), go, matrix(g_lp, len, cc, cc));
+    for (int64_t r = 0; r < len; ++r) {
+      const int64_t off = (p0 + r) * d.g.total + c0;
+      mask_reduce_add_row(act + r * cc, g_lp + r * cc, d.x + off, d.mean + c0, row_g, row_gx,
+                          d.k_g.data() + c0, d.grad_x + off, cc);
+    }
+  } else {
+    input_grad_gemm(d, go, p0, len, matrix(gs, len, cc, cc));
+    for (int64_t r = 0; r < len; ++r) {
+      const int64_t off = (p0 + r) * d.g.total + c0;
+      mask_reduce_row(act + r * cc, gs + r * cc, d.x + off, d.mean + c0, row_g, row_gx, cc);
+      if (!d.two_pass) add_scaled_row(gs + r * cc, d.k_g.data() + c0, d.grad_x + off, cc);
+    }
   }
   for (int64_t c = 0; c < cc; ++c) {
     sum_g[c] += row_g[c];

@@ -108,6 +108,20 @@ def test_backward_tiles_of_several_whole_images(dtype, policy, stats_grad, gemm_
     assert_op_matches(op_case((7, 40, 33, 24, 3, 5), dtype), stats_grad, "torch")
 
 
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_input_gradient_kept_in_the_data_dtype(shape, dtype, gemm_engine):
+    # The low-precision engine forced, channels-last, no statistics term (the block's case):
+    # the input gradient's GEMM result stays in the data's dtype through the ReLU mask, the
+    # sums and the added dx (mask_reduce_add_row) wherever the AMX micro-kernel does not take
+    # the tile (everywhere on a CPU without AMX); a NaN reaches what torch's ops send it to.
+    gemm_engine("lowp")
+    case = op_case(shape, dtype, torch.channels_last)
+    assert_op_matches(case, False, "torch")
+    assert_nan_propagates_as_in_torch(case)
+
+
 # bfloat16 channels-last tiles through the AMX micro-kernel (csrc/amx_gemm.h), beside operands
 # it does not take: C_out 40 (not a multiple of 16: the forward keeps at::mm) with tiles that
 # are not a multiple of the transpose's 32-row blocks (2090 pixels: 1046 and 1044 on two
