@@ -272,8 +272,12 @@ int64_t log2_floor(int64_t v) {
 // (amx_gemm.h) has no such cost, where float32 BLAS pays for the float32 copy of the weight,
 // and they take the low-precision engine (on an Intel Xeon with AMX, family 6, model 167, a
 // layer of 18 pixels by 992 channels ran its forward in 75 us against 247 us, its backward
-// in 257 us against 584 us, one thread).
-constexpr int64_t kMeasuredMinMacs = int64_t(1) << 22;
+// in 257 us against 584 us, one thread). It was 2^22 until, on an AMD EPYC of family 25
+// (AVX512_BF16, no AMX), at::mm in bfloat16 won every GEMM measured down to 2^20: the
+// fused op on densenet121's last-block layers at batch 1 and 2 (49 and 98 pixels, bf16
+// channels-last, 2 threads), which float32 BLAS had served unmeasured, took 0.4-0.6x the
+// time forward and 0.5-0.8x backward with it.
+constexpr int64_t kMeasuredMinMacs = int64_t(1) << 20;
 // Timed runs of each engine when a choice is measured (the fastest run counts).
 constexpr int kEngineTrials = 3;
 
