@@ -283,6 +283,22 @@ void for_each_channel_block(const at::Tensor& x, int64_t scratch_size, const F& 
   });
 }
 
+// fn(ih, iw, tap) for each tap of window (oh, ow) that lies in the input, in window order
+// (rows, then columns; tap = i * kernel_w + j): the padding's taps are skipped, as ATen's pool
+// skips them.
+template <typename F>
+void for_each_tap(const PoolGeometry& g, int64_t oh, int64_t ow, const F& fn) {
+  for (int64_t i = 0; i < g.h.kernel; ++i) {
+    const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
+    if (ih < 0 || ih >= g.h.in) continue;
+    for (int64_t j = 0; j < g.w.kernel; ++j) {
+      const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
+      if (iw < 0 || iw >= g.w.in) continue;
+      fn(ih, iw, static_cast<int32_t>(i * g.w.kernel + j));
+    }
+  }
+}
+
 // Window (oh, ow)'s best value and winning tap for each channel of a block; x_block points
 // at the block's first channel of its image's [H, W, C] data. Taps in the padding are
 // skipped, as ATen's pool skips them.
@@ -293,16 +309,10 @@ void pixel_window_maxima(const scalar_t* x_block, int64_t channels, const acc_t*
   std::fill(best, best + count, -std::numeric_limits<acc_t>::infinity());
   std::fill(winner, winner + count, 0);
   acc_t values[kChannelBlock];
-  for (int64_t i = 0; i < g.h.kernel; ++i) {
-    const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
-    if (ih < 0 || ih >= g.h.in) continue;
-    for (int64_t j = 0; j < g.w.kernel; ++j) {
-      const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
-      if (iw < 0 || iw >= g.w.in) continue;
-      bn_relu_row(x_block + (ih * g.w.in + iw) * channels, scale, shift, values, count);
-      take_tap(values, static_cast<int32_t>(i * g.w.kernel + j), best, winner, count);
-    }
-  }
+  for_each_tap(g, oh, ow, [&](int64_t ih, int64_t iw, int32_t tap) {
+    bn_relu_row(x_block + (ih * g.w.in + iw) * channels, scale, shift, values, count);
+    take_tap(values, tap, best, winner, count);
+  });
 }
 
 template <typename scalar_t>
@@ -334,30 +344,31 @@ at::Tensor forward_channels_last(const at::Tensor& x, const at::Tensor& mean,
   return out;
 }
 
-// Window (oh, ow)'s output gradient go[c] added to the sum of its winning tap, channel by
-// channel, where ReLU lets it through (threshold_backward's rule: nothing where a <= 0);
-// row(ih, iw) gives the sums of input pixel (ih, iw). Tap by tap over the channels with a
-// select rather than channel by channel through the winner's address, so that the loop
-// vectorises (the scattered form took 5x the forward's time on densenet121's stem); each sum
-// gets the same additions in the same order, and adding +0 leaves it as it was.
-template <typename scalar_t, typename acc_t, typename F>
-void add_to_winners(const scalar_t* __restrict__ go, const acc_t* __restrict__ best,
-                    const int32_t* __restrict__ winner, const PoolGeometry& g, int64_t oh,
-                    int64_t ow, int64_t count, const F& row) {
-  for (int64_t i = 0; i < g.h.kernel; ++i) {
-    const int64_t ih = oh * g.h.stride - g.h.padding + i * g.h.dilation;
-    if (ih < 0 || ih >= g.h.in) continue;
-    for (int64_t j = 0; j < g.w.kernel; ++j) {
-      const int64_t iw = ow * g.w.stride - g.w.padding + j * g.w.dilation;
-      if (iw < 0 || iw >= g.w.in) continue;
-      const auto tap = static_cast<int32_t>(i * g.w.kernel + j);
-      acc_t* __restrict__ sum = row(ih, iw);
-      for (int64_t c = 0; c < count; ++c) {
-        const bool flows = winner[c] == tap && !(best[c] <= acc_t(0));  // NaN flows
-        sum[c] += flows ? static_cast<acc_t>(go[c]) : acc_t(0);
-      }
-    }
+// sum[c] += go[c] where tap won channel c's window and ReLU lets the gradient through
+// (threshold_backward's rule: nothing where a <= 0; NaN flows).
+template <typename scalar_t, typename acc_t>
+void add_where_won(const scalar_t* __restrict__ go, const acc_t* __restrict__ best,
+                   const int32_t* __restrict__ winner, int32_t tap, acc_t* __restrict__ sum,
+                   int64_t count) {
+  for (int64_t c = 0; c < count; ++c) {
+    const bool flows = winner[c] == tap && !(best[c] <= acc_t(0));
+    sum[c] += flows ? static_cast<acc_t>(go[c]) : acc_t(0);
   }
+}
+
+// Window (oh, ow)'s output gradient go[c] added to the sum of its winning tap, channel by
+// channel, where ReLU lets it through; row(ih, iw) gives the sums of input pixel (ih, iw).
+// Tap by tap over the channels with a select rather than channel by channel through the
+// winner's address, so that the loop vectorises (the scattered form took 5x the forward's
+// time on densenet121's stem); each sum gets the same additions in the same order, and
+// adding +0 leaves it as it was.
+template <typename scalar_t, typename acc_t, typename F>
+void add_to_winners(const scalar_t* go, const acc_t* best, const int32_t* winner,
+                    const PoolGeometry& g, int64_t oh, int64_t ow, int64_t count,
+                    const F& row) {
+  for_each_tap(g, oh, ow, [&](int64_t ih, int64_t iw, int32_t tap) {
+    add_where_won(go, best, winner, tap, row(ih, iw), count);
+  });
 }
 
 // Per channel block, the gradient sums in acc_t rows of [W, count], as the planes' kernel sums
@@ -409,8 +420,9 @@ at::Tensor backward_channels_last(const at::Tensor& grad_out, const at::Tensor& 
                             g, oh, ow, b.count, best, winner);
         const scalar_t* go =
             go_data + ((b.image * g.h.out + oh) * g.w.out + ow) * channels + b.first;
-        add_to_winners(go, best, winner, g, oh, ow, b.count,
-                       [&](int64_t ih, int64_t iw) { return sums + (ih % ring) * row + iw * b.count; });
+        add_to_winners(go, best, winner, g, oh, ow, b.count, [&](int64_t ih, int64_t iw) {
+          return sums + (ih % ring) * row + iw * b.count;
+        });
       }
       // The next output row's windows start at this input row: the rows above are final.
       finish_rows(std::clamp<int64_t>((oh + 1) * g.h.stride - g.h.padding, 0, g.h.in));
