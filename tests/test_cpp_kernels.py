@@ -68,6 +68,35 @@ def test_cpp_matches_reference_with_images_packed_per_tile(dtype):
     assert_op_matches(op_case(PACKED, dtype), False, "torch")
 
 
+# Channels-last tiles are cut by the thread count (equal tiles, as many as a multiple of it,
+# none under 64 pixels), and shared out only where there are as many as threads: 392 pixels
+# are one tile on one thread, 196 + 196 on two, 132 + 132 + 128 on three; 98 pixels stay one
+# tile on the calling thread; 14336 pixels make six float32 tiles on two or three threads,
+# and four or three bfloat16 ones (of up to 6544 pixels).
+THREAD_SHAPES = [(2, 72, 64, 40, 14, 14), (2, 40, 33, 24, 7, 7), (2, 48, 40, 16, 64, 112)]
+
+
+@pytest.fixture
+def torch_threads():
+    """Sets torch's intra-op thread count for one test, then restores it."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stats_grad", [True, False], ids=STATS_GRAD_IDS)
+def test_cpp_matches_reference_on_any_thread_count(threads, shape, dtype, stats_grad,
+                                                  torch_threads):
+    # The suite's workers run one thread each (conftest.py): the tiles shared among threads,
+    # with a weight-gradient partial per thread, only run here.
+    torch_threads(threads)
+    assert_op_matches(op_case(shape, dtype, torch.channels_last), stats_grad, "torch")
+
+
 @pytest.fixture
 def gemm_engine():
     """Sets the kernels' GEMM engine policy for one test, then restores it."""
