@@ -133,7 +133,6 @@ struct Geometry {
       tile = balanced_tile(pixels, capacity);
       tiles_per_image = 0;
       items = (pixels + tile - 1) / tile;
-      shared = items >= at::get_num_threads();
     } else if (whole_images && 2 * hw <= capacity) {
       tile = std::min(capacity / hw, n) * hw;
       tiles_per_image = 0;
@@ -143,7 +142,9 @@ struct Geometry {
       tiles_per_image = (hw + tile - 1) / tile;
       items = n * tiles_per_image;
     }
-    if (!pixel_major) shared = items >= 2 * at::get_num_threads();
+    // Balanced pixel-major tiles are shared as soon as every thread gets one; channel-major
+    // ones, not balanced, where each thread gets two or more.
+    shared = items >= (pixel_major ? 1 : 2) * at::get_num_threads();
   }
 
   // The length of pixel-major tiles: at most `capacity`, the pixels cut into equal tiles, as
@@ -441,6 +442,13 @@ void forward_gemm(bool pixel_major, const at::Tensor& weight, acc_t* act, int64_
 }
 
 
+// g where ReLU lets the gradient through, else 0: threshold_backward's rule, which zeroes
+// where a <= 0, so a NaN activation passes g.
+template <typename acc_t, typename act_t>
+inline acc_t relu_masked(act_t a, acc_t g) {
+  return !(static_cast<acc_t>(a) <= acc_t(0)) ? g : acc_t(0);
+}
+
 // Pixel-major row of n channels: g *= [a > 0]; sum_g += g; sum_gx += g * (x - mean). The mask
 // mirrors the threshold_backward of densenet_fast.ops.torch_impl.bn_relu_conv1x1_backward, NaN
 // included (it zeroes where a <= 0, so a NaN activation passes the gradient); the
@@ -451,7 +459,7 @@ void mask_reduce_row(const act_t* __restrict__ act, acc_t* __restrict__ grad,
                      acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = grad[i];
-    const acc_t v = !(static_cast<acc_t>(act[i]) <= acc_t(0)) ? gv : acc_t(0);
+    const acc_t v = relu_masked(act[i], gv);
     grad[i] = v;
     sum_g[i] += v;
     sum_gx[i] += v * (static_cast<acc_t>(x[i]) - mean[i]);
@@ -470,7 +478,7 @@ std::pair<acc_t, acc_t> mask_reduce_channel(const act_t* __restrict__ act,
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const acc_t gv = grad[i + l];
-      const acc_t v = !(static_cast<acc_t>(act[i + l]) <= acc_t(0)) ? gv : acc_t(0);
+      const acc_t v = relu_masked(act[i + l], gv);
       grad[i + l] = v;
       s_l[l] += v;
       sx_l[l] += v * (static_cast<acc_t>(x[i + l]) - mean);
@@ -478,7 +486,7 @@ std::pair<acc_t, acc_t> mask_reduce_channel(const act_t* __restrict__ act,
   }
   for (; i < n; ++i) {
     const acc_t gv = grad[i];
-    const acc_t v = !(static_cast<acc_t>(act[i]) <= acc_t(0)) ? gv : acc_t(0);
+    const acc_t v = relu_masked(act[i], gv);
     grad[i] = v;
     s_l[0] += v;
     sx_l[0] += v * (static_cast<acc_t>(x[i]) - mean);
@@ -539,7 +547,7 @@ void mask_reduce_add_row(const act_t* __restrict__ act, const scalar_t* __restri
                          const acc_t* __restrict__ k, scalar_t* __restrict__ grad_x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = static_cast<acc_t>(grad[i]);
-    const acc_t v = !(static_cast<acc_t>(act[i]) <= acc_t(0)) ? gv : acc_t(0);
+    const acc_t v = relu_masked(act[i], gv);
     sum_g[i] += v;
     sum_gx[i] += v * (static_cast<acc_t>(x[i]) - mean[i]);
     grad_x[i] = to_data<scalar_t>(static_cast<acc_t>(grad_x[i]) + k[i] * v);
@@ -1014,6 +1022,29 @@ void amx_input_grad(const BackwardData<scalar_t>& d, const at::Tensor& go_lp, in
   }
 }
 
+// Whether `go`, a tile's grad_out, was built for the low-precision engines: in the data's
+// dtype, bfloat16/float16 (else it is in acc_t).
+template <typename scalar_t>
+bool built_for_low_precision(const at::Tensor& go) {
+  return !std::is_same_v<scalar_t, at::opmath_type<scalar_t>> &&
+         go.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value;
+}
+
+// Whether the AMX micro-kernel takes the input gradient's low-precision GEMM on go_lp (a
+// tile's grad_out in the data's dtype): the chunk's weight packed for it, go_lp dense.
+template <typename scalar_t>
+bool amx_takes_input_grad(const BackwardData<scalar_t>& d, const at::Tensor& go_lp) {
+  return d.weight_chunk_amx && go_lp.is_contiguous();
+}
+
+// The input gradient's low-precision GEMM through at::mm, into g_lp in the data's dtype:
+// [len, cc] = go_lp W[:, chunk] (pixel-major) or [cc, len] (channel-major).
+template <typename scalar_t>
+void input_grad_mm(const BackwardData<scalar_t>& d, const at::Tensor& go_lp,
+                   const at::Tensor& g_lp) {
+  conv1x1_gemm(false, d.g.pixel_major, d.weight_t_chunk_lp.get(), go_lp, g_lp);
+}
+
 // The input gradient's GEMM of one tile, g = W^T grad_out into `gs` (acc_t, [len, cc]
 // pixel-major, [cc, len] channel-major) with the fastest engine: float32 on `go` (the tile's
 // grad_out in acc_t), or, for bfloat16/float16 data, on grad_out read in place in its dtype
@@ -1024,17 +1055,15 @@ void input_grad_gemm(const BackwardData<scalar_t>& d, const at::Tensor& go, int6
   const bool pm = d.g.pixel_major;
   const int64_t co = d.g.out_channels;
   const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  // go in the data's dtype: the tile was built for the low-precision engines.
-  const bool low_precision_tile =
-      !std::is_same_v<scalar_t, at::opmath_type<scalar_t>> && go.scalar_type() == dtype;
+  const bool low_precision_tile = built_for_low_precision<scalar_t>(go);
   const auto low_precision = [&] {
     const at::Tensor go_lp = low_precision_tile ? go : grad_out_in_data_dtype(d, go, p0, len);
-    if (d.weight_chunk_amx && go_lp.is_contiguous()) {
+    if (amx_takes_input_grad(d, go_lp)) {
       amx_input_grad(d, go_lp, len, gs);
       return;
     }
     const at::Tensor g_lp = at::empty(gs.sizes(), go_lp.options());
-    conv1x1_gemm(false, pm, d.weight_t_chunk_lp.get(), go_lp, g_lp);
+    input_grad_mm(d, go_lp, g_lp);
     gs.copy_(g_lp);
   };
   if (low_precision_tile) {
@@ -1067,13 +1096,9 @@ void input_grad_rows(const BackwardData<scalar_t>& d, int64_t p0, int64_t len,
   acc_t* row_g = tile_sums;
   acc_t* row_gx = tile_sums + cc;
   std::fill(row_g, row_g + 2 * cc, acc_t(0));
-  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  const bool low_precision_g = !std::is_same_v<scalar_t, acc_t> && !d.two_pass &&
-                               go.scalar_type() == dtype &&
-                               !(d.weight_chunk_amx && go.is_contiguous());
-  if (low_precision_g) {
+  if (!d.two_pass && built_for_low_precision<scalar_t>(go) && !amx_takes_input_grad(d, go)) {
     auto* g_lp = reinterpret_cast<scalar_t*>(gs);
-    conv1x1_gemm(false, true, d.weight_t_chunk_lp.get(), go, matrix(g_lp, len, cc, cc));
+    input_grad_mm(d, go, matrix(g_lp, len, cc, cc));
     for (int64_t r = 0; r < len; ++r) {
       const int64_t off = (p0 + r) * d.g.total + c0;
       mask_reduce_add_row(act + r * cc, g_lp + r * cc, d.x + off, d.mean + c0, row_g, row_gx,
