@@ -4,10 +4,11 @@ The fused block computes, from the modules' parameters and buffers, what torchvi
 modules would compute, without calling them. That is exact only for the standard tree, so
 before every forward each block is checked with plain attribute reads (no allocation):
 
-- every module has its standard type and settings (``nn.BatchNorm2d`` with ``affine=True``,
-  or an equivalent the fused path computes exactly: ``nn.SyncBatchNorm`` where it does not
-  synchronise, torchvision's ``FrozenBatchNorm2d``; ``nn.ReLU``; bias-free ``nn.Conv2d`` 1x1
-  and 3x3 with torchvision's stride, padding, dilation and groups; the 2x2 ``nn.AvgPool2d``),
+- every module has its standard type and settings (``nn.BatchNorm2d`` with ``affine=True``
+  and both its weight and bias, or an equivalent the fused path computes exactly:
+  ``nn.SyncBatchNorm`` where it does not synchronise, torchvision's ``FrozenBatchNorm2d``;
+  ``nn.ReLU``; bias-free ``nn.Conv2d`` 1x1 and 3x3 with torchvision's stride, padding,
+  dilation and groups; the 2x2 ``nn.AvgPool2d``),
   with channel counts that chain as in a DenseNet, and no ``forward`` replaced on an instance;
   a subclass that only wraps a standard type (FSDP2's ``FSDP<cls>``) counts as that type
   (:func:`validation.is_type`);
@@ -209,12 +210,26 @@ def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> s
     else:
         if not bn.affine:
             return "has affine=False"
-        problem = _running_stats_problem(bn)
+        problem = _affine_problem(bn) or _running_stats_problem(bn)
         if problem is not None:
             return problem
         width = bn.num_features
     if width != channels:
         return f"normalises {width} channels where {channels} arrive"
+    return None
+
+
+def _affine_problem(bn: nn.Module) -> str | None:
+    """Why an ``affine=True`` BN's scale and shift are not both there (set to None by hand
+    after construction; its forward then leaves that one out), or None. The fused calls take
+    both as tensors."""
+    params = bn._parameters  # the common case, read without member(): see _running_stats_problem
+    if params.get("weight") is not None and params.get("bias") is not None:
+        return None
+    missing = [name for name in ("weight", "bias") if member(bn, name, None) is None]
+    if missing:
+        verb = "are" if len(missing) > 1 else "is"
+        return f"has affine=True but its {' and '.join(missing)} {verb} None"
     return None
 
 

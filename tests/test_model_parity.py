@@ -1,6 +1,7 @@
 """Whole-model parity: densenet_fast against NaiveDenseNet and torchvision's DenseNet."""
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -236,6 +237,49 @@ def test_running_statistics_states_the_fused_bns_do_not_model_fall_back(state):
     assert_close(fast_out[1], ref_out[1], dtype, f"logits, {state}")
     assert_grads_match(fast_grads[1], ref_grads[1], dtype, state)
     assert_models_match(fast, ref, dtype, state)
+
+
+# Where a BatchNorm sits decides what falls back: the stem, a block, or a block's tail.
+AFFINE_PLACES = {
+    "norm0": ("features.stem", "modules: norm0 {}"),
+    "denseblock2.denselayer1.norm2": ("features.denseblock2", "modules: denselayer1.norm2 {}"),
+    "transition1.norm": ("features.denseblock1",
+                         "fused; features.transition1 runs as a module: norm {}"),
+    "norm5": ("features.denseblock2",
+              "fused; features.norm5 runs as a module: it {}, and is not a transition either"),
+}
+
+
+@pytest.mark.parametrize("missing", [("weight",), ("weight", "bias"), ("bias",)],
+                         ids=["weight", "weight-and-bias", "bias"])
+@pytest.mark.parametrize("place", list(AFFINE_PLACES))
+def test_affine_batchnorm_without_its_parameters_falls_back(place, missing):
+    """An ``affine=True`` BN whose weight or bias was set to None by hand: its forward
+    leaves that term out, and the part of the model that holds it runs its modules and
+    says why (the fused calls take both as tensors; they failed on the None before)."""
+    config, shape, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    for model in (fast, ref):
+        bn = model.features.get_submodule(place)
+        for name in missing:
+            setattr(bn, name, None)
+    reason = (f"has affine=True but its {' and '.join(missing)} "
+              f"{'are' if len(missing) > 1 else 'is'} None")
+    step, status = AFFINE_PLACES[place]
+    assert fast.fusion_report()[step] == status.format(reason)
+    x, y = _inputs(shape, dtype, config["num_classes"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast_out, fast_dx, fast_grads = train_steps(fast, x, y)
+    # A block's fallback costs its memory saving and is warned about; the stem's and a
+    # tail's are only reported.
+    warned = any(reason in str(w.message) for w in caught)
+    assert warned == (step == "features.denseblock2" and place.startswith("denseblock")), caught
+    ref_out, ref_dx, ref_grads = train_steps(ref, x, y)
+    assert_close(fast_out[1], ref_out[1], dtype, f"logits, {place} without {missing}")
+    assert_close(fast_dx[1], ref_dx[1], dtype, f"input gradient, {place} without {missing}")
+    assert_grads_match(fast_grads[1], ref_grads[1], dtype, f"{place} without {missing}")
+    assert_models_match(fast, ref, dtype, f"{place} without {missing}")
 
 
 def test_features_and_standalone_modules_keep_torchvision_semantics():
