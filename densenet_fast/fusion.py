@@ -28,6 +28,7 @@ other blocks stay fused.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules import module as _module_globals
 
 from . import timm_parts
@@ -210,7 +212,7 @@ def norm_problem(bn: nn.Module | None, channels: int, *, act: bool = False) -> s
     else:
         if not bn.affine:
             return "has affine=False"
-        problem = _affine_problem(bn) or _running_stats_problem(bn)
+        problem = _affine_problem(bn) or _running_stats_problem(bn) or _eps_problem(bn)
         if problem is not None:
             return problem
         width = bn.num_features
@@ -231,6 +233,32 @@ def _affine_problem(bn: nn.Module) -> str | None:
         verb = "are" if len(missing) > 1 else "is"
         return f"has affine=True but its {' and '.join(missing)} {verb} None"
     return None
+
+
+def _eps_problem(bn: nn.Module) -> str | None:
+    """Why ``bn``'s ``eps`` is one this torch's ``F.batch_norm`` refuses (torch 2.14 raises
+    for eps <= 0 with batch statistics, eps < 0 otherwise; older versions compute with it), or
+    None: the modules then run, and raise that error where torchvision's would, after the
+    modules before it have run."""
+    eps = bn.eps
+    if eps > 0:
+        return None
+    batch_stats = bn.training or bn._buffers.get("running_mean") is None
+    if _batch_norm_refuses(float(eps), batch_stats):
+        return f"has eps={eps}, which BatchNorm refuses" + (" in training" if batch_stats else "")
+    return None
+
+
+@functools.cache
+def _batch_norm_refuses(eps: float, batch_stats: bool) -> bool:
+    """Whether this torch's ``F.batch_norm`` raises for ``eps``, tried on a two-value input."""
+    x = torch.ones(2, 1)
+    try:
+        F.batch_norm(x, None if batch_stats else torch.zeros(1),
+                     None if batch_stats else torch.ones(1), training=batch_stats, eps=eps)
+    except ValueError:
+        return True
+    return False
 
 
 def _running_stats_problem(bn: nn.Module) -> str | None:

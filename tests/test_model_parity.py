@@ -1,6 +1,7 @@
 """Whole-model parity: densenet_fast against NaiveDenseNet and torchvision's DenseNet."""
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -280,6 +281,31 @@ def test_affine_batchnorm_without_its_parameters_falls_back(place, missing):
     assert_close(fast_dx[1], ref_dx[1], dtype, f"input gradient, {place} without {missing}")
     assert_grads_match(fast_grads[1], ref_grads[1], dtype, f"{place} without {missing}")
     assert_models_match(fast, ref, dtype, f"{place} without {missing}")
+
+
+@pytest.mark.filterwarnings("ignore:densenet_fast. a dense block runs through its modules")
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("place", ["norm0", "denseblock2.denselayer1.norm1", "norm5"])
+def test_batchnorm_eps_torch_refuses_is_refused_as_torch_does(place, train, eps):
+    """An eps this torch's ``F.batch_norm`` refuses (torch 2.14: eps <= 0 with batch
+    statistics, eps < 0 with running ones; torch 2.11 computes with it) raises the same error
+    after the same modules have run (their running statistics counted) as the reference's
+    forward; an eps it accepts computes what the reference computes."""
+    config, shape, dtype = CONFIGS["odd-small"]
+    fast, ref = twins(DenseNet, NaiveDenseNet, dtype, **config)
+    for model in (fast, ref):
+        model.train(train)
+        model.features.get_submodule(place).eps = eps
+    x = torch.randn(shape, dtype=dtype)
+    try:
+        expected = ref(x)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            fast(x)
+    else:
+        assert_close(fast(x), expected, dtype, f"output, {place} eps={eps}")
+    assert_models_match(fast, ref, dtype, f"{place} eps={eps}")
 
 
 def test_features_and_standalone_modules_keep_torchvision_semantics():
