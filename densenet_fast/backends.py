@@ -190,9 +190,13 @@ def activate() -> None:
 def active_backend(device_type: str) -> str:
     """The backend whose kernels run the fused op for tensors on ``device_type``.
 
-    Raises ``RuntimeError`` if a forced backend cannot serve that device.
+    Raises ``RuntimeError`` if a forced backend cannot serve that device. ``meta`` tensors
+    carry no data: the ops' shape functions (:mod:`densenet_fast.ops.library`) serve them
+    whatever backend is asked for, which is what this returns (``torch`` under ``auto``).
     """
     requested = requested_backend()
+    if device_type == "meta":
+        return "torch" if requested == AUTO else requested
     candidates = list(_BACKEND_DEVICES) if requested == AUTO else [requested]
     reasons = []
     for name in candidates:

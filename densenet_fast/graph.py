@@ -31,7 +31,7 @@ from . import stem as stem_computation
 from .block import BlockBackward, BlockForward, BlockSaved, running_stats_updates
 from .fusion import under_func_transform
 from .ops import batchnorm, library
-from .ops.formats import memory_format_of
+from .ops.formats import autocast_enabled, memory_format_of
 from .spec import (
     BlockSpec,
     LayerParams,
@@ -347,7 +347,7 @@ def _differentiate(ctx, forward, x, params, grad_out):
     # Autocast is thread-local, and a CPU backward runs in the caller's thread: the recomputed
     # forward computes in the dtypes forward saw, as the fused forward did.
     autocast_off = (torch.autocast(device_type, enabled=False)
-                    if torch.is_autocast_enabled(device_type) else nullcontext())
+                    if autocast_enabled(device_type) else nullcontext())
     with torch.enable_grad(), autocast_off:
         out = forward()
         grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph,

@@ -40,7 +40,7 @@ from .fusion import (
     uses_batch_stats,
 )
 from .graph import dense_block, stem
-from .ops.formats import cast
+from .ops.formats import autocast_enabled, cast
 from .spec import (
     BlockSpec,
     LayerParams,
@@ -187,7 +187,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """Autocast's dtype where autocast is on (BN parameters and statistics stay float32),
     else the parameters' dtype."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
 
@@ -195,7 +195,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _without_autocast(x: torch.Tensor):
     # The fused Functions compute in one dtype, cast to explicitly; autocast must not recast.
     return (torch.autocast(x.device.type, enabled=False)
-            if torch.is_autocast_enabled(x.device.type) else nullcontext())
+            if autocast_enabled(x.device.type) else nullcontext())
 
 
 def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tensor,

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .ops.formats import autocast_enabled
+
 # What a class that only wraps another may redefine without changing what a call computes:
 # construction, class metadata, and ``_apply`` (FSDP2's, which keeps its sharded parameters
 # in step with ``.to()`` and the like).
@@ -128,7 +130,7 @@ def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
         raise RuntimeError(
             f"{where}: input is on {x.device} but the model's parameters are on "
             f"{reference.device}; move one of them with .to()")
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != reference.dtype:
+    if not autocast_enabled(x.device.type) and x.dtype != reference.dtype:
         raise InputTypeError(
             f"{where}: input dtype {x.dtype} differs from the parameters' dtype "
             f"{reference.dtype}; convert one of them or run under torch.autocast")

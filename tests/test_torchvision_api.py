@@ -111,6 +111,30 @@ def test_empty_batch_float32_and_standalone_block():
     _assert_same_state(block, ref_block, "standalone block on an empty batch")
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_meta_device_forward_and_backward_are_torchvisions(train, layout):
+    """A model built on the meta device (shape inference, deferred initialisation) runs
+    forward and backward as torchvision's does: the same shapes, dtypes and strides of the
+    output, the input gradient and every parameter's gradient, with the blocks fused (the
+    ops' shape functions serve meta tensors; autocast, which does not know meta, is not
+    asked)."""
+    results = []
+    for build in (DenseNet, tvm.DenseNet):
+        with torch.device("meta"):
+            model = build(**CONFIG).train(train).to(memory_format=layout)
+            x = torch.randn(2, 3, 32, 32).to(memory_format=layout).requires_grad_()
+        out = model(x)
+        out.sum().backward()
+        results.append([(name, t.shape, t.dtype, t.stride(), t.device.type) for name, t in
+                        [("out", out), ("x.grad", x.grad),
+                         *((n, p.grad) for n, p in model.named_parameters())]])
+        if build is DenseNet:
+            assert all(how.startswith("fused") for how in model.fusion_report().values())
+    assert results[0] == results[1]
+
+
 # -- 6. torchvision's exception classes -------------------------------------------------------
 
 @pytest.mark.parametrize("name, make_model, make_input, error, match", CASES,

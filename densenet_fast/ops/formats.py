@@ -26,3 +26,10 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
             and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for ``meta``, which autocast does not
+    know (it raises there): a forward on meta tensors, for shapes or a model built on the
+    meta device, runs as it does elsewhere without autocast."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
