@@ -963,7 +963,8 @@ bool amx_weight_grad(const BackwardData<scalar_t>& d, const at::Tensor& go, cons
   }
 }
 
-// The weight-gradient GEMM of one tile, dw += grad_out a^T ([C_out, cc]). Float32/float64
+// The weight-gradient GEMM of one tile, dw += grad_out a^T ([C_out, cc]), or dw = grad_out a^T
+// for a thread's first tile (`accumulate` false: dw is not read). Float32/float64
 // data: ATen's BLAS on the acc_t operands. bfloat16/float16 data: the fastest engine, into
 // the thread's `tile` scratch, then added: float32 BLAS (exact products, as ever), or a GEMM
 // in the data's dtype (float32 accumulation) on grad_out read in place and the tile's
@@ -973,16 +974,19 @@ bool amx_weight_grad(const BackwardData<scalar_t>& d, const at::Tensor& go, cons
 template <typename scalar_t, typename acc_t, typename act_t>
 void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, const at::Tensor& go,
                       act_t* act, int64_t p0, int64_t len, const at::Tensor& tile,
-                      at::BFloat16* amx_space) {
+                      at::BFloat16* amx_space, bool accumulate) {
   const bool pm = d.g.pixel_major;
   const int64_t cc = d.cc;
   const at::Tensor a = tile_matrix(pm, act, len, cc);
+  // beta 0: dw is not read (nor a NaN in it propagated), as BLAS defines it.
+  const int beta = accumulate ? 1 : 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    pm ? dw.addmm_(go.t(), a) : dw.addmm_(go, a.t());
+    pm ? dw.addmm_(go.t(), a, beta) : dw.addmm_(go, a.t(), beta);
   } else if constexpr (std::is_same_v<act_t, scalar_t>) {
     // A tile built for the low-precision engines: a and go are in the data's dtype.
-    if (!amx_weight_grad(d, go, act, len, amx_space, dw, /*accumulate=*/true)) {
-      dw.add_(pm ? at::mm(go.t(), a) : at::mm(go, a.t()));
+    if (!amx_weight_grad(d, go, act, len, amx_space, dw, accumulate)) {
+      const at::Tensor product = pm ? at::mm(go.t(), a) : at::mm(go, a.t());
+      accumulate ? dw.add_(product) : dw.copy_(product);
     }
   } else {
     const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
@@ -1000,7 +1004,7 @@ void weight_grad_tile(const BackwardData<scalar_t>& d, const at::Tensor& dw, con
       }
       tile.copy_(pm ? at::mm(go_lp.t(), a_lp) : at::mm(go_lp, a_lp.t()));
     }, /*with_onednn=*/false);
-    dw.add_(tile);
+    accumulate ? dw.add_(tile) : dw.copy_(tile);
   }
 }
 
@@ -1148,6 +1152,10 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
   using acc_t = typename BackwardData<scalar_t>::acc_t;
   const Geometry& g = d.g;
   sums.clear();
+  // Whether each partial holds this chunk's columns yet: a thread's first tile writes them,
+  // the next ones add to them, so no partial is zeroed first (at batch 2, zeroing and summing
+  // [C_out, C] per thread cost as much as a transition's GEMMs). Separate bytes, one writer each.
+  std::vector<uint8_t> written(dweight_parts.size(0), 0);
   for_each_item(g, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
     const int64_t tid = at::get_thread_num();
@@ -1186,17 +1194,25 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
                                                 act_lp);
         const at::Tensor go = grad_out_tile<scalar_t, scalar_t>(
             g, d.grad_out, p0, len, reinterpret_cast<scalar_t*>(mine + layout.grad_out));
-        weight_grad_tile<scalar_t, acc_t>(d, dw, go, act_lp, p0, len, tile, amx_space);
+        weight_grad_tile<scalar_t, acc_t>(d, dw, go, act_lp, p0, len, tile, amx_space,
+                                          written[part]);
+        written[part] = 1;
         input_grad(p0, len, go, act_lp);
         continue;
       }
       bn_relu_tile<scalar_t, acc_t>(g, d.x, d.scale, d.shift, p0, len, d.c0, d.cc, act);
       const at::Tensor go =
           grad_out_tile<scalar_t, acc_t>(g, d.grad_out, p0, len, mine + layout.grad_out);
-      weight_grad_tile<scalar_t, acc_t>(d, dw, go, act, p0, len, tile, amx_space);
+      weight_grad_tile<scalar_t, acc_t>(d, dw, go, act, p0, len, tile, amx_space,
+                                        written[part]);
+      written[part] = 1;
       input_grad(p0, len, go, act);
     }
   });
+  // A thread that took no tile of the chunk leaves its partial's columns to be zeroed.
+  for (int64_t part = 0; part < dweight_parts.size(0); ++part) {
+    if (!written[part]) dweight_parts[part].narrow(1, d.c0, d.cc).zero_();
+  }
 }
 
 // After pass 1: the chunk's BN gradients dbias = sum(g) and dweight = invstd sum(g (x - mean))
@@ -1270,7 +1286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   // one partial is the gradient (a layer of a few pixels paid more for summing and zeroing
   // per-thread partials of [C_out, C] than for its GEMMs).
   const int64_t parts = g.shared ? threads : 1;
-  at::Tensor dweight_parts = at::zeros({parts, co, channels}, options);
+  at::Tensor dweight_parts = at::empty({parts, co, channels}, options);  // see backward_pass1
   at::Tensor g_store = at::empty({d.two_pass ? chunk * g.pixels : 0}, options);
   d.store = g_store.template mutable_data_ptr<typename BackwardData<scalar_t>::acc_t>();
   d.amx = g.pixel_major && amx_available(buffer.scalar_type());

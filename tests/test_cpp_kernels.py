@@ -97,6 +97,20 @@ def test_cpp_matches_reference_on_any_thread_count(threads, shape, dtype, stats_
     assert_op_matches(op_case(shape, dtype, torch.channels_last), stats_grad, "torch")
 
 
+# Channel-major tiles, shared where each thread gets two or more, go out in ATen's chunks of
+# ceil(items / threads): 9 tiles (3 images of a 24x24 plane in float32 tiles of 256 pixels,
+# 512 channels wide) on 4 threads leave the fourth none, whose weight-gradient partial no
+# tile writes (left unzeroed, here filled with 7, it failed this test).
+IDLE_THREAD_SHAPE = (3, 520, 512, 40, 24, 24)
+
+
+@needs_cpp
+@pytest.mark.parametrize("stats_grad", [True, False], ids=STATS_GRAD_IDS)
+def test_cpp_matches_reference_with_a_thread_that_takes_no_tile(stats_grad, torch_threads):
+    torch_threads(4)
+    assert_op_matches(op_case(IDLE_THREAD_SHAPE, torch.float32), stats_grad, "torch")
+
+
 @pytest.fixture
 def gemm_engine():
     """Sets the kernels' GEMM engine policy for one test, then restores it."""
