@@ -99,17 +99,22 @@ class Transition(nn.Sequential):
 
 def _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate,
                   num_classes, in_channels) -> tuple[int, ...]:
+    """The configurations torchvision's DenseNet builds and runs, refused here where its
+    would fail only at the first forward (a zero-width convolution, a dropout rate above 1).
+    Like torchvision's: no classes (an ``(N, 0)`` output), blocks of no layers or none at
+    all, and a drop rate of 0 or less (no dropout) or 1 (zeros) are accepted."""
     for name, value in (("growth_rate", growth_rate), ("num_init_features", num_init_features),
-                        ("bn_size", bn_size), ("num_classes", num_classes),
-                        ("in_channels", in_channels)):
+                        ("bn_size", bn_size), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(block_config, Sequence) or len(block_config) == 0 or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in block_config):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+    if not isinstance(block_config, Sequence) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in block_config):
         raise ValueError(
-            f"block_config must be a non-empty sequence of positive integers, got {block_config!r}")
-    if not 0.0 <= float(drop_rate) < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+            f"block_config must be a sequence of non-negative integers, got {block_config!r}")
+    if not float(drop_rate) <= 1.0:
+        raise ValueError(f"drop_rate must be at most 1 (a dropout probability), got {drop_rate!r}")
     return tuple(block_config)
 
 

@@ -142,7 +142,10 @@ def _avg_pool2x2_backward(grad: torch.Tensor, input_shape,
 
 
 def dropout_scale(mask: torch.Tensor, rate: float, dtype: torch.dtype) -> torch.Tensor:
-    # Rebuilds F.dropout's noise tensor (mask / (1 - p) in the data's dtype) from a bool mask.
+    # Rebuilds F.dropout's noise tensor (mask / (1 - p) in the data's dtype) from a bool mask;
+    # at p = 1 F.dropout multiplies by a zero instead (mask / 0 would be NaN where it is 0).
+    if rate >= 1:
+        return torch.zeros((), dtype=dtype, device=mask.device)
     return mask.to(dtype).div_(1 - rate)
 
 
@@ -237,7 +240,11 @@ class BlockForward:
         del act2
         mask = None
         rate = spec.drop_rates[layer]
-        if rate > 0:
+        if rate >= 1:
+            # F.dropout at p = 1: a product with a zero, no draws (NaN stays NaN).
+            new = new * torch.zeros((), dtype=new.dtype, device=new.device)
+            mask = torch.zeros_like(new, dtype=torch.bool)
+        elif rate > 0:
             # Same draws as F.dropout on CPU (bernoulli_ on an empty_like, then scale), so a
             # seeded run matches the unfused model mask for mask.
             noise = torch.empty_like(new).bernoulli_(1 - rate)

@@ -424,8 +424,8 @@ def block_blocker(block: nn.Module) -> Blocker | None:
     """Why the layers of ``block`` cannot run fused (None: they can). ``block`` itself is
     assumed to be densenet_fast's block; its own hooks are the caller's concern."""
     layers = block._modules
-    if not layers:
-        return Blocker("has no layers", nonstandard=True)
+    if not layers:  # block_config with a 0: torchvision's block returns a copy of its input
+        return Blocker("it has no layers to fuse")
     first = next(iter(layers.values()))
     channels = getattr(getattr(first, "conv1", None), "in_channels", None)
     growth = getattr(getattr(first, "conv2", None), "out_channels", None)

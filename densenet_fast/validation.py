@@ -232,9 +232,10 @@ def check_spatial_plan(named_roles, x: torch.Tensor, values_over_ranks=None) -> 
                         return
                     _check_bn(bn, f"{name}.{layer_name}.{bn_name}", n, h, w,
                               getattr(bn, "num_features", c), values_over_ranks)
-            last = list(m.children())[-1]
-            c = getattr(getattr(last, "norm1", None), "num_features", 0) + getattr(
-                getattr(last, "conv2", None), "out_channels", 0)
+            layers = list(m.children())
+            if layers:  # a block of no layers returns its input
+                c = getattr(getattr(layers[-1], "norm1", None), "num_features", 0) + getattr(
+                    getattr(layers[-1], "conv2", None), "out_channels", 0)
         elif role == "transition" and _is_halving_pool(getattr(m, "pool", None)) \
                 and isinstance(getattr(m, "conv", None), nn.Conv2d) \
                 and getattr(m.conv, "stride", None) == (1, 1):

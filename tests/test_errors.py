@@ -145,7 +145,9 @@ def test_running_stats_changed_between_eval_forward_and_backward():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="growth_rate must be a positive integer"):
         DenseNet(growth_rate=0)
-    with pytest.raises(ValueError, match="block_config must be a non-empty sequence"):
-        DenseNet(block_config=())
-    with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match="block_config must be a sequence of non-negative"):
+        DenseNet(block_config=(6, -1))
+    with pytest.raises(ValueError, match="num_classes must be a non-negative integer"):
+        DenseNet(num_classes=-1)
+    with pytest.raises(ValueError, match="drop_rate must be at most 1"):
         DenseNet(drop_rate=1.5)

@@ -57,7 +57,7 @@ def _step(model, x, train):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model(x)
-    (F.cross_entropy(out, torch.arange(len(out)) % out.shape[1]) if len(out)
+    (F.cross_entropy(out, torch.arange(len(out)) % out.shape[1]) if out.numel()
      else out.sum()).backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     return out.detach(), x.grad, grads, [str(w.message) for w in caught]
@@ -248,6 +248,47 @@ def test_builder_signatures_are_torchvisions(arch):
     assert inspect.signature(ours).parameters == inspect.signature(theirs).parameters
     assert tvm.get_model_weights(ours) is tvm.get_model_weights(theirs)
     assert tvm.get_model_weights(ours) is tvm.get_model_weights(arch)
+
+
+# Configurations torchvision's DenseNet builds, trains and evaluates, however unusual.
+EDGE_CONFIGS = {
+    # name: (changes to CONFIG, how the blocks run)
+    "no-classes": (dict(num_classes=0), ("fused with features.transition1",
+                                         "fused with features.norm5")),
+    "no-blocks": (dict(block_config=()), ()),
+    "first-block-empty": (dict(block_config=(0, 3)), ("modules: it has no layers to fuse",
+                                                      "fused with features.norm5")),
+    "last-block-empty": (dict(block_config=(2, 0)), ("fused with features.transition1",
+                                                     "modules: it has no layers to fuse")),
+    "drop-rate-1": (dict(drop_rate=1.0), ("fused with features.transition1",
+                                          "fused with features.norm5")),
+    "drop-rate-negative": (dict(drop_rate=-0.2), ("fused with features.transition1",
+                                                  "fused with features.norm5")),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(EDGE_CONFIGS))
+def test_unusual_configurations_are_torchvisions(name, train):
+    """No classes (an ``(N, 0)`` output), no blocks, a block of no layers (it returns its
+    input: nothing to fuse, and no warning), a drop rate of 1 (zeros, no random draws, as
+    F.dropout) or below 0 (no dropout, as torchvision's layer skips it): built and run as
+    torchvision's, outputs, gradients, buffers and the random stream after the step."""
+    changes, blocks = EDGE_CONFIGS[name]
+    fast, ref = twins(DenseNet, tvm.DenseNet, DTYPE, **{**CONFIG, **changes})
+    x = torch.randn(3, 3, 32, 32, dtype=DTYPE)
+    torch.manual_seed(11)
+    ours = _step(fast, x, train)
+    rng = torch.get_rng_state()
+    torch.manual_seed(11)
+    theirs = _step(ref, x, train)
+    _assert_steps_match(ours, theirs, name)
+    assert ours[3] == theirs[3], "warnings differ"
+    assert torch.equal(rng, torch.get_rng_state()), "random draws differ"
+    assert_models_match(fast, ref, DTYPE, name)
+    report = fast.fusion_report()
+    assert tuple(v for k, v in report.items() if k != "features.stem") == blocks, report
 
 
 @pytest.fixture
