@@ -111,6 +111,10 @@ def test_empty_batch_float32_and_standalone_block():
     _assert_same_state(block, ref_block, "standalone block on an empty batch")
 
 
+def _layout_strides(t: torch.Tensor) -> tuple:
+    return tuple(stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -127,9 +131,11 @@ def test_meta_device_forward_and_backward_are_torchvisions(train, layout):
             x = torch.randn(2, 3, 32, 32).to(memory_format=layout).requires_grad_()
         out = model(x)
         out.sum().backward()
-        results.append([(name, t.shape, t.dtype, t.stride(), t.device.type) for name, t in
-                        [("out", out), ("x.grad", x.grad),
-                         *((n, p.grad) for n, p in model.named_parameters())]])
+        # Strides of dimensions of size 1 say nothing about the layout (torch 2.11 and 2.14
+        # give a 1x1 convolution's weight gradient different ones there).
+        results.append([(name, t.shape, t.dtype, _layout_strides(t), t.device.type)
+                        for name, t in [("out", out), ("x.grad", x.grad),
+                                        *((n, p.grad) for n, p in model.named_parameters())]])
         if build is DenseNet:
             assert all(how.startswith("fused") for how in model.fusion_report().values())
     assert results[0] == results[1]
