@@ -64,3 +64,28 @@ def test_compiled_eval_mode_step_matches_eager():
     assert_close(_step(compiled, x, y), _step(eager, x, y), torch.float32, "logits")
     assert_grads_match({n: p.grad for n, p in compiled_base.named_parameters()},
                        {n: p.grad for n, p in eager.named_parameters()}, torch.float32)
+
+
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_compiled_dropout_draws_torchvisions_masks(rate):
+    """Dropout inside the compiled blocks draws what torchvision's layers draw from the same
+    seed (the opaque block op runs its draws at run time, once per step, not while tracing):
+    logits and every gradient match torchvision's step by step; at rate 1, zeros and no
+    draws."""
+    from torchvision.models import DenseNet as TorchvisionDenseNet
+
+    torch._dynamo.reset()
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3,
+                  drop_rate=rate)
+    base, ref = DenseNet(**config), TorchvisionDenseNet(**config)
+    ref.load_state_dict(base.state_dict())
+    compiled = torch.compile(base, backend="aot_eager", fullgraph=True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for step in range(2):
+        results = []
+        for model in (compiled, ref):
+            torch.manual_seed(100 + step)
+            results.append(_step(model, x, y))
+        assert_close(results[0], results[1], torch.float32, f"logits, step {step + 1}")
+        assert_grads_match({n: p.grad for n, p in base.named_parameters()},
+                           {n: p.grad for n, p in ref.named_parameters()}, torch.float32)
