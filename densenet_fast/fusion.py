@@ -514,7 +514,11 @@ def stem_blocker(modules: dict[str, nn.Module]) -> Blocker | None:
 
 def warn_fallback(where: str, blocker: Blocker) -> None:
     """Warn, once per reason, that a block runs through its modules because the module tree
-    is not the standard one."""
+    is not the standard one. Not while torch.compile traces: dynamo cannot trace
+    ``warnings.warn``, and the graph break would fail ``fullgraph=True`` on a model whose
+    modules compile as torchvision's do (``fusion_report()`` still says why)."""
+    if torch.compiler.is_compiling():
+        return
     message = (f"densenet_fast: {where} runs through its modules (torchvision's computation "
                f"and memory), because {blocker.reason}; model.fusion_report() lists how every "
                f"block runs")

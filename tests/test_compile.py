@@ -89,3 +89,27 @@ def test_compiled_dropout_draws_torchvisions_masks(rate):
         assert_close(results[0], results[1], torch.float32, f"logits, step {step + 1}")
         assert_grads_match({n: p.grad for n, p in base.named_parameters()},
                            {n: p.grad for n, p in ref.named_parameters()}, torch.float32)
+
+
+def test_compiled_model_with_a_swapped_module_compiles_whole(monkeypatch):
+    """A block whose module tree is not torchvision's standard one (a GELU in a layer) runs
+    its modules; under ``torch.compile(fullgraph=True)`` they compile as torchvision's do and
+    match eager, where the fallback's warning, which dynamo cannot trace, broke the graph.
+    Eager still warns."""
+    from densenet_fast import fusion
+
+    monkeypatch.setattr(fusion, "_warned", set())  # no reason warned yet in this process
+    torch._dynamo.reset()
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    eager, compiled_base = DenseNet(**config), DenseNet(**config)
+    compiled_base.load_state_dict(eager.state_dict())
+    for model in (eager, compiled_base):
+        model.features.denseblock1.denselayer2.relu1 = torch.nn.GELU()
+    compiled = torch.compile(compiled_base, backend="aot_eager", fullgraph=True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    logits = _step(compiled, x, y)
+    with pytest.warns(UserWarning, match="relu1 is GELU"):
+        assert_close(logits, _step(eager, x, y), torch.float32, "logits")
+    assert_grads_match({n: p.grad for n, p in compiled_base.named_parameters()},
+                       {n: p.grad for n, p in eager.named_parameters()}, torch.float32)
+    assert compiled_base.fusion_report()["features.denseblock1"].startswith("modules: ")
