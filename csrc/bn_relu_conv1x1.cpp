@@ -33,6 +33,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace densenet_fast {
@@ -1192,6 +1193,7 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
     };
     for (int64_t item = begin; item < end; ++item) {
       const auto [p0, len] = g.span(item);
+      const bool accumulate = std::exchange(written[part], uint8_t{1});
       if (d.low_precision_tile(len)) {
         // Both GEMMs settled on the low-precision engine: the activation and grad_out are
         // built in the data's dtype (grad_out read in place where it can be).
@@ -1201,8 +1203,7 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
         const at::Tensor go = grad_out_tile<scalar_t, scalar_t>(
             g, d.grad_out, p0, len, reinterpret_cast<scalar_t*>(mine + layout.grad_out));
         weight_grad_tile<scalar_t, acc_t>(d, dw, go, act_lp, p0, len, tile, amx_space,
-                                          written[part]);
-        written[part] = 1;
+                                          accumulate);
         input_grad(p0, len, go, act_lp);
         continue;
       }
@@ -1210,8 +1211,7 @@ void backward_pass1(const BackwardData<scalar_t>& d, const BackwardScratch& layo
       const at::Tensor go =
           grad_out_tile<scalar_t, acc_t>(g, d.grad_out, p0, len, mine + layout.grad_out);
       weight_grad_tile<scalar_t, acc_t>(d, dw, go, act, p0, len, tile, amx_space,
-                                        written[part]);
-      written[part] = 1;
+                                        accumulate);
       input_grad(p0, len, go, act);
     }
   });

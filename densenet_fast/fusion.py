@@ -243,7 +243,7 @@ def _eps_problem(bn: nn.Module) -> str | None:
     eps = bn.eps
     if eps > 0:
         return None
-    batch_stats = bn.training or bn._buffers.get("running_mean") is None
+    batch_stats = uses_batch_stats(bn)
     if _batch_norm_refuses(float(eps), batch_stats):
         return f"has eps={eps}, which BatchNorm refuses" + (" in training" if batch_stats else "")
     return None
