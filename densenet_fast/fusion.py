@@ -18,8 +18,9 @@ before every forward each block is checked with plain attribute reads (no alloca
   FSDP2's alone (``fully_shard`` on the block) the transition or norm after it is fused into
   that call too (:func:`fsdp_tail_blocker`);
 - nothing is parametrized (``torch.nn.utils.parametrize`` changes a module's type);
-- nothing traces the model (``torch.jit.trace``, the legacy ONNX exporter, ``torch.fx``), no
-  ``torch.func`` transform is active and no forward-mode AD dual level is open;
+- nothing traces the model (``torch.jit.trace``, the legacy ONNX exporter, ``torch.fx``,
+  ``torch.export`` and the ONNX exporter built on it), no ``torch.func`` transform is active
+  and no forward-mode AD dual level is open;
   :func:`unfused` is not in force.
 
 A block that fails the check runs its modules, exactly as torchvision's block does; the
@@ -140,6 +141,14 @@ _fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing
                                torch.fx._symbolic_trace.is_fx_tracing)
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` traces, strict (under dynamo) or not. The flag is read, not
+    ``torch.compiler.is_exporting()``: dynamo folds that call to True under ``torch.compile``
+    on torch 2.11, where the flag itself reads False."""
+    return getattr(torch.compiler, "_is_exporting_flag", False) or (
+        torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling())
+
+
 def under_func_transform() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...) is active."""
     return torch._C._functorch.peek_interpreter_stack() is not None
@@ -158,6 +167,12 @@ def runtime_blocker(x) -> Blocker | None:
     if _global_hooks():
         return Blocker("global module hooks are registered "
                        "(torch.nn.modules.module.register_module_forward_hook and the like)")
+    if exporting():
+        # An exported program is a deployment artifact: runtimes (onnxruntime, AOTInductor)
+        # optimise torchvision's concatenations and batch_norm nodes, and plan memory
+        # themselves. The fused block traced as ATen ops gave onnxruntime 1.36x torchvision's
+        # inference time (its buffer writes become ScatterND copies).
+        return Blocker("traced by torch.export (or the ONNX exporter built on it)")
     if torch.compiler.is_compiling():
         return None  # dynamo traces the fused block itself (see graph.py)
     if torch.jit.is_tracing():

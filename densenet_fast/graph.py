@@ -72,12 +72,6 @@ def _no_grads(args) -> tuple:
         isinstance(t, torch.Tensor) for t in a) else None for a in args)
 
 
-def _exporting() -> bool:
-    """Whether ``torch.export`` traces (its default, non-strict mode): under dynamo, torch
-    2.11 answers ``is_exporting()`` True for ``torch.compile`` too."""
-    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
-
-
 # ---- running statistics ----------------------------------------------------------------
 
 def _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var,
@@ -100,9 +94,7 @@ def update_running_stats(updates, count, merged_count=None) -> None:
     (:func:`ops.batchnorm.update_running_stats`), ``count`` values per channel behind the
     batch statistics, or ``merged_count`` (the CPU scalar a synchronised forward op returned)
     when not None. By the op ``densenet_fast::update_running_stats``, whose mutations are
-    declared (``torch.compile`` keeps the forward ops opaque) and whose CPU kernel is C++;
-    while ``torch.export`` traces, by its ATen operations (the exported program needs no
-    densenet_fast)."""
+    declared (``torch.compile`` keeps the forward ops opaque) and whose CPU kernel is C++."""
     if not updates:
         return
     norms = [norm for norm, _, _ in updates]
@@ -110,10 +102,7 @@ def update_running_stats(updates, count, merged_count=None) -> None:
              [n.num_batches_tracked for n in norms], [mean for _, mean, _ in updates],
              [var for _, _, var in updates], [n.momentum for n in norms])
     with torch.no_grad():
-        if _exporting():
-            _update_running_stats_kernel(*lists, count, merged_count)
-        else:
-            torch.ops.densenet_fast.update_running_stats(*lists, count, merged_count)
+        torch.ops.densenet_fast.update_running_stats(*lists, count, merged_count)
 
 
 # ---- the block's ops -------------------------------------------------------------------
@@ -316,11 +305,9 @@ stem_forward = library.define(
 # ---- graph nodes -----------------------------------------------------------------------
 
 def _needs_graph_node(x, params) -> bool:
-    """Whether a gradient is needed. torch.export traces the forward alone: there the ATen
-    ops are traced instead of the ops of this module, so that the exported program (and an
-    ONNX file made from it) needs no densenet_fast to run (:func:`_exporting`)."""
-    return (torch.is_grad_enabled() and not _exporting()
-            and (x.requires_grad or any(p.requires_grad for p in params)))
+    """Whether a gradient is needed (``torch.export`` never gets here: the model runs its
+    modules while it traces, :func:`fusion.runtime_blocker`)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 def _restore_backward_grads(ctx, grads):
