@@ -40,7 +40,7 @@ from .fusion import (
     uses_batch_stats,
 )
 from .graph import dense_block, stem
-from .ops.formats import autocast_enabled, cast
+from .ops.formats import autocast_dtype_of, autocast_enabled, cast
 from .spec import (
     BlockSpec,
     LayerParams,
@@ -183,13 +183,11 @@ def tail_blocker(block: nn.Module, tail: nn.Module | None,
     return None
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype where autocast is on (BN parameters and statistics stay float32),
-    else the parameters' dtype."""
-    device_type = x.device.type
-    if autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The convolutions' dtype: the weights' as autocast casts them (BN parameters and
+    statistics stay float32); the input was checked to agree
+    (:func:`validation.check_input_tensor`)."""
+    return autocast_dtype_of(weight)
 
 
 def _without_autocast(x: torch.Tensor):
@@ -210,7 +208,7 @@ def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tens
         pool_padding=as_pair(pool.padding), pool_dilation=as_pair(pool.dilation),
         pool_ceil_mode=pool.ceil_mode, recompute_bottleneck=recompute_bottleneck,
         sync=sync_of(norm))
-    dtype = _compute_dtype(x, conv.weight)
+    dtype = _compute_dtype(conv.weight)
     with _without_autocast(x):
         return stem(x.to(dtype), spec, StemParams(conv.weight.to(dtype), norm.weight, norm.bias))
 
@@ -235,7 +233,7 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
     timm's checkpointing of each layer's concatenation, BN-ReLU and 1x1 convolution."""
     backends.active_backend(x.device.type)  # a forced, unavailable backend fails here
     modules = list(block._modules.values())
-    dtype = _compute_dtype(x, modules[0].conv1.weight)
+    dtype = _compute_dtype(modules[0].conv1.weight)
     with _without_autocast(x):
         # Casts are graph nodes, so gradients reach the float32 master weights under autocast.
         layers = [_layer_params(m, dtype) for m in modules]

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .ops.formats import autocast_enabled
+from .ops.formats import autocast_dtype_of, autocast_enabled
 
 # What a class that only wraps another may redefine without changing what a call computes:
 # construction, class metadata, and ``_apply`` (FSDP2's, which keeps its sharded parameters
@@ -130,10 +130,16 @@ def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
         raise RuntimeError(
             f"{where}: input is on {x.device} but the model's parameters are on "
             f"{reference.device}; move one of them with .to()")
-    if not autocast_enabled(x.device.type) and x.dtype != reference.dtype:
+    if autocast_dtype_of(x) != autocast_dtype_of(reference):
+        if not autocast_enabled(x.device.type):
+            raise InputTypeError(
+                f"{where}: input dtype {x.dtype} differs from the parameters' dtype "
+                f"{reference.dtype}; convert one of them or run under torch.autocast")
         raise InputTypeError(
-            f"{where}: input dtype {x.dtype} differs from the parameters' dtype "
-            f"{reference.dtype}; convert one of them or run under torch.autocast")
+            f"{where}: under torch.autocast the input (dtype {x.dtype}) computes in "
+            f"{autocast_dtype_of(x)} but the parameters (dtype {reference.dtype}) in "
+            f"{autocast_dtype_of(reference)}: autocast leaves float64 alone; convert one "
+            f"of them")
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,

@@ -81,6 +81,42 @@ def test_autocast_matches_torchvision(dtype, conv_in_float32, monkeypatch):
         assert_close(fast(x).float(), reference(x).float(), dtype, f"{dtype} eval logits")
 
 
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_leaves_a_float64_model_in_float64(autocast):
+    """Autocast casts floating-point tensors other than float64: torchvision's float64 model
+    computes in float64 under it, and so does the fused one (it ran its convolutions'
+    weights in ``autocast`` against float64 activations and failed inside the first GEMM).
+    A float64 input to a float32 model is refused as torchvision refuses it (a RuntimeError),
+    before anything runs; a float16 input to it computes as torchvision's does."""
+    config = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=5)
+    fast, reference = _torchvision_twin(**config)
+    fast.double(), reference.double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for model in (fast, reference):
+        with torch.autocast("cpu", dtype=autocast):
+            logits = model(x)
+        logits.sum().backward()
+        outs.append((logits, [p.grad for p in model.parameters()],
+                     [b.clone() for b in model.buffers()]))
+    (fast_logits, fast_grads, fast_buffers), (ref_logits, ref_grads, ref_buffers) = outs
+    assert fast_logits.dtype == ref_logits.dtype == torch.float64
+    assert_close(fast_logits, ref_logits, torch.float64, "float64 logits under autocast")
+    for got, want in zip(fast_grads + fast_buffers, ref_grads + ref_buffers, strict=True):
+        assert_close(got, want, torch.float64, "float64 gradient or buffer under autocast")
+
+    fast.float(), reference.float()
+    before = [b.clone() for b in fast.buffers()]
+    for model in (fast, reference):
+        with pytest.raises(RuntimeError), torch.autocast("cpu", dtype=autocast):
+            model(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, fast.buffers(), strict=True))
+    half = x.to(torch.float16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast):
+        assert_close(fast.eval()(half).float(), reference.eval()(half).float(), autocast,
+                     "float16 input under autocast")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "nhwc"])

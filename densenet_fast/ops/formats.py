@@ -33,3 +33,14 @@ def autocast_enabled(device_type: str) -> bool:
     know (it raises there): a forward on meta tensors, for shapes or a model built on the
     meta device, runs as it does elsewhere without autocast."""
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+def autocast_dtype_of(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives ``t`` as an argument of a lower-precision op (a
+    convolution): autocast's dtype for a floating-point tensor other than float64, which
+    autocast leaves alone (as it does integer tensors), and ``t``'s own dtype where
+    autocast is off."""
+    device_type = t.device.type
+    if autocast_enabled(device_type) and t.is_floating_point() and t.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
