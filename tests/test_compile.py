@@ -66,6 +66,34 @@ def test_compiled_eval_mode_step_matches_eager():
                        {n: p.grad for n, p in eager.named_parameters()}, torch.float32)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compiled_forward_without_gradients_traces_aten_ops(train):
+    """Without gradients dynamo traces the blocks' and the stem's kernels as their reference
+    ATen ops, which inductor fuses (it had them as opaque densenet_fast ops on torch 2.14 and
+    as ATen ops on torch 2.11, whose dynamo answers is_exporting() True); the one op left is
+    the running statistics' update, whose mutations it declares. The outputs and the running
+    statistics equal eager's."""
+    torch._dynamo.reset()
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    eager, compiled_base = DenseNet(**config).train(train), DenseNet(**config).train(train)
+    compiled_base.load_state_dict(eager.state_dict())
+    targets = []
+
+    def backend(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes
+                       if node.op == "call_function")
+        return graph_module.forward
+
+    compiled = torch.compile(compiled_base, backend=backend, fullgraph=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(compiled(x), eager(x), torch.float32, "logits")
+    ours = {target for target in targets if "densenet_fast" in target}
+    assert targets and ours <= {"densenet_fast.update_running_stats"}, ours
+    assert_models_match(compiled_base, eager, torch.float32, "after a compiled forward",
+                        params=False)
+
+
 @pytest.mark.parametrize("rate", [0.3, 1.0])
 def test_compiled_dropout_draws_torchvisions_masks(rate):
     """Dropout inside the compiled blocks draws what torchvision's layers draw from the same
