@@ -94,6 +94,32 @@ def test_compiled_forward_without_gradients_traces_aten_ops(train):
                         params=False)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_compiled_forward_without_gradients_under_autocast(dtype, memory_format):
+    """A compiled inference forward under CPU autocast, the usual way to deploy with
+    torch.compile, traces whole (``fullgraph=True``) and matches eager, in eval and training
+    mode (running statistics). It failed to trace: the CPU's measured choice of convolution
+    precision and the stem's oneDNN layout rule called what dynamo cannot trace
+    (``torch.backends.mkldnn.is_available``); traced, inductor chooses those itself."""
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=memory_format)
+    for train in (False, True):
+        torch._dynamo.reset()
+        eager = DenseNet(**config).train(train).to(memory_format=memory_format)
+        compiled_base = DenseNet(**config).train(train).to(memory_format=memory_format)
+        compiled_base.load_state_dict(eager.state_dict())
+        compiled = torch.compile(compiled_base, backend="aot_eager", fullgraph=True)
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            out, expected = compiled(x), eager(x)
+        assert out.dtype == expected.dtype == dtype
+        assert_close(out.float(), expected.float(), dtype, f"logits, train={train}")
+        for name, buffer in eager.named_buffers():
+            assert_close(dict(compiled_base.named_buffers())[name].float(), buffer.float(),
+                         dtype, f"{name}, train={train}")
+
+
 @pytest.mark.parametrize("rate", [0.3, 1.0])
 def test_compiled_dropout_draws_torchvisions_masks(rate):
     """Dropout inside the compiled blocks draws what torchvision's layers draw from the same

@@ -12,8 +12,9 @@ noise, the copy of the stem's output back to NCHW included), so float32 keeps it
 do wide inputs (the dense layers' 3x3 convolutions ran level in both layouts).
 
 The rule depends on the device, dtype, channel count and layout only, never on a
-measurement, so that fake tensors (``torch.compile``'s tracing) get the strides the real
-kernels produce.
+measurement, so that fake tensors (``torch.compile``'s tracing of the opaque ops) get the
+strides the real kernels produce. Code dynamo traces itself (a compiled forward without
+gradients) keeps the input's layout: inductor chooses the convolution's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ FEW_CHANNELS = 4
 def runs_channels_last(x: torch.Tensor) -> bool:
     """Whether a convolution of ``x`` runs on its channels-last copy: an NCHW CPU image batch
     of bfloat16 or float16 data with at most ``FEW_CHANNELS`` channels, with oneDNN enabled."""
-    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    return (not torch.compiler.is_dynamo_compiling()
+            and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and x.dim() == 4 and x.size(1) <= FEW_CHANNELS
             and memory_format_of(x) != torch.channels_last
             and lowp_conv.onednn_enabled())

@@ -10,8 +10,9 @@ bfloat16 3x3 convolutions (forward and backward) ran 1.2-1.4x slower than float3
 float16 ones about 100x slower. So the choice is measured, once per process, dtype and
 thread count, on a convolution shaped like a dense layer's.
 
-CUDA and other devices, float32 and float64 data, fake tensors (``torch.compile``'s tracing)
-and ``torch.use_deterministic_algorithms`` keep the native kernels.
+CUDA and other devices, float32 and float64 data, fake tensors (``torch.compile``'s tracing),
+code dynamo traces (a compiled forward without gradients: inductor chooses its kernels) and
+``torch.use_deterministic_algorithms`` keep the native kernels.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def runs_in_float32(x: torch.Tensor) -> bool:
     """Whether convolutions of ``x``'s data run as float32 convolutions of its values."""
     if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu":
         return False
-    if torch.are_deterministic_algorithms_enabled() or _is_fake(x):
+    if torch.compiler.is_dynamo_compiling() or torch.are_deterministic_algorithms_enabled() \
+            or _is_fake(x):
         return False
     return _float32_is_faster(x.dtype, torch.get_num_threads(), onednn_enabled())
 
