@@ -123,7 +123,8 @@ def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type
         name, module = named[i]
         if not isinstance(module, DenseBlock):
             role = "transition" if is_type(module, transition_cls) else None
-            steps.append(Step(StepKind.MODULE, (name,), (module,), (role,)))
+            steps.append(Step(StepKind.MODULE, (name,), (module,), (role,),
+                              report=_compiled_block_report(module, block_cls, runtime)))
             i += 1
             continue
         blocker = _own_block_blocker(module, block_cls) or runtime or block_blocker(module)
@@ -148,6 +149,19 @@ def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type
                           called=called, report=report))
         i += 1
     return steps
+
+
+def _compiled_block_report(module: nn.Module, block_cls: type, runtime: Blocker | None) -> str:
+    """How a block compiled on its own runs (``features.denseblock1 =
+    torch.compile(block)``, whose wrapper holds the block as ``_orig_mod``): its own forward
+    decides inside the compiled call, as for any block called as a module; "" for other
+    modules."""
+    block = module._modules.get("_orig_mod")
+    if not isinstance(block, DenseBlock):
+        return ""
+    blocker = _own_block_blocker(block, block_cls) or runtime or block_blocker(block)
+    where = "compiled on its own (torch.compile)"
+    return f"{where}: fused" if blocker is None else f"{where}: modules: {blocker.reason}"
 
 
 def _own_block_blocker(block: nn.Module, block_cls: type) -> Blocker | None:
