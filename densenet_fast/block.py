@@ -242,8 +242,8 @@ class BlockForward:
         rate = spec.drop_rates[layer]
         if rate >= 1:
             # F.dropout at p = 1: a product with a zero, no draws (NaN stays NaN).
-            new = new * torch.zeros((), dtype=new.dtype, device=new.device)
             mask = torch.zeros_like(new, dtype=torch.bool)
+            new = new * dropout_scale(mask, rate, new.dtype)
         elif rate > 0:
             # Same draws as F.dropout on CPU (bernoulli_ on an empty_like, then scale), so a
             # seeded run matches the unfused model mask for mask.

@@ -142,16 +142,18 @@ class _Features(nn.Sequential):
         the meta device: only its shape is read)."""
         check_spatial_plan(_named_roles(self.fusion_plan()), x, _values_over_ranks())
 
-    def fusion_plan(self, runtime: Blocker | None = None) -> list[Step]:
+    def fusion_plan(self, runtime: Blocker | None = None, *,
+                    report: bool = False) -> list[Step]:
         """The forward's steps (:func:`plan.plan_features`), decided afresh on every call
         from the modules as they are; ``runtime``: what keeps every block on its modules in
-        this call, for the report."""
-        return plan_features(self, _DenseBlock, _Transition, runtime)
+        this call, and ``report``: also describe blocks compiled on their own, for the
+        report."""
+        return plan_features(self, _DenseBlock, _Transition, runtime, report=report)
 
     def fusion_report(self) -> dict[str, str]:
         """How the stem and each dense block run in the next forward, and why; see
         :meth:`DenseNet.fusion_report`."""
-        steps = self.fusion_plan(runtime_blocker(None))
+        steps = self.fusion_plan(runtime_blocker(None), report=True)
         return {("features.stem" if step.kind is StepKind.STEM else f"features.{step.names[0]}"):
                 step.report for step in steps if step.report}
 

@@ -103,12 +103,14 @@ class Step(NamedTuple):
 
 
 def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type,
-                  runtime: Blocker | None = None) -> list[Step]:
+                  runtime: Blocker | None = None, *, report: bool = False) -> list[Step]:
     """``features``' steps, in order, decided from the modules as they are now: the standard
     stem fused; each densenet_fast block (``block_cls``) that passes the checks fused, with
     the transition (``transition_cls``) or norm after it where that one passes
     :func:`tail_blocker`; everything else called as a module. ``runtime``: what keeps every
-    block on its modules in this call (:func:`fusion.runtime_blocker`), for the report."""
+    block on its modules in this call (:func:`fusion.runtime_blocker`), for the report.
+    ``report``: describe blocks compiled on their own too (:func:`_compiled_block_report`,
+    which checks the block again: its own compiled call checks it in a forward)."""
     named = list(features._modules.items())
     steps, i = [], 0
     stem_length = len(stem_names(tuple(features._modules)))
@@ -123,8 +125,8 @@ def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type
         name, module = named[i]
         if not isinstance(module, DenseBlock):
             role = "transition" if is_type(module, transition_cls) else None
-            steps.append(Step(StepKind.MODULE, (name,), (module,), (role,),
-                              report=_compiled_block_report(module, block_cls, runtime)))
+            described = _compiled_block_report(module, block_cls, runtime) if report else ""
+            steps.append(Step(StepKind.MODULE, (name,), (module,), (role,), report=described))
             i += 1
             continue
         blocker = _own_block_blocker(module, block_cls) or runtime or block_blocker(module)
