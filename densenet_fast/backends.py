@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .ops.capability import CPU_CAPABILITY
+
 ENV_VAR = "DENSENET_FAST_BACKEND"
 AUTO = "auto"
 
@@ -55,15 +57,6 @@ def requested_backend() -> str:
     return value
 
 
-def _cpu_capability() -> str:
-    """``avx512``, ``avx2`` or ``default`` (torch before 2.6 calls the last "NO AVX")."""
-    try:
-        capability = torch.backends.cpu.get_cpu_capability().lower()
-    except (AttributeError, RuntimeError):
-        return "default"
-    return capability if capability in ("avx512", "avx2") else "default"
-
-
 def cpp_build() -> tuple[str | None, str]:
     """The build of the C++ kernels this process loads, and why: the one named by
     ``DENSENET_FAST_CPU_BUILD``, else ``native`` where it was built, else the best build
@@ -71,7 +64,7 @@ def cpp_build() -> tuple[str | None, str]:
     forced = os.environ.get(CPU_BUILD_VAR, "").strip().lower()
     if forced and forced not in _CPP_BUILDS:
         return None, f"{CPU_BUILD_VAR}={forced!r} is not one of {tuple(_CPP_BUILDS)}"
-    capability = _cpu_capability()
+    capability = CPU_CAPABILITY
     for build, capabilities in _CPP_BUILDS.items():
         if forced and build != forced:
             continue

@@ -247,7 +247,8 @@ class BlockForward:
         elif rate > 0:
             # Same draws as F.dropout on CPU (bernoulli_ on an empty_like, then scale), so a
             # seeded run matches the unfused model mask for mask.
-            noise = torch.empty_like(new).bernoulli_(1 - rate)
+            layout = torch.contiguous_format if spec.masks_nchw else torch.preserve_format
+            noise = torch.empty_like(new, memory_format=layout).bernoulli_(1 - rate)
             noise.div_(1 - rate)
             new = new * noise
             mask = noise.ne(0)

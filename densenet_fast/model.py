@@ -22,7 +22,14 @@ import torch.nn as nn
 
 from .architecture import CONFIGS, DenseBlock, DenseNetBase, Transition
 from .fusion import Blocker, block_blocker, runtime_blocker, warn_fallback
-from .plan import Step, StepKind, plan_features, run_block, run_stem  # noqa: F401 (run_stem: API)
+from .plan import (  # noqa: F401 (run_stem: API)
+    Step,
+    StepKind,
+    plan_features,
+    run_block,
+    run_stem,
+    run_steps,
+)
 from .state_dict import load_torchvision_state_dict
 from .sync import sync_of
 from .validation import check_input_tensor, check_spatial_plan
@@ -125,9 +132,7 @@ class _Features(nn.Sequential):
         if x.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
             return self._forward_modules(x)
-        for step in steps:
-            x = step.run(x, self.recompute_bottleneck)
-        return x
+        return run_steps(steps, x, self.parameters(), self.recompute_bottleneck)
 
     @torch.jit.unused
     def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ from .fusion import (
     uses_batch_stats,
 )
 from .graph import dense_block, stem
-from .ops.formats import autocast_dtype_of, autocast_enabled, cast
+from .ops.conv_layout import fused_steps_format
+from .ops.formats import autocast_dtype_of, autocast_enabled, cast, memory_format_of
 from .spec import (
     BlockSpec,
     LayerParams,
@@ -87,16 +88,20 @@ class Step(NamedTuple):
         """``(name, module, role)`` of each module of the step."""
         return zip(self.names, self.modules, self.roles, strict=True)
 
-    def run(self, x: torch.Tensor, recompute_bottleneck: bool = False) -> torch.Tensor:
-        """The step's output; ``recompute_bottleneck`` is ``features``' setting (the stem's)."""
+    def run(self, x: torch.Tensor, recompute_bottleneck: bool = False,
+            for_nchw_caller: bool = False) -> torch.Tensor:
+        """The step's output; ``recompute_bottleneck`` is ``features``' setting (the stem's).
+        ``for_nchw_caller``: the step runs channels-last for an NCHW caller
+        (:func:`run_steps`): a fused stem gives its output channels-last, a block draws
+        dropout masks in NCHW order."""
         if self.fused and self.kind is StepKind.STEM:
             conv, norm, pool = self.modules[0], self.modules[1], self.modules[-1]
-            return run_stem(conv, norm, pool, x, recompute_bottleneck)
+            return run_stem(conv, norm, pool, x, recompute_bottleneck, for_nchw_caller)
         if self.fused and self.kind is StepKind.BLOCK:
             tail = self.modules[1] if len(self.modules) > 1 else None
             if self.called:
                 return self.module(x, tail=tail)
-            return run_block(self.module, x, tail)
+            return run_block(self.module, x, tail, masks_nchw=for_nchw_caller)
         for module in self.modules:
             x = module(x)
         return x
@@ -151,6 +156,31 @@ def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type
                           called=called, report=report))
         i += 1
     return steps
+
+
+def run_steps(steps: list[Step], x: torch.Tensor, params,
+              recompute_bottleneck: bool = False) -> torch.Tensor:
+    """``features``' output: each step run in turn on ``x``. Where
+    :func:`conv_layout.fused_steps_format` chooses channels-last for ``x``, fused steps that
+    run one after another (the stem and blocks, not a block called as a module for its hooks)
+    run in it: a fused stem reads ``x`` as it is and gives its output channels-last (keeping
+    no copy of ``x`` for backward), a block gets a channels-last copy of its input; modules,
+    hooks and the caller get ``x``'s own layout back. ``params``: ``features``' parameters
+    (an iterable, read only where the choice depends on them)."""
+    if fused_steps_format(x, params) is None:
+        for step in steps:
+            x = step.run(x, recompute_bottleneck)
+        return x
+    caller, in_working = memory_format_of(x), False
+    for step in steps:
+        inside = step.fused and not step.called
+        if inside and not in_working and step.kind is StepKind.BLOCK:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif in_working and not inside:
+            x = x.contiguous(memory_format=caller)
+        x = step.run(x, recompute_bottleneck, for_nchw_caller=inside)
+        in_working = inside
+    return x.contiguous(memory_format=caller) if in_working else x
 
 
 def _compiled_block_report(module: nn.Module, block_cls: type, runtime: Blocker | None) -> str:
@@ -213,17 +243,18 @@ def _without_autocast(x: torch.Tensor):
 
 
 def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tensor,
-             recompute_bottleneck: bool = False) -> torch.Tensor:
+             recompute_bottleneck: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Run a standard stem (``conv -> norm -> ReLU -> pool``) as one graph node that keeps
     only the conv's output, or with ``recompute_bottleneck`` nothing but its input: the
-    caller has checked the modules (:func:`fusion.stem_blocker`)."""
+    caller has checked the modules (:func:`fusion.stem_blocker`). ``channels_last``: the
+    output is channels-last, whatever ``x``'s layout."""
     spec = StemSpec(
         norm=norm_state(norm), conv_stride=conv.stride, conv_padding=conv.padding,
         conv_dilation=conv.dilation, conv_groups=conv.groups,
         pool_kernel=as_pair(pool.kernel_size), pool_stride=as_pair(pool.stride),
         pool_padding=as_pair(pool.padding), pool_dilation=as_pair(pool.dilation),
         pool_ceil_mode=pool.ceil_mode, recompute_bottleneck=recompute_bottleneck,
-        sync=sync_of(norm))
+        channels_last=channels_last, sync=sync_of(norm))
     dtype = _compute_dtype(conv.weight)
     with _without_autocast(x):
         return stem(x.to(dtype), spec, StemParams(conv.weight.to(dtype), norm.weight, norm.bias))
@@ -239,14 +270,16 @@ def _layer_params(layer: nn.Module, dtype: torch.dtype) -> LayerParams:
                        cast(member(children["conv2"], "weight"), dtype))
 
 
-def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> torch.Tensor:
+def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None,
+              masks_nchw: bool = False) -> torch.Tensor:
     """Run a standard ``block`` and, fused with it, ``tail`` (a transition, a final norm or
     None) as one graph node: the caller has checked them (:func:`plan_features`). A final
     norm that is one of timm's norm-act modules has its BatchNorm fused and its ``drop`` and
     ``act`` called after, as its forward calls them. The block recomputes its bottlenecks
     where ``block.recompute_bottleneck`` or a timm layer's ``grad_checkpointing`` asks to
     (timm's ``set_grad_checkpointing``): the same results, the memory setting closest to
-    timm's checkpointing of each layer's concatenation, BN-ReLU and 1x1 convolution."""
+    timm's checkpointing of each layer's concatenation, BN-ReLU and 1x1 convolution.
+    ``masks_nchw``: see :class:`spec.BlockSpec`."""
     backends.active_backend(x.device.type)  # a forced, unavailable backend fails here
     modules = list(block._modules.values())
     dtype = _compute_dtype(modules[0].conv1.weight)
@@ -272,6 +305,7 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None) -> tor
                 # getattr of a member a module lacks raises inside Module.__getattr__.
                 m.__dict__.get("grad_checkpointing", False) for m in modules),
             sync=block_sync(block),
+            masks_nchw=masks_nchw,
         )
         out = dense_block(x.to(dtype), spec, flat_block_params(layers, tail_params))
     if kind is Tail.NORM and is_norm_act(tail):

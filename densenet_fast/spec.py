@@ -107,6 +107,9 @@ class BlockSpec:
     those layers and backward stops above them; ``num_layers``: only the tail's backward runs.
     ``sync``: the process group every batch statistic of the block is merged over (then
     every BN that uses batch statistics synchronises over it; see :mod:`densenet_fast.sync`).
+    ``masks_nchw``: dropout draws its masks in NCHW order though the block runs channels-last
+    (``features``' fused steps for an NCHW caller, :func:`plan.run_steps`): the order
+    torchvision's layers draw them in for that caller, so a seeded run drops what it drops.
     """
 
     layer_norms: tuple[tuple[BatchNormSpec, BatchNormSpec], ...]  # (norm1, norm2) per layer
@@ -117,6 +120,7 @@ class BlockSpec:
     recompute_bottleneck: bool = setting("bool", default=False)
     sync: StatsSync | None = _sync_setting()
     backward_from: int = setting("int", default=0)
+    masks_nchw: bool = setting("bool", default=False)
 
     @property
     def num_layers(self) -> int:
@@ -159,8 +163,11 @@ class StemSpec:
     """One stem call: conv0's and pool0's settings, norm0 and the memory setting.
 
     ``recompute_bottleneck``: keep no conv0 output (the convolution output norm0 reads, as a
-    layer's bottleneck is for its norm2) for backward, recompute it. ``sync``: the process
-    group norm0's batch statistics are merged over.
+    layer's bottleneck is for its norm2) for backward, recompute it. ``channels_last``: conv0
+    reads a channels-last copy of the input and the output stays channels-last (the layout of
+    ``features``' fused steps, :func:`ops.conv_layout.fused_steps_format`), where it would
+    come back in the input's. ``sync``: the process group norm0's batch statistics are merged
+    over.
     """
 
     norm: BatchNormSpec
@@ -174,6 +181,7 @@ class StemSpec:
     pool_dilation: tuple[int, int] = _pair()
     pool_ceil_mode: bool = setting("bool")
     recompute_bottleneck: bool = setting("bool", default=False)
+    channels_last: bool = setting("bool", default=False)
     sync: StatsSync | None = _sync_setting()
 
     def norms(self) -> list[BatchNormSpec]:

@@ -62,7 +62,7 @@ class StemSaved:
 
 
 def _conv(spec: StemSpec, x, weight):
-    return conv_layout.conv2d(x, weight, *spec.conv_args())
+    return conv_layout.conv2d(x, weight, *spec.conv_args(), channels_last=spec.channels_last)
 
 
 def _mean_invstd(spec: StemSpec, saved: StemSaved, dtype: torch.dtype):
@@ -88,8 +88,10 @@ def forward(x, spec: StemSpec, params: StemParams) -> tuple[torch.Tensor, StemSa
     mean, invstd = _mean_invstd(spec, saved, conv_out.dtype)
     out = bn_relu_max_pool2d(conv_out, mean, invstd, params.norm_weight, params.norm_bias,
                              spec.pool_args())
-    # conv0 may run channels-last (ops/conv_layout.py); the blocks get x's layout back.
-    return out.contiguous(memory_format=memory_format_of(x)), saved, count
+    # conv0 may run channels-last (ops/conv_layout.py); the blocks get x's layout back, or
+    # the fused steps' (spec.channels_last).
+    layout = torch.channels_last if spec.channels_last else memory_format_of(x)
+    return out.contiguous(memory_format=layout), saved, count
 
 
 def backward(grad_out, x, spec: StemSpec, params: StemParams, saved: StemSaved,
@@ -104,5 +106,6 @@ def backward(grad_out, x, spec: StemSpec, params: StemParams, saved: StemSaved,
         grad, conv_out, mean, invstd, params.norm_weight, batch_stats=spec.norm.batch_stats,
         sync=spec.sync, count=values_per_channel(saved.merged_count, conv_out))
     grad_x, dconv = conv_layout.conv2d_backward(grad, x, params.conv_weight, *spec.conv_args(),
-                                              (input_grad, True))
+                                                (input_grad, True),
+                                                channels_last=spec.channels_last)
     return grad_x, dconv, dnorm_weight, dnorm_bias

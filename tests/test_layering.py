@@ -9,8 +9,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "densenet_fast"
 # Bottom to top. A module may import modules of its own layer or of lower ones; the cycle
 # check keeps imports within one layer honest.
 LAYERS = [
-    ["ops.formats", "ops.triton_kernels", "ops.triton_tuning", "ops.measure", "ops.lowp_conv",
-     "ops.library", "state_dict", "validation", "architecture", "timm_parts"],
+    ["ops.capability", "ops.formats", "ops.triton_kernels", "ops.triton_tuning",
+     "ops.measure", "ops.lowp_conv", "ops.library", "state_dict", "validation",
+     "architecture", "timm_parts"],
     ["ops.schema", "ops.batchnorm", "ops.conv_layout"],
     ["ops.torch_impl"],
     ["ops"],

@@ -1,20 +1,35 @@
-"""The memory format the stem's convolution runs in on the CPU.
+"""The memory formats CPU convolutions run in: ``features``' fused steps, and the stem's
+convolution.
 
-oneDNN convolves low-precision data of few channels (conv0: 3 channels, 7x7, stride 2) far
-faster in channels-last than in NCHW, where ATen also leaves two output-sized temporaries
-behind a reorder. Measured on an Intel Xeon (family 6, model 167, AMX, 2 threads, torch
-2.14.1), densenet121's conv0 at batch 8, 224x224, interleaved, the channels-last copy of the
-input included: bfloat16 15.2 ms and a 36.8 MiB peak in NCHW against 4.9 ms and 19.8 MiB
-channels-last, float16 47.0 ms against 24.7 ms; the same values bit for bit. The stem's
-forward and backward (conv0, norm0, pool0) went from 82 to 66 ms in bfloat16. float32 ran
-level (conv0 14.2 against 14.6 ms; the stem's forward and backward within the machine's
-noise, the copy of the stem's output back to NCHW included), so float32 keeps its layout; so
-do wide inputs (the dense layers' 3x3 convolutions ran level in both layouts).
+**Fused steps, channels-last on AVX-512 CPUs.** ``features`` runs its fused stem and blocks on
+a channels-last copy of an NCHW batch where :func:`fused_steps_format` says so, and gives the
+caller's layout back after them (:func:`plan.run_steps`). On a 2-core AMD EPYC of family 25
+(Zen 4, AVX-512 with AVX512_BF16, torch 2.14.1), densenet121 ran so, against NCHW, in
+0.87x (float32) and 0.85x (bfloat16 autocast) the time of a training step at batch 8, 224x224,
+0.89-0.90x at batches 1-2, and 0.91x (float32) and 0.72x (bfloat16) the time of an
+inference forward: oneDNN's convolutions, ATen's float32 batch statistics (2.6 against 0.25
+ms on a block-1 bottleneck) and the fused kernels' channels-last tiles are all faster there.
+On an Intel Xeon with AMX (family 6, model 167) the bfloat16 step took 0.82x in channels-last.
+On an AMD EPYC without AVX-512 (family 23: AVX2) the bfloat16 step took 1.08x, and float64
+ran 1.06x on the Zen 4 (no oneDNN kernels): those keep the caller's layout, as float16 (level
+on the Zen 4), devices other than the CPU, and CPUs without oneDNN do.
 
-The rule depends on the device, dtype, channel count and layout only, never on a
-measurement, so that fake tensors (``torch.compile``'s tracing of the opaque ops) get the
-strides the real kernels produce. Code dynamo traces itself (a compiled forward without
-gradients) keeps the input's layout: inductor chooses the convolution's.
+**The stem's convolution of a low-precision image.** oneDNN convolves low-precision data of
+few channels (conv0: 3 channels, 7x7, stride 2) far faster in channels-last than in NCHW,
+where ATen also leaves two output-sized temporaries behind a reorder. Measured on an Intel
+Xeon (family 6, model 167, AMX, 2 threads, torch 2.14.1), densenet121's conv0 at batch 8,
+224x224, interleaved, the channels-last copy of the input included: bfloat16 15.2 ms and a
+36.8 MiB peak in NCHW against 4.9 ms and 19.8 MiB channels-last, float16 47.0 ms against
+24.7 ms; the same values bit for bit. The stem's forward and backward (conv0, norm0, pool0)
+went from 82 to 66 ms in bfloat16. float32 ran level there, so float32 keeps its layout; so
+do wide inputs (:func:`runs_channels_last`: where the fused steps keep NCHW, the stem's
+convolution alone still runs channels-last).
+
+Both rules depend on the device, dtype, channel count, layout and the CPU's instruction set
+only, never on a measurement, so that fake tensors (``torch.compile``'s tracing of the opaque
+ops) get the strides the real kernels produce, and every process sums in the same order. Code
+dynamo traces itself (a compiled forward without gradients) keeps the input's layout:
+inductor chooses the convolution's.
 """
 
 from __future__ import annotations
@@ -22,10 +37,35 @@ from __future__ import annotations
 import torch
 
 from . import lowp_conv
+from .capability import CPU_CAPABILITY
 from .formats import memory_format_of
 
 # Inputs up to this many channels run channels-last (RGB, RGBA, grayscale images).
 FEW_CHANNELS = 4
+
+
+# The dtypes whose fused steps run channels-last on an AVX-512 CPU.
+_FUSED_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def fused_steps_format(x: torch.Tensor, params) -> torch.memory_format | None:
+    """The memory format ``features``' fused steps run in for the batch ``x``, or None to run
+    them in ``x``'s own: ``channels_last`` for a dense NCHW CPU batch of float32 or bfloat16
+    data, on a CPU whose torch kernels run at AVX-512, with oneDNN enabled (:mod:`this
+    module's measurements <densenet_fast.ops.conv_layout>`). Under dynamo (where oneDNN's
+    setting cannot be read) only a graph whose blocks run as opaque ops, one that needs
+    gradients of ``x`` or of ``params`` (an iterable, read only there), changes the layout:
+    inductor chooses the layout of the ATen ops it traces."""
+    if not (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _FUSED_CHANNELS_LAST_DTYPES
+            and CPU_CAPABILITY == "avx512" and x.is_contiguous()):
+        return None
+    if torch.compiler.is_dynamo_compiling():
+        if not (torch.is_grad_enabled() and (x.requires_grad or
+                                             any(p.requires_grad for p in params))):
+            return None
+    elif not lowp_conv.onednn_enabled():
+        return None
+    return torch.channels_last
 
 
 def runs_channels_last(x: torch.Tensor) -> bool:
@@ -38,20 +78,26 @@ def runs_channels_last(x: torch.Tensor) -> bool:
             and lowp_conv.onednn_enabled())
 
 
-def _layout_for_conv(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if runs_channels_last(x) else x
+def _layout_for_conv(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last or runs_channels_last(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
-def conv2d(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
-    """:func:`lowp_conv.conv2d`, of ``x``'s channels-last copy where :func:`runs_channels_last`
-    (the output is then channels-last)."""
-    return lowp_conv.conv2d(_layout_for_conv(x), weight, stride, padding, dilation, groups)
+def conv2d(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+           channels_last: bool = False):
+    """:func:`lowp_conv.conv2d`, of ``x``'s channels-last copy where ``channels_last`` or
+    :func:`runs_channels_last` says so (the output is then channels-last)."""
+    return lowp_conv.conv2d(_layout_for_conv(x, channels_last), weight, stride, padding,
+                            dilation, groups)
 
 
-def conv2d_backward(grad_out, x, weight, stride, padding, dilation, groups, output_mask):
+def conv2d_backward(grad_out, x, weight, stride, padding, dilation, groups, output_mask,
+                    channels_last: bool = False):
     """:func:`lowp_conv.conv2d_backward` of :func:`conv2d`; ``grad_x`` in ``x``'s layout."""
-    grad_x, grad_w = lowp_conv.conv2d_backward(grad_out, _layout_for_conv(x), weight, stride,
-                                               padding, dilation, groups, output_mask)
+    grad_x, grad_w = lowp_conv.conv2d_backward(grad_out, _layout_for_conv(x, channels_last),
+                                               weight, stride, padding, dilation, groups,
+                                               output_mask)
     if grad_x is not None:
         grad_x = grad_x.contiguous(memory_format=memory_format_of(x))
     return grad_x, grad_w
