@@ -467,7 +467,7 @@ def _backward_from(spec: BlockSpec, x: torch.Tensor, params) -> int:
     return spec.num_layers
 
 
-def dense_block(x: torch.Tensor, spec: BlockSpec, params) -> torch.Tensor:
+def dense_block(x: torch.Tensor, spec: BlockSpec, params, as_op: bool = False) -> torch.Tensor:
     """Run one block (and its tail). Builds a graph node only when a gradient is needed, and
     keeps for it only what the gradients asked for need; otherwise nothing is kept and each
     bottleneck is freed as soon as it is used.
@@ -478,13 +478,18 @@ def dense_block(x: torch.Tensor, spec: BlockSpec, params) -> torch.Tensor:
     AOTAutograd's cache refuses, so each new process would trace and partition the whole
     model again; a graph of library ops is cached. Both save for backward the same tensors,
     what the forward op returns for it (compiled graphs support no double backward, so what
-    the Function does beyond that is not needed there)."""
+    the Function does beyond that is not needed there). ``as_op``: under ``torch.compile``
+    a forward without gradients calls the forward op too (which then keeps nothing for
+    backward) instead of tracing the kernels' ATen ops."""
     if _needs_graph_node(x, params):
         spec = replace(spec, backward_from=_backward_from(spec, x, params))
         if torch.compiler.is_compiling():
             return _run_block_forward_op(x, spec, params)[0]
         with _InputInBuffer(x).hooks() or nullcontext():
             return DenseBlockFunction.apply(x, spec, *params)
+    if as_op and torch.compiler.is_compiling():
+        spec = replace(spec, backward_from=spec.num_layers)
+        return _run_block_forward_op(x, spec, params)[0]
     fwd = BlockForward(x, spec, params, keep=False)
     out = fwd.run()
     update_running_stats(fwd.running_stats_updates(), fwd.count)
@@ -530,11 +535,11 @@ class StemFunction(torch.autograd.Function):
         return _restore_backward_grads(ctx, (grad_x, None, *grads))
 
 
-def stem(x: torch.Tensor, spec: StemSpec, params: StemParams) -> torch.Tensor:
+def stem(x: torch.Tensor, spec: StemSpec, params: StemParams, as_op: bool = False) -> torch.Tensor:
     """Run the stem; builds a graph node only when a gradient is needed (under
     ``torch.compile``, the forward op with its registered gradient, as :func:`dense_block`
-    explains)."""
-    if _needs_graph_node(x, params):
+    explains; with ``as_op``, the forward op without gradients too)."""
+    if _needs_graph_node(x, params) or (as_op and torch.compiler.is_compiling()):
         if torch.compiler.is_compiling():
             return _run_stem_forward_op(x, spec, params)[0]
         return StemFunction.apply(x, spec, *params)

@@ -132,7 +132,7 @@ class _Features(nn.Sequential):
         if x.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
             return self._forward_modules(x)
-        return run_steps(steps, x, self.parameters(), self.recompute_bottleneck)
+        return run_steps(steps, x, self.recompute_bottleneck)
 
     @torch.jit.unused
     def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:

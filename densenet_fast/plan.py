@@ -89,19 +89,18 @@ class Step(NamedTuple):
         return zip(self.names, self.modules, self.roles, strict=True)
 
     def run(self, x: torch.Tensor, recompute_bottleneck: bool = False,
-            for_nchw_caller: bool = False) -> torch.Tensor:
+            channels_last_steps: bool = False) -> torch.Tensor:
         """The step's output; ``recompute_bottleneck`` is ``features``' setting (the stem's).
-        ``for_nchw_caller``: the step runs channels-last for an NCHW caller
-        (:func:`run_steps`): a fused stem gives its output channels-last, a block draws
-        dropout masks in NCHW order."""
+        ``channels_last_steps``: the step is one of the fused steps ``features`` runs
+        channels-last for an NCHW caller (:func:`run_steps`; see :func:`run_block`)."""
         if self.fused and self.kind is StepKind.STEM:
             conv, norm, pool = self.modules[0], self.modules[1], self.modules[-1]
-            return run_stem(conv, norm, pool, x, recompute_bottleneck, for_nchw_caller)
+            return run_stem(conv, norm, pool, x, recompute_bottleneck, channels_last_steps)
         if self.fused and self.kind is StepKind.BLOCK:
             tail = self.modules[1] if len(self.modules) > 1 else None
             if self.called:
                 return self.module(x, tail=tail)
-            return run_block(self.module, x, tail, masks_nchw=for_nchw_caller)
+            return run_block(self.module, x, tail, channels_last_steps)
         for module in self.modules:
             x = module(x)
         return x
@@ -158,16 +157,16 @@ def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type
     return steps
 
 
-def run_steps(steps: list[Step], x: torch.Tensor, params,
+def run_steps(steps: list[Step], x: torch.Tensor,
               recompute_bottleneck: bool = False) -> torch.Tensor:
     """``features``' output: each step run in turn on ``x``. Where
     :func:`conv_layout.fused_steps_format` chooses channels-last for ``x``, fused steps that
     run one after another (the stem and blocks, not a block called as a module for its hooks)
     run in it: a fused stem reads ``x`` as it is and gives its output channels-last (keeping
     no copy of ``x`` for backward), a block gets a channels-last copy of its input; modules,
-    hooks and the caller get ``x``'s own layout back. ``params``: ``features``' parameters
-    (an iterable, read only where the choice depends on them)."""
-    if fused_steps_format(x, params) is None:
+    hooks and the caller get ``x``'s own layout back. Under ``torch.compile`` those steps run
+    as their ops (these kernels), with or without gradients."""
+    if fused_steps_format(x) is None:
         for step in steps:
             x = step.run(x, recompute_bottleneck)
         return x
@@ -178,7 +177,7 @@ def run_steps(steps: list[Step], x: torch.Tensor, params,
             x = x.contiguous(memory_format=torch.channels_last)
         elif in_working and not inside:
             x = x.contiguous(memory_format=caller)
-        x = step.run(x, recompute_bottleneck, for_nchw_caller=inside)
+        x = step.run(x, recompute_bottleneck, channels_last_steps=inside)
         in_working = inside
     return x.contiguous(memory_format=caller) if in_working else x
 
@@ -243,21 +242,24 @@ def _without_autocast(x: torch.Tensor):
 
 
 def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tensor,
-             recompute_bottleneck: bool = False, channels_last: bool = False) -> torch.Tensor:
+             recompute_bottleneck: bool = False,
+             channels_last_steps: bool = False) -> torch.Tensor:
     """Run a standard stem (``conv -> norm -> ReLU -> pool``) as one graph node that keeps
     only the conv's output, or with ``recompute_bottleneck`` nothing but its input: the
-    caller has checked the modules (:func:`fusion.stem_blocker`). ``channels_last``: the
-    output is channels-last, whatever ``x``'s layout."""
+    caller has checked the modules (:func:`fusion.stem_blocker`). ``channels_last_steps``
+    (see :func:`run_block`): the output is channels-last, whatever ``x``'s layout, and
+    under ``torch.compile`` the stem runs as its op with or without gradients."""
     spec = StemSpec(
         norm=norm_state(norm), conv_stride=conv.stride, conv_padding=conv.padding,
         conv_dilation=conv.dilation, conv_groups=conv.groups,
         pool_kernel=as_pair(pool.kernel_size), pool_stride=as_pair(pool.stride),
         pool_padding=as_pair(pool.padding), pool_dilation=as_pair(pool.dilation),
         pool_ceil_mode=pool.ceil_mode, recompute_bottleneck=recompute_bottleneck,
-        channels_last=channels_last, sync=sync_of(norm))
+        channels_last=channels_last_steps, sync=sync_of(norm))
     dtype = _compute_dtype(conv.weight)
     with _without_autocast(x):
-        return stem(x.to(dtype), spec, StemParams(conv.weight.to(dtype), norm.weight, norm.bias))
+        return stem(x.to(dtype), spec, StemParams(conv.weight.to(dtype), norm.weight, norm.bias),
+                    as_op=channels_last_steps)
 
 
 def _layer_params(layer: nn.Module, dtype: torch.dtype) -> LayerParams:
@@ -271,7 +273,7 @@ def _layer_params(layer: nn.Module, dtype: torch.dtype) -> LayerParams:
 
 
 def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None,
-              masks_nchw: bool = False) -> torch.Tensor:
+              channels_last_steps: bool = False) -> torch.Tensor:
     """Run a standard ``block`` and, fused with it, ``tail`` (a transition, a final norm or
     None) as one graph node: the caller has checked them (:func:`plan_features`). A final
     norm that is one of timm's norm-act modules has its BatchNorm fused and its ``drop`` and
@@ -279,7 +281,12 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None,
     where ``block.recompute_bottleneck`` or a timm layer's ``grad_checkpointing`` asks to
     (timm's ``set_grad_checkpointing``): the same results, the memory setting closest to
     timm's checkpointing of each layer's concatenation, BN-ReLU and 1x1 convolution.
-    ``masks_nchw``: see :class:`spec.BlockSpec`."""
+    ``channels_last_steps``: the block is one of the fused steps ``features`` runs
+    channels-last for an NCHW caller (:func:`run_steps`), where this CPU's kernels were
+    measured fastest: dropout draws its masks in NCHW order (``BlockSpec.masks_nchw``), and
+    under ``torch.compile`` the block runs as its op, those kernels, with or without
+    gradients (elsewhere a compiled forward without gradients traces the kernels' ATen ops
+    for inductor)."""
     backends.active_backend(x.device.type)  # a forced, unavailable backend fails here
     modules = list(block._modules.values())
     dtype = _compute_dtype(modules[0].conv1.weight)
@@ -305,9 +312,10 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None,
                 # getattr of a member a module lacks raises inside Module.__getattr__.
                 m.__dict__.get("grad_checkpointing", False) for m in modules),
             sync=block_sync(block),
-            masks_nchw=masks_nchw,
+            masks_nchw=channels_last_steps,
         )
-        out = dense_block(x.to(dtype), spec, flat_block_params(layers, tail_params))
+        out = dense_block(x.to(dtype), spec, flat_block_params(layers, tail_params),
+                          as_op=channels_last_steps)
     if kind is Tail.NORM and is_norm_act(tail):
         out = tail.act(tail.drop(out))
     return out

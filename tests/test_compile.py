@@ -11,6 +11,7 @@ from helpers import FusedOpCounter, assert_grads_match, assert_models_match
 from tolerances import assert_close
 
 from densenet_fast import DenseNet
+from densenet_fast.ops import conv_layout
 
 
 def _step(model, x, y):
@@ -67,12 +68,15 @@ def test_compiled_eval_mode_step_matches_eager():
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_compiled_forward_without_gradients_traces_aten_ops(train):
+def test_compiled_forward_without_gradients_traces_aten_ops(train, monkeypatch):
     """Without gradients dynamo traces the blocks' and the stem's kernels as their reference
     ATen ops, which inductor fuses (it had them as opaque densenet_fast ops on torch 2.14 and
     as ATen ops on torch 2.11, whose dynamo answers is_exporting() True); the one op left is
     the running statistics' update, whose mutations it declares. The outputs and the running
-    statistics equal eager's."""
+    statistics equal eager's. So on CPUs where ``features`` keeps the caller's layout (one
+    without AVX-512 here; on AVX-512 CPUs the fused steps run as their ops,
+    ``test_working_layout.py``)."""
+    monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx2")
     torch._dynamo.reset()
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
     eager, compiled_base = DenseNet(**config).train(train), DenseNet(**config).train(train)

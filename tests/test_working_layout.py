@@ -20,7 +20,7 @@ SMALL = dict(growth_rate=5, block_config=(3, 2), num_init_features=7, bn_size=3,
              num_classes=4)
 
 
-def _forced_rule(x, params):
+def _forced_rule(x):
     """The rule as an AVX-512 CPU with oneDNN applies it, for every dtype."""
     return torch.channels_last if x.device.type == "cpu" and x.is_contiguous() else None
 
@@ -55,27 +55,23 @@ def _image(shape=(3, 3, 40, 40), dtype=torch.float64, **kwargs):
 
 def test_rule_chooses_channels_last_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx512")
-    params = []
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32), params) == \
-        torch.channels_last
-    assert conv_layout.fused_steps_format(_image(dtype=torch.bfloat16), params) == \
-        torch.channels_last
+    assert conv_layout.fused_steps_format(_image(dtype=torch.float32)) == torch.channels_last
+    assert conv_layout.fused_steps_format(_image(dtype=torch.bfloat16)) == torch.channels_last
     # Level (float16) or slower (float64) on the AMD EPYC where float32 and bfloat16 gain.
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float16), params) is None
-    assert conv_layout.fused_steps_format(_image(), params) is None
+    assert conv_layout.fused_steps_format(_image(dtype=torch.float16)) is None
+    assert conv_layout.fused_steps_format(_image()) is None
     # Already channels-last, or not dense: nothing to choose.
     channels_last = _image(dtype=torch.float32).to(memory_format=torch.channels_last)
-    assert conv_layout.fused_steps_format(channels_last, params) is None
+    assert conv_layout.fused_steps_format(channels_last) is None
     view = _image((3, 3, 40, 80), dtype=torch.float32)[..., ::2]
-    assert conv_layout.fused_steps_format(view, params) is None
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32, device="meta"),
-                                          params) is None
+    assert conv_layout.fused_steps_format(view) is None
+    assert conv_layout.fused_steps_format(_image(dtype=torch.float32, device="meta")) is None
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32), params) is None
+    assert conv_layout.fused_steps_format(_image(dtype=torch.float32)) is None
     monkeypatch.undo()
     # An AVX2 CPU (AMD EPYC of family 23) ran the bfloat16 step slower in channels-last.
     monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx2")
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32), params) is None
+    assert conv_layout.fused_steps_format(_image(dtype=torch.float32)) is None
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
@@ -153,10 +149,10 @@ def test_hooks_and_modules_see_the_callers_layout(monkeypatch):
     assert_close(grad[0], expected_grad[0], torch.float64, "input gradient")
 
 
-def test_compiled_training_runs_its_blocks_channels_last(monkeypatch):
-    """Under torch.compile, the real rule (on an AVX-512 CPU) runs a training step's opaque
-    stem and block ops channels-last, with eager's results; a forward without gradients,
-    which inductor traces through, keeps the input's layout."""
+def test_compiled_steps_run_channels_last_as_ops(monkeypatch):
+    """Under torch.compile, the real rule (on an AVX-512 CPU) runs the stem and blocks as
+    their ops, channels-last, in a training step and in a forward without gradients, with
+    eager's results; without gradients the blocks' ops keep nothing for backward."""
     monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx512")
     monkeypatch.setattr(conv_layout.lowp_conv, "onednn_enabled", lambda: True)
     spy = _Spy(monkeypatch)
@@ -173,14 +169,28 @@ def test_compiled_training_runs_its_blocks_channels_last(monkeypatch):
         out = model(x)
         F.cross_entropy(out, y).backward()
         results.append((out, {n.removeprefix("_orig_mod."): p.grad
-                                  for n, p in model.named_parameters()}))
+                              for n, p in model.named_parameters()}))
         # The compiled call ran the fake kernels while tracing, then the real ones.
         assert set(spy.stem) == {True} and set(spy.blocks) == {True}
     assert_close(results[0][0], results[1][0], torch.float32, "logits")
     assert_grads_match(results[0][1], results[1][1], torch.float32)
     assert_models_match(base, eager, torch.float32, "after a step", params=False)
-    del spy.stem[:], spy.blocks[:]
-    with torch.no_grad():
-        out = compiled(x)
-        assert spy.blocks and not any(spy.blocks)
-        assert_close(out, eager(x), torch.float32, "logits without gradients")
+
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    for train in (True, False):
+        eager.train(train), base.train(train)
+        torch._dynamo.reset()
+        del spy.stem[:], spy.blocks[:], ops[:]
+        compiled = torch.compile(base, backend=backend, fullgraph=True)
+        with torch.no_grad():
+            out = compiled(x)
+            assert set(spy.stem) == {True} and set(spy.blocks) == {True}
+            assert "densenet_fast.dense_block_forward" in ops
+            assert "densenet_fast.stem_forward" in ops
+            assert_close(out, eager(x), torch.float32, f"logits without gradients, {train=}")
+        assert_models_match(base, eager, torch.float32, f"no gradients, {train=}", params=False)

@@ -41,11 +41,13 @@ def reference_kernels():
 def _run(name: str, *args):
     """Op ``name`` on ``args``: the dispatcher's kernel; the reference kernel inside
     :func:`reference_kernels`, and while dynamo or ``torch.export`` traces the call: a
-    compiled graph then holds ATen ops, which inductor fuses (a block without gradients;
-    with them the block is one opaque op whose kernels dynamo never sees, ``graph.py``), and
-    an exported program runs without densenet_fast. The compiled densenet121 inference
-    forward ran at 0.94-0.96x compiled torchvision's time so, 1.03-1.07x with these ops
-    opaque (2-core AMD EPYC, Zen 4, float32, batch 8, 224x224)."""
+    compiled graph then holds ATen ops, which inductor fuses (a block without gradients
+    where ``features`` keeps the caller's layout; elsewhere the block is one opaque op whose
+    kernels dynamo never sees, ``graph.py``), and an exported program runs without
+    densenet_fast. The compiled densenet121 inference forward (NCHW, float32, batch 8,
+    224x224, 2-core AMD EPYC, Zen 4) ran at 0.94-0.96x compiled torchvision's time so,
+    1.03-1.07x with these kernel ops opaque, before the fused steps ran channels-last
+    there."""
     if _reference_depth or torch.compiler.is_dynamo_compiling() or \
             torch.compiler.is_exporting():
         return getattr(torch_impl, name)(*args)

@@ -27,9 +27,10 @@ convolution alone still runs channels-last).
 
 Both rules depend on the device, dtype, channel count, layout and the CPU's instruction set
 only, never on a measurement, so that fake tensors (``torch.compile``'s tracing of the opaque
-ops) get the strides the real kernels produce, and every process sums in the same order. Code
-dynamo traces itself (a compiled forward without gradients) keeps the input's layout:
-inductor chooses the convolution's.
+ops) get the strides the real kernels produce, and every process sums in the same order.
+Under ``torch.compile`` the fused steps that run channels-last run as their ops, with or
+without gradients (``plan.run_block``); code dynamo traces itself (elsewhere, a compiled
+forward without gradients) keeps the input's layout: inductor chooses the convolution's.
 """
 
 from __future__ import annotations
@@ -48,22 +49,16 @@ FEW_CHANNELS = 4
 _FUSED_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def fused_steps_format(x: torch.Tensor, params) -> torch.memory_format | None:
+def fused_steps_format(x: torch.Tensor) -> torch.memory_format | None:
     """The memory format ``features``' fused steps run in for the batch ``x``, or None to run
     them in ``x``'s own: ``channels_last`` for a dense NCHW CPU batch of float32 or bfloat16
     data, on a CPU whose torch kernels run at AVX-512, with oneDNN enabled (:mod:`this
-    module's measurements <densenet_fast.ops.conv_layout>`). Under dynamo (where oneDNN's
-    setting cannot be read) only a graph whose blocks run as opaque ops, one that needs
-    gradients of ``x`` or of ``params`` (an iterable, read only there), changes the layout:
-    inductor chooses the layout of the ATen ops it traces."""
+    module's measurements <densenet_fast.ops.conv_layout>`; dynamo cannot read oneDNN's
+    setting, so code it traces assumes it on)."""
     if not (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _FUSED_CHANNELS_LAST_DTYPES
             and CPU_CAPABILITY == "avx512" and x.is_contiguous()):
         return None
-    if torch.compiler.is_dynamo_compiling():
-        if not (torch.is_grad_enabled() and (x.requires_grad or
-                                             any(p.requires_grad for p in params))):
-            return None
-    elif not lowp_conv.onednn_enabled():
+    if not torch.compiler.is_dynamo_compiling() and not lowp_conv.onednn_enabled():
         return None
     return torch.channels_last
 
