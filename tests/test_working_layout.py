@@ -194,3 +194,23 @@ def test_compiled_steps_run_channels_last_as_ops(monkeypatch):
             assert "densenet_fast.stem_forward" in ops
             assert_close(out, eager(x), torch.float32, f"logits without gradients, {train=}")
         assert_models_match(base, eager, torch.float32, f"no gradients, {train=}", params=False)
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.2])
+@pytest.mark.parametrize("route", ["backward(inputs=params)", "r1"])
+def test_gradient_penalties_match_torchvision(route, drop_rate, monkeypatch):
+    """Beyond the first-order backward (a penalty on the parameters' gradients, and R1 on the
+    input's), the blocks recompute what ran channels-last, dropout masks included."""
+    from test_higher_order import _models, _penalised
+
+    monkeypatch.setattr(plan, "fused_steps_format", _forced_rule)
+    spy = _Spy(monkeypatch)
+    fast, ref = _models(drop_rate=drop_rate)
+    ours, our_buffers = _penalised(fast, route, train=True)
+    assert spy.stem == [True] and spy.blocks == [True, True]
+    theirs, their_buffers = _penalised(ref, route, train=True)
+    names = [name for name, _ in fast.named_parameters()]
+    for name, a, b in zip(names, ours, theirs, strict=True):
+        assert_close(a, b, torch.float64, f"{route} gradient of {name}")
+    for name, b in their_buffers.items():
+        assert_close(our_buffers[name], b, torch.float64, f"{route} buffer {name}")
