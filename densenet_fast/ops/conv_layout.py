@@ -1,15 +1,17 @@
 """The memory formats CPU convolutions run in: ``features``' fused steps, and the stem's
 convolution.
 
-**Fused steps, channels-last on AVX-512 CPUs.** ``features`` runs its fused stem and blocks on
-a channels-last copy of an NCHW batch where :func:`fused_steps_format` says so, and gives the
+**Fused steps, channels-last on AVX-512 CPUs.** ``features`` runs its fused stem and blocks
+channels-last for an NCHW batch where :func:`fused_steps_format` says so, and gives the
 caller's layout back after them (:func:`plan.run_steps`). On a 2-core AMD EPYC of family 25
-(Zen 4, AVX-512 with AVX512_BF16, torch 2.14.1), densenet121 ran so, against NCHW, in
-0.87x (float32) and 0.85x (bfloat16 autocast) the time of a training step at batch 8, 224x224,
-0.89-0.90x at batches 1-2, and 0.91x (float32) and 0.72x (bfloat16) the time of an
-inference forward: oneDNN's convolutions, ATen's float32 batch statistics (2.6 against 0.25
-ms on a block-1 bottleneck) and the fused kernels' channels-last tiles are all faster there.
-On an Intel Xeon with AMX (family 6, model 167) the bfloat16 step took 0.82x in channels-last.
+(Zen 4, AVX-512 with AVX512_BF16, torch 2.14.1), densenet121 ran so, against NCHW
+(interleaved in one process), in 0.91-0.92x (float32) and 0.86-0.87x (bfloat16 autocast) the
+time of a training step at batch 8, 224x224, 0.86-0.90x at batches 1-2, and 0.91x (float32)
+and 0.72x (bfloat16) the time of an inference forward: oneDNN's convolutions, ATen's
+float32 batch statistics (2.6 against 0.25 ms on a block-1 bottleneck) and the fused
+kernels' channels-last tiles are all faster there.
+On an Intel Xeon with AMX (family 6, model 167) the bfloat16 step took 0.82x in channels-last
+(model and input, in two bench runs of one day).
 On an AMD EPYC without AVX-512 (family 23: AVX2) the bfloat16 step took 1.08x, and float64
 ran 1.06x on the Zen 4 (no oneDNN kernels): those keep the caller's layout, as float16 (level
 on the Zen 4), devices other than the CPU, and CPUs without oneDNN do.
