@@ -6,6 +6,8 @@ The rule applies to float32 and bfloat16 on AVX-512 CPUs only; these tests force
 float64 where results are compared with torchvision's, so they run the same on every CPU.
 """
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,8 @@ from helpers import assert_grads_match, assert_models_match, train_steps, twins
 from tolerances import assert_close
 from torchvision.models import DenseNet as TorchvisionDenseNet
 
-from densenet_fast import DenseNet, graph, plan
-from densenet_fast.ops import conv_layout
+from densenet_fast import DenseNet, backends, graph, plan
+from densenet_fast.ops import conv_layout, reference_kernels
 
 SMALL = dict(growth_rate=5, block_config=(3, 2), num_init_features=7, bn_size=3,
              num_classes=4)
@@ -72,6 +74,23 @@ def test_rule_chooses_channels_last_where_it_was_measured_faster(monkeypatch):
     # An AVX2 CPU (AMD EPYC of family 23) ran the bfloat16 step slower in channels-last.
     monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx2")
     assert conv_layout.fused_steps_format(_image(dtype=torch.float32)) is None
+
+
+@pytest.mark.parametrize("kernels", ["cpp", "torch", "reference_kernels()"])
+def test_only_the_compiled_cpu_kernels_run_channels_last(kernels, monkeypatch):
+    """The pure-PyTorch kernels ran the step slower channels-last: with them (the ``torch``
+    backend, or inside ``reference_kernels()``) the fused steps keep the caller's layout."""
+    monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx512")
+    monkeypatch.setattr(conv_layout.lowp_conv, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(backends, "active_backend",
+                        lambda device: "torch" if kernels == "torch" else "cpp")
+    spy = _Spy(monkeypatch)
+    model = DenseNet(**SMALL)
+    x = torch.randn(2, 3, 40, 40)
+    with reference_kernels() if kernels == "reference_kernels()" else nullcontext():
+        out = model(x)
+    assert spy.stem == [kernels == "cpp"] and spy.blocks == [kernels == "cpp"] * 2
+    assert out.shape == (2, 4)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])

@@ -38,6 +38,12 @@ def reference_kernels():
         _reference_depth -= 1
 
 
+def reference_kernels_in_force() -> bool:
+    """Whether :func:`reference_kernels` is in force (the ops run their pure-PyTorch
+    kernels whatever backend is loaded)."""
+    return _reference_depth > 0
+
+
 def _run(name: str, *args):
     """Op ``name`` on ``args``: the dispatcher's kernel; the reference kernel inside
     :func:`reference_kernels`, and while dynamo or ``torch.export`` traces the call: a
