@@ -539,10 +539,12 @@ def stem(x: torch.Tensor, spec: StemSpec, params: StemParams, as_op: bool = Fals
     """Run the stem; builds a graph node only when a gradient is needed (under
     ``torch.compile``, the forward op with its registered gradient, as :func:`dense_block`
     explains; with ``as_op``, the forward op without gradients too)."""
-    if _needs_graph_node(x, params) or (as_op and torch.compiler.is_compiling()):
+    if _needs_graph_node(x, params):
         if torch.compiler.is_compiling():
             return _run_stem_forward_op(x, spec, params)[0]
         return StemFunction.apply(x, spec, *params)
+    if as_op and torch.compiler.is_compiling():
+        return _run_stem_forward_op(x, spec, params)[0]
     out, saved, count = stem_computation.forward(x, spec, params)
     update_running_stats(saved.running_stats_updates(spec), count)
     return out

@@ -41,7 +41,7 @@ from .fusion import (
 )
 from .graph import dense_block, stem
 from .ops import reference_kernels_in_force
-from .ops.conv_layout import fused_steps_format
+from .ops.conv_layout import fused_steps_channels_last
 from .ops.formats import autocast_dtype_of, autocast_enabled, cast, memory_format_of
 from .spec import (
     BlockSpec,
@@ -160,20 +160,17 @@ def plan_features(features: nn.Sequential, block_cls: type, transition_cls: type
 
 def run_steps(steps: list[Step], x: torch.Tensor,
               recompute_bottleneck: bool = False) -> torch.Tensor:
-    """``features``' output: each step run in turn on ``x``. Where
-    :func:`conv_layout.fused_steps_format` chooses channels-last for ``x``, fused steps that
-    run one after another (the stem and blocks, not a block called as a module for its hooks)
-    run in it: a fused stem reads ``x`` as it is and gives its output channels-last (keeping
-    no copy of ``x`` for backward), a block gets a channels-last copy of its input; modules,
-    hooks and the caller get ``x``'s own layout back. Under ``torch.compile`` those steps run
-    as their ops (these kernels), with or without gradients."""
-    if not _channels_last_steps(x):
-        for step in steps:
-            x = step.run(x, recompute_bottleneck)
-        return x
+    """``features``' output: each step run in turn on ``x``. Where :func:`_channels_last_steps`
+    chooses channels-last for ``x``, fused steps that run one after another (the stem and
+    blocks, not a block called as a module for its hooks) run in it: a fused stem reads
+    ``x`` as it is and gives its output channels-last (keeping no copy of ``x`` for
+    backward), a block gets a channels-last copy of its input; modules, hooks and the caller
+    get ``x``'s own layout back. Under ``torch.compile`` those steps run as their ops (these
+    kernels), with or without gradients."""
+    channels_last = _channels_last_steps(x)
     caller, in_working = memory_format_of(x), False
     for step in steps:
-        inside = step.fused and not step.called
+        inside = channels_last and step.fused and not step.called
         if inside and not in_working and step.kind is StepKind.BLOCK:
             x = x.contiguous(memory_format=torch.channels_last)
         elif in_working and not inside:
@@ -185,11 +182,12 @@ def run_steps(steps: list[Step], x: torch.Tensor,
 
 def _channels_last_steps(x: torch.Tensor) -> bool:
     """Whether ``features``' fused steps run channels-last for ``x``: where
-    :func:`conv_layout.fused_steps_format` chooses it and the C++ kernels serve the device.
+    :func:`conv_layout.fused_steps_channels_last` says so and the C++ kernels serve the
+    device.
     With the pure-PyTorch kernels (``DENSENET_FAST_BACKEND=torch``, or
     :func:`ops.reference_kernels`) densenet121's batch-8 training step ran slower so on the
     AMD EPYC of family 25 (Zen 4): 1.08x (float32) and 1.07x (bf16 autocast) its NCHW time."""
-    return (fused_steps_format(x) == torch.channels_last and not reference_kernels_in_force()
+    return (fused_steps_channels_last(x) and not reference_kernels_in_force()
             and backends.active_backend(x.device.type) == "cpp")
 
 

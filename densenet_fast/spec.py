@@ -165,7 +165,7 @@ class StemSpec:
     ``recompute_bottleneck``: keep no conv0 output (the convolution output norm0 reads, as a
     layer's bottleneck is for its norm2) for backward, recompute it. ``channels_last``: conv0
     reads a channels-last copy of the input and the output stays channels-last (the layout of
-    ``features``' fused steps, :func:`ops.conv_layout.fused_steps_format`), where it would
+    ``features``' fused steps, :func:`ops.conv_layout.fused_steps_channels_last`), where it would
     come back in the input's. ``sync``: the process group norm0's batch statistics are merged
     over.
     """

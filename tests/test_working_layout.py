@@ -24,7 +24,7 @@ SMALL = dict(growth_rate=5, block_config=(3, 2), num_init_features=7, bn_size=3,
 
 def _forced_rule(x):
     """The rule as an AVX-512 CPU with oneDNN applies it, for every dtype."""
-    return torch.channels_last if x.device.type == "cpu" and x.is_contiguous() else None
+    return x.device.type == "cpu" and x.is_contiguous()
 
 
 class _Spy:
@@ -57,23 +57,23 @@ def _image(shape=(3, 3, 40, 40), dtype=torch.float64, **kwargs):
 
 def test_rule_chooses_channels_last_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx512")
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32)) == torch.channels_last
-    assert conv_layout.fused_steps_format(_image(dtype=torch.bfloat16)) == torch.channels_last
+    assert conv_layout.fused_steps_channels_last(_image(dtype=torch.float32))
+    assert conv_layout.fused_steps_channels_last(_image(dtype=torch.bfloat16))
     # Level (float16) or slower (float64) on the AMD EPYC where float32 and bfloat16 gain.
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float16)) is None
-    assert conv_layout.fused_steps_format(_image()) is None
+    assert not conv_layout.fused_steps_channels_last(_image(dtype=torch.float16))
+    assert not conv_layout.fused_steps_channels_last(_image())
     # Already channels-last, or not dense: nothing to choose.
     channels_last = _image(dtype=torch.float32).to(memory_format=torch.channels_last)
-    assert conv_layout.fused_steps_format(channels_last) is None
+    assert not conv_layout.fused_steps_channels_last(channels_last)
     view = _image((3, 3, 40, 80), dtype=torch.float32)[..., ::2]
-    assert conv_layout.fused_steps_format(view) is None
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32, device="meta")) is None
+    assert not conv_layout.fused_steps_channels_last(view)
+    assert not conv_layout.fused_steps_channels_last(_image(dtype=torch.float32, device="meta"))
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32)) is None
+    assert not conv_layout.fused_steps_channels_last(_image(dtype=torch.float32))
     monkeypatch.undo()
     # An AVX2 CPU (AMD EPYC of family 23) ran the bfloat16 step slower in channels-last.
     monkeypatch.setattr(conv_layout, "CPU_CAPABILITY", "avx2")
-    assert conv_layout.fused_steps_format(_image(dtype=torch.float32)) is None
+    assert not conv_layout.fused_steps_channels_last(_image(dtype=torch.float32))
 
 
 @pytest.mark.parametrize("kernels", ["cpp", "torch", "reference_kernels()"])
@@ -99,7 +99,7 @@ def test_training_steps_match_torchvision(recompute, drop_rate, monkeypatch):
     """Two SGD steps with the fused steps channels-last: logits, the input's gradient, every
     parameter gradient and running statistic are torchvision's, dropout drops what
     torchvision's layers drop from the same seed, and the caller's tensors are NCHW."""
-    monkeypatch.setattr(plan, "fused_steps_format", _forced_rule)
+    monkeypatch.setattr(plan, "fused_steps_channels_last", _forced_rule)
     spy = _Spy(monkeypatch)
     config = dict(SMALL, drop_rate=drop_rate)
     fast, ref = twins(lambda **c: DenseNet(**c, recompute_bottleneck=recompute),
@@ -122,7 +122,7 @@ def test_training_steps_match_torchvision(recompute, drop_rate, monkeypatch):
 def test_features_give_the_callers_layout_back(batch, monkeypatch):
     """``model.features`` returns an NCHW input's features NCHW and a channels-last input's
     channels-last (that one runs as it is), in eval mode, equal to torchvision's."""
-    monkeypatch.setattr(plan, "fused_steps_format", _forced_rule)
+    monkeypatch.setattr(plan, "fused_steps_channels_last", _forced_rule)
     spy = _Spy(monkeypatch)
     fast, ref = twins(DenseNet, TorchvisionDenseNet, torch.float64, **SMALL)
     fast.eval(), ref.eval()
@@ -141,7 +141,7 @@ def test_hooks_and_modules_see_the_callers_layout(monkeypatch):
     """A hooked block (called as a module) and a hooked transition (run as a module) get the
     caller's NCHW tensors; the unhooked steps still run channels-last, and the results are
     torchvision's."""
-    monkeypatch.setattr(plan, "fused_steps_format", _forced_rule)
+    monkeypatch.setattr(plan, "fused_steps_channels_last", _forced_rule)
     spy = _Spy(monkeypatch)
     config = dict(SMALL, block_config=(2, 2, 2))
     fast, ref = twins(DenseNet, TorchvisionDenseNet, torch.float64, **config)
@@ -222,7 +222,7 @@ def test_gradient_penalties_match_torchvision(route, drop_rate, monkeypatch):
     input's), the blocks recompute what ran channels-last, dropout masks included."""
     from test_higher_order import _models, _penalised
 
-    monkeypatch.setattr(plan, "fused_steps_format", _forced_rule)
+    monkeypatch.setattr(plan, "fused_steps_channels_last", _forced_rule)
     spy = _Spy(monkeypatch)
     fast, ref = _models(drop_rate=drop_rate)
     ours, our_buffers = _penalised(fast, route, train=True)

@@ -2,7 +2,7 @@
 convolution.
 
 **Fused steps, channels-last on AVX-512 CPUs.** ``features`` runs its fused stem and blocks
-channels-last for an NCHW batch where :func:`fused_steps_format` says so, and gives the
+channels-last for an NCHW batch where :func:`fused_steps_channels_last` says so, and gives the
 caller's layout back after them (:func:`plan.run_steps`). On a 2-core AMD EPYC of family 25
 (Zen 4, AVX-512 with AVX512_BF16, torch 2.14.1), densenet121 ran so, against NCHW
 (interleaved in one process), in 0.91-0.92x (float32) and 0.86-0.87x (bfloat16 autocast) the
@@ -51,18 +51,15 @@ FEW_CHANNELS = 4
 _FUSED_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def fused_steps_format(x: torch.Tensor) -> torch.memory_format | None:
-    """The memory format ``features``' fused steps run in for the batch ``x``, or None to run
-    them in ``x``'s own: ``channels_last`` for a dense NCHW CPU batch of float32 or bfloat16
-    data, on a CPU whose torch kernels run at AVX-512, with oneDNN enabled (:mod:`this
-    module's measurements <densenet_fast.ops.conv_layout>`; dynamo cannot read oneDNN's
-    setting, so code it traces assumes it on)."""
-    if not (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _FUSED_CHANNELS_LAST_DTYPES
-            and CPU_CAPABILITY == "avx512" and x.is_contiguous()):
-        return None
-    if not torch.compiler.is_dynamo_compiling() and not lowp_conv.onednn_enabled():
-        return None
-    return torch.channels_last
+def fused_steps_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``features``' fused steps run channels-last for the batch ``x`` (else in its
+    own layout): a dense NCHW CPU batch of float32 or bfloat16 data, on a CPU whose torch
+    kernels run at AVX-512, with oneDNN enabled (:mod:`this module's measurements
+    <densenet_fast.ops.conv_layout>`; dynamo cannot read oneDNN's setting, so code it traces
+    assumes it on)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _FUSED_CHANNELS_LAST_DTYPES
+            and CPU_CAPABILITY == "avx512" and x.is_contiguous()
+            and (torch.compiler.is_dynamo_compiling() or lowp_conv.onednn_enabled()))
 
 
 def runs_channels_last(x: torch.Tensor) -> bool:
