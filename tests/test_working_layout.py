@@ -62,6 +62,12 @@ def test_rule_chooses_channels_last_where_it_was_measured_faster(monkeypatch):
     # Level (float16) or slower (float64) on the AMD EPYC where float32 and bfloat16 gain.
     assert not conv_layout.fused_steps_channels_last(_image(dtype=torch.float16))
     assert not conv_layout.fused_steps_channels_last(_image())
+    # Under autocast, the dtype the steps compute in decides; float64 stays float64.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_layout.fused_steps_channels_last(_image(dtype=torch.float32))
+        assert not conv_layout.fused_steps_channels_last(_image())
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not conv_layout.fused_steps_channels_last(_image(dtype=torch.float32))
     # Already channels-last, or not dense: nothing to choose.
     channels_last = _image(dtype=torch.float32).to(memory_format=torch.channels_last)
     assert not conv_layout.fused_steps_channels_last(channels_last)

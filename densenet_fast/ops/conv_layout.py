@@ -41,7 +41,7 @@ import torch
 
 from . import lowp_conv
 from .capability import CPU_CAPABILITY
-from .formats import memory_format_of
+from .formats import autocast_dtype_of, memory_format_of
 
 # Inputs up to this many channels run channels-last (RGB, RGBA, grayscale images).
 FEW_CHANNELS = 4
@@ -53,11 +53,13 @@ _FUSED_CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)
 
 def fused_steps_channels_last(x: torch.Tensor) -> bool:
     """Whether ``features``' fused steps run channels-last for the batch ``x`` (else in its
-    own layout): a dense NCHW CPU batch of float32 or bfloat16 data, on a CPU whose torch
-    kernels run at AVX-512, with oneDNN enabled (:mod:`this module's measurements
+    own layout): a dense NCHW CPU batch that computes in float32 or bfloat16 (its dtype as
+    autocast casts it: a float32 batch under float16 autocast computes in float16), on a CPU
+    whose torch kernels run at AVX-512, with oneDNN enabled (:mod:`this module's measurements
     <densenet_fast.ops.conv_layout>`; dynamo cannot read oneDNN's setting, so code it traces
     assumes it on)."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _FUSED_CHANNELS_LAST_DTYPES
+    return (x.device.type == "cpu" and x.dim() == 4
+            and autocast_dtype_of(x) in _FUSED_CHANNELS_LAST_DTYPES
             and CPU_CAPABILITY == "avx512" and x.is_contiguous()
             and (torch.compiler.is_dynamo_compiling() or lowp_conv.onednn_enabled()))
 
