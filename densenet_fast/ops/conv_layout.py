@@ -12,9 +12,9 @@ float32 batch statistics (2.6 against 0.25 ms on a block-1 bottleneck) and the f
 kernels' channels-last tiles are all faster there.
 On an Intel Xeon with AMX (family 6, model 167) the bfloat16 step took 0.82x in channels-last
 (model and input, in two bench runs of one day).
-In float32 the price is ATen's channels-last batch statistics, accumulated in float32
-(about 1e-5 relative error in a variance against 1e-7 in NCHW, as for torchvision's model
-given channels-last input; docs/design.md).
+In float32 ATen reduces channels-last data in float32: the statistics are taken in two
+passes instead (``ops.batchnorm.channel_stats``); the backward's BN reductions remain
+ATen's, as in torchvision's model given channels-last input (docs/design.md).
 On an AMD EPYC without AVX-512 (family 23: AVX2) the bfloat16 step took 1.08x, and float64
 ran 1.06x on the Zen 4 (no oneDNN kernels): those keep the caller's layout, as float16 (level
 on the Zen 4), devices other than the CPU, and CPUs without oneDNN do.
