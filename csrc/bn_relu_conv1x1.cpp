@@ -80,9 +80,6 @@ constexpr int64_t kMinSharedTile = 64;
 // The backward's chunk-sized store of g holds at most this many elements (16 MiB float32),
 // the same bound as the pure-PyTorch kernels' temporaries.
 constexpr int64_t kChunkElements = 1 << 22;
-// Independent partial sums per reduction, so the compiler can vectorise it.
-constexpr int kLanes = 16;
-
 void check_forward_args(const at::Tensor& buffer, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& bn_weight,
                         const at::Tensor& bn_bias, const at::Tensor& conv_weight) {

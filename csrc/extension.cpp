@@ -4,6 +4,7 @@
 
 #include <Python.h>
 
+#include "batch_norm.cpp"
 #include "bn_relu.cpp"
 #include "bn_relu_conv1x1.cpp"
 #include "bn_relu_max_pool.cpp"

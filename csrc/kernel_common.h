@@ -19,6 +19,10 @@
 namespace densenet_fast {
 namespace {
 
+// Independent partial sums per reduction along a run of elements: the compiler vectorises
+// across the lanes without reordering any one sum (no -ffast-math).
+constexpr int kLanes = 16;
+
 // x (called `name` in messages) is 4-D data of a floating dtype the kernels serve.
 inline void check_data(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D [N, C, H, W], got shape ", x.sizes());
@@ -78,6 +82,20 @@ inline scalar_t to_data(acc_t v) {
     return c10::BFloat16(out, c10::BFloat16::from_bits());
   } else {
     return static_cast<scalar_t>(v);
+  }
+}
+
+// Element i of data p in the accumulation dtype. bfloat16 is loaded as its bits and shifted,
+// the conversion c10::BFloat16 makes: GCC vectorises no load of the class itself.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> load_acc(const scalar_t* p, int64_t i) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  } else {
+    return static_cast<at::opmath_type<scalar_t>>(p[i]);
   }
 }
 

@@ -34,17 +34,14 @@ import torch.nn.functional as F
 from .ops import (
     add_stats_coefficients,
     add_stats_term,
+    bn_backward,
     bn_relu,
     bn_relu_conv1x1,
     bn_relu_conv1x1_backward,
+    channel_stats,
     lowp_conv,
 )
-from .ops.batchnorm import (
-    bn_apply,
-    bn_backward,
-    channel_stats,
-    stats_scratch,
-)
+from .ops.batchnorm import bn_apply, stats_scratch
 from .ops.formats import cast, memory_format_of, stats_dtype_for
 from .spec import (
     BatchNormSpec,
@@ -434,7 +431,7 @@ class BlockBackward:
             grads = TailParams(dweight, dbias, dconv)
         else:
             self.grad_buffer, dweight, dbias = bn_backward(
-                grad_out, buffer, mean, invstd, p.norm_weight, stats_grad=False)
+                grad_out, buffer, mean, invstd, p.norm_weight, False)
             grads = TailParams(dweight, dbias)
         self._add_stats_term(spec.tail_norm, mean, invstd, p.norm_weight, dweight, dbias)
         return grads

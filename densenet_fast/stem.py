@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .block import running_mean_invstd
-from .ops import bn_relu_max_pool2d, bn_relu_max_pool2d_backward, conv_layout
-from .ops.batchnorm import channel_stats
+from .ops import bn_relu_max_pool2d, bn_relu_max_pool2d_backward, channel_stats, conv_layout
 from .ops.formats import memory_format_of, stats_dtype_for
 from .spec import StemParams, StemSpec
 from .sync import norm_backward, values_per_channel

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import timm_parts
-from .ops.batchnorm import bn_backward
+from .ops import bn_backward
 from .validation import is_named_type, is_type
 
 _recorders: list[list] = []
@@ -137,10 +137,10 @@ class StatsSync:
         return out.to(x.dtype)
 
     def bn_backward(self, grad, x, mean, invstd, weight, count: int):
-        """:func:`ops.batchnorm.bn_backward` with statistics over every rank's ``count``
+        """The ``bn_backward`` op with statistics over every rank's ``count``
         values: ``sum(g)`` and ``sum(g * xhat)`` are summed over the ranks (one collective)
         for ``dx``; ``dweight`` and ``dbias`` are returned local."""
-        dx, dweight, dbias = bn_backward(grad, x, mean, invstd, weight, stats_grad=False)
+        dx, dweight, dbias = bn_backward(grad, x, mean, invstd, weight, False)
         stats_dtype = invstd.dtype
         total_dbias, total_dweight = self.all_reduce(dbias.to(stats_dtype),
                                                      dweight.to(stats_dtype))
@@ -184,8 +184,8 @@ def values_per_channel(merged_count: torch.Tensor | None, data: torch.Tensor) ->
 def norm_backward(grad, x, mean, invstd, weight, *, batch_stats: bool,
                   sync: StatsSync | None, count: int):
     """A BN's ``(dx, dweight, dbias)``: :meth:`StatsSync.bn_backward` for a BN normalising
-    with statistics merged over ``sync``'s ranks, else :func:`ops.batchnorm.bn_backward`
+    with statistics merged over ``sync``'s ranks, else the ``bn_backward`` op
     (through its own batch statistics when ``batch_stats``)."""
     if batch_stats and sync is not None:
         return sync.bn_backward(grad, x, mean, invstd, weight, count)
-    return bn_backward(grad, x, mean, invstd, weight, stats_grad=batch_stats)
+    return bn_backward(grad, x, mean, invstd, weight, batch_stats)

@@ -243,6 +243,8 @@ def layout_cases(kind: str, dtype: torch.dtype, device="cpu") -> dict:
         "bn_relu_max_pool2d": (x, *vectors, *pool),
         "bn_relu_max_pool2d_backward": (laid_out(pooled, dtype, other, device), x, *vectors,
                                         *pool),
+        "channel_stats": (x, None),
+        "bn_backward": (laid_out((n, c, h, w), dtype, other, device), x, *vectors[:3], True),
     }
 
 

@@ -26,7 +26,7 @@ from op_cases import (
 from densenet_fast.ops import torch_impl
 
 OPS = ["bn_relu", "add_stats_term", "bn_relu_conv1x1", "bn_relu_conv1x1_backward",
-       "bn_relu_max_pool2d", "bn_relu_max_pool2d_backward"]
+       "bn_relu_max_pool2d", "bn_relu_max_pool2d_backward", "channel_stats", "bn_backward"]
 KERNELS = {"reference": lambda name: getattr(torch_impl, name),
            "dispatcher": lambda name: getattr(torch.ops.densenet_fast, name)}
 

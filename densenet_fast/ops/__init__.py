@@ -1,5 +1,6 @@
 """The fused kernel ops (BN-ReLU-Conv1x1 and its backward, BN-ReLU, the statistics' gradient
-term and its coefficients, the stem's BN-ReLU-MaxPool and its backward): defined here, once,
+term and its coefficients, the stem's BN-ReLU-MaxPool and its backward, a BN's batch
+statistics and the backward of a BN on its own): defined here, once,
 from their contracts (``schema.py``) with the pure-PyTorch reference kernels
 (``torch_impl.py``) as the default for every device; the compiled backends add device kernels
 when the package activates them (``densenet_fast/__init__.py``, :mod:`densenet_fast.backends`),
@@ -104,6 +105,16 @@ def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, p
                 *pool_args)
 
 
-__all__ = ["add_stats_coefficients", "add_stats_term", "bn_relu", "bn_relu_conv1x1",
-           "bn_relu_conv1x1_backward", "bn_relu_max_pool2d", "bn_relu_max_pool2d_backward",
-           "reference_kernels"]
+def channel_stats(x, scratch=None):
+    """Per-channel ``(mean, biased var)`` of ``x`` over N, H, W (contract in ``schema.py``)."""
+    return _run("channel_stats", x, scratch)
+
+
+def bn_backward(grad, x, mean, invstd, bn_weight, stats_grad: bool):
+    """A BN's ``(dx, grad_bn_weight, grad_bn_bias)`` (contract in ``schema.py``)."""
+    return _run("bn_backward", grad, x, mean, invstd, bn_weight, stats_grad)
+
+
+__all__ = ["add_stats_coefficients", "add_stats_term", "bn_backward", "bn_relu",
+           "bn_relu_conv1x1", "bn_relu_conv1x1_backward", "bn_relu_max_pool2d",
+           "bn_relu_max_pool2d_backward", "channel_stats", "reference_kernels"]

@@ -20,19 +20,22 @@ _NO_FUSED_STATS: set[str] = set()  # device types without aten::batch_norm_updat
 
 
 def stats_scratch(channels: int, x: torch.Tensor):
-    """Running statistics (zeros, ones) for :func:`channel_stats`'s mixed-dtype path on data
-    like ``x``, long enough for ``channels``: allocate once and pass to every call (a block's
-    forward does), instead of two allocations and two fills per call. ``None`` where that
-    path does not take them (data in the statistics' own dtype)."""
+    """Running statistics for :func:`channel_stats`'s mixed-dtype path on data like ``x``,
+    long enough for ``channels``: ``(2, channels)``, row 0 zeros and row 1 ones. Allocate
+    once and pass to every call (a block's forward does), instead of two allocations and two
+    fills per call. ``None`` where that path does not take them (data in the statistics' own
+    dtype)."""
     stats_dtype = stats_dtype_for(x.dtype)
     if x.dtype == stats_dtype:
         return None
-    return (torch.zeros(channels, dtype=stats_dtype, device=x.device),
-            torch.ones(channels, dtype=stats_dtype, device=x.device))
+    scratch = torch.zeros(2, channels, dtype=stats_dtype, device=x.device)
+    scratch[1].fill_(1.0)
+    return scratch
 
 
 def channel_stats(x: torch.Tensor, scratch=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(mean, biased variance)`` of ``x`` over N, H, W, in float32 (float64).
+    """Per-channel ``(mean, biased variance)`` of ``x`` over N, H, W, in float32 (float64):
+    the reference kernel of the ``channel_stats`` op.
 
     ``scratch``: what :func:`stats_scratch` returned for at least ``x``'s channels, or None.
     """
@@ -59,8 +62,8 @@ def channel_stats(x: torch.Tensor, scratch=None) -> tuple[torch.Tensor, torch.Te
         if x.dtype == stats_dtype:
             running = (None, None)
         else:
-            zeros, ones = scratch if scratch is not None else stats_scratch(channels, x)
-            running = (zeros[:channels], ones[:channels])
+            scratch = scratch if scratch is not None else stats_scratch(channels, x)
+            running = (scratch[0, :channels], scratch[1, :channels])
         try:
             return torch.batch_norm_update_stats(x, *running, 0.0)
         except NotImplementedError:

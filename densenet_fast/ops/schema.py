@@ -55,6 +55,23 @@ stride, padding, dilation, ceil_mode) -> grad``
     where the activation there is positive. The winners are found again from ``x``: nothing
     but ``x`` and the statistics is kept between forward and backward.
 
+``channel_stats(x, scratch=None) -> (mean, var)``
+    Per-channel batch mean and biased variance of ``x`` over N, H, W, in the statistics'
+    dtype: what ``nn.BatchNorm2d`` normalises with in training (``var`` before ``eps``).
+    ``scratch``: ``(2, >=C)`` in the statistics' dtype, row 0 zeros and row 1 ones, which a
+    kernel may use as running statistics it never updates (``batchnorm.stats_scratch``
+    makes one per block), or None.
+
+``bn_backward(grad, x, mean, invstd, bn_weight, stats_grad) -> (dx, grad_bn_weight,
+grad_bn_bias)``
+    The backward of ``bn(x) = (x - mean) * invstd * bn_weight + bias`` for ``grad`` at its
+    output: ``grad_bn_bias = sum(g)``, ``grad_bn_weight = sum(g * xhat)`` (in
+    ``bn_weight``'s dtype), and ``dx = bn_weight * invstd * g``, or with ``stats_grad``
+    (``mean`` and ``invstd`` are ``x``'s own batch statistics) the gradient through them too:
+    ``dx = bn_weight * invstd / n * (n g - sum(g) - xhat * sum(g xhat))``. ``dx`` in ``x``'s
+    dtype, dense in its memory format. A BN that reads no other layer's channels (norm0, a
+    block's last norm) runs it; the prefix BNs' backward is part of the fused op's.
+
 Statistics (``mean``, ``invstd``) are float32 (float64 for float64 data); the buffer and the
 conv weight share one dtype; BN parameters may be float32 while the data is lower precision.
 Every data output is dense in its data input's memory format as ``formats.memory_format_of``
@@ -96,6 +113,10 @@ SCHEMAS = {
     "bn_relu_max_pool2d_backward": (
         "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
         f"Tensor bn_bias, {_POOL_ARGS}) -> Tensor"),
+    "channel_stats": "(Tensor x, Tensor? scratch=None) -> (Tensor, Tensor)",
+    "bn_backward": (
+        "(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
+        "bool stats_grad) -> (Tensor, Tensor, Tensor)"),
 }
 FORWARD, BACKWARD = qualified("bn_relu_conv1x1"), qualified("bn_relu_conv1x1_backward")
 
@@ -241,6 +262,44 @@ def check_stats_coefficients_args(kx, k0, mean, invstd, bn_weight, grad_bn_weigh
     _check_writable(k0, "k0")
 
 
+def check_channel_stats_args(x, scratch) -> None:
+    """Validate :func:`channel_stats`'s arguments."""
+    _check_data(x, "x")
+    if scratch is None:
+        return
+    expected_stats = stats_dtype_for(x.dtype)
+    if scratch.dim() != 2 or scratch.shape[0] != 2 or scratch.shape[1] < x.shape[1]:
+        raise ValueError(f"scratch must have shape (2, >={x.shape[1]}), got "
+                         f"{tuple(scratch.shape)}")
+    if scratch.dtype != expected_stats:
+        raise TypeError(f"scratch must be {expected_stats} for {x.dtype} data, got "
+                        f"{scratch.dtype}")
+    if scratch.device != x.device:
+        raise RuntimeError(f"scratch is on {scratch.device} but x is on {x.device}")
+
+
+def check_bn_backward_args(grad, x, mean, invstd, bn_weight) -> None:
+    """Validate :func:`bn_backward`'s arguments: ``grad`` shaped and typed as the data ``x``,
+    the statistics in the statistics' dtype, the weight of any floating dtype."""
+    _check_data(x, "x")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+    if grad.dtype != x.dtype:
+        raise TypeError(f"grad dtype {grad.dtype} differs from x dtype {x.dtype}")
+    if grad.device != x.device:
+        raise RuntimeError(f"grad is on {grad.device} but x is on {x.device}")
+    expected_stats = stats_dtype_for(x.dtype)
+    for what, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight)):
+        if t.shape != (x.shape[1],):
+            raise ValueError(f"{what} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{what} must be floating point, got {t.dtype}")
+        if what != "bn_weight" and t.dtype != expected_stats:
+            raise TypeError(f"{what} must be {expected_stats} for {x.dtype} data, got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"{what} is on {t.device} but x is on {x.device}")
+
+
 def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
     """Validate the pool op's arguments; return its output shape. Raises before any compute,
     with ``F.max_pool2d``'s own messages for the pool's settings."""
@@ -301,6 +360,18 @@ def pool_backward_fake(grad_out, x, mean, invstd, bn_weight, bn_bias, *pool_args
     return x.new_empty(x.shape).contiguous(memory_format=memory_format_of(x))
 
 
+def channel_stats_fake(x, scratch=None):
+    check_channel_stats_args(x, scratch)
+    stats = x.new_empty((x.shape[1],), dtype=stats_dtype_for(x.dtype))
+    return stats, torch.empty_like(stats)
+
+
+def bn_backward_fake(grad, x, mean, invstd, bn_weight, stats_grad):
+    check_bn_backward_args(grad, x, mean, invstd, bn_weight)
+    return (torch.empty_like(x, memory_format=memory_format_of(x)),
+            torch.empty_like(bn_weight), torch.empty_like(bn_weight))
+
+
 def _conv1x1_flops(out_shape, conv_weight_shape) -> int:
     """Multiply-adds of the 1x1 convolution, counted as FlopCounterMode counts
     ``aten.convolution``: ``2 * N*H*W * C_out * C``. BN and ReLU are not counted, as they are
@@ -330,4 +401,6 @@ FAKES = {
     "add_stats_coefficients": (stats_coefficients_fake, None),
     "bn_relu_max_pool2d": (pool_forward_fake, None),
     "bn_relu_max_pool2d_backward": (pool_backward_fake, None),
+    "channel_stats": (channel_stats_fake, None),
+    "bn_backward": (bn_backward_fake, None),
 }

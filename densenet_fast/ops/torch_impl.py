@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from . import batchnorm
-from .batchnorm import bn_apply, bn_backward
+from .batchnorm import bn_apply
 from .formats import memory_format_of
 from .schema import (
     check_backward_args,
+    check_bn_backward_args,
     check_bn_relu_args,
+    check_channel_stats_args,
     check_forward_args,
     check_pool_args,
     check_stats_coefficients_args,
@@ -78,8 +80,9 @@ def bn_relu_conv1x1_backward(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
         # ReLU mask in place: the gradient is zero wherever the activation was clamped.
         torch.ops.aten.threshold_backward.grad_input(grad_act, act, 0, grad_input=grad_act)
         del act
-        dx, dweight, dbias = bn_backward(grad_act, x, mean[start:stop], invstd[start:stop],
-                                         bn_weight[start:stop], stats_grad=stats_grad)
+        dx, dweight, dbias = batchnorm.bn_backward(
+            grad_act, x, mean[start:stop], invstd[start:stop], bn_weight[start:stop],
+            stats_grad=stats_grad)
         del grad_act
         grad_buffer[:, start:stop].add_(dx)
         grad_bn_weight[start:stop] = dweight
@@ -128,3 +131,23 @@ def bn_relu_max_pool2d_backward(grad_out, x, mean, invstd, bn_weight, bn_bias, *
     del indices
     grad = torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
     return _laid_out_like(grad, x)
+
+
+def channel_stats(x, scratch=None):
+    """Reference: per-channel ``(mean, biased var)`` of ``x`` (:func:`batchnorm.channel_stats`:
+    ATen's BatchNorm statistics kernel where it serves)."""
+    check_channel_stats_args(x, scratch)
+    return batchnorm.channel_stats(x, scratch)
+
+
+def bn_backward(grad, x, mean, invstd, bn_weight, stats_grad):
+    """Reference: ATen's BatchNorm backward (:func:`batchnorm.bn_backward`), ``dx`` dense in
+    ``x``'s memory format."""
+    check_bn_backward_args(grad, x, mean, invstd, bn_weight)
+    # Dense first: on strided bfloat16 data ATen's kernel sums dbias about 10x less
+    # accurately than on dense data (a float32 bar missed by 10x).
+    fmt = memory_format_of(x)
+    x, grad = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
+    dx, dweight, dbias = batchnorm.bn_backward(grad, x, mean, invstd, bn_weight,
+                                               stats_grad=stats_grad)
+    return _laid_out_like(dx, x), dweight, dbias
