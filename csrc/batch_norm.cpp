@@ -31,10 +31,6 @@ constexpr int64_t kMaxSumParts = 64;
 // Elements per work item of the elementwise pass.
 constexpr int64_t kElementGrain = 1 << 15;
 
-at::ScalarType stats_type_for(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // t itself where it is dense in NCHW or channels-last order, else an NCHW copy: the loops
 // walk pixel rows of C values or channel planes of H*W values.
 at::Tensor dense(const at::Tensor& t) {
@@ -70,13 +66,7 @@ void check_channel_stats_args(const at::Tensor& x, const std::optional<at::Tenso
 
 void check_bn_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& weight) {
-  check_data(x, "x");
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(),
-                    ", got ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "grad dtype ", grad.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(grad.device() == x.device(), "grad is on ", grad.device(), " but x is on ",
-              x.device());
+  check_grad_of_data(grad, x);
   check_stats_vector(x, mean, "mean", true);
   check_stats_vector(x, invstd, "invstd", true);
   check_stats_vector(x, weight, "bn_weight", false);

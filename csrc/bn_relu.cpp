@@ -27,7 +27,7 @@ void check_bn_relu_args(const at::Tensor& x, const at::Tensor& mean, const at::T
                         at::ScalarType out_type) {
   check_data(x, "x");
   check_bn_vectors(x, "x", x.size(1), mean, invstd, weight, bias);
-  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stats_type = stats_type_for(x);
   TORCH_CHECK_TYPE(out_type == x.scalar_type() || out_type == stats_type,
                    "dtype must be x's dtype (", x.scalar_type(), ") or ", stats_type,
                    ", got ", out_type);

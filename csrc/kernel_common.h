@@ -32,6 +32,22 @@ inline void check_data(const at::Tensor& x, const char* name) {
                    "float16), got ", x.scalar_type());
 }
 
+// The statistics' dtype for data x: float32, float64 for float64 data.
+inline at::ScalarType stats_type_for(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x is data the kernels serve and grad a gradient of it: same shape, dtype and device.
+inline void check_grad_of_data(const at::Tensor& grad, const at::Tensor& x) {
+  check_data(x, "x");
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(),
+                    ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "grad dtype ", grad.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(grad.device() == x.device(), "grad is on ", grad.device(), " but x is on ",
+              x.device());
+}
+
 // t (called `name`), which an op adds into in place, has no two elements at one address (an
 // expanded tensor): ATen's rule for in-place writes, which the kernels' own loops would not
 // enforce (their sums would race or fold into one another).
@@ -47,7 +63,7 @@ inline void check_writable(const at::Tensor& t, const char* name) {
 inline void check_bn_vectors(const at::Tensor& x, const char* name, int64_t channels,
                              const at::Tensor& mean, const at::Tensor& invstd,
                              const at::Tensor& weight, const at::Tensor& bias) {
-  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stats_type = stats_type_for(x);
   const std::pair<const char*, const at::Tensor*> vectors[] = {
       {"mean", &mean}, {"invstd", &invstd}, {"bn_weight", &weight}, {"bn_bias", &bias}};
   for (const auto& [what, t] : vectors) {

@@ -25,14 +25,8 @@ constexpr int64_t kStatsTermGrain = 1 << 15;
 
 void check_stats_term_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& kx,
                            const at::Tensor& k0) {
-  check_data(x, "x");
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(),
-                    ", got ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "grad dtype ", grad.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(grad.device() == x.device(), "grad is on ", grad.device(), " but x is on ",
-              x.device());
-  const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_grad_of_data(grad, x);
+  const auto stats_type = stats_type_for(x);
   const std::pair<const char*, const at::Tensor*> vectors[] = {{"kx", &kx}, {"k0", &k0}};
   for (const auto& [what, t] : vectors) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), what, " must have shape (",

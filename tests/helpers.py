@@ -1,4 +1,4 @@
-"""Shared helpers: twin models with identical weights and whole-model comparisons."""
+"""Shared helpers: twin models with identical weights, whole-model comparisons, test data."""
 
 from contextlib import contextmanager
 
@@ -157,3 +157,17 @@ def float32_precision(precision: str):
         yield
     finally:
         conv.allow_tf32, matmul.allow_tf32 = saved
+
+
+def laid_out_data(shape, dtype, layout: str, scale: float = 1.0, offset: float = 0.0):
+    """Random normal data of ``shape`` (times ``scale``, plus ``offset``) in ``dtype``, laid
+    out ``"contiguous"``, ``"channels_last"`` or ``"strided"`` (every other column of a
+    wider tensor: dense in neither format)."""
+    t = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.zeros(*shape[:3], 2 * shape[3], dtype=dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t

@@ -7,6 +7,7 @@ NaN; errors; independence of the thread count. Layouts against the fakes: test_o
 
 import pytest
 import torch
+from helpers import laid_out_data
 from tolerances import assert_close
 
 import densenet_fast
@@ -33,17 +34,6 @@ def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _data(shape, dtype, layout, scale=1.0, offset=0.0):
-    t = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other column of a wider tensor
-        wide = torch.zeros(*shape[:3], 2 * shape[3], dtype=dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t
-
-
 def _exact_stats(x):
     var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     return mean, var
@@ -62,7 +52,7 @@ def test_compiled_kernel_serves_the_op_on_cpu(name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_statistics_match_float64(kernels, shape, layout, dtype):
     torch.manual_seed(0)
-    x = _data(shape, dtype, layout, scale=1.5, offset=0.5)
+    x = laid_out_data(shape, dtype, layout, scale=1.5, offset=0.5)
     mean, var = _op(kernels, "channel_stats")(x)
     stats = _stats_dtype(dtype)
     assert mean.dtype == var.dtype == stats and mean.shape == var.shape == (shape[1],)
@@ -80,7 +70,7 @@ def test_compiled_float32_statistics_keep_float64_sums(layout, offset):
     1e-5 relative error here, centred)."""
     torch.manual_seed(0)
     scale = 1e-2 if offset else 1.0
-    x = _data((8, 4, 112, 112), torch.float32, layout, scale=scale, offset=offset)
+    x = laid_out_data((8, 4, 112, 112), torch.float32, layout, scale=scale, offset=offset)
     mean, var = _op("compiled", "channel_stats")(x)
     exact_mean, exact_var = _exact_stats(x)
     assert ((mean.double() - exact_mean).abs() / exact_mean.abs().clamp_min(1)).max() <= 1e-7
@@ -105,8 +95,8 @@ def _exact_backward(grad, x, mean, invstd, weight, stats_grad):
 
 def _backward_case(shape, dtype, layout, grad_layout, stats_grad, weight_dtype=None):
     torch.manual_seed(1)
-    x = _data(shape, dtype, layout, scale=2.0, offset=1.0)
-    grad = _data(shape, dtype, grad_layout)
+    x = laid_out_data(shape, dtype, layout, scale=2.0, offset=1.0)
+    grad = laid_out_data(shape, dtype, grad_layout)
     stats = _stats_dtype(dtype)
     if stats_grad:  # x's own statistics, eps 0: what _exact_backward differentiates
         exact_mean, exact_var = _exact_stats(x)
@@ -177,11 +167,11 @@ def test_nan_stays_in_its_channel(kernels, layout):
     it does not reach dx (x is not read, as in ATen's), and a NaN gradient stays where it
     is. The reference kernels (ATen's) say where."""
     torch.manual_seed(2)
-    x = _data((2, 5, 4, 3), torch.float32, layout)
+    x = laid_out_data((2, 5, 4, 3), torch.float32, layout)
     x[1, 2, 3, 1] = float("nan")
     mean, var = _op(kernels, "channel_stats")(x)
     assert mean.isnan().tolist() == var.isnan().tolist() == [False, False, True, False, False]
-    grad = _data((2, 5, 4, 3), torch.float32, layout)
+    grad = laid_out_data((2, 5, 4, 3), torch.float32, layout)
     grad[0, 4, 0, 0] = float("nan")
     clean_x = x.nan_to_num()
     args = (grad, clean_x, *_exact_stats(clean_x))
@@ -198,7 +188,7 @@ def test_nan_stays_in_its_channel(kernels, layout):
 def test_compiled_sums_do_not_depend_on_the_thread_count(threads):
     """Work splits fixed by the shape: the same bits on any number of threads."""
     torch.manual_seed(3)
-    x = _data((4, 24, 40, 40), torch.float32, "channels_last", offset=0.3)
+    x = laid_out_data((4, 24, 40, 40), torch.float32, "channels_last", offset=0.3)
     grad = torch.randn_like(x)
     mean, var = _op("compiled", "channel_stats")(x)
     args = (grad, x, mean, torch.rsqrt(var + 1e-5), torch.rand(24) + 0.5, True)
@@ -268,7 +258,7 @@ def test_scratch_is_left_as_it_was():
 
 
 def test_opcheck():
-    x = _data((2, 5, 3, 4), torch.float32, "channels_last")
+    x = laid_out_data((2, 5, 3, 4), torch.float32, "channels_last")
     torch.library.opcheck(torch.ops.densenet_fast.channel_stats.default, (x, None))
     args = _backward_case((2, 5, 3, 4), torch.float32, "channels_last", "contiguous", True)
     torch.library.opcheck(torch.ops.densenet_fast.bn_backward.default, (*args, True))

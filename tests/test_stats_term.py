@@ -5,6 +5,7 @@ dense inputs, every dtype; the result's layout; errors; the op's registration.""
 
 import pytest
 import torch
+from helpers import laid_out_data
 from tolerances import assert_close
 
 import densenet_fast
@@ -28,22 +29,11 @@ def _op(kernels: str, name: str = "add_stats_term"):
     return getattr(torch_impl, name)
 
 
-def _buffer(shape, dtype, layout):
-    t = torch.randn(shape, dtype=torch.float64).to(dtype)
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other column of a wider tensor
-        wide = torch.zeros(*shape[:3], 2 * shape[3], dtype=dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t
-
-
 def _case(case, dtype, layout, seed=0):
     n, total, h, w, start, stop = case
     torch.manual_seed(seed)
-    grad = _buffer((n, total, h, w), dtype, layout)[:, start:stop]
-    x = _buffer((n, total, h, w), dtype, layout)[:, start:stop]
+    grad = laid_out_data((n, total, h, w), dtype, layout)[:, start:stop]
+    x = laid_out_data((n, total, h, w), dtype, layout)[:, start:stop]
     stats = torch.float64 if dtype == torch.float64 else torch.float32
     kx, k0 = torch.randn(stop - start, dtype=stats), torch.randn(stop - start, dtype=stats)
     return grad, x, kx, k0

@@ -218,8 +218,9 @@ def check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype=None) -> torch
     return dtype
 
 
-def check_stats_term_args(grad, x, kx, k0) -> None:
-    """Validate :func:`add_stats_term`'s arguments."""
+def _check_grad_of_data(grad, x) -> None:
+    """``x`` is 4-D floating-point data and ``grad`` a gradient of it: same shape, dtype and
+    device."""
     _check_data(x, "x")
     if grad.shape != x.shape:
         raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
@@ -227,6 +228,11 @@ def check_stats_term_args(grad, x, kx, k0) -> None:
         raise TypeError(f"grad dtype {grad.dtype} differs from x dtype {x.dtype}")
     if grad.device != x.device:
         raise RuntimeError(f"grad is on {grad.device} but x is on {x.device}")
+
+
+def check_stats_term_args(grad, x, kx, k0) -> None:
+    """Validate :func:`add_stats_term`'s arguments."""
+    _check_grad_of_data(grad, x)
     expected_stats = stats_dtype_for(x.dtype)
     for what, t in (("kx", kx), ("k0", k0)):
         if t.shape != (x.shape[1],):
@@ -281,13 +287,7 @@ def check_channel_stats_args(x, scratch) -> None:
 def check_bn_backward_args(grad, x, mean, invstd, bn_weight) -> None:
     """Validate :func:`bn_backward`'s arguments: ``grad`` shaped and typed as the data ``x``,
     the statistics in the statistics' dtype, the weight of any floating dtype."""
-    _check_data(x, "x")
-    if grad.shape != x.shape:
-        raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
-    if grad.dtype != x.dtype:
-        raise TypeError(f"grad dtype {grad.dtype} differs from x dtype {x.dtype}")
-    if grad.device != x.device:
-        raise RuntimeError(f"grad is on {grad.device} but x is on {x.device}")
+    _check_grad_of_data(grad, x)
     expected_stats = stats_dtype_for(x.dtype)
     for what, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight)):
         if t.shape != (x.shape[1],):
