@@ -573,8 +573,7 @@ def _fused_results(t: dict) -> dict:
     """The fused op as a standalone layer: statistics of this batch, full BN backward."""
     import torch
 
-    from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
-    from densenet_fast.ops.batchnorm import channel_stats
+    from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward, channel_stats
 
     buffer, prefix = t["buffer"], t["prefix"]
     mean, var = channel_stats(buffer[:, :prefix])
@@ -607,8 +606,7 @@ def _op_row(mode: Mode, name: str, total: int, prefix: int, size: int,
     import torch
 
     from densenet_fast.benchmark.timing import time_interleaved
-    from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
-    from densenet_fast.ops.batchnorm import channel_stats
+    from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward, channel_stats
 
     t = _op_inputs(mode, total, prefix, size, memory_format)
     check = check_op(t, mode.op_dtype)

@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward
-from densenet_fast.ops.batchnorm import channel_stats
+from densenet_fast.ops import bn_relu_conv1x1, bn_relu_conv1x1_backward, channel_stats
 
 
 def _layer_shapes(config):

@@ -38,6 +38,31 @@ at::Tensor dense(const at::Tensor& t) {
                                                                             : t.contiguous();
 }
 
+// How the statistics' loops read a 4-D tensor in place: as pixel rows (a pixel's channels
+// adjacent, consecutive pixels `pixel` apart: channels-last data and its channel slices, a
+// block buffer's prefix) or as channel planes (one image's channel, H*W values adjacent,
+// at image * `image` + channel * `channel`: NCHW data and its channel slices).
+struct Walk {
+  bool pixel_major;
+  int64_t pixel, image, channel;
+};
+
+// The walk t's strides allow, if either does.
+std::optional<Walk> walk_of(const at::Tensor& t) {
+  const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
+  if (c > 1 && t.stride(1) == 1) {
+    const int64_t pixel = w > 1 ? t.stride(3) : h > 1 ? t.stride(2) : n > 1 ? t.stride(0) : c;
+    if ((w == 1 || t.stride(3) == pixel) && (h == 1 || t.stride(2) == w * pixel) &&
+        (n == 1 || t.stride(0) == h * w * pixel)) {
+      return Walk{true, pixel, 0, 0};
+    }
+  }
+  if ((w == 1 || t.stride(3) == 1) && (h == 1 || t.stride(2) == w)) {
+    return Walk{false, 0, t.stride(0), t.stride(1)};
+  }
+  return std::nullopt;
+}
+
 void check_stats_vector(const at::Tensor& x, const at::Tensor& t, const char* what,
                         bool stats_dtype) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(1), what, " must have shape (",
@@ -175,38 +200,41 @@ std::vector<double> channel_sums(bool pixel_major, int64_t images, int64_t chann
 }
 
 template <typename scalar_t>
-std::vector<double> moments(const at::Tensor& x, std::vector<double>& shift) {
+std::vector<double> moments(const at::Tensor& x, const Walk& walk, std::vector<double>& shift) {
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   const int64_t n = x.size(0), c = x.size(1), plane = x.size(2) * x.size(3);
-  const bool pixel_major = is_pixel_major(x);
   // Each channel's first value: sums of x - x0 keep the digits that E[x^2] - E[x]^2 of raw
   // values would cancel where the mean is large against the spread.
   shift.assign(c, 0.0);
   if (n * plane > 0) {
     for (int64_t i = 0; i < c; ++i) {
-      shift[i] = static_cast<double>(data[pixel_major ? i : i * plane]);
+      shift[i] = static_cast<double>(data[walk.pixel_major ? i : i * walk.channel]);
     }
   }
   return channel_sums(
-      pixel_major, n, c, plane,
+      walk.pixel_major, n, c, plane,
       [&](int64_t first, int64_t count, double* sum, double* square) {
         for (int64_t p = first; p < first + count; ++p) {
-          moments_row(data + p * c, shift.data(), sum, square, c);
+          moments_row(data + p * walk.pixel, shift.data(), sum, square, c);
         }
       },
       [&](int64_t image, int64_t channel, double* sum, double* square) {
-        moments_run(data + (image * c + channel) * plane, plane, shift[channel], sum, square);
+        moments_run(data + image * walk.image + channel * walk.channel, plane, shift[channel],
+                    sum, square);
       });
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in,
                                                      const std::optional<at::Tensor>& scratch) {
   check_channel_stats_args(x_in, scratch);
-  const at::Tensor x = dense(x_in);
+  // In place where the strides allow (a channel slice of a buffer too), else an NCHW copy.
+  const std::optional<Walk> in_place = walk_of(x_in);
+  const at::Tensor x = in_place ? x_in : x_in.contiguous();
+  const Walk walk = in_place ? *in_place : *walk_of(x);
   const int64_t c = x.size(1);
   std::vector<double> shift, sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_stats",
-                                  [&] { sums = moments<scalar_t>(x, shift); });
+                                  [&] { sums = moments<scalar_t>(x, walk, shift); });
   const auto options = x.options().dtype(stats_type_for(x));
   at::Tensor mean = at::empty({c}, options), var = at::empty({c}, options);
   const double count = static_cast<double>(x.numel() / std::max<int64_t>(c, 1));

@@ -161,9 +161,17 @@ def float32_precision(precision: str):
 
 def laid_out_data(shape, dtype, layout: str, scale: float = 1.0, offset: float = 0.0):
     """Random normal data of ``shape`` (times ``scale``, plus ``offset``) in ``dtype``, laid
-    out ``"contiguous"``, ``"channels_last"`` or ``"strided"`` (every other column of a
-    wider tensor: dense in neither format)."""
+    out ``"contiguous"``, ``"channels_last"``, ``"strided"`` (every other column of a
+    wider tensor: dense in neither format), or as a channel slice of a wider tensor in either
+    format (``"slice-of-contiguous"``, ``"slice-of-channels_last"``: a block buffer's
+    prefix)."""
     t = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
+    if layout.startswith("slice-of-"):
+        n, c, h, w = shape
+        fmt = torch.channels_last if layout.endswith("channels_last") else torch.contiguous_format
+        wide = torch.zeros(n, c + 3, h, w, dtype=dtype).contiguous(memory_format=fmt)
+        wide[:, 1:1 + c] = t
+        return wide[:, 1:1 + c]
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
     if layout == "strided":

@@ -20,6 +20,8 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(2, 13, 5, 7), (3, 1, 4, 4), (4, 9, 1, 1), (1, 6, 9, 17)]
 SHAPE_IDS = ["odd", "one-channel", "1x1-planes", "one-image"]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
+# The statistics read channel slices in place (a block buffer's prefix).
+STATS_LAYOUTS = [*LAYOUTS, "slice-of-contiguous", "slice-of-channels_last"]
 
 
 def _op(kernels: str, name: str):
@@ -48,7 +50,7 @@ def test_compiled_kernel_serves_the_op_on_cpu(name):
 
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", STATS_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_statistics_match_float64(kernels, shape, layout, dtype):
     torch.manual_seed(0)
@@ -61,7 +63,7 @@ def test_statistics_match_float64(kernels, shape, layout, dtype):
     assert_close(var, exact_var, stats, "var")
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice-of-channels_last"])
 @pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "offset-1e3"])
 def test_compiled_float32_statistics_keep_float64_sums(layout, offset):
     """100k values per channel: the C++ kernel's sums are float64 in both layouts, and its
@@ -262,3 +264,21 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.densenet_fast.channel_stats.default, (x, None))
     args = _backward_case((2, 5, 3, 4), torch.float32, "channels_last", "contiguous", True)
     torch.library.opcheck(torch.ops.densenet_fast.bn_backward.default, (*args, True))
+
+
+@pytest.mark.parametrize("layout", ["slice-of-contiguous", "slice-of-channels_last"])
+def test_compiled_statistics_read_a_channel_slice_in_place(layout):
+    """A block buffer's channel prefix is read where it lies: no copy of it is made (the
+    statistics of a strided tensor in neither walk's order are of an NCHW copy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = laid_out_data((2, 6, 5, 4), torch.float32, layout)
+    op = _op("compiled", "channel_stats")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        op(x)
+    names = {e.name for e in prof.events()}
+    assert "densenet_fast::channel_stats" in names
+    assert not names & {"aten::contiguous", "aten::clone", "aten::copy_"}, names
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        op(laid_out_data((2, 6, 5, 4), torch.float32, "strided"))
+    assert "aten::copy_" in {e.name for e in prof.events()}, "the test sees copies"
