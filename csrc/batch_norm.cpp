@@ -1,6 +1,6 @@
 // CPU kernels of densenet_fast::channel_stats and densenet_fast::bn_backward (schemas:
-// ops/schema.py): a BN's batch statistics, and the backward of a BN that reads no other
-// layer's channels (norm0, a block's tail norm5), every per-channel sum in float64.
+// ops/schema.py): a BN's batch statistics, and the backward of a BN outside the fused op
+// (norm0, each layer's norm2, a block's last norm), every per-channel sum in float64.
 //
 // ATen's CPU kernels for both accumulate channels-last float32 data in float32: about 1e-5
 // relative error in a variance over densenet121's conv0 output at batch 8 (100k values per

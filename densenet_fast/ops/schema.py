@@ -69,8 +69,8 @@ grad_bn_bias)``
     ``bn_weight``'s dtype), and ``dx = bn_weight * invstd * g``, or with ``stats_grad``
     (``mean`` and ``invstd`` are ``x``'s own batch statistics) the gradient through them too:
     ``dx = bn_weight * invstd / n * (n g - sum(g) - xhat * sum(g xhat))``. ``dx`` in ``x``'s
-    dtype, dense in its memory format. A BN that reads no other layer's channels (norm0, a
-    block's last norm) runs it; the prefix BNs' backward is part of the fused op's.
+    dtype, dense in its memory format. The BNs outside the fused op run it (norm0, each
+    layer's norm2, a block's last norm); the prefix BNs' backward is part of the fused op's.
 
 Statistics (``mean``, ``invstd``) are float32 (float64 for float64 data); the buffer and the
 conv weight share one dtype; BN parameters may be float32 while the data is lower precision.
