@@ -87,6 +87,10 @@ def _class_named(kind: type, qualified_name: str) -> type | None:
     return None
 
 
+# A fact of two classes: dynamo calls it instead of tracing it (torch 2.11's cannot trace
+# the union of the classes' __dict__s, so a fullgraph compile failed where the cache was
+# still cold, as in a fresh process).
+@torch.compiler.assume_constant_result
 def _only_wraps(kind: type, cls: type) -> bool:
     """For a subclass ``kind`` of ``cls``: see :func:`is_type`."""
     defined = set().union(*(vars(base) for base in cls.__mro__))

@@ -23,6 +23,7 @@ from tolerances import assert_close
 
 import densenet_fast
 import densenet_fast.timm as fused_timm  # registers the fused models
+from densenet_fast import validation
 
 DTYPE = torch.float64
 TINY = dict(growth_rate=4, block_config=(2, 3, 2), num_classes=5)
@@ -369,9 +370,13 @@ def test_benchmark_rows_build_timms_model_with_the_same_weights():
         build("timm", ModelConfig(growth_rate=4, block_config=(2,), num_init_features=6))
 
 
-def test_compiled_fullgraph_training_step_matches_timm():
+def test_compiled_fullgraph_training_step_matches_timm(monkeypatch):
     """``torch.compile(fullgraph=True)`` of a converted timm model: the plan's timm checks
-    trace without a graph break, and a training step gives timm's logits and gradients."""
+    trace without a graph break, and a training step gives timm's logits and gradients.
+    With the type checks' caches cold, as in a fresh process: on torch 2.11 dynamo could not
+    trace the check that fills them (it passed only after another test had filled them)."""
+    monkeypatch.setattr(validation, "_wrappers", {})
+    monkeypatch.setattr(validation, "_named_classes", {})
     ref = _timm_model("densenet121", growth_rate=4, block_config=(2, 2), num_classes=5)
     fast = densenet_fast.convert(copy.deepcopy(ref))
     compiled = torch.compile(fast, fullgraph=True)
