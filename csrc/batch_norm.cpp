@@ -31,13 +31,6 @@ constexpr int64_t kMaxSumParts = 64;
 // Elements per work item of the elementwise pass.
 constexpr int64_t kElementGrain = 1 << 15;
 
-// t itself where it is dense in NCHW or channels-last order, else an NCHW copy: the loops
-// walk pixel rows of C values or channel planes of H*W values.
-at::Tensor dense(const at::Tensor& t) {
-  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ? t
-                                                                            : t.contiguous();
-}
-
 // How the statistics' loops read a 4-D tensor in place: as pixel rows (a pixel's channels
 // adjacent, consecutive pixels `pixel` apart: channels-last data and its channel slices, a
 // block buffer's prefix) or as channel planes (one image's channel, H*W values adjacent,
@@ -63,19 +56,6 @@ std::optional<Walk> walk_of(const at::Tensor& t) {
   return std::nullopt;
 }
 
-void check_stats_vector(const at::Tensor& x, const at::Tensor& t, const char* what,
-                        bool stats_dtype) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(1), what, " must have shape (",
-                    x.size(1), ",), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.is_floating_point(), what, " must be floating point, got ",
-                   t.scalar_type());
-  TORCH_CHECK_TYPE(!stats_dtype || t.scalar_type() == stats_type_for(x), what, " must be ",
-                   stats_type_for(x) == at::kDouble ? "float64" : "float32", " for ",
-                   x.scalar_type(), " data, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), what, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
 void check_channel_stats_args(const at::Tensor& x, const std::optional<at::Tensor>& scratch) {
   check_data(x, "x");
   if (!scratch.has_value()) return;
@@ -92,9 +72,9 @@ void check_channel_stats_args(const at::Tensor& x, const std::optional<at::Tenso
 void check_bn_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& weight) {
   check_grad_of_data(grad, x);
-  check_stats_vector(x, mean, "mean", true);
-  check_stats_vector(x, invstd, "invstd", true);
-  check_stats_vector(x, weight, "bn_weight", false);
+  check_bn_vector(x, "x", x.size(1), mean, "mean", true);
+  check_bn_vector(x, "x", x.size(1), invstd, "invstd", true);
+  check_bn_vector(x, "x", x.size(1), weight, "bn_weight", false);
 }
 
 // The element loops live in functions of their own: GCC honours __restrict__ on parameters,
@@ -361,12 +341,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& weight, bool stats_grad) {
   check_bn_backward_args(grad_in, x_in, mean, invstd, weight);
-  const at::Tensor x = dense(x_in);
-  // grad walked as x is: dense in x's order.
-  const auto order = is_pixel_major(x) ? at::MemoryFormat::ChannelsLast
-                                       : at::MemoryFormat::Contiguous;
-  const at::Tensor grad = grad_in.is_contiguous(order) ? grad_in : grad_in.contiguous(order);
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(order));
+  const at::Tensor x = dense_buffer(x_in);
+  const at::Tensor grad = like_buffer(grad_in, x);  // walked as x is
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(buffer_layout(x)));
   at::Tensor dweight = at::empty_like(weight, at::MemoryFormat::Contiguous);
   at::Tensor dbias = at::empty_like(weight, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_backward", [&] {

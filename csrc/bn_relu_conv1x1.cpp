@@ -1310,17 +1310,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {grad_weight, dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
 }
 
-// The kernels need the buffer dense in one of the two layouts; anything else is made so.
-at::Tensor dense_buffer(const at::Tensor& buffer) {
-  if (buffer.is_contiguous() || is_pixel_major(buffer)) return buffer;
-  return buffer.contiguous();
-}
-
-at::Tensor like_buffer(const at::Tensor& t, const at::Tensor& buffer) {
-  return t.contiguous(is_pixel_major(buffer) ? at::MemoryFormat::ChannelsLast
-                                             : at::MemoryFormat::Contiguous);
-}
-
 at::Tensor forward_cpu(const at::Tensor& buffer_in, const at::Tensor& mean,
                        const at::Tensor& invstd, const at::Tensor& bn_weight,
                        const at::Tensor& bn_bias, const at::Tensor& conv_weight) {

@@ -57,32 +57,55 @@ inline void check_writable(const at::Tensor& t, const char* name) {
               "adds into it in place: pass a tensor of its own (clone() it)");
 }
 
-// The BN arguments of data x that `channels` channels of it are normalised with: (channels,)
-// vectors on x's device, the statistics in float32 (float64 for float64 data), the affine
-// parameters in any floating dtype.
+// One BN vector `what` of data x that `channels` channels of it are normalised with: a
+// (channels,) floating vector on x's device, with `stats_dtype` in the statistics' dtype
+// (float32, float64 for float64 data).
+inline void check_bn_vector(const at::Tensor& x, const char* name, int64_t channels,
+                            const at::Tensor& t, const char* what, bool stats_dtype) {
+  const auto stats_type = stats_type_for(x);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels, what, " must have shape (",
+                    channels, ",), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.is_floating_point(), what, " must be floating point, got ",
+                   t.scalar_type());
+  TORCH_CHECK_TYPE(!stats_dtype || t.scalar_type() == stats_type, what, " must be ",
+                   stats_type == at::kDouble ? "float64" : "float32", " for ",
+                   x.scalar_type(), " data, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), what, " is on ", t.device(), " but ", name,
+              " is on ", x.device());
+}
+
+// The BN arguments of data x that `channels` channels of it are normalised with: the
+// statistics in the statistics' dtype, the affine parameters in any floating dtype.
 inline void check_bn_vectors(const at::Tensor& x, const char* name, int64_t channels,
                              const at::Tensor& mean, const at::Tensor& invstd,
                              const at::Tensor& weight, const at::Tensor& bias) {
-  const auto stats_type = stats_type_for(x);
-  const std::pair<const char*, const at::Tensor*> vectors[] = {
-      {"mean", &mean}, {"invstd", &invstd}, {"bn_weight", &weight}, {"bn_bias", &bias}};
-  for (const auto& [what, t] : vectors) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, what, " must have shape (",
-                      channels, ",), got ", t->sizes());
-    TORCH_CHECK_TYPE(t->is_floating_point(), what, " must be floating point, got ",
-                     t->scalar_type());
-    TORCH_CHECK_TYPE(t == &weight || t == &bias || t->scalar_type() == stats_type, what,
-                     " must be ", stats_type == at::kDouble ? "float64" : "float32", " for ",
-                     x.scalar_type(), " data, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == x.device(), what, " is on ", t->device(), " but ", name,
-                " is on ", x.device());
-  }
+  check_bn_vector(x, name, channels, mean, "mean", true);
+  check_bn_vector(x, name, channels, invstd, "invstd", true);
+  check_bn_vector(x, name, channels, weight, "bn_weight", false);
+  check_bn_vector(x, name, channels, bias, "bn_bias", false);
 }
 
 // A 4-D tensor dense in channels-last order (and not also dense in NCHW order: one pixel, or
 // one channel, is both).
 inline bool is_pixel_major(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// t itself where it is dense in NCHW or channels-last order, else an NCHW copy: the kernels
+// walk pixel rows of C values or channel planes of H*W values.
+inline at::Tensor dense_buffer(const at::Tensor& t) {
+  if (t.is_contiguous() || is_pixel_major(t)) return t;
+  return t.contiguous();
+}
+
+// The layout the kernels walk a dense_buffer in.
+inline at::MemoryFormat buffer_layout(const at::Tensor& data) {
+  return is_pixel_major(data) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// t (a gradient) dense in the layout of `data`, a dense_buffer.
+inline at::Tensor like_buffer(const at::Tensor& t, const at::Tensor& data) {
+  return t.contiguous(buffer_layout(data));
 }
 
 // v stored in the data's dtype, rounded to nearest even. For bfloat16 by the bit trick

@@ -139,13 +139,15 @@ def _check_writable(t, name: str) -> None:
             "op adds into it in place: pass a tensor of its own (clone() it)")
 
 
-def _check_bn_vectors(x, name: str, channels: int, mean, invstd, bn_weight, bn_bias) -> None:
+def _check_bn_vectors(x, name: str, channels: int, mean, invstd, bn_weight,
+                      bn_bias=None) -> None:
     """The BN arguments that ``channels`` channels of data ``x`` are normalised with:
     ``(channels,)`` floating-point vectors on ``x``'s device, the statistics in the
-    statistics' dtype."""
+    statistics' dtype (``bn_bias``: None for an op that takes none)."""
     expected_stats = stats_dtype_for(x.dtype)
-    for what, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
-                    ("bn_bias", bn_bias)):
+    vectors = (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight),
+               ("bn_bias", bn_bias))
+    for what, t in vectors[:3] if bn_bias is None else vectors:
         if t.shape != (channels,):
             raise ValueError(f"{what} must have shape ({channels},), got {tuple(t.shape)}")
         if what in ("mean", "invstd") and t.dtype != expected_stats:
@@ -288,16 +290,7 @@ def check_bn_backward_args(grad, x, mean, invstd, bn_weight) -> None:
     """Validate :func:`bn_backward`'s arguments: ``grad`` shaped and typed as the data ``x``,
     the statistics in the statistics' dtype, the weight of any floating dtype."""
     _check_grad_of_data(grad, x)
-    expected_stats = stats_dtype_for(x.dtype)
-    for what, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight)):
-        if t.shape != (x.shape[1],):
-            raise ValueError(f"{what} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{what} must be floating point, got {t.dtype}")
-        if what != "bn_weight" and t.dtype != expected_stats:
-            raise TypeError(f"{what} must be {expected_stats} for {x.dtype} data, got {t.dtype}")
-        if t.device != x.device:
-            raise RuntimeError(f"{what} is on {t.device} but x is on {x.device}")
+    _check_bn_vectors(x, "x", x.shape[1], mean, invstd, bn_weight)
 
 
 def check_pool_args(x, mean, invstd, bn_weight, bn_bias, pool_args) -> tuple:
