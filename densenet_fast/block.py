@@ -163,7 +163,10 @@ class StatsGradient:
 
 
 class BlockForward:
-    """Runs the block forward; keeps what backward needs when asked to."""
+    """Runs the block forward; keeps what backward needs when asked to. Convolution weights
+    may come in another dtype than the input's (a forward without a graph gets autocast's
+    float32 masters): each is cast as its layer runs, so that one layer's cast weights are
+    alive at a time, not the block's."""
 
     def __init__(self, x: torch.Tensor, spec: BlockSpec, params, keep: bool):
         n, c0, h, w = x.shape
@@ -220,8 +223,9 @@ class BlockForward:
         norm1, norm2 = spec.layer_norms[layer]
         mean1, invstd1 = _prefix_stats(norm1, self.mean, self.var, channels,
                                        self.running.norm1[layer])
+        dtype = self.buffer.dtype
         bottleneck = bn_relu_conv1x1(self.buffer, mean1, invstd1, p.norm1_weight, p.norm1_bias,
-                                     p.conv1_weight)
+                                     cast(p.conv1_weight, dtype))
         if norm2.batch_stats:
             mean2, var2 = self._stats(bottleneck, f"layer {layer + 1}'s norm2")
             self.norm2_batch.append((mean2, var2))
@@ -233,7 +237,7 @@ class BlockForward:
         act2 = bn_relu(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias,
                        lowp_conv.compute_dtype(bottleneck))
         del bottleneck  # kept above if backward needs it; else gone before the convolution
-        new = lowp_conv.conv2d(act2, p.conv2_weight, padding=(1, 1))
+        new = lowp_conv.conv2d(act2, cast(p.conv2_weight, dtype), padding=(1, 1))
         del act2
         mask = None
         rate = spec.drop_rates[layer]
@@ -266,7 +270,7 @@ class BlockForward:
                                      self.running.tail)
         if spec.tail is Tail.TRANSITION:
             reduced = bn_relu_conv1x1(self.buffer, mean, invstd, p.norm_weight, p.norm_bias,
-                                      p.conv_weight)
+                                      cast(p.conv_weight, self.buffer.dtype))
             return F.avg_pool2d(reduced, kernel_size=2, stride=2)
         return bn_apply(self.buffer, mean, invstd, p.norm_weight, p.norm_bias, relu=False)
 

@@ -37,6 +37,7 @@ from .spec import (
     LayerParams,
     StemParams,
     StemSpec,
+    cast_conv_weights,
     from_op_arguments,
     is_synchronised,
     op_arguments,
@@ -470,7 +471,9 @@ def _backward_from(spec: BlockSpec, x: torch.Tensor, params) -> int:
 def dense_block(x: torch.Tensor, spec: BlockSpec, params, as_op: bool = False) -> torch.Tensor:
     """Run one block (and its tail). Builds a graph node only when a gradient is needed, and
     keeps for it only what the gradients asked for need; otherwise nothing is kept and each
-    bottleneck is freed as soon as it is used.
+    bottleneck is freed as soon as it is used. The convolutions compute in ``x``'s dtype:
+    their weights (``params``, as :func:`flat_block_params` lists them) are cast to it, all
+    before the node that keeps them, else each as its layer runs.
 
     Under ``torch.compile`` the node is the forward op itself, with the backward op
     registered as its gradient (``register_autograd``) instead of an autograd Function around
@@ -483,14 +486,16 @@ def dense_block(x: torch.Tensor, spec: BlockSpec, params, as_op: bool = False) -
     backward) instead of tracing the kernels' ATen ops."""
     if _needs_graph_node(x, params):
         spec = replace(spec, backward_from=_backward_from(spec, x, params))
+        # Casts before the node are graph nodes themselves: gradients reach the weights.
+        params = cast_conv_weights(spec, params, x.dtype)
         if torch.compiler.is_compiling():
             return _run_block_forward_op(x, spec, params)[0]
         with _InputInBuffer(x).hooks() or nullcontext():
             return DenseBlockFunction.apply(x, spec, *params)
     if as_op and torch.compiler.is_compiling():
         spec = replace(spec, backward_from=spec.num_layers)
-        return _run_block_forward_op(x, spec, params)[0]
-    fwd = BlockForward(x, spec, params, keep=False)
+        return _run_block_forward_op(x, spec, cast_conv_weights(spec, params, x.dtype))[0]
+    fwd = BlockForward(x, spec, params, keep=False)  # casts each layer's weights as it runs
     out = fwd.run()
     update_running_stats(fwd.running_stats_updates(), fwd.count)
     return out

@@ -42,7 +42,7 @@ from .fusion import (
 from .graph import dense_block, stem
 from .ops import reference_kernels_in_force
 from .ops.conv_layout import fused_steps_channels_last
-from .ops.formats import autocast_dtype_of, autocast_enabled, cast, memory_format_of
+from .ops.formats import autocast_dtype_of, autocast_enabled, memory_format_of
 from .spec import (
     BlockSpec,
     LayerParams,
@@ -271,14 +271,14 @@ def run_stem(conv: nn.Conv2d, norm: nn.Module, pool: nn.MaxPool2d, x: torch.Tens
                     as_op=channels_last_steps)
 
 
-def _layer_params(layer: nn.Module, dtype: torch.dtype) -> LayerParams:
-    """A checked dense layer's parameters, its convolutions' weights cast to ``dtype``."""
+def _layer_params(layer: nn.Module) -> LayerParams:
+    """A checked dense layer's parameters."""
     children = layer._modules
     norm1, norm2 = norms_of_layer(layer)
     return LayerParams(member(norm1, "weight"), member(norm1, "bias"),
-                       cast(member(children["conv1"], "weight"), dtype),
+                       member(children["conv1"], "weight"),
                        member(norm2, "weight"), member(norm2, "bias"),
-                       cast(member(children["conv2"], "weight"), dtype))
+                       member(children["conv2"], "weight"))
 
 
 def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None,
@@ -300,13 +300,14 @@ def run_block(block: DenseBlock, x: torch.Tensor, tail: nn.Module | None,
     modules = list(block._modules.values())
     dtype = _compute_dtype(modules[0].conv1.weight)
     with _without_autocast(x):
-        # Casts are graph nodes, so gradients reach the float32 master weights under autocast.
-        layers = [_layer_params(m, dtype) for m in modules]
+        # The weights as the modules hold them (autocast's float32 masters): dense_block casts
+        # them to the input's dtype, where it keeps them for backward, or layer by layer.
+        layers = [_layer_params(m) for m in modules]
         if tail is None:
             kind, tail_norm, tail_params = Tail.NONE, None, None
         elif isinstance(tail, Transition):
             kind, tail_norm = Tail.TRANSITION, norm_state(tail.norm)
-            tail_params = TailParams(tail.norm.weight, tail.norm.bias, tail.conv.weight.to(dtype))
+            tail_params = TailParams(tail.norm.weight, tail.norm.bias, tail.conv.weight)
         else:
             kind, tail_norm = Tail.NORM, norm_state(tail)
             tail_params = TailParams(tail.weight, tail.bias)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from .ops.formats import cast
 from .sync import StatsSync
 from .validation import member, output_size
 
@@ -326,3 +327,14 @@ def split_block_params(spec: BlockSpec, flat) -> tuple[list[LayerParams], TailPa
     layers = [LayerParams(*flat[size * i:size * (i + 1)]) for i in range(spec.num_layers)]
     rest = flat[size * spec.num_layers:]
     return layers, (TailParams(*rest) if spec.tail is not Tail.NONE else None)
+
+
+def cast_conv_weights(spec: BlockSpec, flat, dtype: torch.dtype) -> list:
+    """The flat list of :func:`flat_block_params` with every convolution weight cast to
+    ``dtype``, the convolutions' compute dtype (autocast's); BN parameters stay as they are."""
+    layers, tail = split_block_params(spec, flat)
+    layers = [p._replace(conv1_weight=cast(p.conv1_weight, dtype),
+                         conv2_weight=cast(p.conv2_weight, dtype)) for p in layers]
+    if tail is not None and tail.conv_weight is not None:
+        tail = tail._replace(conv_weight=cast(tail.conv_weight, dtype))
+    return flat_block_params(layers, tail)
