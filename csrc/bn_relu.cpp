@@ -33,34 +33,66 @@ void check_bn_relu_args(const at::Tensor& x, const at::Tensor& mean, const at::T
                    ", got ", out_type);
 }
 
+// Calls row(offset) for each pixel of pixel-major x (its channels at x's data + offset), or
+// plane(offset, c) for each image's channel-c plane of NCHW x, in parallel; x is dense.
+template <typename RowFn, typename PlaneFn>
+void for_each_run(const at::Tensor& x, const RowFn& row, const PlaneFn& plane) {
+  const int64_t channels = x.size(1), plane_size = x.size(2) * x.size(3);
+  if (is_pixel_major(x)) {
+    const int64_t grain = std::max<int64_t>(1, kBnReluGrain / std::max<int64_t>(channels, 1));
+    at::parallel_for(0, x.size(0) * plane_size, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) row(p * channels);
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kBnReluGrain / std::max<int64_t>(plane_size, 1));
+  at::parallel_for(0, x.size(0) * channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) plane(item * plane_size, item % channels);
+  });
+}
+
 template <typename scalar_t, typename out_t>
 void bn_relu_into(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::Tensor scale_t, shift_t;
-  std::tie(scale_t, shift_t) = scale_shift<acc_t>(mean, invstd, weight, bias);
-  const acc_t* scale = scale_t.const_data_ptr<acc_t>();
-  const acc_t* shift = shift_t.const_data_ptr<acc_t>();
+  const auto [scale_t, shift_t] = scale_shift<acc_t>(mean, invstd, weight, bias);
+  const acc_t* scale = scale_t.template const_data_ptr<acc_t>();
+  const acc_t* shift = shift_t.template const_data_ptr<acc_t>();
   const scalar_t* src = x.const_data_ptr<scalar_t>();
   out_t* dst = out.mutable_data_ptr<out_t>();
   const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
-  if (is_pixel_major(x)) {
-    const int64_t pixels = x.size(0) * plane;
-    const int64_t grain = std::max<int64_t>(1, kBnReluGrain / std::max<int64_t>(channels, 1));
-    at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        bn_relu_row(src + p * channels, scale, shift, dst + p * channels, channels);
-      }
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, kBnReluGrain / std::max<int64_t>(plane, 1));
-  at::parallel_for(0, x.size(0) * channels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t c = item % channels;
-      bn_relu_channel(src + item * plane, scale[c], shift[c], dst + item * plane, plane);
-    }
-  });
+  for_each_run(
+      x, [&](int64_t at) { bn_relu_row(src + at, scale, shift, dst + at, channels); },
+      [&](int64_t at, int64_t c) {
+        bn_relu_channel(src + at, scale[c], shift[c], dst + at, plane);
+      });
+}
+
+// The same values written over x: each element is read, then overwritten, by one iteration
+// (the out-of-place helpers' __restrict__ operands must not alias, so these loops are apart).
+template <typename scalar_t>
+void bn_relu_over(at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                  const at::Tensor& weight, const at::Tensor& bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto [scale_t, shift_t] = scale_shift<acc_t>(mean, invstd, weight, bias);
+  const acc_t* scale = scale_t.template const_data_ptr<acc_t>();
+  const acc_t* shift = shift_t.template const_data_ptr<acc_t>();
+  scalar_t* data = x.mutable_data_ptr<scalar_t>();
+  const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
+  for_each_run(
+      x,
+      [&](int64_t at) {
+        scalar_t* row = data + at;
+        for (int64_t c = 0; c < channels; ++c) {
+          row[c] = bn_relu_value<scalar_t, acc_t, scalar_t>(row[c], scale[c], shift[c]);
+        }
+      },
+      [&](int64_t at, int64_t c) {
+        scalar_t* values = data + at;
+        for (int64_t i = 0; i < plane; ++i) {
+          values[i] = bn_relu_value<scalar_t, acc_t, scalar_t>(values[i], scale[c], shift[c]);
+        }
+      });
 }
 
 at::Tensor bn_relu_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
@@ -80,8 +112,21 @@ at::Tensor bn_relu_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at:
   return out;
 }
 
+void bn_relu_inplace_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                         const at::Tensor& weight, const at::Tensor& bias) {
+  check_bn_relu_args(x, mean, invstd, weight, bias, x.scalar_type());
+  TORCH_CHECK_VALUE(is_pixel_major(x) || x.is_contiguous(),
+                    "x must be dense (NCHW or channels-last) to be overwritten, got strides ",
+                    x.strides());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_inplace",
+                                  [&] { bn_relu_over<scalar_t>(x, mean, invstd, weight, bias); });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) { m.impl("bn_relu", &bn_relu_cpu); }
+TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
+  m.impl("bn_relu", &bn_relu_cpu);
+  m.impl("bn_relu_inplace", &bn_relu_inplace_cpu);
+}
 
 }  // namespace densenet_fast

@@ -38,6 +38,7 @@ from .ops import (
     bn_relu,
     bn_relu_conv1x1,
     bn_relu_conv1x1_backward,
+    bn_relu_inplace,
     channel_stats,
     lowp_conv,
 )
@@ -232,11 +233,16 @@ class BlockForward:
         else:
             self.norm2_batch.append(None)
         mean2, invstd2 = _norm2_stats(norm2, self.norm2_batch[-1], self.running.norm2[layer])
+        kept = self.keep and spec.keeps_bottleneck(layer)
         if self.keep:
-            self.bottlenecks.append(bottleneck if spec.keeps_bottleneck(layer) else None)
-        act2 = bn_relu(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias,
-                       lowp_conv.compute_dtype(bottleneck))
-        del bottleneck  # kept above if backward needs it; else gone before the convolution
+            self.bottlenecks.append(bottleneck if kept else None)
+        act_dtype = lowp_conv.compute_dtype(bottleneck)
+        if kept or act_dtype != bottleneck.dtype:
+            act2 = bn_relu(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias, act_dtype)
+        else:  # nothing reads the bottleneck again: normalise it where it lies
+            bn_relu_inplace(bottleneck, mean2, invstd2, p.norm2_weight, p.norm2_bias)
+            act2 = bottleneck
+        del bottleneck  # kept above if backward needs it; else gone, or act2, by the convolution
         new = lowp_conv.conv2d(act2, cast(p.conv2_weight, dtype), padding=(1, 1))
         del act2
         mask = None

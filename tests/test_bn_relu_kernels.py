@@ -1,7 +1,7 @@
 """The BN-ReLU ops beside the fused 1x1 convolution: ``bn_relu`` (a dense layer's norm2-relu2)
-and the stem's ``bn_relu_max_pool2d``. The compiled CPU kernels against the reference kernels
-(``ops/torch_impl.py``): values, the pool's winners in tied and NaN windows, output dtypes and
-layouts, and errors."""
+and its in-place form, and the stem's ``bn_relu_max_pool2d``. The compiled CPU kernels against
+the reference kernels (``ops/torch_impl.py``): values, the pool's winners in tied and NaN
+windows, output dtypes and layouts, and errors."""
 
 import pytest
 import torch
@@ -62,7 +62,8 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 @needs_cpp
-@pytest.mark.parametrize("op", ["bn_relu", "bn_relu_max_pool2d", "bn_relu_max_pool2d_backward"])
+@pytest.mark.parametrize("op", ["bn_relu", "bn_relu_inplace", "bn_relu_max_pool2d",
+                                "bn_relu_max_pool2d_backward"])
 def test_compiled_kernel_serves_the_op_on_cpu(op):
     # Else the dispatcher would fall back to the reference kernels, and every comparison
     # below would compare them with themselves.
@@ -83,6 +84,34 @@ def test_bn_relu_matches_reference(shape, layout, dtype, to_stats_dtype):
     assert out.is_contiguous(memory_format=layout_kept)
     assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
     assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "reference"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_relu_inplace_writes_bn_relus_values_over_x(kernels, shape, layout, dtype):
+    """Any statistics: the same bits as the same kernels' ``bn_relu``, NaN included, in
+    ``x``'s own memory and layout."""
+    torch.manual_seed(0)
+    c = shape[1]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    x = _layout(torch.randn(shape).to(dtype), layout)
+    x[-1, -1, -1, -1] = float("nan")
+    vectors = (torch.randn(c, dtype=stats), torch.rand(c, dtype=stats) + 0.5, torch.randn(c),
+               torch.randn(c))
+    expected = _compiled_or_reference(kernels, "bn_relu")(x, *vectors)
+    address, strides = x.data_ptr(), x.stride()
+    assert _compiled_or_reference(kernels, "bn_relu_inplace")(x, *vectors) is None
+    assert x.data_ptr() == address and x.stride() == strides
+    assert torch.equal(x.isnan(), expected.isnan()) and x.isnan().any()
+    assert torch.equal(x.nan_to_num(), expected.nan_to_num())
+
+
+def test_bn_relu_inplace_opcheck():
+    x = torch.randn(2, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+    vectors = (torch.randn(5), torch.rand(5) + 0.5, torch.randn(5), torch.randn(5))
+    torch.library.opcheck(torch.ops.densenet_fast.bn_relu_inplace.default, (x, *vectors))
 
 
 @needs_cpp
@@ -254,3 +283,18 @@ def test_bn_relu_rejects_bad_arguments_before_computing(bad, kernels):
     args.update(change(args))
     with pytest.raises(error, match=message):
         op(*args.values())
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "reference"])
+@pytest.mark.parametrize("bad", BAD_ARGS[:4] + [
+    ("strided x", lambda a: {"x": _layout(a["x"], "strided")}, ValueError, "dense"),
+], ids=[b[0] for b in BAD_ARGS[:4]] + ["strided x"])
+def test_bn_relu_inplace_rejects_bad_arguments_before_writing(bad, kernels):
+    op = _compiled_or_reference(kernels, "bn_relu_inplace")
+    _, change, error, message = bad
+    args = _good_args()
+    args.update(change(args))
+    before = args["x"].clone()
+    with pytest.raises(error, match=message):
+        op(*args.values())
+    assert torch.equal(args["x"].nan_to_num(), before.nan_to_num())

@@ -184,3 +184,29 @@ def test_forward_without_gradients_casts_one_layers_weights_at_a_time(memory_for
     assert casts.most == 1
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(out.float(), unfused.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("how", ["train", "recompute", "no_grad"])
+def test_a_bottleneck_backward_does_not_read_is_normalised_in_place(how):
+    """norm2-relu2 writes over the bottleneck where nothing reads it again (a forward without
+    gradients, the recompute setting's training forward): one bottleneck-sized tensor fewer
+    per layer at the peak (densenet121 batch-8 inference: 55 -> 46 MiB in float32, Zen 4)."""
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(3, 2), num_init_features=8, bn_size=2,
+                     num_classes=3, recompute_bottleneck=how == "recompute").double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    params = list(model.parameters())
+    with torch.set_grad_enabled(how != "no_grad"):
+        with densenet_fast.unfused():
+            expected = model(x)
+        # Before the next forward updates the running statistics this graph saved.
+        expected_grads = torch.autograd.grad(expected.sum(), params) if how != "no_grad" else ()
+        with FusedOpCounter("bn_relu_inplace") as in_place, FusedOpCounter("bn_relu") as copied:
+            out = model(x)
+    layers = 3 + 2
+    assert (in_place.calls, copied.calls) == ((0, layers) if how == "train" else (layers, 0))
+    torch.testing.assert_close(out, expected)
+    if how != "no_grad":  # the recompute setting's backward recomputes the bottleneck
+        grads = torch.autograd.grad(out.sum(), params)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want)

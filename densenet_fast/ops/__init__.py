@@ -1,6 +1,6 @@
-"""The fused kernel ops (BN-ReLU-Conv1x1 and its backward, BN-ReLU, the statistics' gradient
-term and its coefficients, the stem's BN-ReLU-MaxPool and its backward, a BN's batch
-statistics and the backward of a BN on its own): defined here, once,
+"""The fused kernel ops (BN-ReLU-Conv1x1 and its backward, BN-ReLU and its in-place form, the
+statistics' gradient term and its coefficients, the stem's BN-ReLU-MaxPool and its backward,
+a BN's batch statistics and the backward of a BN on its own): defined here, once,
 from their contracts (``schema.py``) with the pure-PyTorch reference kernels
 (``torch_impl.py``) as the default for every device; the compiled backends add device kernels
 when the package activates them (``densenet_fast/__init__.py``, :mod:`densenet_fast.backends`),
@@ -77,6 +77,11 @@ def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     """``relu(bn(x))`` rounded to ``x``'s dtype, stored as ``dtype`` (contract in
     ``schema.py``)."""
     return _run("bn_relu", x, mean, invstd, bn_weight, bn_bias, dtype)
+
+
+def bn_relu_inplace(x, mean, invstd, bn_weight, bn_bias) -> None:
+    """``bn_relu`` written over ``x`` (dense; contract in ``schema.py``)."""
+    _run("bn_relu_inplace", x, mean, invstd, bn_weight, bn_bias)
 
 
 def add_stats_term(grad, x, kx, k0):

@@ -27,6 +27,11 @@ stats_grad, grad_buffer) -> (grad_conv_weight, grad_bn_weight, grad_bn_bias)``
     stored as ``dtype``: ``x``'s own, or the statistics' (float32 for bfloat16/float16 data,
     for a convolution that runs in float32, see ``lowp_conv.py``). ``x``'s memory format.
 
+``bn_relu_inplace(x, mean, invstd, bn_weight, bn_bias) -> ()``
+    ``bn_relu(x, ...)`` (``dtype`` None) written over ``x``, which must be dense (NCHW or
+    channels-last): a forward that keeps no bottleneck for backward normalises it where it
+    lies instead of holding a second copy beside it.
+
 ``add_stats_term(grad, x, kx, k0) -> out``
     ``grad + kx * x + k0`` per channel (``kx``, ``k0``: ``(C,)`` in the statistics' dtype),
     computed in that dtype and rounded to the data's, returned dense in ``x``'s memory format.
@@ -103,6 +108,8 @@ SCHEMAS = {
     "bn_relu": (
         "(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         "ScalarType? dtype=None) -> Tensor"),
+    "bn_relu_inplace": (
+        "(Tensor(a!) x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias) -> ()"),
     "add_stats_term": "(Tensor grad, Tensor x, Tensor kx, Tensor k0) -> Tensor",
     "add_stats_coefficients": (
         "(Tensor(a!) kx, Tensor(b!) k0, Tensor mean, Tensor invstd, Tensor bn_weight, "
@@ -220,6 +227,15 @@ def check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype=None) -> torch
     return dtype
 
 
+def check_bn_relu_inplace_args(x, mean, invstd, bn_weight, bn_bias) -> None:
+    """Validate :func:`bn_relu_inplace`'s arguments: :func:`check_bn_relu_args`'s, with ``x``
+    dense in NCHW or channels-last order."""
+    check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError("x must be dense (NCHW or channels-last) to be overwritten, got "
+                         f"strides {x.stride()} for shape {tuple(x.shape)}")
+
+
 def _check_grad_of_data(grad, x) -> None:
     """``x`` is 4-D floating-point data and ``grad`` a gradient of it: same shape, dtype and
     device."""
@@ -332,6 +348,10 @@ def bn_relu_fake(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     return torch.empty_like(x, dtype=dtype, memory_format=memory_format_of(x))
 
 
+def bn_relu_inplace_fake(x, mean, invstd, bn_weight, bn_bias):
+    check_bn_relu_inplace_args(x, mean, invstd, bn_weight, bn_bias)
+
+
 def stats_term_fake(grad, x, kx, k0):
     check_stats_term_args(grad, x, kx, k0)
     return torch.empty_like(x)  # preserve_format: dense in the format x's strides suggest
@@ -390,6 +410,7 @@ FAKES = {
     "bn_relu_conv1x1": (forward_fake, forward_flops),
     "bn_relu_conv1x1_backward": (backward_fake, backward_flops),
     "bn_relu": (bn_relu_fake, None),
+    "bn_relu_inplace": (bn_relu_inplace_fake, None),
     "add_stats_term": (stats_term_fake, None),
     "add_stats_coefficients": (stats_coefficients_fake, None),
     "bn_relu_max_pool2d": (pool_forward_fake, None),

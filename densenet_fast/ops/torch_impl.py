@@ -21,6 +21,7 @@ from .schema import (
     check_backward_args,
     check_bn_backward_args,
     check_bn_relu_args,
+    check_bn_relu_inplace_args,
     check_channel_stats_args,
     check_forward_args,
     check_pool_args,
@@ -94,6 +95,13 @@ def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     """Reference: ``relu(bn(x))`` in ``x``'s dtype, then stored as ``dtype``."""
     dtype = check_bn_relu_args(x, mean, invstd, bn_weight, bn_bias, dtype)
     return _laid_out_like(bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True).to(dtype), x)
+
+
+def bn_relu_inplace(x, mean, invstd, bn_weight, bn_bias):
+    """Reference: :func:`bn_relu`'s values copied over ``x`` (through a temporary: the
+    reference rounds exactly as ``bn_relu`` does, not in place)."""
+    check_bn_relu_inplace_args(x, mean, invstd, bn_weight, bn_bias)
+    x.copy_(bn_apply(x, mean, invstd, bn_weight, bn_bias, relu=True))
 
 
 def add_stats_term(grad, x, kx, k0):

@@ -23,6 +23,7 @@ from .schema import (
     FORWARD,
     check_backward_args,
     check_bn_relu_args,
+    check_bn_relu_inplace_args,
     check_forward_args,
     check_stats_coefficients_args,
     check_stats_term_args,
@@ -392,16 +393,29 @@ def bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype=None):
     if x.dtype == torch.float64:
         return torch_impl.bn_relu(x, mean, invstd, bn_weight, bn_bias, dtype)
     out = torch.empty_like(x, dtype=dtype, memory_format=memory_format_of(x))
+    _launch_bn_relu(_dense(x), mean, invstd, bn_weight, bn_bias, out)
+    return out
+
+
+def bn_relu_inplace(x, mean, invstd, bn_weight, bn_bias):
+    """Triton kernel of the ``bn_relu_inplace`` op (contract in ``schema.py``): ``bn_relu``'s
+    launch with ``x`` as its output (each element is loaded, then stored, by one program)."""
+    check_bn_relu_inplace_args(x, mean, invstd, bn_weight, bn_bias)
+    if x.dtype == torch.float64:
+        torch_impl.bn_relu_inplace(x, mean, invstd, bn_weight, bn_bias)
+        return
+    _launch_bn_relu(x, mean, invstd, bn_weight, bn_bias, x)
+
+
+def _launch_bn_relu(x, mean, invstd, bn_weight, bn_bias, out) -> None:
     if out.numel() == 0:
-        return out
-    x = _dense(x)
+        return
     n, channels, h, w = x.shape
     with _device_guard(x.device):
         _launch_elementwise(bn_relu_kernel, n * h * w, channels, x,
                             *_bn_vectors(mean, invstd, bn_weight, bn_bias), out, n * h * w,
                             channels, h * w, *_pixel_strides(x), *_pixel_strides(out),
                             FLAT=pixels_flat(h * w, x, out))
-    return out
 
 
 def add_stats_term(grad, x, kx, k0):
@@ -453,7 +467,8 @@ def add_stats_coefficients(kx, k0, mean, invstd, bn_weight, grad_bn_weight, grad
 
 
 _KERNELS = {FORWARD: bn_relu_conv1x1, BACKWARD: bn_relu_conv1x1_backward,
-            qualified("bn_relu"): bn_relu, qualified("add_stats_term"): add_stats_term,
+            qualified("bn_relu"): bn_relu, qualified("bn_relu_inplace"): bn_relu_inplace,
+            qualified("add_stats_term"): add_stats_term,
             qualified("add_stats_coefficients"): add_stats_coefficients}
 
 

@@ -230,6 +230,27 @@ def elementwise_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("layout", LAYOUTS[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bn_relu_inplace_kernel_writes_bn_relus_values(shape, layout, dtype,
+                                                       elementwise_launches):
+    """``bn_relu_inplace``: the bits of the Triton ``bn_relu`` (one launch each), over ``x``."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = _laid_out(torch.randn(shape, device=DEVICE).to(dtype), layout)
+    x[-1, -1, -1, -1] = float("nan")
+    vectors = (torch.randn(c, device=DEVICE), torch.rand(c, device=DEVICE) + 0.5,
+               torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE))
+    expected = torch.ops.densenet_fast.bn_relu(x, *vectors)
+    address = x.data_ptr()
+    torch.ops.densenet_fast.bn_relu_inplace(x, *vectors)
+    assert elementwise_launches == ["bn_relu_kernel"] * 2
+    assert x.data_ptr() == address and x.is_contiguous(memory_format=_dense_format(layout))
+    assert torch.equal(x.isnan(), expected.isnan())
+    assert torch.equal(x.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("widen", [False, True], ids=["same-dtype", "to-float32"])
