@@ -51,6 +51,8 @@ void for_each_run(const at::Tensor& x, const RowFn& row, const PlaneFn& plane) {
   });
 }
 
+// relu(bn(x)) into out, which may be x itself: then each element is read, then overwritten,
+// by one iteration, in loops of their own (the helpers' __restrict__ operands must not alias).
 template <typename scalar_t, typename out_t>
 void bn_relu_into(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
@@ -61,36 +63,19 @@ void bn_relu_into(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
   const scalar_t* src = x.const_data_ptr<scalar_t>();
   out_t* dst = out.mutable_data_ptr<out_t>();
   const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
-  for_each_run(
-      x, [&](int64_t at) { bn_relu_row(src + at, scale, shift, dst + at, channels); },
-      [&](int64_t at, int64_t c) {
-        bn_relu_channel(src + at, scale[c], shift[c], dst + at, plane);
-      });
-}
-
-// The same values written over x: each element is read, then overwritten, by one iteration
-// (the out-of-place helpers' __restrict__ operands must not alias, so these loops are apart).
-template <typename scalar_t>
-void bn_relu_over(at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-                  const at::Tensor& weight, const at::Tensor& bias) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto [scale_t, shift_t] = scale_shift<acc_t>(mean, invstd, weight, bias);
-  const acc_t* scale = scale_t.template const_data_ptr<acc_t>();
-  const acc_t* shift = shift_t.template const_data_ptr<acc_t>();
-  scalar_t* data = x.mutable_data_ptr<scalar_t>();
-  const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
+  const bool in_place = out.is_same(x);
   for_each_run(
       x,
       [&](int64_t at) {
-        scalar_t* row = data + at;
+        if (!in_place) return bn_relu_row(src + at, scale, shift, dst + at, channels);
         for (int64_t c = 0; c < channels; ++c) {
-          row[c] = bn_relu_value<scalar_t, acc_t, scalar_t>(row[c], scale[c], shift[c]);
+          dst[at + c] = bn_relu_value<scalar_t, acc_t, out_t>(src[at + c], scale[c], shift[c]);
         }
       },
       [&](int64_t at, int64_t c) {
-        scalar_t* values = data + at;
+        if (!in_place) return bn_relu_channel(src + at, scale[c], shift[c], dst + at, plane);
         for (int64_t i = 0; i < plane; ++i) {
-          values[i] = bn_relu_value<scalar_t, acc_t, scalar_t>(values[i], scale[c], shift[c]);
+          dst[at + i] = bn_relu_value<scalar_t, acc_t, out_t>(src[at + i], scale[c], shift[c]);
         }
       });
 }
@@ -118,8 +103,10 @@ void bn_relu_inplace_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor
   TORCH_CHECK_VALUE(is_pixel_major(x) || x.is_contiguous(),
                     "x must be dense (NCHW or channels-last) to be overwritten, got strides ",
                     x.strides());
+  at::Tensor out = x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_inplace",
-                                  [&] { bn_relu_over<scalar_t>(x, mean, invstd, weight, bias); });
+                                  [&] { bn_relu_into<scalar_t, scalar_t>(x, mean, invstd, weight,
+                                                                         bias, out); });
 }
 
 }  // namespace
