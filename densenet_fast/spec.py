@@ -88,6 +88,22 @@ class BatchNormSpec:
         """The tensors an op reads for this BN: its running statistics, when it uses them."""
         return [] if self.batch_stats else [self.running_mean, self.running_var]
 
+    def __eq__(self, other) -> bool:
+        """The same BN state: the same buffer objects (a spec refers to a module's buffers,
+        never to copies of them) and equal settings. The ``__eq__`` dataclass would generate
+        compares the tensors with ``==``, elementwise, whose truth value is ambiguous: on
+        Python 3.13, which compares field by field, even for the same buffers (earlier
+        versions compare tuples, which first test identity). The generated ``__hash__``
+        (frozen) hashes tensors by identity, which agrees with this."""
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            tensors = isinstance(mine, torch.Tensor) or isinstance(theirs, torch.Tensor)
+            if (mine is not theirs) if tensors else (mine != theirs):
+                return False
+        return True
+
 
 class Tail(Enum):
     """What the block computes after its layers, from the whole buffer."""

@@ -12,7 +12,7 @@ from tolerances import assert_close
 
 from densenet_fast import graph
 from densenet_fast.block import BlockForward, BlockSaved
-from densenet_fast.spec import StemSpec, Tail, from_op_arguments, op_arguments
+from densenet_fast.spec import BatchNormSpec, StemSpec, Tail, from_op_arguments, op_arguments
 
 # opcheck's utilities without test_autograd_registration: the ops are called from autograd
 # Functions (densenet_fast.graph), never with gradients recorded through them.
@@ -114,6 +114,21 @@ def test_a_spec_crosses_the_op_boundary_unchanged(case):
     decoded = from_op_arguments(type(spec), running, settings)
     assert decoded == _without_running_updates(spec)
     assert op_arguments(decoded)[1] == settings
+
+
+def test_batch_norm_specs_compare_their_buffers_by_identity():
+    """Two specs of one BN are equal (their buffers are the same objects); specs of two BNs
+    whose buffers hold the same values are not, nor are specs that differ in a setting. No
+    comparison evaluates a tensor's truth value, which raised on Python 3.13 for specs of the
+    same BN, and on every version for two BNs' specs."""
+    first, twin = torch.nn.BatchNorm2d(3).eval(), torch.nn.BatchNorm2d(3).eval()
+    spec = BatchNormSpec.of(first)
+    assert spec == BatchNormSpec.of(first) and hash(spec) == hash(BatchNormSpec.of(first))
+    assert spec != BatchNormSpec.of(twin)
+    assert spec != dataclasses.replace(spec, eps=1e-3)
+    assert spec != dataclasses.replace(spec, running_mean=None)
+    assert spec != "not a spec"
+    assert len({spec, BatchNormSpec.of(first), BatchNormSpec.of(twin)}) == 2
 
 
 def _without_running_updates(spec):
