@@ -34,10 +34,13 @@ def _info(_args) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton not installed")
+    # Named as the benchmarks name it: speed on a CPU depends on its model, not its ISA alone.
+    from .benchmark.roofline import describe_cpu
+
     if torch.cuda.is_available():
-        print(f"device: {torch.cuda.get_device_name()}")
+        print(f"device: {torch.cuda.get_device_name()}, host cpu ({describe_cpu()})")
     else:
-        print(f"device: cpu ({platform.processor() or platform.machine()})")
+        print(f"device: cpu ({describe_cpu()})")
     return 0 if info["error"] is None else 1
 
 

@@ -11,6 +11,7 @@ import torch
 from densenet_fast.benchmark import implementations
 from densenet_fast.benchmark.implementations import Implementation, ModelConfig
 from densenet_fast.benchmark.memory import measure_in_process
+from densenet_fast.benchmark.roofline import describe_cpu
 from densenet_fast.benchmark.runner import RunSettings
 
 TINY = ["--growth-rate", "8", "--block-config", "3,3", "--batch-size", "8", "--image-size",
@@ -26,6 +27,8 @@ def test_info_lists_backends_and_versions():
     proc = _cli("info")
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "active on cpu: " in proc.stdout and "cpp" in proc.stdout
+    # The CPU by model, as the benchmarks name it beside their figures.
+    assert f"device: cpu ({describe_cpu()})" in proc.stdout
 
 
 def test_bench_compares_implementations_side_by_side(tmp_path):
@@ -68,7 +71,7 @@ def test_convolution_flops_of_densenet121_are_torchvisions_figure():
 
 
 def test_cpu_is_named_with_vendor_family_and_model():
-    from densenet_fast.benchmark.roofline import cpu_model, describe_cpu
+    from densenet_fast.benchmark.roofline import cpu_model
 
     info = cpu_model()
     assert info["name"] and describe_cpu(info).startswith(info["name"])
