@@ -316,12 +316,13 @@ def _restore_backward_grads(ctx, grads):
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
 
 
-def _differentiate(ctx, forward, x, params, grad_out):
+def _differentiate(ctx, forward, x, params, grad_out, synchronised: bool):
     """A backward's gradients for ``apply(x, spec, *params)``: those of ``forward()`` at ``x``
     and ``params`` (None where the Function's input needs none) with ``grad_out`` as the
     output's gradient, through differentiable operations: a graph of their own when grad mode
-    is on (``create_graph=True``), batched under ``vmap``."""
-    if ctx.spec.sync is not None and _batched(grad_out):
+    is on (``create_graph=True``), batched under ``vmap``. ``synchronised``: the spec's batch
+    statistics are merged over ranks."""
+    if synchronised and _batched(grad_out):
         # The recomputation's collectives cannot run on batched tensors.
         raise RuntimeError(
             "densenet_fast: vmap over the backward (torch.func, or jacobian with "
@@ -392,20 +393,33 @@ class _InputInBuffer:
 
 
 def _run_block_forward_op(x, spec: BlockSpec, params):
-    """``(out, saved)``: the forward op's results, with the running statistics folded in
-    (never recorded for autograd)."""
+    """``(out, saved, (running, settings))``: the forward op's results, with the running
+    statistics folded in (never recorded for autograd), and the spec as the op took it."""
     running, settings = op_arguments(spec)
     out, *saved = dense_block_forward(x, list(params), running, *settings)
     kept = BlockSaved.load(saved, spec)
     n, c0, h, w = x.shape
     update_running_stats(running_stats_updates(spec, c0, kept.mean, kept.var, kept.norm2_batch),
                          n * h * w, kept.merged_count)
-    return out, saved
+    return out, saved, (running, settings)
 
 
-def _running_read(spec) -> list:
-    """The running statistics an eval-mode BN of the call reads (again in backward)."""
-    return op_arguments(spec)[0]
+def _keep_op_arguments(ctx, running, settings) -> None:
+    """Keep a Function's spec for backward as the ops take it, ``(running, settings)``,
+    rather than the spec: a block's spec is three Python objects per layer (its BNs' specs
+    and their pair), which, alive from forward to backward beside the saved tensors' Python
+    objects, pushed most densenet121 steps over the garbage collector's threshold (1,373
+    young collections in 1,500 steps, 228 so; docs/benchmarks.md)."""
+    ctx.running, ctx.settings = running, settings
+    # Eval-mode BNs re-read their running statistics in backward: refuse if they changed.
+    ctx.running_versions = [t._version for t in running]
+
+
+def _check_running_unchanged(ctx) -> None:
+    if ctx.running_versions != [t._version for t in ctx.running]:
+        raise RuntimeError(
+            "densenet_fast: BatchNorm running statistics read by an eval-mode forward were "
+            "modified in place before its backward")
 
 
 class DenseBlockFunction(torch.autograd.Function):
@@ -418,34 +432,29 @@ class DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: BlockSpec, *params):
-        out, saved = _run_block_forward_op(x, spec, params)
+        out, saved, (running, settings) = _run_block_forward_op(x, spec, params)
         # The input, for the differentiable route (saved as a view of the buffer: see
         # _InputInBuffer).
         ctx.save_for_backward(*saved, *params, x)
-        ctx.spec, ctx.num_saved, ctx.num_params = spec, len(saved), len(params)
-        # Eval-mode BNs re-read running statistics in backward: refuse if they changed.
-        ctx.running_versions = [t._version for t in _running_read(spec)]
+        ctx.num_saved, ctx.num_params = len(saved), len(params)
+        _keep_op_arguments(ctx, running, settings)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.running_versions != [t._version for t in _running_read(ctx.spec)]:
-            raise RuntimeError(
-                "densenet_fast: BatchNorm running statistics read by an eval-mode forward were "
-                "modified in place before its backward")
+        _check_running_unchanged(ctx)
         tensors = ctx.saved_tensors
         saved = list(tensors[:ctx.num_saved])
         params = list(tensors[ctx.num_saved:ctx.num_saved + ctx.num_params])
         if _needs_differentiable_backward(grad_out):
             return _differentiable_block_backward(ctx, grad_out, saved, params, tensors)
-        running, settings = op_arguments(ctx.spec)
-        grad_x, *grads = dense_block_backward(grad_out, saved, params, running, *settings,
-                                              ctx.needs_input_grad[0])
+        grad_x, *grads = dense_block_backward(grad_out, saved, params, ctx.running,
+                                              *ctx.settings, ctx.needs_input_grad[0])
         return _restore_backward_grads(ctx, (grad_x, None, *grads))
 
 
 def _differentiable_block_backward(ctx, grad_out, saved, params, tensors):
-    spec, x = ctx.spec, tensors[-1]
+    spec, x = from_op_arguments(BlockSpec, ctx.running, ctx.settings), tensors[-1]
     kept = BlockSaved.load(saved, spec)
     if spec.backward_from:  # the input and the frozen layers' outputs are constants
         first = kept.buffer[:, :x.shape[1] + spec.backward_from * spec.growth_rate]
@@ -453,7 +462,7 @@ def _differentiable_block_backward(ctx, grad_out, saved, params, tensors):
         first = x
     return _differentiate(
         ctx, lambda: differentiable.block_forward(first, spec, params, kept.masks), x, params,
-        grad_out)
+        grad_out, spec.sync is not None)
 
 
 def _backward_from(spec: BlockSpec, x: torch.Tensor, params) -> int:
@@ -502,15 +511,15 @@ def dense_block(x: torch.Tensor, spec: BlockSpec, params, as_op: bool = False) -
 
 
 def _run_stem_forward_op(x, spec: StemSpec, params: StemParams):
-    """``(out, saved)``: the stem's forward op, with norm0's running statistics folded in
-    (never recorded for autograd)."""
+    """``(out, saved, (running, settings))``: the stem's forward op, with norm0's running
+    statistics folded in (never recorded for autograd), and the spec as the op took it."""
     running, settings = op_arguments(spec)
     out, *saved = stem_forward(x, list(params), running, *settings)
     kept = StemSaved.load(saved, spec)
     h, w = spec.conv_output_plane(x.shape[2:], params.conv_weight.shape[2:])
     update_running_stats(kept.running_stats_updates(spec), x.shape[0] * h * w,
                          kept.merged_count)
-    return out, saved
+    return out, saved, (running, settings)
 
 
 class StemFunction(torch.autograd.Function):
@@ -520,23 +529,24 @@ class StemFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: StemSpec, *params):
-        out, saved = _run_stem_forward_op(x, spec, StemParams(*params))
+        out, saved, (running, settings) = _run_stem_forward_op(x, spec, StemParams(*params))
         ctx.save_for_backward(x, *params, *saved)
-        ctx.spec = spec
+        _keep_op_arguments(ctx, running, settings)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        _check_running_unchanged(ctx)
         x, *rest = ctx.saved_tensors
         size = len(StemParams._fields)
         params, saved = StemParams(*rest[:size]), rest[size:]
         if _needs_differentiable_backward(grad_out):
+            spec = from_op_arguments(StemSpec, ctx.running, ctx.settings)
             return _differentiate(
-                ctx, lambda: differentiable.stem_forward(x, ctx.spec, params), x, params,
-                grad_out)
-        running, settings = op_arguments(ctx.spec)
-        grad_x, *grads = stem_backward(grad_out, x, list(saved), list(params), running,
-                                       *settings, ctx.needs_input_grad[0])
+                ctx, lambda: differentiable.stem_forward(x, spec, params), x, params,
+                grad_out, spec.sync is not None)
+        grad_x, *grads = stem_backward(grad_out, x, list(saved), list(params), ctx.running,
+                                       *ctx.settings, ctx.needs_input_grad[0])
         return _restore_backward_grads(ctx, (grad_x, None, *grads))
 
 

@@ -142,6 +142,23 @@ def test_running_stats_changed_between_eval_forward_and_backward():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("norm", ["norm0", "denseblock1.denselayer2.norm1", "transition1.norm",
+                                  "norm5"])
+def test_one_running_statistic_changed_before_backward_is_refused_as_torchvision_does(norm):
+    """Whichever eval-mode BN's running variance changes in place between forward and
+    backward, the backward raises, as torchvision's does (autograd's version check). The
+    stem's gave a gradient computed with the changed statistics instead, silently."""
+    import torchvision
+
+    for lib in (torchvision.models, densenet_fast):
+        model = _small_of(lib).double().eval()
+        out = model(torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True))
+        with torch.no_grad():
+            model.features.get_submodule(norm).running_var.mul_(2)
+        with pytest.raises(RuntimeError, match="modified"):
+            out.sum().backward()
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="growth_rate must be a positive integer"):
         DenseNet(growth_rate=0)
