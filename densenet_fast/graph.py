@@ -411,7 +411,10 @@ def _keep_op_arguments(ctx, running, settings) -> None:
     objects, pushed most densenet121 steps over the garbage collector's threshold (1,373
     young collections in 1,500 steps, 228 so; docs/benchmarks.md)."""
     ctx.running, ctx.settings = running, settings
-    # Eval-mode BNs re-read their running statistics in backward: refuse if they changed.
+    # Eval-mode BNs re-read their running statistics in backward: refuse if they changed,
+    # as autograd refuses torchvision's. Checked here, not by saving them: autograd checks
+    # no version of a tensor saved through saved-tensor hooks, which the block's are
+    # (_InputInBuffer), as are a user's (save_on_cpu).
     ctx.running_versions = [t._version for t in running]
 
 
