@@ -404,25 +404,40 @@ def _run_block_forward_op(x, spec: BlockSpec, params):
     return out, saved, (running, settings)
 
 
-def _keep_op_arguments(ctx, running, settings) -> None:
+def _keep_op_arguments(ctx, params, running, settings) -> None:
     """Keep a Function's spec for backward as the ops take it, ``(running, settings)``,
     rather than the spec: a block's spec is three Python objects per layer (its BNs' specs
     and their pair), which, alive from forward to backward beside the saved tensors' Python
     objects, pushed most densenet121 steps over the garbage collector's threshold (1,373
-    young collections in 1,500 steps, 228 so; docs/benchmarks.md)."""
+    young collections in 1,500 steps, 228 so; docs/benchmarks.md).
+
+    Also the versions of what backward reads that the caller can change in place: the
+    parameters (``params``, as the Function received them) and the running statistics its
+    eval-mode BNs normalise with. Autograd refuses a backward after such a change in
+    torchvision's model, but checks no version of a tensor saved through saved-tensor hooks,
+    which the block's tensors are (:class:`_InputInBuffer`), and ``running`` is not saved:
+    :func:`_check_unchanged` refuses it here."""
     ctx.running, ctx.settings = running, settings
-    # Eval-mode BNs re-read their running statistics in backward: refuse if they changed,
-    # as autograd refuses torchvision's. Checked here, not by saving them: autograd checks
-    # no version of a tensor saved through saved-tensor hooks, which the block's are
-    # (_InputInBuffer), as are a user's (save_on_cpu).
-    ctx.running_versions = [t._version for t in running]
+    # Two flat lists: a pair per tensor would be as many more objects for the collector.
+    ctx.read = [*params, *running]
+    ctx.read_versions = [t._version for t in ctx.read]
 
 
-def _check_running_unchanged(ctx) -> None:
-    if ctx.running_versions != [t._version for t in ctx.running]:
-        raise RuntimeError(
-            "densenet_fast: BatchNorm running statistics read by an eval-mode forward were "
-            "modified in place before its backward")
+def _check_unchanged(ctx, params) -> None:
+    """Raise, as autograd does, if a tensor :func:`_keep_op_arguments` noted changed in place
+    since the forward while backward reads its memory; ``params``: the parameters as
+    backward unpacked them (a saved-tensor hook of the caller's, such as ``save_on_cpu``,
+    gives copies, which hold what forward saw, and autograd checks nothing there either)."""
+    for tensor, version, now in zip(ctx.read, ctx.read_versions, [*params, *ctx.running],
+                                    strict=True):
+        if tensor._version != version and now.data_ptr() == tensor.data_ptr():
+            raise RuntimeError(
+                "densenet_fast: one of the variables needed for gradient computation has been "
+                "modified by an inplace operation: a parameter or BatchNorm running statistic "
+                f"of a fused block or stem, [{tensor.dtype} {list(tensor.shape)}], is at "
+                f"version {tensor._version}; expected version {version} instead. It changed "
+                "between the forward that read it and this backward (an optimizer step before "
+                "the backward, say), where torchvision's model raises the same error")
 
 
 class DenseBlockFunction(torch.autograd.Function):
@@ -440,15 +455,15 @@ class DenseBlockFunction(torch.autograd.Function):
         # _InputInBuffer).
         ctx.save_for_backward(*saved, *params, x)
         ctx.num_saved, ctx.num_params = len(saved), len(params)
-        _keep_op_arguments(ctx, running, settings)
+        _keep_op_arguments(ctx, params, running, settings)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        _check_running_unchanged(ctx)
         tensors = ctx.saved_tensors
         saved = list(tensors[:ctx.num_saved])
         params = list(tensors[ctx.num_saved:ctx.num_saved + ctx.num_params])
+        _check_unchanged(ctx, params)
         if _needs_differentiable_backward(grad_out):
             return _differentiable_block_backward(ctx, grad_out, saved, params, tensors)
         grad_x, *grads = dense_block_backward(grad_out, saved, params, ctx.running,
@@ -534,15 +549,15 @@ class StemFunction(torch.autograd.Function):
     def forward(ctx, x, spec: StemSpec, *params):
         out, saved, (running, settings) = _run_stem_forward_op(x, spec, StemParams(*params))
         ctx.save_for_backward(x, *params, *saved)
-        _keep_op_arguments(ctx, running, settings)
+        _keep_op_arguments(ctx, params, running, settings)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        _check_running_unchanged(ctx)
         x, *rest = ctx.saved_tensors
         size = len(StemParams._fields)
         params, saved = StemParams(*rest[:size]), rest[size:]
+        _check_unchanged(ctx, params)
         if _needs_differentiable_backward(grad_out):
             spec = from_op_arguments(StemSpec, ctx.running, ctx.settings)
             return _differentiate(

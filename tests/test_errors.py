@@ -159,6 +159,41 @@ def test_one_running_statistic_changed_before_backward_is_refused_as_torchvision
             out.sum().backward()
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("name", [
+    "features.norm0.weight", "features.denseblock1.denselayer2.conv1.weight",
+    "features.denseblock1.denselayer1.norm2.weight",
+    "features.denseblock2.denselayer1.conv2.weight", "features.transition1.conv.weight",
+    "features.norm5.weight", "features.denseblock1.denselayer2.norm1.bias"])
+def test_a_parameter_changed_before_backward_is_refused_as_torchvision_does(name, autocast):
+    """A parameter changed in place between forward and backward (an optimizer step before
+    the backward, as in a GAN's alternating updates) makes backward raise where it does in
+    torchvision's model, autograd's error; under autocast a conv weight's bf16 copy is what
+    both saved, and both compute on. The block's tensors are saved through hooks, which
+    autograd checks no version of: its parameters were read changed, silently. A BN's bias
+    is refused where torchvision's backward, which keeps the ReLU's output, needs no bias:
+    the fused backward recomputes BN-ReLU from it."""
+    import torchvision
+
+    raised = {}
+    for lib in (torchvision.models, densenet_fast):
+        torch.manual_seed(0)
+        model = _small_of(lib)
+        x = torch.randn(2, 3, 32, 32, requires_grad=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = model(x).float().sum()
+        with torch.no_grad():
+            model.get_parameter(name).mul_(2)
+        try:
+            out.backward()
+            raised[lib] = False
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            raised[lib] = True
+    expected = raised[torchvision.models] or name.endswith(".bias")
+    assert raised[densenet_fast] == expected, raised
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="growth_rate must be a positive integer"):
         DenseNet(growth_rate=0)
