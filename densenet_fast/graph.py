@@ -404,12 +404,13 @@ def _run_block_forward_op(x, spec: BlockSpec, params):
     return out, saved, (running, settings)
 
 
-def _keep_op_arguments(ctx, params, running, settings) -> None:
-    """Keep a Function's spec for backward as the ops take it, ``(running, settings)``,
-    rather than the spec: a block's spec is three Python objects per layer (its BNs' specs
-    and their pair), which, alive from forward to backward beside the saved tensors' Python
-    objects, pushed most densenet121 steps over the garbage collector's threshold (1,373
-    young collections in 1,500 steps, 228 so; docs/benchmarks.md).
+def _keep_for_backward(ctx, params, running, settings) -> None:
+    """Keep what a Function's backward needs besides its saved tensors. The spec, as the ops
+    take it, ``(running, settings)``, rather than as spec objects: a block's spec is three
+    Python objects per layer (its BNs' specs and their pair), which, alive from forward to
+    backward beside the saved tensors' Python objects, pushed most densenet121 steps over the
+    garbage collector's threshold (1,373 young collections in 1,500 steps, 228 so;
+    docs/benchmarks.md).
 
     Also the versions of what backward reads that the caller can change in place: the
     parameters (``params``, as the Function received them) and the running statistics its
@@ -424,7 +425,7 @@ def _keep_op_arguments(ctx, params, running, settings) -> None:
 
 
 def _check_unchanged(ctx, params) -> None:
-    """Raise, as autograd does, if a tensor :func:`_keep_op_arguments` noted changed in place
+    """Raise, as autograd does, if a tensor :func:`_keep_for_backward` noted changed in place
     since the forward while backward reads its memory; ``params``: the parameters as
     backward unpacked them (a saved-tensor hook of the caller's, such as ``save_on_cpu``,
     gives copies, which hold what forward saw, and autograd checks nothing there either)."""
@@ -455,7 +456,7 @@ class DenseBlockFunction(torch.autograd.Function):
         # _InputInBuffer).
         ctx.save_for_backward(*saved, *params, x)
         ctx.num_saved, ctx.num_params = len(saved), len(params)
-        _keep_op_arguments(ctx, params, running, settings)
+        _keep_for_backward(ctx, params, running, settings)
         return out
 
     @staticmethod
@@ -549,7 +550,7 @@ class StemFunction(torch.autograd.Function):
     def forward(ctx, x, spec: StemSpec, *params):
         out, saved, (running, settings) = _run_stem_forward_op(x, spec, StemParams(*params))
         ctx.save_for_backward(x, *params, *saved)
-        _keep_op_arguments(ctx, params, running, settings)
+        _keep_for_backward(ctx, params, running, settings)
         return out
 
     @staticmethod
