@@ -32,7 +32,7 @@ from .plan import (  # noqa: F401 (run_stem: API)
 )
 from .state_dict import load_torchvision_state_dict
 from .sync import sync_of
-from .validation import check_input_tensor, check_spatial_plan
+from .validation import check_input_tensor, check_spatial_plan, stored_tensor
 
 try:  # the builders' annotations, read by torchvision.models.get_model_weights
     from torchvision.models import (
@@ -78,7 +78,7 @@ class _DenseBlock(DenseBlock):
             return self._forward_modules_then(init_features, tail)
         first = self.denselayer1
         check_input_tensor(init_features, expected_channels=first.conv1.in_channels,
-                           reference=first.conv1.weight, where=type(self).__name__)
+                           reference=stored_tensor(first.conv1), where=type(self).__name__)
         if init_features.shape[0] == 0:
             # torchvision's computation: an empty output, num_batches_tracked counted in training
             return self._forward_modules_then(init_features, tail)
@@ -125,8 +125,8 @@ class _Features(nn.Sequential):
             return self._forward_modules(x)
         conv0 = next(iter(self._modules.values())) if self._modules else None
         if isinstance(conv0, nn.Conv2d):
-            check_input_tensor(x, expected_channels=conv0.in_channels, reference=conv0.weight,
-                               where="DenseNet")
+            check_input_tensor(x, expected_channels=conv0.in_channels,
+                               reference=stored_tensor(conv0), where="DenseNet")
         steps = self.fusion_plan()
         check_spatial_plan(_named_roles(steps), x, _values_over_ranks())
         if x.shape[0] == 0:

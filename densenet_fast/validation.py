@@ -116,6 +116,19 @@ class InputTypeError(TypeError, RuntimeError):
     DenseNet raises for it (``expected scalar type ...``)."""
 
 
+def stored_tensor(module: nn.Module) -> torch.Tensor:
+    """A tensor ``module`` holds (its first parameter, else buffer), for its device and dtype,
+    read without evaluating a parametrization: ``torch.nn.utils.parametrize`` computes
+    ``weight`` on every read, and spectral_norm's power iteration then takes, in training
+    mode, a step that torchvision's forward does not (its vectors, and what the model
+    computes, drift apart)."""
+    for tensor in module.parameters():
+        return tensor
+    for tensor in module.buffers():
+        return tensor
+    raise ValueError(f"{type(module).__name__} holds no tensor to check an input against")
+
+
 def check_input_tensor(x, *, expected_channels: int, reference: torch.Tensor,
                        where: str) -> None:
     """Type, rank, dtype, channel count and device of ``x`` against a parameter of the model."""

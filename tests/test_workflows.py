@@ -397,6 +397,75 @@ def test_parametrizations_old_and_new_style_train(models, name):
                     p.sub_(0.01 * p.grad)
 
 
+class _CountedIdentity(nn.Module):
+    """A parametrization that returns its tensor and counts its evaluations: spectral_norm
+    runs a power iteration (updating its vectors) on every one in training mode, so an
+    evaluation torchvision does not make changes what the model computes."""
+
+    def __init__(self, counts, key):
+        super().__init__()
+        self.counts, self.key = counts, key
+
+    def forward(self, tensor):
+        self.counts[self.key] += 1
+        return tensor
+
+
+def _count_evaluations(model, target):
+    """Parametrize every parameter of ``target`` (a module name, or every module for "")."""
+    from collections import Counter
+    counts = Counter()
+    for name, module in list(model.named_modules()):
+        if target and name != target:
+            continue
+        for pname in [n for n, _ in module.named_parameters(recurse=False)]:
+            nn.utils.parametrize.register_parametrization(
+                module, pname, _CountedIdentity(counts, f"{name}.{pname}"))
+    return counts
+
+
+PARAMETRIZED_TARGETS = ["", "features.conv0", "features.norm0",
+                        f"{LAYER}.norm1", f"{LAYER}.conv1", f"{LAYER}.norm2", f"{LAYER}.conv2",
+                        "features.transition1.norm", "features.transition1.conv",
+                        "features.norm5", "classifier"]
+
+
+@pytest.mark.filterwarnings("ignore:.*runs through its modules")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("target", PARAMETRIZED_TARGETS, ids=lambda t: t or "every-module")
+def test_parametrizations_are_evaluated_as_often_as_by_torchvision(models, target, train):
+    """Every parameter of one module (or of all) parametrized: a forward and backward, a
+    no-grad forward and a fusion report evaluate each parametrization as many times as
+    torchvision's forwards do (the report none)."""
+    counts = [_count_evaluations(model, target) for model in models]
+    fast, ref = models
+    assert_same_step(_step(fast, train), _step(ref, train), f"{target or 'all'} parametrized")
+    assert counts[0] == counts[1] and counts[1], (counts[0] - counts[1], counts[1] - counts[0])
+    with torch.no_grad():
+        fast(_batch()[0]), ref(_batch()[0])
+    fast.fusion_report()
+    assert counts[0] == counts[1], (counts[0] - counts[1], counts[1] - counts[0])
+
+
+def test_spectral_norm_on_every_convolution_trains_as_torchvision(models):
+    """Spectral norm's power iteration runs once per forward and module, as in torchvision:
+    three SGD steps give the same outputs and vectors."""
+    for model in models:
+        torch.manual_seed(3)
+        for module in list(model.modules()):
+            if isinstance(module, nn.Conv2d):
+                nn.utils.parametrizations.spectral_norm(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(3):
+            results = [_step(model) for model in models]
+            assert_same_step(*results, f"spectral norm, step {step + 1}")
+            for model in models:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.sub_(0.1 * p.grad)
+
+
 def test_frozen_batchnorm_runs_fused(models):
     fast, ref = models
     for model in models:
