@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from helpers import FusedOpCounter, assert_grads_match, assert_models_match
 from tolerances import assert_close
 
+import densenet_fast
 from densenet_fast import DenseNet
 from densenet_fast.ops import conv_layout
 
@@ -206,3 +207,30 @@ def test_blocks_compiled_on_their_own(how):
         assert report["features.denseblock1"] == "compiled on its own (torch.compile): fused"
     else:
         assert report["features.denseblock1"] == "fused with features.transition1"
+
+
+@pytest.mark.parametrize("name", ["features.denseblock1.denselayer2.conv1.weight",
+                                  "features.denseblock1.denselayer1.norm2.weight",
+                                  "features.denseblock1.denselayer2.norm1.bias"])
+def test_compiled_backward_refuses_a_parameter_changed_since_forward(name):
+    """The compiled model, as the eager one (tests/test_errors.py), raises autograd's error
+    where a parameter changed in place between forward and backward, where torchvision's
+    compiled model does; the BN bias, which torchvision's backward does not read, too."""
+    import torchvision
+
+    raised = {}
+    for lib in (torchvision.models, densenet_fast):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = lib.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8,
+                             bn_size=2, num_classes=5)
+        out = torch.compile(model, backend="aot_eager")(torch.randn(2, 3, 32, 32)).sum()
+        with torch.no_grad():
+            model.get_parameter(name).mul_(2)
+        try:
+            out.backward()
+            raised[lib.__name__] = False
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            raised[lib.__name__] = True
+    assert raised["densenet_fast"] == (raised["torchvision.models"] or name.endswith(".bias"))
