@@ -130,7 +130,7 @@ def test_processes_writing_at_once_keep_each_others_entries(cache):
     first, second = _tuner(Timer()), _tuner(Timer(), source="other kernel")
     first.choose(CLASS, CPU, _trial)
     triton_tuning.DISK.forget()  # the second process read the file before the first wrote
-    stale = triton_tuning._DiskCache()
+    stale = triton_tuning._disk_cache()
     stale._entries, stale._path = {}, cache
     second_key = second._key(CLASS, CPU)
     stale.put(second_key, {"BLOCK_M": 1})
@@ -142,7 +142,7 @@ def test_an_unwritable_cache_warns_once_and_tuning_still_works(tmp_path, monkeyp
     blocker.write_text("")
     monkeypatch.setenv(triton_tuning.CACHE_ENV, str(blocker / "tuning.json"))  # not a dir
     triton_tuning.DISK.forget()
-    fresh = triton_tuning._DiskCache()
+    fresh = triton_tuning._disk_cache()
     monkeypatch.setattr(triton_tuning, "DISK", fresh)
     with pytest.warns(UserWarning, match="cannot write the Triton tuning cache"):
         assert _tuner(Timer()).choose(CLASS, CPU, _trial) is CONFIGS[1]

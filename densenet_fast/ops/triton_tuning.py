@@ -18,18 +18,16 @@ timing is taken: each kernel runs its pinned config, the same in every process a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import triton
+
+from ..disk_cache import DiskCache, cache_dir
 
 CACHE_ENV = "DENSENET_FAST_TRITON_CACHE"
 TUNING_ENV = "DENSENET_FAST_TRITON_TUNING"
@@ -46,10 +44,7 @@ def cache_file() -> Path:
     """Where tuned configs persist: ``$DENSENET_FAST_TRITON_CACHE``, else
     ``$XDG_CACHE_HOME/densenet_fast/triton-tuning.json`` (``~/.cache`` by default)."""
     path = os.environ.get(CACHE_ENV)
-    if path:
-        return Path(path)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "densenet_fast" / "triton-tuning.json"
+    return Path(path) if path else cache_dir() / "triton-tuning.json"
 
 
 def tuning_enabled() -> bool:
@@ -82,84 +77,11 @@ def _describe(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-class _DiskCache:
-    """The JSON file of tuned configs, read once and merged on every write.
-
-    Writes go to a temporary file renamed over the cache (atomic), under an exclusive
-    ``flock`` where the platform has one, so concurrent processes add to each other's entries.
-    A cache that cannot be read starts empty; one that cannot be written is warned about
-    once, and tuning results then last for the process."""
-
-    def __init__(self):
-        self._entries: dict | None = None
-        self._path: Path | None = None
-        self._warned = False
-        self._lock = threading.Lock()  # the kernels' tuners share this cache
-
-    def _load(self) -> dict:
-        path = cache_file()
-        if self._entries is None or path != self._path:
-            self._path, self._entries = path, self._read(path)
-        return self._entries
-
-    @staticmethod
-    def _read(path: Path) -> dict:
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return entries if isinstance(entries, dict) else {}
-
-    def get(self, key: str) -> dict | None:
-        with self._lock:
-            return self._load().get(key)
-
-    def put(self, key: str, value: dict) -> None:
-        with self._lock:
-            self._put(key, value)
-
-    def _put(self, key: str, value: dict) -> None:
-        entries = self._load()
-        entries[key] = value
-        path = cache_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with _exclusive(path.with_suffix(path.suffix + ".lock")):
-                merged = {**self._read(path), key: value}
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(merged, f, indent=1, sort_keys=True)
-                os.replace(tmp, path)
-            entries.update(merged)
-        except OSError as exc:
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"densenet_fast: cannot write the Triton tuning cache {path} "
-                              f"({exc}); set {CACHE_ENV} to a writable file to keep tuning "
-                              f"results across processes", stacklevel=3)
-
-    def forget(self) -> None:
-        """Drop what was read (the next lookup reads the file again)."""
-        with self._lock:
-            self._entries = None
+def _disk_cache() -> DiskCache:
+    return DiskCache(cache_file, "Triton tuning", CACHE_ENV)
 
 
-@contextmanager
-def _exclusive(lock_path: Path):
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the rename alone keeps the file whole
-        yield
-        return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-DISK = _DiskCache()
+DISK = _disk_cache()
 
 
 def _time_trial(run: Callable[[], None], device: torch.device) -> float:
