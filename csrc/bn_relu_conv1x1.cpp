@@ -347,7 +347,11 @@ EnginePlan plan_engine(GemmKind kind, at::ScalarType dtype, bool pixel_major, in
                       log2_floor(macs), log2_floor(inner)};
   std::lock_guard<std::mutex> lock(engines_mutex());
   const auto found = chosen_engines().find(key);
-  if (found != chosen_engines().end()) return {found->second, key};
+  if (found != chosen_engines().end()) {
+    // A choice measured, or read from the cache, while oneDNN was enabled stays unused once
+    // torch.backends.mkldnn disables it.
+    return {usable(found->second, dtype, with_onednn) ? found->second : Engine::kBlas, key};
+  }
   return {std::nullopt, key};
 }
 
@@ -387,10 +391,13 @@ void run_fastest(GemmKind kind, at::ScalarType dtype, bool pixel_major, int64_t 
       if (trial > 0) best[e] = std::min(best[e], seconds);  // trial 0 warms up
     }
   }
-  const auto engine = static_cast<Engine>(std::min_element(best, best + kEngines) - best);
+  Engine engine = static_cast<Engine>(std::min_element(best, best + kEngines) - best);
   {
+    // Threads that measured GEMMs of one key at once (tiles of one parallel_for) all run the
+    // choice stored first: a thread running its own would round its tiles differently, and
+    // which thread's measurement won would change the bits from run to run.
     std::lock_guard<std::mutex> lock(engines_mutex());
-    chosen_engines().emplace(key, engine);
+    engine = chosen_engines().emplace(key, engine).first->second;
   }
   run(engine);  // the output is the chosen engine's, whichever ran last
 }
@@ -1388,6 +1395,36 @@ std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
   return report;
 }
 
+// The measured choices as records of kEngineRecord integers (EngineKey's fields in order,
+// then the engine), after adding those of `known` whose key has no choice yet: what an
+// earlier process measured on this machine (densenet_fast/cpu_engine_cache.py), so that
+// every process runs the GEMMs with the same engines and rounds them alike.
+constexpr int64_t kEngineRecord = 7;
+std::vector<int64_t> cpu_gemm_engine_choices(const std::vector<int64_t>& known) {
+  TORCH_CHECK_VALUE(known.size() % kEngineRecord == 0, "engine records come in groups of ",
+                    kEngineRecord, " integers, got ", known.size());
+  std::vector<std::pair<EngineKey, Engine>> records;
+  for (size_t i = 0; i < known.size(); i += kEngineRecord) {
+    const int64_t* r = known.data() + i;
+    TORCH_CHECK_VALUE(r[0] >= 0 && r[0] < 3 && r[6] >= 0 && r[6] < kEngines && r[3] > 0 &&
+                          (r[2] == 0 || r[2] == 1) && r[1] >= 0 &&
+                          r[1] < static_cast<int64_t>(at::ScalarType::NumOptions),
+                      "not an engine record: (", r[0], ", ", r[1], ", ", r[2], ", ", r[3], ", ",
+                      r[4], ", ", r[5], ", ", r[6], ")");
+    records.push_back({EngineKey{static_cast<int>(r[0]), static_cast<int>(r[1]), r[2] == 1,
+                                 r[3], r[4], r[5]},
+                       static_cast<Engine>(r[6])});
+  }
+  std::lock_guard<std::mutex> lock(engines_mutex());
+  for (const auto& [key, engine] : records) chosen_engines().emplace(key, engine);
+  std::vector<int64_t> out;
+  for (const auto& [key, engine] : chosen_engines()) {
+    out.insert(out.end(), {key.kind, key.dtype, key.pixel_major ? 1 : 0, key.threads,
+                           key.log2_macs, key.log2_inner, static_cast<int64_t>(engine)});
+  }
+  return out;
+}
+
 // Whether the low-precision engine runs bfloat16 pixel-major tiles through the AMX
 // micro-kernel here (amx_gemm.h), where their operands fit it.
 bool cpu_amx_gemm() { return amx_available(at::kBFloat16); }
@@ -1397,6 +1434,7 @@ bool cpu_amx_gemm() { return amx_available(at::kBFloat16); }
 // Settings and facts of these kernels alone, not ops of the model: declared here, beside them.
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
   m.def("cpu_gemm_engine(str policy) -> str[]", &cpu_gemm_engine);
+  m.def("cpu_gemm_engine_choices(int[] known) -> int[]", &cpu_gemm_engine_choices);
   m.def("cpu_amx_gemm() -> bool", &cpu_amx_gemm);
 }
 

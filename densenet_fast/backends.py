@@ -115,6 +115,9 @@ def _load_cpp() -> str:
         importlib.import_module(module)
     except (ImportError, OSError) as exc:
         raise ImportError(f"{module} failed to load: {exc}") from exc
+    from .cpu_engine_cache import keep_across_processes
+
+    keep_across_processes(build)
     return f"compiled ATen kernels (csrc/), {reason}, loaded for torch {torch.__version__}"
 
 
@@ -237,11 +240,14 @@ def cpu_gemm_engine(policy: str | None = None) -> dict:
     oneDNN's brgemm micro-kernel called per tile (the weight gradient summed in float32 and
     rounded once), whichever is fastest on this machine: by default (``"measure"``) the
     first GEMM of each kind (which GEMM, dtype, layout, threads, size) runs with each and the
-    fastest is kept for the process; a tile whose GEMMs are all settled on "lowp" builds its
-    operands in the data's dtype, without float32 copies; ``"blas"``, ``"onednn"`` or ``"lowp"``
-    forces one engine where it applies (oneDNN where ``torch.backends.mkldnn`` enables it;
-    else float32 BLAS). Under ``torch.use_deterministic_algorithms`` measuring keeps float32
-    BLAS. ``policy`` sets it; ``"measured"`` lists the choices made so far. Returns the
+    fastest is kept, for the process and, written to a file when it exits, for every later
+    process on this CPU with this torch (:mod:`densenet_fast.cpu_engine_cache`: runs then
+    round alike, where timing noise could pick another engine); a tile whose GEMMs are all
+    settled on "lowp" builds its operands in the data's dtype, without float32 copies;
+    ``"blas"``, ``"onednn"`` or ``"lowp"`` forces one engine where it applies (oneDNN where
+    ``torch.backends.mkldnn`` enables it; else float32 BLAS). Under
+    ``torch.use_deterministic_algorithms`` measuring keeps float32 BLAS. ``policy`` sets it;
+    ``"measured"`` lists the choices made so far (read from the file included). Returns the
     settings as they were before the call. RuntimeError without the C++ kernels."""
     if "cpp" not in _loaded:
         raise RuntimeError(f"the C++ kernels are not loaded: {_status('cpp')[1]}")

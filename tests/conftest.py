@@ -1,10 +1,17 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The C++ kernels' measured GEMM engines persist across processes (cpu_engine_cache.py): each
+# test process (an xdist worker and what it starts) keeps its own, apart from the user's file,
+# read when densenet_fast is imported.
+os.environ.setdefault("DENSENET_FAST_CPU_ENGINE_CACHE", os.path.join(
+    tempfile.mkdtemp(prefix="densenet_fast-tests-"), "cpu-gemm-engines.json"))
 
 # The Triton tests need DENSENET_FAST_BACKEND=triton (and TRITON_INTERPRET=1 without a GPU)
 # set before densenet_fast is imported: test_triton_interpreter.py runs them in a process

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "densenet_fast"
 LAYERS = [
     ["ops.capability", "ops.formats", "ops.triton_kernels", "ops.triton_tuning",
      "ops.measure", "ops.lowp_conv", "ops.library", "state_dict", "validation",
-     "architecture", "timm_parts", "disk_cache", "machine"],
+     "architecture", "timm_parts", "disk_cache", "machine", "cpu_engine_cache"],
     ["ops.schema", "ops.batchnorm", "ops.conv_layout"],
     ["ops.torch_impl"],
     ["ops"],

@@ -1,0 +1,87 @@
+"""The C++ kernels' measured GEMM engines, kept on disk for the next process on this machine.
+
+The fused op times each GEMM engine (ATen's BLAS, oneDNN, a GEMM in bfloat16/float16) on the
+first large GEMM of each kind and keeps the fastest (``backends.cpu_gemm_engine``). The
+engines round differently, and where two are close the winner depends on what else the
+machine is doing (a DataLoader's workers): two runs of one training script with one seed then
+drifted apart, where torchvision's runs give the same bits. So the choices a process makes
+are written, when it exits, to a JSON file under a key naming this CPU, the kernels' build
+and torch's version, and every later process reads them when the kernels load: each runs its
+GEMMs as the first did. ``$DENSENET_FAST_CPU_ENGINE_CACHE`` names the file (by default
+``$XDG_CACHE_HOME/densenet_fast/cpu-gemm-engines.json``); deleting it measures afresh.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+
+import torch
+
+from .disk_cache import DiskCache, cache_dir
+from .machine import describe_cpu
+
+CACHE_ENV = "DENSENET_FAST_CPU_ENGINE_CACHE"
+# An engine record: the choice's key (which GEMM, dtype, layout, threads, log2 of its
+# multiply-adds and of its reduction length), then the engine (csrc/bn_relu_conv1x1.cpp).
+RECORD = 7
+
+
+def cache_file() -> Path:
+    path = os.environ.get(CACHE_ENV)
+    return Path(path) if path else cache_dir() / "cpu-gemm-engines.json"
+
+
+def machine_key(build: str) -> str:
+    """What the measured choices hold for: this CPU, the kernels' ``build`` and torch (whose
+    BLAS and oneDNN the engines are)."""
+    return "|".join([describe_cpu(), f"build {build}", f"torch {torch.__version__}"])
+
+
+def _records(flat: list[int]) -> set[tuple[int, ...]]:
+    return {tuple(flat[i:i + RECORD]) for i in range(0, len(flat), RECORD)}
+
+
+def _merge(on_disk, ours: list[list[int]]) -> list[list[int]]:
+    """The file's records, and ours for keys it lacks: a choice on disk is never replaced,
+    so processes that measured at once converge on one."""
+    kept = [list(r) for r in on_disk or [] if isinstance(r, list) and len(r) == RECORD]
+    keys = {tuple(r[:-1]) for r in kept}
+    return kept + [r for r in ours if tuple(r[:-1]) not in keys]
+
+
+class EngineCache:
+    """Loads this machine's records into the kernels, and writes the process's at exit."""
+
+    def __init__(self, build: str):
+        self.key = machine_key(build)
+        self.disk = DiskCache(cache_file, "GEMM engine", CACHE_ENV)
+        self._loaded: set[tuple[int, ...]] = set()
+
+    def load(self) -> None:
+        stored = self.disk.get(self.key) or []
+        flat = [int(v) for record in stored
+                if isinstance(record, list) and len(record) == RECORD for v in record]
+        try:
+            chosen = torch.ops.densenet_fast.cpu_gemm_engine_choices(flat)
+        except (ValueError, RuntimeError):  # a record this version cannot read: measure anew
+            chosen = torch.ops.densenet_fast.cpu_gemm_engine_choices([])
+        self._loaded = _records(chosen)
+
+    def save(self) -> None:
+        """Write the choices made since :meth:`load` (none: nothing is written)."""
+        chosen = _records(torch.ops.densenet_fast.cpu_gemm_engine_choices([]))
+        new = sorted(chosen - self._loaded)
+        if new:
+            self.disk.put(self.key, [list(r) for r in new], merge=_merge)
+            self._loaded |= set(new)
+
+
+def keep_across_processes(build: str) -> EngineCache:
+    """Read this machine's choices into the freshly loaded kernels, and write the process's
+    own when it exits."""
+    cache = EngineCache(build)
+    cache.load()
+    atexit.register(cache.save)
+    return cache

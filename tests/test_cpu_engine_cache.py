@@ -1,0 +1,101 @@
+"""The C++ kernels' measured GEMM engines, kept on disk: a later process runs its GEMMs with
+the engines the first measured (cpu_engine_cache.py), so that timing noise cannot make two
+runs of one script round differently."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import densenet_fast
+from densenet_fast import cpu_engine_cache
+from densenet_fast.backends import cpu_gemm_engine
+
+needs_cpp = pytest.mark.skipif(densenet_fast.backend_info()["active"].get("cpu") != "cpp",
+                               reason="C++ backend not active here")
+choices = getattr(torch.ops.densenet_fast, "cpu_gemm_engine_choices", None)
+
+# One fused forward, one thread, 1024 pixels x 256 channels -> 32: 2^23 multiply-adds, large
+# enough to be measured, and a reduction long enough that ATen's BLAS and oneDNN round it
+# differently; prints its output's bytes (hex) and the process's records.
+PROCESS = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    import densenet_fast
+    from densenet_fast.backends import cpu_gemm_engine
+    if len(sys.argv) > 1:
+        cpu_gemm_engine(sys.argv[1])
+    g = torch.Generator().manual_seed(0)
+    buffer = torch.randn(1, 256, 32, 32, generator=g)
+    c = 256
+    out = torch.ops.densenet_fast.bn_relu_conv1x1(
+        buffer, torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5,
+        torch.rand(c, generator=g), torch.randn(c, generator=g) * 0.1,
+        torch.randn(32, c, 1, 1, generator=g))
+    print(json.dumps({"out": out.numpy().tobytes().hex(),
+                      "records": torch.ops.densenet_fast.cpu_gemm_engine_choices([])}))
+""")
+
+
+def _run(cache, *args):
+    env = {**os.environ, cpu_engine_cache.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", PROCESS, *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_cpp
+def test_a_later_process_runs_the_engines_the_first_measured(tmp_path):
+    cache = tmp_path / "engines.json"
+    first = _run(cache)
+    records = first["records"]
+    assert records, "the first process measured no GEMM"
+    stored = json.loads(cache.read_text())
+    assert list(stored) == [cpu_engine_cache.machine_key(densenet_fast.backends.cpp_build()[0])]
+    assert sorted(sum(stored.values(), [])) == sorted(
+        records[i:i + 7] for i in range(0, len(records), 7))
+    # The file's choice is what a later process runs, not a new measurement: with the
+    # forward's engine changed in the file to one that is not measured fastest here...
+    forward = [r for r in next(iter(stored.values())) if r[0] == 0]
+    assert forward
+    for record in forward:
+        record[-1] = 1 if record[-1] == 0 else 0  # oneDNN where BLAS won, else BLAS
+    cache.write_text(json.dumps(stored))
+    engine = "onednn" if forward[0][-1] == 1 else "blas"
+    later, forced = _run(cache), _run(tmp_path / "other.json", engine)
+    # ... the later process computes, to the bit, what that engine forced computes (which
+    # the other engine rounds differently: the test tells the two apart).
+    assert later["out"] == forced["out"]
+    other = "blas" if engine == "onednn" else "onednn"
+    assert _run(tmp_path / "third.json", other)["out"] != forced["out"]
+    flat = later["records"]
+    assert sorted(flat[i:i + 7] for i in range(0, len(flat), 7)) == sorted(
+        sum(stored.values(), []))  # and it had nothing new to write
+    assert json.loads(cache.read_text()) == stored
+
+
+@needs_cpp
+def test_engine_records_are_read_where_no_choice_is_made_and_checked():
+    unused = [0, 6, 1, 97, 40, 3, 1]  # a thread count nothing here runs with
+    mine = choices(unused)
+    assert [mine[i:i + 7] for i in range(0, len(mine), 7)].count(unused) == 1
+    assert any("97 thread(s), 2^40 multiply-adds, reduction 2^3: onednn" in line
+               for line in cpu_gemm_engine()["measured"])
+    assert choices([0, 6, 1, 97, 40, 3, 0]) == mine  # a choice made is not replaced
+    with pytest.raises(ValueError, match="groups of 7"):
+        choices([0, 6, 1])
+    with pytest.raises(ValueError, match="not an engine record"):
+        choices([0, 6, 1, 97, 40, 3, 9])
+
+
+def test_records_of_other_processes_are_merged_not_replaced():
+    on_disk = [[0, 6, 1, 2, 20, 8, 1], "junk", [1, 2]]
+    ours = [[0, 6, 1, 2, 20, 8, 0], [2, 6, 1, 2, 20, 8, 2]]
+    assert cpu_engine_cache._merge(on_disk, ours) == [[0, 6, 1, 2, 20, 8, 1],
+                                                      [2, 6, 1, 2, 20, 8, 2]]
+    assert cpu_engine_cache._merge(None, ours) == ours
