@@ -46,7 +46,9 @@ def _records(flat: list[int]) -> set[tuple[int, ...]]:
 def _merge(on_disk, ours: list[list[int]]) -> list[list[int]]:
     """The file's records, and ours for keys it lacks: a choice on disk is never replaced,
     so processes that measured at once converge on one."""
-    kept = [list(r) for r in on_disk or [] if isinstance(r, list) and len(r) == RECORD]
+    on_disk = on_disk if isinstance(on_disk, list) else []
+    kept = [list(r) for r in on_disk if isinstance(r, list) and len(r) == RECORD
+            and all(isinstance(v, int) for v in r)]
     keys = {tuple(r[:-1]) for r in kept}
     return kept + [r for r in ours if tuple(r[:-1]) not in keys]
 
@@ -60,14 +62,15 @@ class EngineCache:
         self._loaded: set[tuple[int, ...]] = set()
 
     def load(self) -> None:
-        stored = self.disk.get(self.key) or []
-        flat = [int(v) for record in stored
-                if isinstance(record, list) and len(record) == RECORD for v in record]
-        try:
-            chosen = torch.ops.densenet_fast.cpu_gemm_engine_choices(flat)
-        except (ValueError, RuntimeError):  # a record this version cannot read: measure anew
-            chosen = torch.ops.densenet_fast.cpu_gemm_engine_choices([])
-        self._loaded = _records(chosen)
+        """Give the kernels the file's records; one this version cannot read (an edited
+        file) is skipped, and the GEMMs it would have settled are measured anew."""
+        stored = self.disk.get(self.key)
+        for record in stored if isinstance(stored, list) else []:
+            try:
+                torch.ops.densenet_fast.cpu_gemm_engine_choices([int(v) for v in record])
+            except (TypeError, ValueError, RuntimeError):
+                continue
+        self._loaded = _records(torch.ops.densenet_fast.cpu_gemm_engine_choices([]))
 
     def save(self) -> None:
         """Write the choices made since :meth:`load` (none: nothing is written)."""

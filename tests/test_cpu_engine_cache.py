@@ -99,3 +99,17 @@ def test_records_of_other_processes_are_merged_not_replaced():
     assert cpu_engine_cache._merge(on_disk, ours) == [[0, 6, 1, 2, 20, 8, 1],
                                                       [2, 6, 1, 2, 20, 8, 2]]
     assert cpu_engine_cache._merge(None, ours) == ours
+
+
+@needs_cpp
+@pytest.mark.parametrize("junk", [
+    [{"a": 1}, [0, 6, 1, "x", 20, 8, 1], [0, 99, 1, 1, 20, 8, 1], [0, 6, 1], "text"], 17],
+    ids=["unreadable-records", "not-a-list"])
+def test_records_this_version_cannot_read_are_measured_anew(tmp_path, junk):
+    cache = tmp_path / "engines.json"
+    key = cpu_engine_cache.machine_key(densenet_fast.backends.cpp_build()[0])
+    cache.write_text(json.dumps({key: junk, "another machine": [[0, 6, 1, 1, 20, 8, 1]]}))
+    assert _run(cache)["out"] == _run(tmp_path / "fresh.json")["out"]
+    written = json.loads(cache.read_text())
+    assert written["another machine"] == [[0, 6, 1, 1, 20, 8, 1]]
+    assert all(len(r) == 7 for r in written[key] if isinstance(r, list))
