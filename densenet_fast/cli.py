@@ -34,8 +34,15 @@ def _info(_args) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton not installed")
+    if "cpp" in info["active"].values():
+        from .backends import cpu_gemm_engine
+        from .cpu_engine_cache import cache_file
+
+        engines = cpu_gemm_engine()
+        print(f"cpu GEMM engines: {engines['policy']}, {len(engines['measured'])} choices kept "
+              f"for this machine in {cache_file()}")
     # Named as the benchmarks name it: speed on a CPU depends on its model, not its ISA alone.
-    from .benchmark.roofline import describe_cpu
+    from .machine import describe_cpu
 
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name()}, host cpu ({describe_cpu()})")

@@ -2,6 +2,8 @@
 
 import json
 import mmap
+import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +31,10 @@ def test_info_lists_backends_and_versions():
     assert "torch" in proc.stdout and "active on cpu: " in proc.stdout and "cpp" in proc.stdout
     # The CPU by model, as the benchmarks name it beside their figures.
     assert f"device: cpu ({describe_cpu()})" in proc.stdout
+    # Where the measured GEMM engines are kept (the test process's own file, conftest.py).
+    cache = os.environ["DENSENET_FAST_CPU_ENGINE_CACHE"]
+    assert re.search(rf"cpu GEMM engines: measure, \d+ choices kept for this machine in "
+                     rf"{re.escape(cache)}\n", proc.stdout), proc.stdout
 
 
 def test_bench_compares_implementations_side_by_side(tmp_path):
