@@ -1,4 +1,4 @@
-"""The C++ kernels' measured GEMM engines, kept on disk for the next process on this machine.
+"""The CPU kernels' measured choices, kept on disk for the next process on this machine.
 
 The fused op times each GEMM engine (ATen's BLAS, oneDNN, a GEMM in bfloat16/float16) on the
 first large GEMM of each kind and keeps the fastest (``backends.cpu_gemm_engine``). The
@@ -7,7 +7,9 @@ machine is doing (a DataLoader's workers): two runs of one training script with 
 drifted apart, where torchvision's runs give the same bits. So the choices a process makes
 are written, when it exits, to a JSON file under a key naming this CPU, the kernels' build
 and torch's version, and every later process reads them when the kernels load: each runs its
-GEMMs as the first did. ``$DENSENET_FAST_CPU_ENGINE_CACHE`` names the file (by default
+GEMMs as the first did. The precision of autocast's bfloat16/float16 convolutions
+(``ops/lowp_conv.py``), measured too, is kept the same way (:func:`kept_choice`).
+``$DENSENET_FAST_CPU_ENGINE_CACHE`` names the file (by default
 ``$XDG_CACHE_HOME/densenet_fast/cpu-gemm-engines.json``); deleting it measures afresh.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +34,23 @@ RECORD = 7
 def cache_file() -> Path:
     path = os.environ.get(CACHE_ENV)
     return Path(path) if path else cache_dir() / "cpu-gemm-engines.json"
+
+
+DISK = DiskCache(cache_file, "CPU kernels' measured choices", CACHE_ENV)
+
+
+def kept_choice(subject: str, case: str, measure: Callable[[], bool]) -> bool:
+    """``measure()`` for ``case`` of ``subject`` on this CPU with this torch: read from the
+    file where a process measured it before, else measured and written (a value another
+    process wrote meanwhile wins, so every later process reads one)."""
+    key = "|".join([describe_cpu(), f"torch {torch.__version__}", subject])
+    stored = DISK.get(key)
+    if isinstance(stored, dict) and isinstance(stored.get(case), bool):
+        return stored[case]
+    value = bool(measure())
+    DISK.put(key, {case: value}, merge=lambda on_disk, ours: {
+        **ours, **(on_disk if isinstance(on_disk, dict) else {})})
+    return value
 
 
 def machine_key(build: str) -> str:
@@ -58,7 +78,7 @@ class EngineCache:
 
     def __init__(self, build: str):
         self.key = machine_key(build)
-        self.disk = DiskCache(cache_file, "GEMM engine", CACHE_ENV)
+        self.disk = DISK
         self._loaded: set[tuple[int, ...]] = set()
 
     def load(self) -> None:

@@ -113,3 +113,35 @@ def test_records_this_version_cannot_read_are_measured_anew(tmp_path, junk):
     written = json.loads(cache.read_text())
     assert written["another machine"] == [[0, 6, 1, 1, 20, 8, 1]]
     assert all(len(r) == 7 for r in written[key] if isinstance(r, list))
+
+
+CONV_PRECISION = textwrap.dedent("""
+    import torch
+    torch.set_num_threads(1)
+    from densenet_fast.ops import lowp_conv
+    print(lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)))
+""")
+
+
+def test_the_convolutions_precision_is_measured_once_per_machine(tmp_path):
+    """ops/lowp_conv.py's choice (float32 or bfloat16 3x3 convolutions of bfloat16 data) is
+    the file's where a process measured it: here the file says the opposite of what this
+    machine measures, and a later process follows the file."""
+    cache = tmp_path / "choices.json"
+    env = {**os.environ, cpu_engine_cache.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", CONV_PRECISION], env=env, text=True,
+                              capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip() == "True"
+
+    from densenet_fast.ops.lowp_conv import onednn_enabled
+
+    case = f"bfloat16, 1 threads, oneDNN {onednn_enabled()}"
+    measured = run()
+    (key, cases), = json.loads(cache.read_text()).items()
+    assert key.endswith("|float32 convolution is faster")
+    assert cases == {case: measured}
+    cache.write_text(json.dumps({key: {case: not measured}}))
+    assert run() is not measured

@@ -7,8 +7,10 @@ function; only the summation order differs, as it does between any two kernels. 
 is faster depends on the CPU: with AMX or a fast AVX512-BF16 path oneDNN's bfloat16 kernels
 win; on a CPU without them (an Intel Xeon of family 6, model 207, as a guest without AMX)
 bfloat16 3x3 convolutions (forward and backward) ran 1.2-1.4x slower than float32 ones, and
-float16 ones about 100x slower. So the choice is measured, once per process, dtype and
-thread count, on a convolution shaped like a dense layer's.
+float16 ones about 100x slower. So the choice is measured on a convolution shaped like a
+dense layer's, once per dtype, thread count and oneDNN setting on a machine: later processes
+read it from the CPU kernels' file of measured choices (``cpu_engine_cache.py``), so that
+load on the machine cannot make two runs round differently.
 
 CUDA and other devices, float32 and float64 data, fake tensors (``torch.compile``'s tracing),
 code dynamo traces (a compiled forward without gradients: inductor chooses its kernels) and
@@ -22,6 +24,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from ..cpu_engine_cache import kept_choice
 from .measure import best_time
 
 # The dense layers' 3x3 convolution in densenet121's third block (batch 8): 128 -> 32
@@ -34,8 +37,12 @@ _PROBE_TRIALS = 3
 @cache
 def _float32_is_faster(dtype: torch.dtype, threads: int, mkldnn: bool) -> bool:
     """Whether a float32 3x3 convolution (forward and backward, casts included) of ``dtype``
-    values beats the native ``dtype`` one on this CPU."""
-    del threads, mkldnn  # part of the cache key: the measurement holds for them only
+    values beats the native ``dtype`` one on this CPU (measured by the first process)."""
+    case = f"{str(dtype).removeprefix('torch.')}, {threads} threads, oneDNN {mkldnn}"
+    return kept_choice("float32 convolution is faster", case, lambda: _measure(dtype))
+
+
+def _measure(dtype: torch.dtype) -> bool:
     x = torch.randn(_PROBE_SHAPE).to(dtype)
     w = torch.randn(_PROBE_OUT, _PROBE_SHAPE[1], 3, 3).to(dtype)
 
