@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -10,8 +12,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The C++ kernels' measured GEMM engines persist across processes (cpu_engine_cache.py): each
 # test process (an xdist worker and what it starts) keeps its own, apart from the user's file,
 # read when densenet_fast is imported.
-os.environ.setdefault("DENSENET_FAST_CPU_ENGINE_CACHE", os.path.join(
-    tempfile.mkdtemp(prefix="densenet_fast-tests-"), "cpu-gemm-engines.json"))
+if "DENSENET_FAST_CPU_ENGINE_CACHE" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="densenet_fast-tests-")
+    # Registered before densenet_fast's own exit hook, so it runs after the file is written.
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["DENSENET_FAST_CPU_ENGINE_CACHE"] = os.path.join(_cache_dir,
+                                                                "cpu-gemm-engines.json")
 
 # The Triton tests need DENSENET_FAST_BACKEND=triton (and TRITON_INTERPRET=1 without a GPU)
 # set before densenet_fast is imported: test_triton_interpreter.py runs them in a process
