@@ -27,7 +27,9 @@ PROCESS = textwrap.dedent("""
     torch.set_num_threads(1)
     import densenet_fast
     from densenet_fast.backends import cpu_gemm_engine
-    if len(sys.argv) > 1:
+    if sys.argv[1:] == ["mkldnn-off"]:
+        torch.backends.mkldnn.enabled = False
+    elif len(sys.argv) > 1:
         cpu_gemm_engine(sys.argv[1])
     g = torch.Generator().manual_seed(0)
     buffer = torch.randn(1, 256, 32, 32, generator=g)
@@ -76,6 +78,8 @@ def test_a_later_process_runs_the_engines_the_first_measured(tmp_path):
     flat = later["records"]
     assert sorted(flat[i:i + 7] for i in range(0, len(flat), 7)) == sorted(
         sum(stored.values(), []))  # and it had nothing new to write
+    if engine == "onednn":  # a oneDNN choice is not run once torch.backends.mkldnn disables it
+        assert _run(cache, "mkldnn-off")["out"] == _run(tmp_path / "blas.json", "blas")["out"]
     assert json.loads(cache.read_text()) == stored
 
 
