@@ -39,11 +39,17 @@ def cache_file() -> Path:
 DISK = DiskCache(cache_file, "CPU kernels' measured choices", CACHE_ENV)
 
 
+def _key(*what: str) -> str:
+    """The file's key for ``what`` measured on this CPU with this torch (whose BLAS, oneDNN
+    and convolutions the choices are between)."""
+    return "|".join([describe_cpu(), f"torch {torch.__version__}", *what])
+
+
 def kept_choice(subject: str, case: str, measure: Callable[[], bool]) -> bool:
     """``measure()`` for ``case`` of ``subject`` on this CPU with this torch: read from the
     file where a process measured it before, else measured and written (a value another
     process wrote meanwhile wins, so every later process reads one)."""
-    key = "|".join([describe_cpu(), f"torch {torch.__version__}", subject])
+    key = _key(subject)
     stored = DISK.get(key)
     if isinstance(stored, dict) and isinstance(stored.get(case), bool):
         return stored[case]
@@ -54,9 +60,8 @@ def kept_choice(subject: str, case: str, measure: Callable[[], bool]) -> bool:
 
 
 def machine_key(build: str) -> str:
-    """What the measured choices hold for: this CPU, the kernels' ``build`` and torch (whose
-    BLAS and oneDNN the engines are)."""
-    return "|".join([describe_cpu(), f"build {build}", f"torch {torch.__version__}"])
+    """The file's key for the GEMM engines of the kernels' ``build``."""
+    return _key(f"build {build}")
 
 
 def _records(flat: list[int]) -> set[tuple[int, ...]]:
@@ -78,13 +83,12 @@ class EngineCache:
 
     def __init__(self, build: str):
         self.key = machine_key(build)
-        self.disk = DISK
         self._loaded: set[tuple[int, ...]] = set()
 
     def load(self) -> None:
         """Give the kernels the file's records; one this version cannot read (an edited
         file) is skipped, and the GEMMs it would have settled are measured anew."""
-        stored = self.disk.get(self.key)
+        stored = DISK.get(self.key)
         for record in stored if isinstance(stored, list) else []:
             try:
                 torch.ops.densenet_fast.cpu_gemm_engine_choices([int(v) for v in record])
@@ -97,7 +101,7 @@ class EngineCache:
         chosen = _records(torch.ops.densenet_fast.cpu_gemm_engine_choices([]))
         new = sorted(chosen - self._loaded)
         if new:
-            self.disk.put(self.key, [list(r) for r in new], merge=_merge)
+            DISK.put(self.key, [list(r) for r in new], merge=_merge)
             self._loaded |= set(new)
 
 

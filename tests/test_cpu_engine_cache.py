@@ -43,12 +43,17 @@ PROCESS = textwrap.dedent("""
 """)
 
 
-def _run(cache, *args):
+def _python(script, cache, *args) -> str:
+    """What ``script`` prints last, run in a new process with ``cache`` as its file."""
     env = {**os.environ, cpu_engine_cache.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", PROCESS, *args], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _run(cache, *args):
+    return json.loads(_python(PROCESS, cache, *args))
 
 
 @needs_cpp
@@ -132,13 +137,9 @@ def test_the_convolutions_precision_is_measured_once_per_machine(tmp_path):
     the file's where a process measured it: here the file says the opposite of what this
     machine measures, and a later process follows the file."""
     cache = tmp_path / "choices.json"
-    env = {**os.environ, cpu_engine_cache.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
 
     def run():
-        proc = subprocess.run([sys.executable, "-c", CONV_PRECISION], env=env, text=True,
-                              capture_output=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.strip() == "True"
+        return _python(CONV_PRECISION, cache) == "True"
 
     from densenet_fast.ops.lowp_conv import onednn_enabled
 
