@@ -248,14 +248,21 @@ enum class GemmKind : int { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
 const char* const kGemmKindNames[3] = {"forward", "input gradient", "weight gradient"};
 
 // What a measured choice is remembered under: GEMMs of one kind, data dtype, layout, thread
-// count and magnitude (log2 of the multiply-adds and of the reduction length) behave alike.
+// count and magnitude (log2 of the multiply-adds and of the reduction length) behave alike,
+// as long as torch.backends.mkldnn enables oneDNN or not (`onednn`): besides being an engine
+// itself, oneDNN is what runs at::mm in bfloat16: on an AMD EPYC (family 25, Zen 4) that
+// engine ran the fused op 2x as fast as float32 BLAS with oneDNN, 4-13x slower without.
+// Choices measured with oneDNN disabled, once kept under the same key, made every later
+// process run its bfloat16 GEMMs through float32 BLAS: the fused backward at 110-176
+// GFLOP/s instead of 254-299 on densenet121's bfloat16 channels-last layers at batch 8.
 struct EngineKey {
   int kind, dtype;
-  bool pixel_major;
+  bool pixel_major, onednn;
   int64_t threads, log2_macs, log2_inner;
   bool operator<(const EngineKey& o) const {
-    return std::tie(kind, dtype, pixel_major, threads, log2_macs, log2_inner) <
-           std::tie(o.kind, o.dtype, o.pixel_major, o.threads, o.log2_macs, o.log2_inner);
+    return std::tie(kind, dtype, pixel_major, onednn, threads, log2_macs, log2_inner) <
+           std::tie(o.kind, o.dtype, o.pixel_major, o.onednn, o.threads, o.log2_macs,
+                    o.log2_inner);
   }
 };
 
@@ -343,13 +350,12 @@ EnginePlan plan_engine(GemmKind kind, at::ScalarType dtype, bool pixel_major, in
     const bool amx = pixel_major && amx_available(dtype);
     return {amx ? Engine::kLowPrecision : Engine::kBlas, {}};
   }
-  const EngineKey key{static_cast<int>(kind), static_cast<int>(dtype), pixel_major, threads,
-                      log2_floor(macs), log2_floor(inner)};
+  const EngineKey key{static_cast<int>(kind), static_cast<int>(dtype), pixel_major,
+                      onednn_usable(), threads, log2_floor(macs), log2_floor(inner)};
   std::lock_guard<std::mutex> lock(engines_mutex());
   const auto found = chosen_engines().find(key);
   if (found != chosen_engines().end()) {
-    // A choice measured, or read from the cache, while oneDNN was enabled stays unused once
-    // torch.backends.mkldnn disables it.
+    // A oneDNN choice stays unused where this GEMM does not offer oneDNN.
     return {usable(found->second, dtype, with_onednn) ? found->second : Engine::kBlas, key};
   }
   return {std::nullopt, key};
@@ -1386,7 +1392,8 @@ std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
   for (const auto& [key, engine] : chosen_engines()) {
     report.push_back(std::string(c10::toString(static_cast<at::ScalarType>(key.dtype))) +
                      ", " + (key.pixel_major ? "pixel-major" : "channel-major") + ", " +
-                     kGemmKindNames[key.kind] + ", " +
+                     kGemmKindNames[key.kind] + ", oneDNN " + (key.onednn ? "on" : "off") +
+                     ", " +
                      std::to_string(key.threads) + " thread(s), 2^" +
                      std::to_string(key.log2_macs) + " multiply-adds, reduction 2^" +
                      std::to_string(key.log2_inner) + ": " +
@@ -1399,28 +1406,31 @@ std::vector<std::string> cpu_gemm_engine(const std::string& policy) {
 // then the engine), after adding those of `known` whose key has no choice yet: what an
 // earlier process measured on this machine (densenet_fast/cpu_engine_cache.py), so that
 // every process runs the GEMMs with the same engines and rounds them alike.
-constexpr int64_t kEngineRecord = 7;
+constexpr int64_t kEngineRecord = 8;
 std::vector<int64_t> cpu_gemm_engine_choices(const std::vector<int64_t>& known) {
   TORCH_CHECK_VALUE(known.size() % kEngineRecord == 0, "engine records come in groups of ",
                     kEngineRecord, " integers, got ", known.size());
   std::vector<std::pair<EngineKey, Engine>> records;
   for (size_t i = 0; i < known.size(); i += kEngineRecord) {
     const int64_t* r = known.data() + i;
-    TORCH_CHECK_VALUE(r[0] >= 0 && r[0] < 3 && r[6] >= 0 && r[6] < kEngines && r[3] > 0 &&
-                          (r[2] == 0 || r[2] == 1) && r[1] >= 0 &&
-                          r[1] < static_cast<int64_t>(at::ScalarType::NumOptions),
+    // oneDNN cannot have been measured fastest while it was disabled.
+    TORCH_CHECK_VALUE(r[0] >= 0 && r[0] < 3 && r[7] >= 0 && r[7] < kEngines && r[4] > 0 &&
+                          (r[2] == 0 || r[2] == 1) && (r[3] == 0 || r[3] == 1) &&
+                          (r[3] == 1 || r[7] != static_cast<int64_t>(Engine::kOneDnn)) &&
+                          r[1] >= 0 && r[1] < static_cast<int64_t>(at::ScalarType::NumOptions),
                       "not an engine record: (", r[0], ", ", r[1], ", ", r[2], ", ", r[3], ", ",
-                      r[4], ", ", r[5], ", ", r[6], ")");
+                      r[4], ", ", r[5], ", ", r[6], ", ", r[7], ")");
     records.push_back({EngineKey{static_cast<int>(r[0]), static_cast<int>(r[1]), r[2] == 1,
-                                 r[3], r[4], r[5]},
-                       static_cast<Engine>(r[6])});
+                                 r[3] == 1, r[4], r[5], r[6]},
+                       static_cast<Engine>(r[7])});
   }
   std::lock_guard<std::mutex> lock(engines_mutex());
   for (const auto& [key, engine] : records) chosen_engines().emplace(key, engine);
   std::vector<int64_t> out;
   for (const auto& [key, engine] : chosen_engines()) {
-    out.insert(out.end(), {key.kind, key.dtype, key.pixel_major ? 1 : 0, key.threads,
-                           key.log2_macs, key.log2_inner, static_cast<int64_t>(engine)});
+    out.insert(out.end(), {key.kind, key.dtype, key.pixel_major ? 1 : 0, key.onednn ? 1 : 0,
+                           key.threads, key.log2_macs, key.log2_inner,
+                           static_cast<int64_t>(engine)});
   }
   return out;
 }

@@ -26,9 +26,12 @@ from .disk_cache import DiskCache, cache_dir
 from .machine import describe_cpu
 
 CACHE_ENV = "DENSENET_FAST_CPU_ENGINE_CACHE"
-# An engine record: the choice's key (which GEMM, dtype, layout, threads, log2 of its
-# multiply-adds and of its reduction length), then the engine (csrc/bn_relu_conv1x1.cpp).
-RECORD = 7
+# An engine record: the choice's key (which GEMM, dtype, layout, whether oneDNN was enabled,
+# threads, log2 of its multiply-adds and of its reduction length), then the engine
+# (csrc/bn_relu_conv1x1.cpp). Records of seven integers, written before the key named
+# oneDNN's setting, are not read: measured with oneDNN disabled, they could slow every
+# bfloat16 GEMM of a later process 2x.
+RECORD = 8
 
 
 def cache_file() -> Path:

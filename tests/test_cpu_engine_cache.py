@@ -56,6 +56,12 @@ def _run(cache, *args):
     return json.loads(_python(PROCESS, cache, *args))
 
 
+def _split(flat: list[int]) -> list[list[int]]:
+    """``cpu_gemm_engine_choices``' flat list as records."""
+    size = cpu_engine_cache.RECORD
+    return [flat[i:i + size] for i in range(0, len(flat), size)]
+
+
 @needs_cpp
 def test_a_later_process_runs_the_engines_the_first_measured(tmp_path):
     cache = tmp_path / "engines.json"
@@ -64,8 +70,7 @@ def test_a_later_process_runs_the_engines_the_first_measured(tmp_path):
     assert records, "the first process measured no GEMM"
     stored = json.loads(cache.read_text())
     assert list(stored) == [cpu_engine_cache.machine_key(densenet_fast.backends.cpp_build()[0])]
-    assert sorted(sum(stored.values(), [])) == sorted(
-        records[i:i + 7] for i in range(0, len(records), 7))
+    assert sorted(sum(stored.values(), [])) == sorted(_split(records))
     # The file's choice is what a later process runs, not a new measurement: with the
     # forward's engine changed in the file to one that is not measured fastest here...
     forward = [r for r in next(iter(stored.values())) if r[0] == 0]
@@ -81,38 +86,63 @@ def test_a_later_process_runs_the_engines_the_first_measured(tmp_path):
     other = "blas" if engine == "onednn" else "onednn"
     assert _run(tmp_path / "third.json", other)["out"] != forced["out"]
     flat = later["records"]
-    assert sorted(flat[i:i + 7] for i in range(0, len(flat), 7)) == sorted(
-        sum(stored.values(), []))  # and it had nothing new to write
+    assert sorted(_split(flat)) == sorted(sum(stored.values(), []))  # nothing new to write
+    assert json.loads(cache.read_text()) == stored
     if engine == "onednn":  # a oneDNN choice is not run once torch.backends.mkldnn disables it
         assert _run(cache, "mkldnn-off")["out"] == _run(tmp_path / "blas.json", "blas")["out"]
-    assert json.loads(cache.read_text()) == stored
 
 
 @needs_cpp
 def test_engine_records_are_read_where_no_choice_is_made_and_checked():
-    unused = [0, 6, 1, 97, 40, 3, 1]  # a thread count nothing here runs with
+    unused = [0, 6, 1, 1, 97, 40, 3, 1]  # a thread count nothing here runs with
     mine = choices(unused)
-    assert [mine[i:i + 7] for i in range(0, len(mine), 7)].count(unused) == 1
-    assert any("97 thread(s), 2^40 multiply-adds, reduction 2^3: onednn" in line
+    assert _split(mine).count(unused) == 1
+    assert any("oneDNN on, 97 thread(s), 2^40 multiply-adds, reduction 2^3: onednn" in line
                for line in cpu_gemm_engine()["measured"])
-    assert choices([0, 6, 1, 97, 40, 3, 0]) == mine  # a choice made is not replaced
-    with pytest.raises(ValueError, match="groups of 7"):
+    assert choices([0, 6, 1, 1, 97, 40, 3, 0]) == mine  # a choice made is not replaced
+    with pytest.raises(ValueError, match="groups of 8"):
         choices([0, 6, 1])
-    with pytest.raises(ValueError, match="not an engine record"):
-        choices([0, 6, 1, 97, 40, 3, 9])
+    with pytest.raises(ValueError, match="groups of 8"):
+        choices([0, 6, 1, 97, 40, 3, 1])  # a record written before oneDNN's setting was kept
+    for record in ([0, 6, 1, 1, 97, 40, 3, 9],  # no such engine
+                   [0, 6, 1, 2, 97, 40, 3, 0],  # oneDNN neither enabled nor disabled
+                   [0, 6, 1, 0, 97, 40, 3, 1]):  # oneDNN measured fastest while disabled
+        with pytest.raises(ValueError, match="not an engine record"):
+            choices(record)
+
+
+
+@needs_cpp
+def test_choices_made_with_onednn_disabled_are_not_run_with_it_enabled(tmp_path):
+    """oneDNN runs ATen's bfloat16 GEMMs too: without it every engine but float32 BLAS was
+    slow, and a file written by such a process made later ones run their bfloat16 GEMMs 2x
+    slower. A choice is kept with oneDNN's setting, and a process with the other setting
+    measures its own."""
+    cache = tmp_path / "engines.json"
+    off = _split(_run(cache, "mkldnn-off")["records"])
+    assert off and all(r[3] == 0 for r in off)
+
+    def gemm(record):  # the record's key without oneDNN's setting
+        return tuple(record[:3] + record[4:7])
+
+    on = _split(_run(cache)["records"])
+    assert sorted(map(gemm, (r for r in on if r[3] == 1))) == sorted(map(gemm, off))
+    assert sorted(sum(json.loads(cache.read_text()).values(), [])) == sorted(on)
+    assert _split(_run(cache, "mkldnn-off")["records"]) == sorted(on)  # both read back
 
 
 def test_records_of_other_processes_are_merged_not_replaced():
-    on_disk = [[0, 6, 1, 2, 20, 8, 1], "junk", [1, 2]]
-    ours = [[0, 6, 1, 2, 20, 8, 0], [2, 6, 1, 2, 20, 8, 2]]
-    assert cpu_engine_cache._merge(on_disk, ours) == [[0, 6, 1, 2, 20, 8, 1],
-                                                      [2, 6, 1, 2, 20, 8, 2]]
+    on_disk = [[0, 6, 1, 1, 2, 20, 8, 1], "junk", [1, 2], [0, 6, 1, 2, 20, 8, 1]]
+    ours = [[0, 6, 1, 1, 2, 20, 8, 0], [2, 6, 1, 1, 2, 20, 8, 2]]
+    assert cpu_engine_cache._merge(on_disk, ours) == [[0, 6, 1, 1, 2, 20, 8, 1],
+                                                      [2, 6, 1, 1, 2, 20, 8, 2]]
     assert cpu_engine_cache._merge(None, ours) == ours
 
 
 @needs_cpp
 @pytest.mark.parametrize("junk", [
-    [{"a": 1}, [0, 6, 1, "x", 20, 8, 1], [0, 99, 1, 1, 20, 8, 1], [0, 6, 1], "text"], 17],
+    [{"a": 1}, [0, 6, 1, 1, "x", 20, 8, 1], [0, 99, 1, 1, 1, 20, 8, 1], [0, 6, 1], "text",
+     [0, 6, 1, 1, 20, 8, 1]], 17],
     ids=["unreadable-records", "not-a-list"])
 def test_records_this_version_cannot_read_are_measured_anew(tmp_path, junk):
     cache = tmp_path / "engines.json"
@@ -121,7 +151,7 @@ def test_records_this_version_cannot_read_are_measured_anew(tmp_path, junk):
     assert _run(cache)["out"] == _run(tmp_path / "fresh.json")["out"]
     written = json.loads(cache.read_text())
     assert written["another machine"] == [[0, 6, 1, 1, 20, 8, 1]]
-    assert all(len(r) == 7 for r in written[key] if isinstance(r, list))
+    assert all(len(r) == cpu_engine_cache.RECORD for r in written[key] if isinstance(r, list))
 
 
 CONV_PRECISION = textwrap.dedent("""
