@@ -108,10 +108,22 @@ class EngineCache:
             self._loaded |= set(new)
 
 
+_process_cache: EngineCache | None = None  # the loaded kernels', once loaded
+
+
 def keep_across_processes(build: str) -> EngineCache:
     """Read this machine's choices into the freshly loaded kernels, and write the process's
     own when it exits."""
+    global _process_cache
     cache = EngineCache(build)
     cache.load()
     atexit.register(cache.save)
+    _process_cache = cache
     return cache
+
+
+def write_choices_now() -> None:
+    """Write the choices this process has made so far, as it would at exit, for a process
+    it starts to read (nothing without the C++ kernels)."""
+    if _process_cache is not None:
+        _process_cache.save()

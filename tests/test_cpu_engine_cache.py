@@ -180,3 +180,69 @@ def test_the_convolutions_precision_is_measured_once_per_machine(tmp_path):
     assert cases == {case: measured}
     cache.write_text(json.dumps({key: {case: not measured}}))
     assert run() is not measured
+
+
+# A bfloat16 channels-last step whose fused GEMMs are large enough to be measured (2048
+# pixels by 64-96 channels -> 128, one thread).
+BENCH_CONFIG = dict(growth_rate=32, block_config=(2,), num_init_features=64, num_classes=10,
+                    batch_size=8, image_size=64)
+
+
+@needs_cpp
+def test_memory_subprocesses_read_this_processs_choices_and_keep_theirs_to_themselves(
+        tmp_path, monkeypatch):
+    """The benchmark measures memory in subprocesses under an allocator setting that biased
+    their engine trials (benchmark/memory.py); written to the machine's file, their choices
+    slowed later training processes. They read this process's choices, written for them
+    first, and the file keeps nothing of theirs."""
+    from densenet_fast.benchmark.implementations import ModelConfig
+    from densenet_fast.benchmark.memory import MMAP_THRESHOLD_BYTES, measure_peak_memory
+    from densenet_fast.benchmark.runner import RunSettings
+
+    config = ModelConfig(**BENCH_CONFIG)
+    settings = RunSettings(autocast="bfloat16", channels_last=True)
+    args = ["--impl", "densenet_fast", "--config", json.dumps(config.to_json()),
+            "--settings", json.dumps(settings.to_json()), "--threads", "1"]
+    # Such a subprocess, on the machine's file, writes its choices there.
+    alone = tmp_path / "alone.json"
+    env = {**os.environ, cpu_engine_cache.CACHE_ENV: str(alone),
+           "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
+    subprocess.run([sys.executable, "-m", "densenet_fast.benchmark.memory", *args], env=env,
+                   check=True, capture_output=True, timeout=300)
+    key = cpu_engine_cache.machine_key(densenet_fast.backends.cpp_build()[0])
+    assert json.loads(alone.read_text())[key]
+
+    cache = tmp_path / "engines.json"
+    monkeypatch.setenv(cpu_engine_cache.CACHE_ENV, str(cache))
+    ours = [0, 6, 1, 1, 89, 40, 3, 1]  # a choice this process made (a thread count of its own)
+    mine = _split(choices(ours))
+    measure_peak_memory("densenet_fast", config, settings=settings, threads=1)
+    written = json.loads(cache.read_text())
+    assert list(written) == [key] and ours in written[key]
+    assert all(record in mine for record in written[key])
+
+
+def test_a_comparison_steps_the_fused_rows_here_before_their_memory_subprocesses(monkeypatch):
+    """So that the C++ kernels measure their engines in a process with a training process's
+    allocator, and the memory subprocesses run those choices."""
+    from densenet_fast.benchmark import report
+    from densenet_fast.benchmark.implementations import ModelConfig
+    from densenet_fast.benchmark.runner import Runner
+
+    events = []
+    step = Runner.step
+    monkeypatch.setattr(Runner, "step",
+                        lambda self, workload: (events.append(("step", self.name)),
+                                                step(self, workload))[-1])
+    monkeypatch.setattr(report, "measure_peak_memory",
+                        lambda name, *args, **kwargs: events.append(("memory", name)) or
+                        {"peak_bytes": 1, "total_peak_bytes": 1})
+    config = ModelConfig(growth_rate=4, block_config=(2,), num_init_features=8,
+                         num_classes=3, batch_size=2, image_size=32)
+    report.run_comparison(config, repeats=1, workloads=["train"], show_progress=False,
+                          implementations=["torchvision", "densenet_fast",
+                                           "densenet_fast-recompute"])
+    for name in ("densenet_fast", "densenet_fast-recompute"):
+        assert events.index(("step", name)) < events.index(("memory", name))
+    # torchvision's rows run no fused kernel: their first step is the timing's warm-up.
+    assert events.index(("memory", "torchvision")) < events.index(("step", "torchvision"))

@@ -6,6 +6,15 @@ live. After a warm-up step (weights, optimizer state, library caches in place) t
 resets its peak-RSS counter (``/proc/self/clear_refs``) and reports the peak resident memory
 of one step above the resident memory just before it. CUDA: ``max_memory_allocated`` after
 a reset, above the memory allocated before the step.
+
+The subprocess reads a copy of the machine's CPU engine cache
+(:mod:`densenet_fast.cpu_engine_cache`), so it runs the GEMM engines a process without that
+allocator setting chose, and what it chooses itself is dropped with the copy. Under the
+setting every allocation above 64 KiB faults its pages in, which the fused op's engine
+trials pay for the bfloat16 copies of a tile that a tile settled on the bfloat16 GEMM never
+makes: float32 BLAS won those trials, and its choices, written to the machine's cache, made
+every later training process run its bfloat16 fused backward 2x slower (densenet121, batch
+8, AMD EPYC of family 25).
 """
 
 from __future__ import annotations
@@ -14,11 +23,15 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
+from .. import cpu_engine_cache
 from .implementations import ModelConfig
 from .runner import WORKLOADS, Runner, RunSettings
 
@@ -95,21 +108,35 @@ def measure_peak_memory(name: str, config: ModelConfig, workload: str = "train",
     ``total_peak_bytes``; raises ``MeasurementError`` if the step fails there (for example
     out of memory), with the subprocess's last words."""
     settings = settings or RunSettings()
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
     cmd = [sys.executable, "-m", "densenet_fast.benchmark.memory", "--impl", name,
            "--workload", workload, "--config", json.dumps(config.to_json()),
            "--settings", json.dumps(settings.to_json())]
     if threads:
         cmd += ["--threads", str(threads)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise MeasurementError(f"{name} ({workload}) took longer than {timeout} s") from exc
+    with tempfile.TemporaryDirectory(prefix="densenet_fast-memory-") as scratch:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES),
+                   **{cpu_engine_cache.CACHE_ENV: _engine_cache_copy(Path(scratch))})
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise MeasurementError(f"{name} ({workload}) took longer than {timeout} s") from exc
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise MeasurementError(f"{name} ({workload}) failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _engine_cache_copy(scratch: Path) -> str:
+    """A copy, in ``scratch``, of the CPU engine cache with this process's choices written
+    to it first (see the module's docstring); its path (a file not there yet if the machine
+    has none)."""
+    cpu_engine_cache.write_choices_now()
+    source = cpu_engine_cache.cache_file()
+    copy = scratch / source.name
+    if source.is_file():
+        shutil.copyfile(source, copy)
+    return str(copy)
 
 
 class MeasurementError(RuntimeError):
