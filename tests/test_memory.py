@@ -1,5 +1,6 @@
 """The memory claim, on structure: bytes autograd keeps for backward, per block depth."""
 
+import gc
 import weakref
 
 import pytest
@@ -210,3 +211,29 @@ def test_a_bottleneck_backward_does_not_read_is_normalised_in_place(how):
         grads = torch.autograd.grad(out.sum(), params)
         for got, want in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(got, want)
+
+
+def test_blocks_free_their_weight_casts_once_their_backward_has_run():
+    """Under autocast a block receives bf16 casts of its weights and keeps them for its
+    backward; autograd frees them once that backward has run, as it frees the casts
+    torchvision's convolutions save. A reference the in-place check held kept every block's
+    casts alive to the end of the step's backward: densenet121's bf16 recompute step peaked
+    at 92 MiB instead of 79 (batch 8, 224x224)."""
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
+                     num_classes=3)
+    shapes = {tuple(m.weight.shape) for name, m in model.features.named_modules()
+              if isinstance(m, torch.nn.Conv2d) and name.startswith(("denseblock", "transition"))}
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    alive = []
+
+    def count_casts(grad):  # the input's gradient: every block's backward has run
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
+                         and o.dtype == torch.bfloat16 and tuple(o.shape) in shapes))
+
+    x.register_hook(count_casts)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model(x).float().sum()
+    loss.backward()
+    assert alive == [0]
