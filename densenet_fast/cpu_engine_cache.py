@@ -42,10 +42,20 @@ def cache_file() -> Path:
 DISK = DiskCache(cache_file, "CPU kernels' measured choices", CACHE_ENV)
 
 
+# Settings the libraries behind the engines read from the environment: the instructions
+# oneDNN, MKL and ATen's kernels may use, and oneDNN's float32 math (bfloat16 under
+# ONEDNN_DEFAULT_FPMATH_MODE=BF16). They change which engine is fastest and what it computes,
+# so a choice made under one is kept under it alone.
+LIBRARY_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+                    "DNNL_DEFAULT_FPMATH_MODE", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
 def _key(*what: str) -> str:
     """The file's key for ``what`` measured on this CPU with this torch (whose BLAS, oneDNN
-    and convolutions the choices are between)."""
-    return "|".join([describe_cpu(), f"torch {torch.__version__}", *what])
+    and convolutions the choices are between) and the libraries' settings in force."""
+    settings = [f"{name}={os.environ[name]}" for name in LIBRARY_SETTINGS
+                if os.environ.get(name)]
+    return "|".join([describe_cpu(), f"torch {torch.__version__}", *settings, *what])
 
 
 def kept_choice(subject: str, case: str, measure: Callable[[], bool]) -> bool:

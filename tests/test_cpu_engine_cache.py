@@ -131,6 +131,21 @@ def test_choices_made_with_onednn_disabled_are_not_run_with_it_enabled(tmp_path)
     assert _split(_run(cache, "mkldnn-off")["records"]) == sorted(on)  # both read back
 
 
+
+@needs_cpp
+def test_choices_made_under_a_librarys_isa_limit_are_kept_under_it(tmp_path, monkeypatch):
+    """oneDNN limited to AVX2 runs ATen's bfloat16 GEMMs without AVX512_BF16: what wins then
+    is not what wins without the limit, so the two are kept under different keys."""
+    build = densenet_fast.backends.cpp_build()[0]
+    plain = cpu_engine_cache.machine_key(build)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    limited = cpu_engine_cache.machine_key(build)
+    assert limited != plain and "ONEDNN_MAX_CPU_ISA=AVX2" in limited
+    cache = tmp_path / "engines.json"
+    _run(cache)
+    assert list(json.loads(cache.read_text())) == [limited]
+
+
 def test_records_of_other_processes_are_merged_not_replaced():
     on_disk = [[0, 6, 1, 1, 2, 20, 8, 1], "junk", [1, 2], [0, 6, 1, 2, 20, 8, 1]]
     ours = [[0, 6, 1, 1, 2, 20, 8, 0], [2, 6, 1, 1, 2, 20, 8, 2]]
