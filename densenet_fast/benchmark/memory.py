@@ -10,11 +10,11 @@ a reset, above the memory allocated before the step.
 The subprocess reads a copy of the machine's CPU engine cache
 (:mod:`densenet_fast.cpu_engine_cache`), so it runs the GEMM engines a process without that
 allocator setting chose, and what it chooses itself is dropped with the copy. Under the
-setting every allocation above 64 KiB faults its pages in, which the fused op's engine
-trials pay for the bfloat16 copies of a tile that a tile settled on the bfloat16 GEMM never
-makes: float32 BLAS won those trials, and its choices, written to the machine's cache, made
-every later training process run its bfloat16 fused backward 2x slower (densenet121, batch
-8, AMD EPYC of family 25).
+setting every allocation above 64 KiB faults its pages in, and the fused op's engine trials
+allocate where tiles settled on an engine do not: float32 BLAS won most of them, and its
+choices, written to the machine's cache, made every later training process run its
+bfloat16 fused backward 2x slower (densenet121, batch 8, AMD EPYC of family 25). The trials
+allocate less since (csrc/bn_relu_conv1x1.cpp, ``lowp_operand``), not nothing.
 """
 
 from __future__ import annotations
