@@ -159,20 +159,24 @@ def test_one_running_statistic_changed_before_backward_is_refused_as_torchvision
             out.sum().backward()
 
 
+@pytest.mark.parametrize("retained", [False, True], ids=["first-backward", "second-backward"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("name", [
     "features.norm0.weight", "features.denseblock1.denselayer2.conv1.weight",
     "features.denseblock1.denselayer1.norm2.weight",
     "features.denseblock2.denselayer1.conv2.weight", "features.transition1.conv.weight",
     "features.norm5.weight", "features.denseblock1.denselayer2.norm1.bias"])
-def test_a_parameter_changed_before_backward_is_refused_as_torchvision_does(name, autocast):
+def test_a_parameter_changed_before_backward_is_refused_as_torchvision_does(name, autocast,
+                                                                           retained):
     """A parameter changed in place between forward and backward (an optimizer step before
     the backward, as in a GAN's alternating updates) makes backward raise where it does in
     torchvision's model, autograd's error; under autocast a conv weight's bf16 copy is what
     both saved, and both compute on. The block's tensors are saved through hooks, which
     autograd checks no version of: its parameters were read changed, silently. A BN's bias
     is refused where torchvision's backward, which keeps the ReLU's output, needs no bias:
-    the fused backward recomputes BN-ReLU from it."""
+    the fused backward recomputes BN-ReLU from it. ``retained``: changed between a first
+    backward that kept the graph and a second one, which the block checks again (its own
+    references to autocast's casts are dropped after the first, the leaves kept)."""
     import torchvision
 
     raised = {}
@@ -182,6 +186,8 @@ def test_a_parameter_changed_before_backward_is_refused_as_torchvision_does(name
         x = torch.randn(2, 3, 32, 32, requires_grad=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             out = model(x).float().sum()
+        if retained:
+            out.backward(retain_graph=True)
         with torch.no_grad():
             model.get_parameter(name).mul_(2)
         try:
