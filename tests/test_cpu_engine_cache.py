@@ -254,9 +254,12 @@ def test_a_comparison_steps_the_fused_rows_here_before_their_memory_subprocesses
                         {"peak_bytes": 1, "total_peak_bytes": 1})
     config = ModelConfig(growth_rate=4, block_config=(2,), num_init_features=8,
                          num_classes=3, batch_size=2, image_size=32)
-    report.run_comparison(config, repeats=1, workloads=["train"], show_progress=False,
-                          implementations=["torchvision", "densenet_fast",
-                                           "densenet_fast-recompute"])
+    results = report.run_comparison(config, repeats=1, workloads=["train"],
+                                    show_progress=False,
+                                    implementations=["torchvision", "densenet_fast",
+                                                     "densenet_fast-recompute"])
+    if results["backend"].get("cpu") == "cpp":  # the engines the timed steps ran are named
+        assert results["cpu_gemm_engines"] == cpu_gemm_engine()
     for name in ("densenet_fast", "densenet_fast-recompute"):
         assert events.index(("step", name)) < events.index(("memory", name))
     # torchvision's rows run no fused kernel: their first step is the timing's warm-up.

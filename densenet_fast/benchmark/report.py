@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import backend_info
+from ..backends import backend_info, cpu_gemm_engine
 from .implementations import BASELINE, ModelConfig, available_implementations, describe
 from .memory import MeasurementError, measure_peak_memory
 from .progress import progress_bar
@@ -70,6 +70,10 @@ def run_comparison(config: ModelConfig, settings: RunSettings | None = None, rep
         method = next((m["method"] for m in memory.values() if "method" in m), "")
         results["workloads"][workload] = {"memory_method": method, "conv_flops": flops,
                                           "rows": rows}
+    if settings.device == "cpu" and results["backend"].get("cpu") == "cpp":
+        # The GEMM engines the timed steps ran (measured here, or read from the machine's
+        # cache, which an earlier process may have filled under other conditions).
+        results["cpu_gemm_engines"] = cpu_gemm_engine()
     return results
 
 
