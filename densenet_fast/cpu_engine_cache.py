@@ -5,9 +5,10 @@ first large GEMM of each kind and keeps the fastest (``backends.cpu_gemm_engine`
 engines round differently, and where two are close the winner depends on what else the
 machine is doing (a DataLoader's workers): two runs of one training script with one seed then
 drifted apart, where torchvision's runs give the same bits. So the choices a process makes
-are written, when it exits, to a JSON file under a key naming this CPU, the kernels' build
-and torch's version, and every later process reads them when the kernels load: each runs its
-GEMMs as the first did. The precision of autocast's bfloat16/float16 convolutions
+are written, when it exits, to a JSON file under a key naming this CPU, the kernels' build,
+torch's version and the environment's limits on the engines' libraries (each record also
+names whether oneDNN was enabled), and every later process reads them when the kernels load:
+each runs its GEMMs as the first did. The precision of autocast's bfloat16/float16 convolutions
 (``ops/lowp_conv.py``), measured too, is kept the same way (:func:`kept_choice`).
 ``$DENSENET_FAST_CPU_ENGINE_CACHE`` names the file (by default
 ``$XDG_CACHE_HOME/densenet_fast/cpu-gemm-engines.json``); deleting it measures afresh.
