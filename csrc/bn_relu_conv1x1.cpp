@@ -221,6 +221,40 @@ at::Tensor tile_matrix(bool pixel_major, acc_t* data, int64_t len, int64_t width
 // out = a @ b, written into `out` (a view of existing memory).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
+// ATen's float32 GEMMs (at::mm, addmm, cpublas::gemm) follow the matmul precision:
+// torch.set_float32_matmul_precision("medium") lets oneDNN compute them in bfloat16 on a CPU
+// with bfloat16 instructions. torchvision's convolutions, the products these GEMMs stand for,
+// follow the convolution one (torch.backends.mkldnn.conv.fp32_precision), which that call
+// leaves alone: with only the matmul setting lowered (for a model's Linear layers, say),
+// densenet121's float32 features came out at 4e-3 relative error in eval and 5e-2 in
+// training, torchvision's at 3e-7 and 1e-5 (Intel Xeon with AMX). So for the fused op's
+// duration the matmul setting is the convolution's, then it is restored. The setting is the
+// process's: a float32 matmul another thread runs meanwhile runs under it too.
+class ConvolutionPrecisionForGemms {
+ public:
+  explicit ConvolutionPrecisionForGemms(at::ScalarType dtype) {
+    if (dtype != at::kFloat) return;  // other dtypes' GEMMs ignore the setting
+    auto& context = at::globalContext();
+    const auto conv = context.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV);
+    const auto matmul =
+        context.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+    if (matmul == conv) return;
+    context.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, conv);
+    saved_ = matmul;
+  }
+  ~ConvolutionPrecisionForGemms() {
+    if (saved_) {
+      at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN,
+                                              at::Float32Op::MATMUL, *saved_);
+    }
+  }
+  ConvolutionPrecisionForGemms(const ConvolutionPrecisionForGemms&) = delete;
+  ConvolutionPrecisionForGemms& operator=(const ConvolutionPrecisionForGemms&) = delete;
+
+ private:
+  std::optional<at::Float32Precision> saved_;
+};
+
 // Which kernel runs a GEMM of a 1x1 convolution. Float32 data: ATen's BLAS (at::mm) or
 // oneDNN (a 1x1 convolution primitive). Neither wins everywhere: on an AMD EPYC (Zen 5)
 // oneDNN ran the forward's large tiles 1.2-2x as fast as ATen's BLAS, on an Intel Xeon
@@ -1346,6 +1380,7 @@ at::Tensor forward_cpu(const at::Tensor& buffer_in, const at::Tensor& mean,
                        const at::Tensor& bn_bias, const at::Tensor& conv_weight) {
   check_forward_args(buffer_in, mean, invstd, bn_weight, bn_bias, conv_weight);
   const at::Tensor buffer = dense_buffer(buffer_in);
+  const ConvolutionPrecisionForGemms precision(buffer.scalar_type());
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer.scalar_type(), "bn_relu_conv1x1",
                                         [&] {
     return forward_impl<scalar_t>(buffer, mean, invstd, bn_weight, bn_bias, conv_weight);
@@ -1384,6 +1419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool same_layout = grad_buffer.strides() == buffer.strides() &&
                            grad_buffer.sizes() == buffer.sizes();
   at::Tensor target = same_layout ? grad_buffer : at::zeros_like(buffer);
+  const ConvolutionPrecisionForGemms precision(buffer.scalar_type());
   auto result = AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, buffer.scalar_type(), "bn_relu_conv1x1_backward", [&] {
         return backward_impl<scalar_t>(grad_out, buffer, mean, invstd, bn_weight, bn_bias,
