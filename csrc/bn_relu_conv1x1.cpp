@@ -227,32 +227,47 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 // follow the convolution one (torch.backends.mkldnn.conv.fp32_precision), which that call
 // leaves alone: with only the matmul setting lowered (for a model's Linear layers, say),
 // densenet121's float32 features came out at 4e-3 relative error in eval and 5e-2 in
-// training, torchvision's at 3e-7 and 1e-5 (Intel Xeon with AMX). So for the fused op's
-// duration the matmul setting is the convolution's, then it is restored. The setting is the
-// process's: a float32 matmul another thread runs meanwhile runs under it too.
+// training, torchvision's at 3e-7 and 1e-5 (Intel Xeon with AMX). So while fused ops of
+// float32 data run, the matmul setting is the convolution's; the last one to finish restores
+// it. The setting is the process's: a float32 matmul another thread runs meanwhile runs under
+// it too.
 class ConvolutionPrecisionForGemms {
  public:
-  explicit ConvolutionPrecisionForGemms(at::ScalarType dtype) {
-    if (dtype != at::kFloat) return;  // other dtypes' GEMMs ignore the setting
+  explicit ConvolutionPrecisionForGemms(at::ScalarType dtype) : engaged_(dtype == at::kFloat) {
+    if (!engaged_) return;  // other dtypes' GEMMs ignore the setting
+    std::lock_guard<std::mutex> lock(state().mutex);
+    if (state().running++ > 0) return;  // set by an op still running on another thread
     auto& context = at::globalContext();
     const auto conv = context.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV);
     const auto matmul =
         context.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+    state().saved.reset();
     if (matmul == conv) return;
     context.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, conv);
-    saved_ = matmul;
+    state().saved = matmul;
   }
   ~ConvolutionPrecisionForGemms() {
-    if (saved_) {
-      at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN,
-                                              at::Float32Op::MATMUL, *saved_);
-    }
+    if (!engaged_) return;
+    std::lock_guard<std::mutex> lock(state().mutex);
+    if (--state().running > 0 || !state().saved) return;
+    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL,
+                                            *state().saved);
   }
   ConvolutionPrecisionForGemms(const ConvolutionPrecisionForGemms&) = delete;
   ConvolutionPrecisionForGemms& operator=(const ConvolutionPrecisionForGemms&) = delete;
 
  private:
-  std::optional<at::Float32Precision> saved_;
+  // The ops running now, and the matmul setting the first of them found (none: unchanged).
+  struct State {
+    std::mutex mutex;
+    int running = 0;
+    std::optional<at::Float32Precision> saved;
+  };
+  static State& state() {
+    static State s;
+    return s;
+  }
+  const bool engaged_;
 };
 
 // Which kernel runs a GEMM of a 1x1 convolution. Float32 data: ATen's BLAS (at::mm) or

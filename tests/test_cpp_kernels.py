@@ -274,6 +274,44 @@ def test_float32_gemms_follow_the_convolution_precision_not_the_matmul_one(memor
 
 
 @needs_cpp
+def test_float32_gemms_keep_the_convolution_precision_with_ops_on_several_threads(gemm_engine):
+    # Ops of several threads at once: each runs under the convolution's precision until the
+    # last one ends, and the matmul setting found before the first is what is left after.
+    import threading
+
+    mkldnn = torch.backends.mkldnn
+    gemm_engine("blas")
+    case = op_case(ONEDNN, torch.float32, batch_stats=True)
+    saved = mkldnn.matmul.fp32_precision
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(run_kernels(ACTIVE_KERNELS, case, True))
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    try:
+        mkldnn.matmul.fp32_precision = "ieee"
+        full = run_kernels(ACTIVE_KERNELS, case, True)
+        mkldnn.matmul.fp32_precision = "bf16"
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert mkldnn.matmul.fp32_precision == "bf16"
+    finally:
+        mkldnn.matmul.fp32_precision = saved
+    assert not errors, errors
+    assert len(results) == 9
+    for result in results:
+        for name, a, b in zip(full._fields, full, result, strict=True):
+            assert torch.equal(a, b), name
+
+
+@needs_cpp
 def test_cpp_accepts_other_layouts_of_its_arguments():
     shape = (2, 9, 7, 5, 6, 5)
     # A buffer in neither layout: copied by the kernel.
