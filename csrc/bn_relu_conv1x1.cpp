@@ -373,6 +373,17 @@ bool usable(Engine engine, at::ScalarType dtype, bool with_onednn) {
   return applies(engine, dtype) && (with_onednn || engine != Engine::kOneDnn);
 }
 
+// Whether float32 convolutions may compute in a lower precision (torch.backends.mkldnn.conv's
+// fp32_precision "bf16" or "tf32"), which ConvolutionPrecisionForGemms passes on to the
+// float32 GEMMs. Their engines are then not measured: every engine runs through oneDNN at that
+// precision, and a choice made so, kept under the same key as IEEE ones, could slow every later
+// IEEE process (as choices made with oneDNN disabled once did); ATen's BLAS serves them.
+bool reduced_convolution_precision() {
+  const auto precision =
+      at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV);
+  return precision == at::Float32Precision::BF16 || precision == at::Float32Precision::TF32;
+}
+
 // Where the engine of a GEMM stands: settled (`engine`), or to be measured under `key`.
 struct EnginePlan {
   std::optional<Engine> engine;
@@ -392,7 +403,8 @@ EnginePlan plan_engine(GemmKind kind, at::ScalarType dtype, bool pixel_major, in
   // The calling thread's GEMM is shared by every thread, which oneDNN does for one short
   // row of pixels only with twice the work per thread.
   const int64_t needed = threads == 1 ? kMeasuredMinMacs : 2 * kMeasuredMinMacs * threads;
-  if (dtype == at::kDouble || at::globalContext().deterministicAlgorithms()) {
+  if (dtype == at::kDouble || at::globalContext().deterministicAlgorithms() ||
+      (dtype == at::kFloat && reduced_convolution_precision())) {
     return {Engine::kBlas, {}};
   }
   if (macs < needed) {
@@ -420,9 +432,9 @@ bool settled_on_low_precision(GemmKind kind, at::ScalarType dtype, bool pixel_ma
 
 // Runs a GEMM of kind `kind`, `macs` multiply-adds with reduction length `inner`, on `dtype`
 // data through `run(engine)`, with the engine the policy gives among those that apply and
-// `run` offers (`with_onednn`). Measuring: float32 BLAS for float64 data, small GEMMs (the
-// low-precision engine for bfloat16 pixel-major ones on AMX, see kMeasuredMinMacs), and
-// under torch.use_deterministic_algorithms (a measured choice could differ between
+// `run` offers (`with_onednn`). Measuring: float32 BLAS for float64 data, float32 data under
+// a lowered convolution precision, small GEMMs (the low-precision engine for bfloat16
+// pixel-major ones on AMX, see kMeasuredMinMacs), and under torch.use_deterministic_algorithms (a measured choice could differ between
 // processes, and with it the rounding); else the engine measured fastest for GEMMs like it,
 // where the first GEMM of its kind runs with every engine that applies, a few times: `run`
 // must give the same result however often it runs.

@@ -29,6 +29,8 @@ PROCESS = textwrap.dedent("""
     from densenet_fast.backends import cpu_gemm_engine
     if sys.argv[1:] == ["mkldnn-off"]:
         torch.backends.mkldnn.enabled = False
+    elif sys.argv[1:] == ["conv-bf16"]:
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
     elif len(sys.argv) > 1:
         cpu_gemm_engine(sys.argv[1])
     g = torch.Generator().manual_seed(0)
@@ -144,6 +146,17 @@ def test_choices_made_under_a_librarys_isa_limit_are_kept_under_it(tmp_path, mon
     cache = tmp_path / "engines.json"
     _run(cache)
     assert list(json.loads(cache.read_text())) == [limited]
+
+
+@needs_cpp
+def test_no_float32_engine_is_measured_under_a_lowered_convolution_precision(tmp_path):
+    # With torch.backends.mkldnn.conv.fp32_precision = "bf16" every float32 engine runs
+    # through oneDNN in bfloat16: a choice measured so, kept under the key IEEE processes
+    # read, could slow them. ATen's BLAS serves those GEMMs unmeasured, and nothing is kept.
+    cache = tmp_path / "engines.json"
+    assert _run(cache, "conv-bf16")["records"] == []
+    assert not cache.exists() or not any(json.loads(cache.read_text()).values())
+    assert _run(cache)["records"], "an IEEE process measures the same GEMM"
 
 
 def test_records_of_other_processes_are_merged_not_replaced():
