@@ -156,6 +156,17 @@ def test_float32_convolution_is_not_chosen_where_it_cannot_apply():
         assert not lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))
 
 
+def test_float32_convolution_is_not_chosen_under_a_lowered_convolution_precision(monkeypatch):
+    # A machine where float32 convolutions of bfloat16 data were measured faster: with float32
+    # convolutions set to bfloat16 that measurement no longer describes them, and the native
+    # kernels serve (nothing is measured or kept: test_cpu_engine_cache).
+    monkeypatch.setattr(lowp_conv, "_float32_is_faster", lambda *args: True)
+    data = torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)
+    assert lowp_conv.runs_in_float32(data)
+    monkeypatch.setattr(torch.backends.mkldnn.conv, "fp32_precision", "bf16")
+    assert not lowp_conv.runs_in_float32(data)
+
+
 def test_stem_convolution_runs_channels_last_only_where_it_pays(monkeypatch):
     def image(dtype=torch.bfloat16, channels=3, **kwargs):
         return torch.zeros(2, channels, 8, 8, dtype=dtype, **kwargs)

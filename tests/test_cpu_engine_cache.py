@@ -183,8 +183,10 @@ def test_records_this_version_cannot_read_are_measured_anew(tmp_path, junk):
 
 
 CONV_PRECISION = textwrap.dedent("""
-    import torch
+    import sys, torch
     torch.set_num_threads(1)
+    if sys.argv[1:] == ["conv-bf16"]:
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
     from densenet_fast.ops import lowp_conv
     print(lowp_conv.runs_in_float32(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)))
 """)
@@ -208,6 +210,10 @@ def test_the_convolutions_precision_is_measured_once_per_machine(tmp_path):
     assert cases == {case: measured}
     cache.write_text(json.dumps({key: {case: not measured}}))
     assert run() is not measured
+    # Under float32 convolutions set to bfloat16 nothing is measured or kept.
+    fresh = tmp_path / "fresh.json"
+    assert _python(CONV_PRECISION, fresh, "conv-bf16") == "False"
+    assert not fresh.exists() or not any(json.loads(fresh.read_text()).values())
 
 
 # A bfloat16 channels-last step whose fused GEMMs are large enough to be measured (2048

@@ -13,8 +13,9 @@ read it from the CPU kernels' file of measured choices (``cpu_engine_cache.py``)
 load on the machine cannot make two runs round differently.
 
 CUDA and other devices, float32 and float64 data, fake tensors (``torch.compile``'s tracing),
-code dynamo traces (a compiled forward without gradients: inductor chooses its kernels) and
-``torch.use_deterministic_algorithms`` keep the native kernels.
+code dynamo traces (a compiled forward without gradients: inductor chooses its kernels),
+``torch.use_deterministic_algorithms`` and float32 convolutions set to a lower precision
+(``torch.backends.mkldnn.conv.fp32_precision``) keep the native kernels.
 """
 
 from __future__ import annotations
@@ -62,9 +63,17 @@ def runs_in_float32(x: torch.Tensor) -> bool:
     if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu":
         return False
     if torch.compiler.is_dynamo_compiling() or torch.are_deterministic_algorithms_enabled() \
-            or _is_fake(x):
+            or _is_fake(x) or _float32_convolutions_lowered():
         return False
     return _float32_is_faster(x.dtype, torch.get_num_threads(), onednn_enabled())
+
+
+def _float32_convolutions_lowered() -> bool:
+    """Whether float32 convolutions may compute in bfloat16 or TF32
+    (``torch.backends.mkldnn.conv.fp32_precision``): a float32 convolution of low-precision
+    data is then no longer what the choice above measured, and a choice measured so, kept for
+    the machine, could slow later processes that keep IEEE float32."""
+    return torch.backends.mkldnn.conv.fp32_precision in ("bf16", "tf32")
 
 
 def onednn_enabled() -> bool:
