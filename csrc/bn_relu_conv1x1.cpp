@@ -434,8 +434,9 @@ bool settled_on_low_precision(GemmKind kind, at::ScalarType dtype, bool pixel_ma
 // data through `run(engine)`, with the engine the policy gives among those that apply and
 // `run` offers (`with_onednn`). Measuring: float32 BLAS for float64 data, float32 data under
 // a lowered convolution precision, small GEMMs (the low-precision engine for bfloat16
-// pixel-major ones on AMX, see kMeasuredMinMacs), and under torch.use_deterministic_algorithms (a measured choice could differ between
-// processes, and with it the rounding); else the engine measured fastest for GEMMs like it,
+// pixel-major ones on AMX, see kMeasuredMinMacs), and under
+// torch.use_deterministic_algorithms (a measured choice could differ between processes, and
+// with it the rounding); else the engine measured fastest for GEMMs like it,
 // where the first GEMM of its kind runs with every engine that applies, a few times: `run`
 // must give the same result however often it runs.
 template <typename F>
