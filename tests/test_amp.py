@@ -163,8 +163,13 @@ def test_float32_convolution_is_not_chosen_under_a_lowered_convolution_precision
     monkeypatch.setattr(lowp_conv, "_float32_is_faster", lambda *args: True)
     data = torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)
     assert lowp_conv.runs_in_float32(data)
-    monkeypatch.setattr(torch.backends.mkldnn.conv, "fp32_precision", "bf16")
-    assert not lowp_conv.runs_in_float32(data)
+    conv = torch.backends.mkldnn.conv
+    saved = conv.fp32_precision  # a property, which monkeypatch cannot restore
+    try:
+        conv.fp32_precision = "bf16"
+        assert not lowp_conv.runs_in_float32(data)
+    finally:
+        conv.fp32_precision = saved
 
 
 def test_stem_convolution_runs_channels_last_only_where_it_pays(monkeypatch):
