@@ -13,6 +13,7 @@ from op_cases import (
     FORMAT_IDS,
     FORMATS,
     STATS_GRAD_IDS,
+    OpResult,
     assert_nan_propagates_as_in_torch,
     assert_op_matches,
     op_case,
@@ -242,6 +243,11 @@ def test_gemm_engine_policy_is_checked_and_reports_measured_choices(gemm_engine)
                for line in measured), measured
 
 
+def _assert_same_bits(got: OpResult, want: OpResult) -> None:
+    for name, a, b in zip(OpResult._fields, got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
 @needs_cpp
 @pytest.mark.parametrize("memory_format", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("policy", ["measure", "blas", "onednn"])
@@ -269,8 +275,7 @@ def test_float32_gemms_follow_the_convolution_precision_not_the_matmul_one(memor
         assert (mkldnn.matmul.fp32_precision, mkldnn.conv.fp32_precision) == ("none", "bf16")
     finally:
         mkldnn.matmul.fp32_precision, mkldnn.conv.fp32_precision = saved
-    for name, a, b in zip(full._fields, full, lowered, strict=True):
-        assert torch.equal(a, b), name
+    _assert_same_bits(lowered, full)
 
 
 @needs_cpp
@@ -307,8 +312,7 @@ def test_float32_gemms_keep_the_convolution_precision_with_ops_on_several_thread
     assert not errors, errors
     assert len(results) == 9
     for result in results:
-        for name, a, b in zip(full._fields, full, result, strict=True):
-            assert torch.equal(a, b), name
+        _assert_same_bits(result, full)
 
 
 @needs_cpp
