@@ -962,7 +962,7 @@ def format_report(report: dict) -> str:
     limits = report.get("budget", {}).get("stages", {})
     for name, stage in report["stages"].items():
         status = stage.get("error", "ok")
-        limit = limits.get(name, {}).get("limit_s", 0)
+        limit = limits.get(name, {}).get("limit_s", stage.get("limit_s", 0))
         where = f"  (log: {stage['log']})" if "log" in stage and "error" in stage else ""
         lines.append(f"  stage {name:12s} {stage.get('seconds', 0):7.1f} s of {limit:5d} s  "
                      f"{status}{where}")
@@ -999,13 +999,22 @@ def _run_one_stage(args) -> int:
 
 def _earlier_stages(out: Path, mode_name: str, device: str, names: list[str]) -> dict:
     """The stages an earlier run of the same mode on the same device left in ``out`` and
-    this ``--only`` run does not repeat, each marked with that run's date: a check split
-    over several commands ends with one report."""
+    this ``--only`` run does not repeat, each marked with that run's date and the time limit
+    it ran under (``limit_s``; this run's plan holds only its own stages): a check split over
+    several commands ends with one report."""
     earlier = _read_json(out)
     if not earlier or earlier.get("mode") != mode_name or earlier.get("device") != device:
         return {}
-    return {name: {**stage, "run": stage.get("run", earlier.get("date"))}
-            for name, stage in earlier.get("stages", {}).items() if name not in names}
+    limits = earlier.get("budget", {}).get("stages", {})
+    kept = {}
+    for name, stage in earlier.get("stages", {}).items():
+        if name in names:
+            continue
+        kept[name] = {**stage, "run": stage.get("run", earlier.get("date"))}
+        limit = stage.get("limit_s", limits.get(name, {}).get("limit_s"))
+        if limit is not None:
+            kept[name]["limit_s"] = limit
+    return kept
 
 
 def main() -> int:

@@ -330,9 +330,21 @@ def test_untuned_stages_run_pinned_configs_and_count_only_compiles(gpu_check,
 def test_an_only_run_keeps_the_other_stages_of_the_same_check(gpu_check, tmp_path):
     out = tmp_path / "gpu-x.json"
     out.write_text(json.dumps({"mode": "full", "device": "X", "date": "then",
+                               "budget": {"stages": {"parity": {"limit_s": 500},
+                                                     "op": {"limit_s": 60}}},
                                "stages": {"parity": {"seconds": 1}, "op": {"seconds": 2}}}))
     kept = gpu_check._earlier_stages(out, "full", "X", ["op"])
-    assert kept == {"parity": {"seconds": 1, "run": "then"}}
+    assert kept == {"parity": {"seconds": 1, "run": "then", "limit_s": 500}}
+    # The report shows a kept stage's limit from the run that ran it, not 0.
+    report = {"mode": "full", "device": "X", "torch": "t", "triton": "t",
+              "budget": {"stages": {"op": {"limit_s": 70, "estimate": {
+                  "to_tune": 0, "classes": 0, "trials": 0, "seconds": 0.0}}}},
+              "stages": {**kept, "op": {"seconds": 3}}}
+    text = gpu_check.format_report(report)
+    assert "1.0 s of   500 s" in text and "3.0 s of    70 s" in text
+    # Kept again by a third command, a stage keeps the limit it first ran under.
+    out.write_text(json.dumps({**report, "date": "later"}))
+    assert gpu_check._earlier_stages(out, "full", "X", ["model"])["parity"]["limit_s"] == 500
     assert gpu_check._earlier_stages(out, "quick", "X", ["op"]) == {}
     assert gpu_check._earlier_stages(out, "full", "Y", ["op"]) == {}
     assert gpu_check._earlier_stages(tmp_path / "none.json", "full", "X", ["op"]) == {}
