@@ -99,11 +99,11 @@ def main(argv=None) -> int:
     import densenet_fast
     from densenet_fast.machine import describe_cpu
 
-    active = densenet_fast.backend_info()["active"].get("cpu")
+    info = densenet_fast.backend_info()
+    active = info["active"].get("cpu")
     if active != args.backend:
         print(f"densenet_fast runs on {active!r} here, not {args.backend!r}: "
-              f"{densenet_fast.backend_info()['backends'][args.backend]['reason']}",
-              file=sys.stderr)
+              f"{info['backends'][args.backend]['reason']}", file=sys.stderr)
         return 2
     rows, launches = measure(args)
     base = rows["torchvision"]["median_ms"]
